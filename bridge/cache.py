@@ -1,0 +1,260 @@
+"""The Valkey context cache: keys, path tags, invalidation and outage handling.
+
+Layout in Valkey, under a configurable prefix (``gb:`` by default)::
+
+    {prefix}ctx:{sha256(project, normalised query)}   the context text ("" = memory had none)
+    {prefix}tag:{project id}:{path}                   SET of ctx keys whose context names path
+    {prefix}epoch:{project id}                        bumped by every invalidation
+
+A context is stored only if the project's epoch has not moved since the lookup that missed,
+so a memory query that raced a file write can never cache what the write made stale.
+Invalidation runs as one Lua script in Valkey, so it holds for every bridge process that
+shares the Valkey. Both scripts touch several keys: the cache needs a single Valkey node
+(or one hash slot), not a cluster.
+
+When Valkey cannot be reached, every call raises CacheUnavailable at once (no waiting on a
+dead server) until a backoff schedule allows one probe; invalidations that could not be
+applied are replayed before the next lookup is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, TypeVar
+
+import msgspec
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bridge.errors import CacheUnavailable
+from bridge.paths import path_suffixes
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+MAX_PENDING_PATHS: Final = 10_000
+
+# KEYS: epoch, ctx, tag... ; ARGV: expected epoch, value, ttl
+_PUT: Final = """
+local current = redis.call('GET', KEYS[1]) or '0'
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+return 1
+"""
+
+# KEYS: epoch, tag... ; returns the number of contexts dropped
+_INVALIDATE: Final = """
+redis.call('INCR', KEYS[1])
+local dropped = 0
+for i = 2, #KEYS do
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    dropped = dropped + redis.call('DEL', key)
+  end
+  redis.call('DEL', KEYS[i])
+end
+return dropped
+"""
+
+
+class Lookup(msgspec.Struct, frozen=True):
+    """Result of a cache lookup. ``epoch`` is what a later ``put`` must present."""
+
+    hit: bool
+    inject: str | None
+    epoch: bytes
+
+
+def normalise_query(query: str) -> str:
+    """The form of a query that decides cache identity: NFKC, case-folded, single-spaced."""
+    return " ".join(unicodedata.normalize("NFKC", query).casefold().split())
+
+
+class Outage:
+    """Whether Valkey is reachable: fail fast while it is not, probe on a backoff schedule."""
+
+    def __init__(self, backoff: AbstractBackoff) -> None:
+        self._backoff = backoff
+        self.down_since: float | None = None
+        self.failures = 0
+        self._retry_at = 0.0
+
+    def allows_attempt(self, now: float) -> bool:
+        """True when Valkey is up, or when it is down and the next probe is due."""
+        return self.down_since is None or now >= self._retry_at
+
+    def failed(self, now: float) -> bool:
+        """Record a failure; True if it starts an outage."""
+        self.failures += 1
+        self._retry_at = now + self._backoff.compute(self.failures)
+        if self.down_since is None:
+            self.down_since = now
+            return True
+        return False
+
+    def succeeded(self) -> bool:
+        """Record a success; True if it ends an outage."""
+        ended = self.down_since is not None
+        self.down_since = None
+        self.failures = 0
+        self._backoff.reset()
+        return ended
+
+
+class ContextCache:
+    """Memory contexts cached in Valkey, tagged by the file paths they mention."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "gb:",
+        ttl: int = 300,
+        outage_backoff: AbstractBackoff | None = None,
+        on_unavailable: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.ttl = ttl
+        self._put = client.register_script(_PUT)
+        self._invalidate = client.register_script(_INVALIDATE)
+        self.outage = Outage(outage_backoff or ExponentialWithJitterBackoff(cap=5.0, base=0.05))
+        self._on_unavailable = on_unavailable
+        self._pending: dict[str, set[str]] = {}
+        self._pending_overflow = False
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 0.5, **kwargs: object) -> ContextCache:
+        """A cache on a new client for ``url`` (redis://, rediss:// or unix://).
+
+        The client retries once on a broken connection (a pooled socket that died with a
+        restarted server) and never waits longer than ``timeout`` on a socket operation.
+        """
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=0,
+        )
+        return cls(client, **kwargs)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        """Close the client and its connections."""
+        await self._client.aclose()
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _project_id(self, project: str) -> str:
+        return hashlib.sha256(project.encode()).hexdigest()[:16]
+
+    def context_key(self, project: str, query: str) -> str:
+        """Full-length hash of project and normalised query: no prefix collisions."""
+        digest = hashlib.sha256(f"{project}\0{normalise_query(query)}".encode()).hexdigest()
+        return f"{self._prefix}ctx:{digest}"
+
+    def tag_key(self, project: str, path: str) -> str:
+        """The set of context keys that mention ``path`` (already normalised)."""
+        return f"{self._prefix}tag:{self._project_id(project)}:{path}"
+
+    def epoch_key(self, project: str) -> str:
+        """The project's invalidation counter."""
+        return f"{self._prefix}epoch:{self._project_id(project)}"
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def lookup(self, project: str, query: str) -> Lookup:
+        """The cached context for a query, with the epoch a later ``put`` must present."""
+
+        async def run() -> Lookup:
+            value, epoch = await self._client.mget(
+                self.context_key(project, query), self.epoch_key(project)
+            )
+            epoch = epoch or b"0"
+            if value is None:
+                return Lookup(hit=False, inject=None, epoch=epoch)
+            return Lookup(hit=True, inject=value.decode() or None, epoch=epoch)
+
+        return await self._call(run)
+
+    async def put(
+        self, project: str, query: str, inject: str | None, paths: Iterable[str], epoch: bytes
+    ) -> bool:
+        """Cache a context tagged with ``paths``; False if an invalidation got there first."""
+        tags = sorted({self.tag_key(project, p) for p in paths})
+        keys = [self.epoch_key(project), self.context_key(project, query), *tags]
+
+        async def run() -> bool:
+            return bool(await self._put(keys=keys, args=[epoch, inject or "", self.ttl]))
+
+        return await self._call(run)
+
+    async def invalidate_path(self, project: str, path: str) -> int:
+        """Drop every cached context of ``project`` that mentions ``path``.
+
+        A context mentioning any trailing part of the path (``a.py`` or ``src/a.py`` for
+        ``/repo/src/a.py``) counts as mentioning it. Returns how many contexts were dropped.
+        If Valkey is unreachable the invalidation is kept and replayed before the next
+        lookup is served, and CacheUnavailable is raised.
+        """
+        try:
+            return await self._call(lambda: self._apply_invalidation(project, [path]))
+        except CacheUnavailable:
+            self._remember_pending(project, path)
+            raise
+
+    async def _apply_invalidation(self, project: str, paths: Iterable[str]) -> int:
+        tags = {self.tag_key(project, s) for p in paths for s in path_suffixes(p)}
+        return int(await self._invalidate(keys=[self.epoch_key(project), *sorted(tags)]))
+
+    def _remember_pending(self, project: str, path: str) -> None:
+        pending = self._pending.setdefault(project, set())
+        if sum(len(p) for p in self._pending.values()) >= MAX_PENDING_PATHS:
+            self._pending_overflow = True
+        else:
+            pending.add(path)
+
+    async def _replay_pending(self) -> None:
+        """Apply invalidations that failed during an outage (all contexts, on overflow)."""
+        if self._pending_overflow:
+            async for key in self._client.scan_iter(match=f"{self._prefix}ctx:*", count=1000):
+                await self._client.delete(key)
+            self._pending_overflow = False
+        while self._pending:
+            project, paths = next(iter(self._pending.items()))
+            await self._apply_invalidation(project, paths)
+            del self._pending[project]
+        log.info("replayed invalidations missed while Valkey was unreachable")
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one cache operation, translating transport failures into CacheUnavailable."""
+        now = time.monotonic()
+        if not self.outage.allows_attempt(now):
+            self._on_unavailable()
+            raise CacheUnavailable("Valkey is unreachable; retrying on a backoff schedule")
+        try:
+            if self._pending or self._pending_overflow:
+                await self._replay_pending()
+            result = await operation()
+        except _TRANSIENT as e:
+            self._on_unavailable()
+            if self.outage.failed(time.monotonic()):
+                log.warning("Valkey unreachable, serving from memory without cache: %s", e)
+            raise CacheUnavailable(f"Valkey is unreachable: {e}") from e
+        except RedisError as e:
+            raise CacheUnavailable(f"Valkey error: {e}") from e
+        if self.outage.succeeded():
+            log.warning("Valkey reachable again after %d failed operations", self.outage.failures)
+        return result

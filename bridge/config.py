@@ -1,0 +1,128 @@
+"""The bridge's configuration: resolved once from flags, then environment, then defaults.
+
+This is the only module that reads ``os.environ``. Every ``serve`` flag has an environment
+variable ``BRIDGE_<FLAG>``; the DogStatsD address uses Datadog's standard variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a running bridge needs to know, validated."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = Path(platformdirs.user_data_dir("graphiti-bridge"))
+    valkey_url: str | None = None
+    project: str = "default"
+    cache_prefix: str = "gb:"
+    cache_ttl: int = 300
+    miss_budget_ms: float = 250.0
+    recall_limit: int = 8
+    max_frame: int = 1 << 20
+    max_inflight: int = 256
+    statsd_host: str = "localhost"
+    statsd_port: int = 8125
+    log_level: str = "info"
+
+    @property
+    def memory_path(self) -> Path:
+        """The embedded memory store's database file."""
+        return self.data_dir / "memory.sqlite3"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Add the ``serve`` flags, each defaulting to its environment variable, then Config."""
+    d = Config()
+
+    def option(flag: str, default: object, help: str, **kw: object) -> None:
+        var = "BRIDGE_" + flag.removeprefix("--").replace("-", "_").upper()
+        value = env.get(var, default)
+        parser.add_argument(flag, default=value, help=f"{help} (env {var}; default {default})", **kw)  # type: ignore[arg-type]
+
+    option("--host", d.host, "interface to listen on")
+    option("--port", d.port, "TCP port to listen on (0 picks a free one)", type=_port)
+    option("--data-dir", d.data_dir, "folder for the embedded memory store", type=Path)
+    option("--valkey-url", d.valkey_url, "existing Valkey, e.g. redis://localhost:6380; "
+           "none starts a private one")  # fmt: skip
+    option("--project", d.project, "project for messages and URLs that name none")
+    option("--cache-prefix", d.cache_prefix, "prefix of every Valkey key")
+    option("--cache-ttl", d.cache_ttl, "seconds a cached context lives", type=_positive_int)
+    option("--miss-budget-ms", d.miss_budget_ms, "how long chat:start waits for memory on a "
+           "cache miss", type=_positive_float)  # fmt: skip
+    option("--recall-limit", d.recall_limit, "episodes in an injected context", type=_positive_int)
+    option("--max-frame", d.max_frame, "largest accepted frame in bytes", type=_positive_int)
+    option("--max-inflight", d.max_inflight, "concurrent requests per connection",
+           type=_positive_int)  # fmt: skip
+    option("--log-level", d.log_level, "debug, info, warning or error",
+           choices=["debug", "info", "warning", "error"])  # fmt: skip
+    parser.set_defaults(
+        statsd_host=env.get("DD_AGENT_HOST", d.statsd_host),
+        statsd_port=env.get("DD_DOGSTATSD_PORT", str(d.statsd_port)),
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the Config from parsed ``serve`` arguments."""
+    try:
+        statsd_port = _port(str(args.statsd_port))
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"DD_DOGSTATSD_PORT: {e}") from e
+    return Config(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir).expanduser(),
+        valkey_url=args.valkey_url or None,
+        project=args.project,
+        cache_prefix=args.cache_prefix,
+        cache_ttl=args.cache_ttl,
+        miss_budget_ms=args.miss_budget_ms,
+        recall_limit=args.recall_limit,
+        max_frame=args.max_frame,
+        max_inflight=args.max_inflight,
+        statsd_host=args.statsd_host,
+        statsd_port=statsd_port,
+        log_level=args.log_level,
+    )
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment (the one place it is read)."""
+    return os.environ
+
+
+def parse_serve(argv: Sequence[str], env: Mapping[str, str]) -> Config:
+    """Config from a ``serve`` argument list and an environment (for tests and embedding)."""
+    parser = argparse.ArgumentParser(prog="graphiti-bridge serve")
+    add_serve_arguments(parser, env)
+    return config_from_args(parser.parse_args(list(argv)))

@@ -1,0 +1,280 @@
+"""One handler per client message, over the memory, cache and metrics interfaces.
+
+Nothing here touches a socket: ``Handlers.begin`` takes a decoded message and returns the
+coroutine that produces its reply, so tests can drive every event without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from bridge.cache import ContextCache, normalise_query
+from bridge.episode import new_episode
+from bridge.errors import BridgeError, CacheUnavailable
+from bridge.memory.base import MemoryBackend, context_paths, format_context
+from bridge.metrics import Metrics
+from bridge.paths import normalise_path, paths_in
+from bridge.protocol import (
+    Ack,
+    ChatStart,
+    Completion,
+    Context,
+    ErrorEvent,
+    Export,
+    ExportChunk,
+    ExportEnd,
+    FileWrite,
+    Message,
+    Ping,
+    Pong,
+    Query,
+    QueryResult,
+    Reply,
+    error_ack,
+)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Reply], Awaitable[None]]
+_FlightKey = tuple[str, str, bytes | None]
+
+
+class Session:
+    """What the handlers keep per connection: the default project and write ordering.
+
+    A file:write opens a gate that closes once its cache invalidation is done; a chat:start
+    waits for the gates open when it arrived, so it never reads a context the write made
+    stale (read-your-writes on one connection, even though messages run concurrently).
+    """
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self._gates: set[asyncio.Future[None]] = set()
+
+    def project_of(self, message: Message) -> str:
+        """The project a message is about: its own field, else the connection's."""
+        return message.project or self.project
+
+    def open_gate(self) -> asyncio.Future[None]:
+        """A gate later chat:starts wait on; close it with ``close_gate``."""
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gates.add(gate)
+        return gate
+
+    def close_gate(self, gate: asyncio.Future[None]) -> None:
+        """Let chat:starts waiting on this gate go on."""
+        self._gates.discard(gate)
+        if not gate.done():
+            gate.set_result(None)
+
+    def open_gates(self) -> tuple[asyncio.Future[None], ...]:
+        """The gates open right now."""
+        return tuple(self._gates)
+
+
+class Handlers:
+    """The per-event logic of the bridge."""
+
+    def __init__(
+        self,
+        memory: MemoryBackend,
+        cache: ContextCache,
+        metrics: Metrics,
+        *,
+        recall_limit: int = 8,
+        miss_budget: float = 0.25,
+    ) -> None:
+        self.memory = memory
+        self.cache = cache
+        self.metrics = metrics
+        self.recall_limit = recall_limit
+        self.miss_budget = miss_budget
+        self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
+
+    def begin(self, message: Message, session: Session, emit: Emit) -> Coroutine[Any, Any, Reply]:
+        """Start handling ``message``: returns the coroutine that yields its final reply.
+
+        Ordering against later messages of the connection is settled here, synchronously,
+        before the caller schedules the coroutine. ``emit`` sends intermediate replies
+        (export chunks). The coroutine never raises BridgeError: failures become ok:false.
+        """
+        match message:
+            case ChatStart():
+                work = self._chat_start(message, session, session.open_gates())
+            case FileWrite():
+                work = self._file_write(message, session, session.open_gate())
+            case ErrorEvent():
+                work = self._error(message, session)
+            case Completion():
+                work = self._completion(message, session)
+            case Query():
+                work = self._query(message, session)
+            case Export():
+                work = self._export(message, session, emit)
+            case Ping():
+                work = self._ping(message)
+        return self._guarded(message, work)
+
+    async def _guarded(self, message: Message, work: Awaitable[Reply]) -> Reply:
+        kind = message.__struct_config__.tag
+        started = time.perf_counter()
+        try:
+            return await work
+        except BridgeError as e:
+            self.metrics.error(e.code, str(kind))
+            log.warning("%s %r failed: %s", kind, message.id, e)
+            return error_ack(message.id, e)
+        except Exception as e:
+            self.metrics.error("internal", str(kind))
+            log.exception("%s %r failed unexpectedly", kind, message.id)
+            return error_ack(message.id, e)
+        finally:
+            self.metrics.request_duration(str(kind), time.perf_counter() - started)
+
+    # -- chat:start -----------------------------------------------------------------------
+
+    async def _chat_start(
+        self, message: ChatStart, session: Session, gates: tuple[asyncio.Future[None], ...]
+    ) -> Context:
+        started = time.perf_counter_ns()
+        if gates:
+            await asyncio.wait(gates)
+        project = session.project_of(message)
+        try:
+            lookup = await self.cache.lookup(project, message.query)
+        except CacheUnavailable:
+            lookup = None
+        if lookup is not None and lookup.hit:
+            self.metrics.cache_hit(project)
+            return Context(
+                id=message.id,
+                hit=True,
+                inject=lookup.inject,
+                elapsed_us=(time.perf_counter_ns() - started) // 1000,
+            )
+        self.metrics.cache_miss(project)
+        flight = self._flight(project, message.query, lookup.epoch if lookup else None)
+        try:
+            inject = await asyncio.wait_for(asyncio.shield(flight), self.miss_budget)
+        except TimeoutError:
+            inject = None  # the flight goes on and fills the cache for the next turn
+        return Context(
+            id=message.id,
+            hit=False,
+            inject=inject,
+            elapsed_us=(time.perf_counter_ns() - started) // 1000,
+        )
+
+    def _flight(self, project: str, query: str, epoch: bytes | None) -> asyncio.Task[str | None]:
+        """The one memory query in progress for this project, query and cache epoch."""
+        key = (project, normalise_query(query), epoch)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.create_task(self._recall_and_fill(project, query, epoch))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda task: self._flight_done(key, task))
+        return flight
+
+    def _flight_done(self, key: _FlightKey, task: asyncio.Task[str | None]) -> None:
+        self._flights.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("memory query failed: %s", task.exception())
+
+    async def _recall_and_fill(self, project: str, query: str, epoch: bytes | None) -> str | None:
+        recall = await self.memory.recall(project, query, self.recall_limit)
+        inject = format_context(recall)
+        if epoch is not None:
+            tags = paths_in(query) | paths_in(inject or "")
+            tags.update(normalise_path(p) for p in context_paths(recall))
+            tags.discard("")
+            try:
+                await self.cache.put(project, query, inject, tags, epoch)
+            except CacheUnavailable:
+                pass  # counted by the cache; the answer still goes out
+        return inject
+
+    async def drain(self) -> None:
+        """Wait for background memory queries (those past their budget) to finish."""
+        if self._flights:
+            await asyncio.wait(list(self._flights.values()))
+
+    # -- episodes -------------------------------------------------------------------------
+
+    async def _file_write(
+        self, message: FileWrite, session: Session, gate: asyncio.Future[None]
+    ) -> Ack:
+        project = session.project_of(message)
+        try:
+            await self._invalidate(project, message.path)
+        finally:
+            session.close_gate(gate)
+        episode = new_episode(
+            project,
+            name=f"file:write {message.path}",
+            body=f"Modified: {message.path}",
+            source_description="OpenCode file write",
+            metadata={"type": "file_edit", "path": message.path},
+        )
+        await self.memory.store(episode)
+        self.metrics.episode_stored("file_edit")
+        # Again after the store: a miss that read memory between the two would otherwise
+        # cache a context without this episode.
+        await self._invalidate(project, message.path)
+        return Ack(id=message.id, ok=True, episode=episode.uuid)
+
+    async def _invalidate(self, project: str, path: str) -> None:
+        try:
+            await self.cache.invalidate_path(project, path)
+        except CacheUnavailable:
+            pass  # kept by the cache and replayed before it serves again
+
+    async def _error(self, message: ErrorEvent, session: Session) -> Ack:
+        project = session.project_of(message)
+        self.metrics.opencode_error(message.message, project)
+        episode = new_episode(
+            project,
+            name="error",
+            body=f"Error: {message.message}",
+            source_description="OpenCode error",
+            metadata={"type": "error", "severity": "high"},
+        )
+        await self.memory.store(episode)
+        self.metrics.episode_stored("error")
+        return Ack(id=message.id, ok=True, episode=episode.uuid)
+
+    async def _completion(self, message: Completion, session: Session) -> Ack:
+        project = session.project_of(message)
+        episode = new_episode(
+            project,
+            name="completion",
+            body=f"Completed: {message.task}",
+            source_description="OpenCode task completion",
+            metadata={"type": "success", "duration": message.duration_ms, "tokens": message.tokens},
+        )
+        await self.memory.store(episode)
+        self.metrics.episode_stored("success")
+        if message.tokens:
+            self.metrics.tokens_used(message.tokens, project)
+        return Ack(id=message.id, ok=True, episode=episode.uuid)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _query(self, message: Query, session: Session) -> QueryResult:
+        recall = await self.memory.recall(session.project_of(message), message.query, message.limit)
+        return QueryResult(id=message.id, episodes=recall.episodes)
+
+    async def _export(self, message: Export, session: Session, emit: Emit) -> ExportEnd:
+        count = 0
+        seq = 0
+        async for batch in self.memory.export(session.project_of(message), message.chunk_size):
+            await emit(ExportChunk(id=message.id, seq=seq, episodes=batch))
+            count += len(batch)
+            seq += 1
+        return ExportEnd(id=message.id, count=count)
+
+    async def _ping(self, message: Ping) -> Pong:
+        return Pong(id=message.id)

@@ -1,0 +1,36 @@
+"""File paths as the cache sees them: found in text, normalised, and matched by suffix."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Final
+
+# A path-like token: has a slash, or ends in a short extension (``a.py``, ``src/x``).
+_PATH: Final = re.compile(r"(?:[\w.\-~]+/)+[\w.\-]+|[\w\-][\w.\-]*\.[A-Za-z][\w]{0,9}\b")
+MAX_COMPONENTS: Final = 16
+
+
+def normalise_path(path: str) -> str:
+    """One spelling per path: forward slashes, no leading ``/`` or ``./``, no doubles."""
+    path = path.strip().replace("\\", "/")
+    if not path:
+        return ""
+    normal = posixpath.normpath(path).lstrip("/")
+    return "" if normal == "." else normal
+
+
+def paths_in(text: str) -> set[str]:
+    """The normalised file paths a text mentions."""
+    return {p for p in (normalise_path(m) for m in _PATH.findall(text)) if p}
+
+
+def path_suffixes(path: str) -> list[str]:
+    """Every trailing run of components: ``/r/src/a.py`` -> ``a.py, src/a.py, r/src/a.py``.
+
+    A file write of a path invalidates contexts naming any of these, since a query may name
+    a file by its base name or by a path relative to some folder.
+    """
+    parts = [p for p in normalise_path(path).split("/") if p]
+    suffixes = ["/".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+    return suffixes[:MAX_COMPONENTS]

@@ -1,0 +1,225 @@
+"""Wire protocol v1: the messages, their schema, and the shared codecs.
+
+One message per WebSocket frame. A text frame holds one JSON object, a binary frame one
+MessagePack map; a reply uses the encoding of the frame it answers. Client messages form a
+tagged union on the field ``type``; validation is the schema itself (msgspec), so a bad
+message is refused with an error that names the offending field.
+
+Schema evolution: new fields get defaults; a field's type never changes. Unknown fields are
+ignored, so newer clients can talk to older servers.
+
+See docs/protocol.md for the contract with examples.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from bridge.episode import Episode
+from bridge.errors import BadRequest
+
+PROTOCOL_VERSION: Final = 1
+
+# Per-field length limits (characters). Generous for prompts; tight for identifiers.
+MAX_TEXT: Final = 65_536
+MAX_PATH: Final = 4_096
+MAX_NAME: Final = 256
+
+MessageId = int | Annotated[str, msgspec.Meta(max_length=MAX_NAME)] | None
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Path = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATH)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+# -- client -> server -------------------------------------------------------------------
+
+
+class ClientMessage(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
+    """Fields every client message may carry."""
+
+    id: MessageId = None
+    project: Name | None = None
+    session: Name | None = None
+
+
+class ChatStart(ClientMessage, tag="chat:start", frozen=True):
+    """A new chat turn: answer with the memory context to inject."""
+
+    query: Text
+
+
+class FileWrite(ClientMessage, tag="file:write", frozen=True):
+    """OpenCode wrote a file: remember it and drop cached contexts that name it."""
+
+    path: Path
+
+
+class ErrorEvent(ClientMessage, tag="error", frozen=True):
+    """OpenCode hit an error: remember it and raise a Datadog event."""
+
+    message: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
+
+
+class Completion(ClientMessage, tag="completion", frozen=True):
+    """A task finished: remember it and count its tokens."""
+
+    task: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
+    duration_ms: NonNegativeFloat = 0.0
+    tokens: NonNegativeInt = 0
+
+
+class Query(ClientMessage, tag="query", frozen=True):
+    """Search memory directly, bypassing the cache."""
+
+    query: Text
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+
+
+class Export(ClientMessage, tag="export", frozen=True):
+    """Stream every episode of the project back in chunks."""
+
+    chunk_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class Ping(ClientMessage, tag="ping", frozen=True):
+    """Liveness check; answered with ``pong``."""
+
+
+Message = ChatStart | FileWrite | ErrorEvent | Completion | Query | Export | Ping
+
+
+# -- server -> client -------------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, tag_field="type", kw_only=True):
+    """Fields every reply carries: the ``id`` of the message it answers (or null)."""
+
+    id: int | str | None
+
+
+class Context(Reply, tag="context"):
+    """Answer to chat:start. ``hit`` is true only when the context came from the cache."""
+
+    hit: bool
+    inject: str | None
+    elapsed_us: int
+
+
+class ErrorInfo(msgspec.Struct):
+    """Why a request failed: a stable code and a message naming what was wrong."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class Ack(Reply, tag="ack", omit_defaults=True):
+    """Outcome of an event. On success ``episode`` is the stored episode's id."""
+
+    ok: bool
+    episode: str | None = None
+    error: ErrorInfo | None = None
+
+
+class QueryResult(Reply, tag="result"):
+    """Answer to query: the matching episodes, best first."""
+
+    episodes: list[Episode]
+
+
+class ExportChunk(Reply, tag="export:chunk"):
+    """One chunk of an export, numbered from 0."""
+
+    seq: int
+    episodes: list[Episode]
+
+
+class ExportEnd(Reply, tag="export:end"):
+    """Last message of an export: how many episodes were sent."""
+
+    count: int
+
+
+class Pong(Reply, tag="pong"):
+    """Answer to ping."""
+
+    version: int = PROTOCOL_VERSION
+
+
+ServerMessage = Context | Ack | QueryResult | ExportChunk | ExportEnd | Pong
+
+
+def error_ack(message_id: int | str | None, error: Exception) -> Ack:
+    """The ok:false ack for a failed request."""
+    code = getattr(error, "code", "internal")
+    retryable = bool(getattr(error, "retryable", False))
+    text = str(error) if code != "internal" else "internal error"
+    return Ack(id=message_id, ok=False, error=ErrorInfo(code, text, retryable))
+
+
+# -- codecs -----------------------------------------------------------------------------
+
+
+class _IdProbe(msgspec.Struct):
+    id: Any = None
+
+
+_json_decoder: Final = msgspec.json.Decoder(Message)
+_msgpack_decoder: Final = msgspec.msgpack.Decoder(Message)
+_json_probe: Final = msgspec.json.Decoder(_IdProbe)
+_msgpack_probe: Final = msgspec.msgpack.Decoder(_IdProbe)
+_json_encoder: Final = msgspec.json.Encoder()
+_msgpack_encoder: Final = msgspec.msgpack.Encoder()
+
+
+def _probe_id(frame: str | bytes) -> int | str | None:
+    """Best-effort read of ``id`` from a frame that failed validation, for the error reply."""
+    try:
+        probe = _json_probe.decode(frame) if isinstance(frame, str) else _msgpack_probe.decode(frame)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    value = probe.id
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    if isinstance(value, str) and len(value) > MAX_NAME:
+        return None
+    return value
+
+
+def decode(frame: str | bytes, max_size: int) -> Message:
+    """Decode one frame (text: JSON, binary: MessagePack) into a client message.
+
+    Raises BadRequest, carrying the message id when it could be read, if the frame is
+    larger than ``max_size``, is not valid JSON/MessagePack, or fails the schema.
+    """
+    if len(frame) > max_size:
+        raise BadRequest(
+            f"frame of {len(frame)} bytes exceeds the limit of {max_size} bytes",
+            message_id=None,
+        )
+    try:
+        if isinstance(frame, str):
+            return _json_decoder.decode(frame)
+        return _msgpack_decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        raise BadRequest(_explain(str(e)), message_id=_probe_id(frame)) from e
+    except msgspec.DecodeError as e:
+        kind = "JSON" if isinstance(frame, str) else "MessagePack"
+        raise BadRequest(f"invalid {kind}: {e}", message_id=None) from e
+
+
+def _explain(msgspec_error: str) -> str:
+    """Make msgspec's message about the ``type`` tag say what the valid types are."""
+    if "`$.type`" in msgspec_error or "missing required field `type`" in msgspec_error:
+        names = ", ".join(repr(m.__struct_config__.tag) for m in Message.__args__)
+        return f"{msgspec_error}; `type` must be one of {names}"
+    return msgspec_error
+
+
+def encode(reply: ServerMessage, binary: bool) -> bytes:
+    """Encode a reply: MessagePack for a binary frame, JSON (UTF-8 bytes) for a text frame."""
+    return _msgpack_encoder.encode(reply) if binary else _json_encoder.encode(reply)

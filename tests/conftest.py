@@ -1,0 +1,101 @@
+"""Fixtures that start real servers on loopback (free ports) and always stop them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from bridge.app import App
+from bridge.config import Config
+from bridge.embedded import EmbeddedValkey
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StatsdCollector:
+    """A real UDP socket on loopback that collects DogStatsD datagrams."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+        self.lines: list[str] = []
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65535)
+            except BlockingIOError:
+                return
+            self.lines.extend(line for line in data.decode().split("\n") if line)
+
+    async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> list[str]:
+        """Lines matching ``predicate``, waiting (bounded) until at least one arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._drain()
+            found = [line for line in self.lines if predicate(line)]
+            if found or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.02)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def statsd() -> AsyncIterator[StatsdCollector]:  # type: ignore[misc]
+    collector = StatsdCollector()
+    yield collector
+    collector.close()
+
+
+@pytest.fixture
+async def valkey() -> AsyncIterator[EmbeddedValkey]:
+    """A real valkey-server on a free loopback port (killable and restartable)."""
+    server = EmbeddedValkey(port=free_port())
+    await server.start()
+    yield server
+    await server.close()
+
+
+def bridge_config(tmp_path: Path, valkey: EmbeddedValkey, statsd_port: int, **kw: object) -> Config:
+    """A Config for an in-process bridge on a free port."""
+    settings: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_dir": tmp_path / "data",
+        "valkey_url": valkey.url,
+        "statsd_host": "127.0.0.1",
+        "statsd_port": statsd_port,
+    }
+    settings.update(kw)
+    return Config(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def app(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> AsyncIterator[App]:
+    """A running bridge on a free loopback port, over the real Valkey fixture."""
+    bridge = App(bridge_config(tmp_path, valkey, statsd.port))
+    await bridge.start()
+    yield bridge
+    await bridge.stop()
+
+
+def ws_url(app: App, path: str = "/") -> str:
+    """The WebSocket URL of a running in-process bridge."""
+    assert app.server is not None
+    return f"ws://127.0.0.1:{app.server.port}{path}"
