@@ -7,12 +7,15 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from bridge.app import App
 from bridge.config import Config
 from bridge.embedded import EmbeddedValkey
+
+if TYPE_CHECKING:
+    from bridge.app import App
 
 
 def free_port() -> int:
@@ -89,6 +92,8 @@ async def app(
     tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     """A running bridge on a free loopback port, over the real Valkey fixture."""
+    from bridge.app import App
+
     bridge = App(bridge_config(tmp_path, valkey, statsd.port))
     await bridge.start()
     yield bridge

@@ -1,0 +1,307 @@
+"""The embedded memory store: SQLite with an FTS5 index, in WAL mode.
+
+Writes go through one writer thread that commits in groups: every ``store`` queued while a
+transaction commits joins the next one, so many episodes share one fsync. Each ``store``
+returns only after its transaction committed (``synchronous=FULL``), so it is durable.
+Reads run on a small pool of read-only connections, concurrently with writes (WAL).
+
+User text never reaches FTS5 query syntax: recall extracts words and quotes each one, so
+``"``, ``NEAR``, ``*``, ``AND`` and the like are searched as plain words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import math
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bridge.episode import Episode
+from bridge.errors import MemoryUnavailable
+from bridge.memory.base import Recall
+
+SCHEMA_VERSION = 1
+READERS = 3
+MAX_QUERY_WORDS = 32
+CANDIDATES_PER_RESULT = 4
+RECENCY_WEIGHT = 0.3  # share of the final score given to recency; the rest is relevance
+_STOPWORDS = (
+    "a an and are as at be but by can do does for from has have how i if in into is it its "
+    "me my no not of on or our so than that the their them then there these this to was we "
+    "were what when where which who why will with you your"
+)
+STOPWORDS = frozenset(_STOPWORDS.split())
+WORD = re.compile(r"\w+")
+
+# ``id`` aliases the rowid so FTS5's external-content rowids survive VACUUM; ``uuid`` is the
+# unique key that makes ``store`` idempotent.
+SCHEMA = """
+BEGIN;
+CREATE TABLE episodes (
+    id INTEGER PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    group_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    source_description TEXT NOT NULL,
+    reference_time REAL NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE INDEX episodes_group_time ON episodes (group_id, reference_time, id);
+CREATE VIRTUAL TABLE episodes_fts USING fts5(
+    name, body, content='episodes', content_rowid='id',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER episodes_ai AFTER INSERT ON episodes BEGIN
+    INSERT INTO episodes_fts(rowid, name, body) VALUES (new.id, new.name, new.body);
+END;
+CREATE TRIGGER episodes_ad AFTER DELETE ON episodes BEGIN
+    INSERT INTO episodes_fts(episodes_fts, rowid, name, body)
+    VALUES ('delete', old.id, old.name, old.body);
+END;
+PRAGMA user_version = 1;
+COMMIT;
+"""
+COLUMNS = "e.uuid, e.group_id, e.name, e.body, e.source_description, e.reference_time, e.metadata"
+INSERT = "INSERT OR IGNORE INTO episodes VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)"
+SEARCH = f"""SELECT {COLUMNS}, bm25(episodes_fts) FROM episodes_fts
+JOIN episodes e ON e.id = episodes_fts.rowid
+WHERE episodes_fts MATCH ? AND e.group_id = ? ORDER BY bm25(episodes_fts) LIMIT ?"""
+PAGE = f"""SELECT {COLUMNS}, e.id FROM episodes e
+WHERE e.group_id = ? AND (e.reference_time, e.id) > (?, ?)
+ORDER BY e.reference_time, e.id LIMIT ?"""
+
+Row = tuple[str, str, str, str, str, float, str]
+Pending = tuple[Row, asyncio.Future[None]]
+
+_encode = msgspec.json.Encoder().encode
+_decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def fts_query(text: str) -> str | None:
+    """The FTS5 query for free text: its meaningful words, each quoted, joined with OR.
+
+    None when no meaningful word is left (nothing can match).
+    """
+    words = [w for w in WORD.findall(text.lower()) if len(w) > 1 and w not in STOPWORDS]
+    unique = list(dict.fromkeys(words))[:MAX_QUERY_WORDS]
+    if not unique:
+        return None
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in unique)
+
+
+def _episode(row: tuple[Any, ...]) -> Episode:
+    uuid, group_id, name, body, source, reference_time, metadata = row[:7]
+    return Episode(
+        uuid=uuid,
+        group_id=group_id,
+        name=name,
+        body=body,
+        source_description=source,
+        reference_time=reference_time,
+        metadata=_decode_metadata(metadata),
+    )
+
+
+class SqliteMemory:
+    """The embedded default MemoryBackend: one SQLite file per bridge, all groups in it."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path, *, half_life_days: float = 7.0) -> None:
+        self.path = path
+        self.half_life_s = half_life_days * 86400.0
+        self.transactions = 0  # write transactions committed (to observe group commit)
+        self._queue: queue.Queue[Pending | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._open = False
+
+    async def start(self) -> None:
+        """Create the file and schema if needed, start the writer thread and reader pool."""
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(ready,), name="sqlite-writer", daemon=True
+        )
+        self._writer.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except (OSError, sqlite3.Error) as e:
+            raise MemoryUnavailable(f"cannot open {self.path}: {e}") from e
+        self._readers = concurrent.futures.ThreadPoolExecutor(READERS, "sqlite-reader")
+        self._open = True
+
+    async def close(self) -> None:
+        """Commit every queued write, then stop the threads and close all connections."""
+        if not self._open:
+            return
+        self._open = False
+        self._queue.put(None)  # after every queued write: they drain first
+        assert self._readers is not None and self._writer is not None
+        await asyncio.to_thread(self._readers.shutdown)
+        for conn in self._reader_conns:
+            conn.close()
+        await asyncio.to_thread(self._writer.join)  # the writer closes last: it checkpoints
+
+    async def store(self, episode: Episode) -> None:
+        """Queue the episode for the next group commit; return once it is committed."""
+        if not self._open:
+            raise MemoryUnavailable("sqlite memory is not open")
+        try:
+            metadata = _encode(episode.metadata).decode()
+        except (msgspec.EncodeError, TypeError) as e:
+            raise MemoryUnavailable(f"cannot encode metadata: {e}") from e
+        row: Row = (
+            episode.uuid,
+            episode.group_id,
+            episode.name,
+            episode.body,
+            episode.source_description,
+            episode.reference_time,
+            metadata,
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put((row, done))
+        await done
+
+    async def recall(self, group_id: str, query: str, limit: int) -> Recall:
+        """Episodes of ``group_id`` sharing any meaningful word with ``query``, best first.
+
+        The best ``4 * limit`` by bm25 are re-ranked by relevance and recency together, so a
+        fresh episode beats an equally relevant old one.
+        """
+        match = fts_query(query)
+        if match is None or limit < 1:
+            return Recall(episodes=[])
+        rows = await self._read(SEARCH, (match, group_id, limit * CANDIDATES_PER_RESULT))
+        if not rows:
+            return Recall(episodes=[])
+        best = max(-row[7] for row in rows) or 1.0  # bm25 is negative: lower is better
+        now = time.time()
+
+        def score(row: tuple[Any, ...]) -> float:
+            age = max(0.0, now - row[5])
+            recency = math.pow(0.5, age / self.half_life_s) if self.half_life_s > 0 else 0.0
+            return (1 - RECENCY_WEIGHT) * float(-row[7] / best) + RECENCY_WEIGHT * recency
+
+        rows.sort(key=score, reverse=True)
+        return Recall(episodes=[_episode(row) for row in rows[:limit]])
+
+    async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
+        """Yield every episode of ``group_id`` by (reference_time, insertion), ``batch`` at a
+        time, one keyset-paginated query per batch so memory use stays bounded."""
+        after: tuple[float, int] = (-math.inf, 0)
+        size = max(1, batch)
+        while True:
+            rows = await self._read(PAGE, (group_id, *after, size))
+            if rows:
+                yield [_episode(row) for row in rows]
+            if len(rows) < size:
+                return
+            after = (rows[-1][5], rows[-1][7])
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a query on a reader thread's connection, translating sqlite errors."""
+        if not self._open or self._readers is None:
+            raise MemoryUnavailable("sqlite memory is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._readers, lambda: self._reader().execute(sql, params).fetchall()
+            )
+        except sqlite3.Error as e:
+            raise MemoryUnavailable(f"sqlite read failed: {e}") from e
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            self._local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    def _write_loop(self, ready: concurrent.futures.Future[None]) -> None:
+        """The writer thread: open the database, then commit queued episodes in groups."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.executescript(SCHEMA)
+            elif version != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"unknown schema version {version}")
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                first = self._queue.get()
+                if first is None:
+                    break
+                group = [first]
+                while True:  # everything queued meanwhile joins this transaction
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    group.append(item)
+                self._commit(conn, group)
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, group: list[Pending]) -> None:
+        """Insert a group of episodes in one transaction and resolve their futures.
+
+        If the group fails, each episode is retried alone so one bad row fails only itself.
+        """
+        error: MemoryUnavailable | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(INSERT, [row for row, _ in group])
+            conn.execute("COMMIT")
+            self.transactions += 1
+        except Exception as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if len(group) > 1:
+                for item in group:
+                    self._commit(conn, [item])
+                return
+            error = MemoryUnavailable(f"sqlite write failed: {e}")
+            error.__cause__ = e
+        for _, done in group:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                done.get_loop().call_soon_threadsafe(_settle, done, error)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # the storing task was cancelled
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)

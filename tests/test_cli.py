@@ -1,0 +1,121 @@
+"""The server as users run it: ``python -m bridge serve`` in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+
+from bridge.embedded import EmbeddedValkey
+from tests.conftest import StatsdCollector
+
+LISTENING = re.compile(rb"listening on (ws://[\d.]+:\d+)")
+
+
+class BridgeProcess:
+    """A running ``python -m bridge serve`` and the URL it printed."""
+
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+
+@asynccontextmanager
+async def bridge_process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[BridgeProcess]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "serve", "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        match = LISTENING.search(line)
+        assert match, f"no listening line; got {line!r}"
+        yield BridgeProcess(process, match.group(1).decode())
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
+    await ws.send(msgspec.msgpack.encode(message))
+    return msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
+
+
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_serve_on_embedded_defaults_owns_its_valkey(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    data = tmp_path / "data"
+    env = {"BRIDGE_DATA_DIR": str(data), "DD_DOGSTATSD_PORT": str(statsd.port)}
+    async with bridge_process(env=env) as bridge:
+        valkeys = children_of(bridge.process.pid)
+        assert len(valkeys) == 1, "serve without --valkey-url starts one private valkey-server"
+        assert "valkey-server" in Path(f"/proc/{valkeys[0]}/cmdline").read_text()
+        async with connect(bridge.url) as ws:
+            assert (await ask(ws, {"type": "error", "id": 1, "message": "cli canary"}))["ok"]
+            reply = await ask(ws, {"type": "chat:start", "id": 2, "query": "canary"})
+            assert "cli canary" in reply["inject"]
+            assert (await ask(ws, {"type": "chat:start", "id": 3, "query": "canary"}))["hit"]
+        bridge.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(bridge.process.wait(), 20) == 0
+    assert not Path(f"/proc/{valkeys[0]}").exists(), "the private valkey-server outlived the bridge"
+    assert (data / "memory.sqlite3").exists()
+
+
+async def test_two_bridges_on_one_valkey_share_invalidations(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    common = ["--valkey-url", valkey.url]
+    env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
+    async with (
+        bridge_process(*common, "--data-dir", str(tmp_path / "one"), env=env) as one,
+        bridge_process(*common, "--data-dir", str(tmp_path / "two"), env=env) as two,
+        connect(one.url) as ws_one,
+        connect(two.url) as ws_two,
+    ):
+        query = {"type": "chat:start", "id": 1, "query": "what about src/shared.py"}
+        assert not (await ask(ws_one, query))["hit"]
+        assert (await ask(ws_two, query))["hit"], "the second bridge hits the first's fill"
+        ack = await ask(ws_two, {"type": "file:write", "id": 2, "path": "src/shared.py"})
+        assert ack["ok"]
+        assert not (await ask(ws_one, query))["hit"], "bridge one served a context bridge two invalidated"
+
+
+async def test_flags_and_environment_are_validated(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "serve", "--cache-ttl", "0",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert b"--cache-ttl" in err and b"must be a positive integer" in err

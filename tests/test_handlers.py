@@ -1,0 +1,204 @@
+"""Handlers driven directly (no socket) over a real SQLite store and a real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bridge.cache import ContextCache
+from bridge.embedded import EmbeddedValkey
+from bridge.handlers import Handlers, Session
+from bridge.memory.base import Recall
+from bridge.memory.sqlite import SqliteMemory
+from bridge.metrics import Metrics
+from bridge.protocol import (
+    Ack,
+    ChatStart,
+    Completion,
+    Context,
+    ErrorEvent,
+    Export,
+    ExportChunk,
+    ExportEnd,
+    FileWrite,
+    Message,
+    Ping,
+    Pong,
+    Query,
+    QueryResult,
+    Reply,
+)
+from tests.conftest import StatsdCollector
+
+
+class SlowMemory(SqliteMemory):
+    """The real embedded store, made slow on purpose, counting its searches."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+        self.recalls = 0
+
+    async def recall(self, group_id: str, query: str, limit: int) -> Recall:
+        self.recalls += 1
+        await asyncio.sleep(self.delay)
+        return await super().recall(group_id, query, limit)
+
+
+@pytest.fixture
+async def memory(tmp_path: Path) -> AsyncIterator[SlowMemory]:
+    store = SlowMemory(tmp_path / "memory.sqlite3", delay=0.0)
+    await store.start()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def handlers(
+    memory: SlowMemory, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> AsyncIterator[Handlers]:
+    cache = ContextCache.from_url(valkey.url, ttl=60)
+    metrics = Metrics("127.0.0.1", statsd.port, buffered=False)
+    yield Handlers(memory, cache, metrics, miss_budget=0.2)
+    await cache.close()
+    metrics.close()
+
+
+async def run(handlers: Handlers, message: Message, session: Session | None = None) -> Reply:
+    async def emit(reply: Reply) -> None:
+        raise AssertionError(f"unexpected intermediate reply {reply}")
+
+    return await handlers.begin(message, session or Session("proj"), emit)
+
+
+async def chat(handlers: Handlers, query: str, session: Session | None = None) -> Context:
+    reply = await run(handlers, ChatStart(id=1, query=query), session)
+    assert isinstance(reply, Context)
+    return reply
+
+
+async def test_every_event_stores_its_episode_with_the_seed_metadata(handlers: Handlers) -> None:
+    acks = [
+        await run(handlers, FileWrite(id=1, path="src/a.py")),
+        await run(handlers, ErrorEvent(id=2, message="TypeError in parser")),
+        await run(handlers, Completion(id=3, task="refactor parser", duration_ms=1200, tokens=77)),
+    ]
+    assert all(isinstance(a, Ack) and a.ok and a.episode for a in acks)
+    chunks: list[Reply] = []
+
+    async def collect(reply: Reply) -> None:
+        chunks.append(reply)
+
+    end = await handlers.begin(Export(id=9), Session("proj"), collect)
+    assert end == ExportEnd(id=9, count=3)
+    episodes = [e for c in chunks if isinstance(c, ExportChunk) for e in c.episodes]
+    by_body = {e.body: e for e in episodes}
+    assert by_body["Modified: src/a.py"].metadata == {"type": "file_edit", "path": "src/a.py"}
+    assert by_body["Error: TypeError in parser"].metadata == {"type": "error", "severity": "high"}
+    assert by_body["Completed: refactor parser"].metadata == {
+        "type": "success",
+        "duration": 1200,
+        "tokens": 77,
+    }
+    assert {e.uuid for e in episodes} == {a.episode for a in acks if isinstance(a, Ack)}
+
+
+async def test_chat_start_misses_then_hits_with_the_memory_context(handlers: Handlers) -> None:
+    await run(handlers, ErrorEvent(id=1, message="database connection refused"))
+    first = await chat(handlers, "why was the database connection refused?")
+    assert not first.hit
+    assert first.inject is not None
+    assert first.inject.startswith("[Memory Context]\n")
+    assert "Error: database connection refused" in first.inject
+    second = await chat(handlers, "why was the database connection refused?")
+    assert second.hit
+    assert second.inject == first.inject
+
+
+async def test_nothing_relevant_means_null_inject(handlers: Handlers) -> None:
+    reply = await chat(handlers, "completely unrelated words")
+    assert (reply.hit, reply.inject) == (False, None)
+
+
+async def test_file_write_makes_the_next_chat_see_the_new_episode(handlers: Handlers) -> None:
+    before = await chat(handlers, "what changed in src/auth.py")
+    assert before.inject is None
+    assert (await chat(handlers, "what changed in src/auth.py")).hit
+    await run(handlers, FileWrite(id=2, path="src/auth.py"))
+    after = await chat(handlers, "what changed in src/auth.py")
+    assert not after.hit
+    assert after.inject is not None and "Modified: src/auth.py" in after.inject
+
+
+async def test_read_your_writes_when_messages_run_concurrently(
+    handlers: Handlers, memory: SlowMemory
+) -> None:
+    """A chat:start begun right after a file:write waits for its invalidation."""
+    session = Session("proj")
+    await chat(handlers, "explain src/x.py", session)
+    assert (await chat(handlers, "explain src/x.py", session)).hit
+
+    async def drop(reply: Reply) -> None:
+        return None
+
+    write = handlers.begin(FileWrite(id=1, path="src/x.py"), session, drop)
+    read = handlers.begin(ChatStart(id=2, query="explain src/x.py"), session, drop)
+    # Run the read first: it must still not see the context the write invalidates.
+    read_task = asyncio.ensure_future(read)
+    await asyncio.sleep(0)
+    write_reply, read_reply = await asyncio.gather(write, read_task)
+    assert isinstance(write_reply, Ack) and write_reply.ok
+    assert isinstance(read_reply, Context) and not read_reply.hit
+
+
+async def test_concurrent_identical_misses_query_memory_once(
+    handlers: Handlers, memory: SlowMemory
+) -> None:
+    memory.delay = 0.05
+    replies = await asyncio.gather(*(chat(handlers, "single flight please") for _ in range(20)))
+    assert memory.recalls == 1
+    assert not any(r.hit for r in replies)
+
+
+async def test_a_miss_past_its_budget_answers_empty_then_fills_the_cache(
+    handlers: Handlers, memory: SlowMemory
+) -> None:
+    await run(handlers, ErrorEvent(id=1, message="slow disk warning"))
+    memory.delay = 0.5  # above the 0.2 s budget
+    late = await chat(handlers, "slow disk")
+    assert (late.hit, late.inject) == (False, None)
+    await handlers.drain()
+    memory.delay = 0.0
+    next_turn = await chat(handlers, "slow disk")
+    assert next_turn.hit
+    assert next_turn.inject is not None and "slow disk warning" in next_turn.inject
+
+
+async def test_query_bypasses_the_cache_and_ping_pongs(handlers: Handlers) -> None:
+    await run(handlers, FileWrite(id=1, path="docs/guide.md"))
+    result = await run(handlers, Query(id=5, query="guide", limit=3))
+    assert isinstance(result, QueryResult)
+    assert [e.body for e in result.episodes] == ["Modified: docs/guide.md"]
+    assert await run(handlers, Ping(id="p")) == Pong(id="p")
+
+
+async def test_projects_never_see_each_others_memory(handlers: Handlers) -> None:
+    await run(handlers, ErrorEvent(id=1, message="secret alpha failure"), Session("alpha"))
+    assert (await chat(handlers, "alpha failure", Session("beta"))).inject is None
+    own = await chat(handlers, "alpha failure", Session("alpha"))
+    assert own.inject is not None and "secret alpha failure" in own.inject
+    explicit = await run(handlers, Query(id=2, query="alpha", project="alpha"), Session("beta"))
+    assert isinstance(explicit, QueryResult) and len(explicit.episodes) == 1
+
+
+async def test_a_failing_store_is_an_error_ack_not_an_exception(
+    handlers: Handlers, memory: SlowMemory
+) -> None:
+    await memory.close()
+    reply = await run(handlers, ErrorEvent(id=4, message="after close"))
+    assert isinstance(reply, Ack)
+    assert not reply.ok
+    assert reply.error is not None and reply.error.code == "memory_unavailable"

@@ -1,0 +1,325 @@
+"""The embedded SQLite memory store, on real database files (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.episode import Episode, new_episode
+from bridge.errors import MemoryUnavailable
+from bridge.memory.sqlite import SqliteMemory, fts_query
+
+DAY = 86400.0
+
+
+def episode(
+    body: str,
+    *,
+    group: str = "proj",
+    name: str = "note",
+    uuid: str | None = None,
+    at: float | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Episode:
+    return new_episode(
+        group, name, body, "test", metadata or {}, episode_id=uuid, reference_time=at
+    )
+
+
+@pytest.fixture
+async def memory(tmp_path: Path) -> AsyncIterator[SqliteMemory]:
+    store = SqliteMemory(tmp_path / "data" / "memory.sqlite3")
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def export_all(memory: SqliteMemory, group: str, batch: int = 100) -> list[list[Episode]]:
+    return [chunk async for chunk in memory.export(group, batch)]
+
+
+async def bodies(
+    memory: SqliteMemory, query: str, limit: int = 10, group: str = "proj"
+) -> list[str]:
+    return [e.body for e in (await memory.recall(group, query, limit)).episodes]
+
+
+async def test_store_then_recall_returns_the_episode(memory: SqliteMemory) -> None:
+    stored = episode("Refactored the payment retry logic", name="refactor")
+    await memory.store(stored)
+    recall = await memory.recall("proj", "payment retry", 5)
+    assert recall.episodes == [stored]
+    assert recall.facts == []
+
+
+async def test_any_shared_word_is_enough_to_match(memory: SqliteMemory) -> None:
+    await memory.store(episode("The database migration added an index"))
+    await memory.store(episode("Unrelated note about lunch"))
+    found = await bodies(memory, "why is the frontend build slow after the migration yesterday")
+    assert found == ["The database migration added an index"]
+
+
+async def test_no_shared_word_and_stopword_only_queries_find_nothing(memory: SqliteMemory) -> None:
+    await memory.store(episode("The cache is warmed at startup"))
+    assert await bodies(memory, "kubernetes helm chart") == []
+    assert await bodies(memory, "the is at") == []  # only stopwords: no search at all
+    assert await bodies(memory, "") == []
+    assert await bodies(memory, "cache", limit=0) == []
+
+
+async def test_words_in_file_paths_match(memory: SqliteMemory) -> None:
+    await memory.store(episode("Modified: src/auth/login.py"))
+    assert await bodies(memory, "fix login.py") == ["Modified: src/auth/login.py"]
+    assert await bodies(memory, "login") == ["Modified: src/auth/login.py"]
+    assert await bodies(memory, "what changed in auth") == ["Modified: src/auth/login.py"]
+
+
+async def test_porter_stemming_and_diacritics(memory: SqliteMemory) -> None:
+    await memory.store(episode("Caching the résumé renderer"))
+    assert await bodies(memory, "cached") == ["Caching the résumé renderer"]
+    assert await bodies(memory, "resume") == ["Caching the résumé renderer"]
+
+
+async def test_more_relevant_episode_ranks_first(memory: SqliteMemory) -> None:
+    now = time.time()
+    for i in range(20):  # background documents so the query words are rare (bm25 idf > 0)
+        await memory.store(episode(f"filler episode number {i} about gardening", at=now))
+    await memory.store(episode("login page colours tweaked", at=now))
+    await memory.store(episode("login token refresh failed in auth middleware", at=now))
+    found = await bodies(memory, "auth token refresh login")
+    assert found == [
+        "login token refresh failed in auth middleware",
+        "login page colours tweaked",
+    ]
+
+
+async def test_more_recent_episode_ranks_first_when_equally_relevant(
+    memory: SqliteMemory,
+) -> None:
+    now = time.time()
+    await memory.store(episode("deploy script updated", uuid="new", at=now - 60))
+    await memory.store(episode("deploy script updated", uuid="old", at=now - 30 * DAY))
+    await memory.store(episode("deploy script updated", uuid="mid", at=now - 3 * DAY))
+    recall = await memory.recall("proj", "deploy", 10)
+    assert [e.uuid for e in recall.episodes] == ["new", "mid", "old"]
+
+
+async def test_limit_caps_results(memory: SqliteMemory) -> None:
+    for i in range(12):
+        await memory.store(episode(f"logging change {i}"))
+    assert len(await bodies(memory, "logging", limit=5)) == 5
+
+
+NASTY_QUERIES = [
+    'login" OR "x',
+    '"login',
+    "NEAR(login auth, 2)",
+    "login*",
+    "body:login",
+    "name:login",
+    "(login",
+    "login)",
+    "-login",
+    "login AND",
+    "OR login NOT",
+    "^login",
+    "login + auth",
+    "{name body}: login",
+    "login\x00",
+    "'login'",
+]
+
+
+@pytest.mark.parametrize("query", NASTY_QUERIES)
+async def test_fts_syntax_in_queries_is_plain_text(memory: SqliteMemory, query: str) -> None:
+    await memory.store(episode("login handler rewritten"))
+    assert await bodies(memory, query) == ["login handler rewritten"]
+
+
+async def test_operator_words_are_searched_as_words(memory: SqliteMemory) -> None:
+    await memory.store(episode("moved the NEAR cache into the edge node"))
+    assert await bodies(memory, "NEAR") == ["moved the NEAR cache into the edge node"]
+    assert fts_query('say "hi" NEAR me') == '"say" OR "hi" OR "near"'
+
+
+def test_fts_query_quotes_dedupes_and_caps() -> None:
+    assert fts_query("Login LOGIN login a I") == '"login"'
+    query = fts_query(" ".join(f"word{i}" for i in range(100)))
+    assert query is not None and query.count(" OR ") == 31
+    assert fts_query("!!! ??? ...") is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text())
+def test_fts_query_is_always_valid_fts5(text: str) -> None:
+    query = fts_query(text)
+    if query is None:
+        return
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='porter unicode61')")
+    conn.execute("INSERT INTO t VALUES ('anything')")
+    conn.execute("SELECT * FROM t WHERE t MATCH ?", (query,)).fetchall()  # must not raise
+    conn.close()
+
+
+def test_recall_never_raises_on_arbitrary_text(tmp_path: Path) -> None:
+    with asyncio.Runner() as runner:
+        memory = SqliteMemory(tmp_path / "memory.sqlite3")
+        runner.run(memory.start())
+        target = episode("login handler rewritten")
+        runner.run(memory.store(target))
+        runner.run(memory.store(episode('a tale of two cities, NEAR "quotes" (and) *stars*')))
+
+        @settings(max_examples=300, deadline=None)
+        @given(text=st.text())
+        def check(text: str) -> None:
+            recall = runner.run(memory.recall("proj", text, 5))
+            assert all(e.group_id == "proj" for e in recall.episodes)
+            # A real word placed first is always honoured, whatever follows it.
+            recall = runner.run(memory.recall("proj", "login " + text, 5))
+            assert target in recall.episodes
+
+        try:
+            check()
+        finally:
+            runner.run(memory.close())
+
+
+async def test_groups_are_isolated(memory: SqliteMemory) -> None:
+    a = episode("secret roadmap for project alpha", group="A")
+    b = episode("secret roadmap for project beta", group="B")
+    await memory.store(a)
+    await memory.store(b)
+    assert (await memory.recall("A", "secret roadmap project beta", 10)).episodes == [a]
+    assert (await memory.recall("B", "secret roadmap project alpha", 10)).episodes == [b]
+    assert (await memory.recall("C", "secret roadmap", 10)).episodes == []
+    assert await export_all(memory, "A") == [[a]]
+    assert await export_all(memory, "B") == [[b]]
+
+
+async def test_store_is_idempotent_on_uuid(memory: SqliteMemory, tmp_path: Path) -> None:
+    first = episode("flaky test quarantined", uuid="same")
+    await memory.store(first)
+    await memory.store(first)
+    await asyncio.gather(*(memory.store(first) for _ in range(5)))
+    assert await export_all(memory, "proj") == [[first]]
+    assert (await memory.recall("proj", "flaky quarantined", 10)).episodes == [first]
+    with sqlite3.connect(tmp_path / "data" / "memory.sqlite3") as conn:
+        # The FTS index agrees exactly with the content table (no duplicate rows).
+        conn.execute("INSERT INTO episodes_fts(episodes_fts) VALUES ('integrity-check')")
+        hits = conn.execute("SELECT count(*) FROM episodes_fts WHERE episodes_fts MATCH 'flaky'")
+        assert hits.fetchone()[0] == 1
+
+
+async def test_export_is_complete_and_ordered_across_batches(memory: SqliteMemory) -> None:
+    # Three episodes share each reference time, so batch boundaries fall inside ties.
+    times = [1_700_000_000.0 + i // 3 for i in range(250)]
+    random.Random(7).shuffle(times)
+    stored = []
+    for i, at in enumerate(times):
+        stored.append(episode(f"episode {i}", uuid=f"u{i:03d}", at=at))
+        await memory.store(stored[-1])
+    await memory.store(episode("someone else's", group="other"))
+
+    chunks = await export_all(memory, "proj", batch=100)
+    assert [len(c) for c in chunks] == [100, 100, 50]
+    exported = [e for chunk in chunks for e in chunk]
+    # Reference time first, then insertion order among equal times.
+    assert exported == sorted(stored, key=lambda e: e.reference_time)  # sort is stable
+    assert len({e.uuid for e in exported}) == 250
+
+
+async def test_export_exact_multiple_and_empty_group(memory: SqliteMemory) -> None:
+    for i in range(20):
+        await memory.store(episode(f"e{i}", at=float(i)))
+    assert [len(c) for c in await export_all(memory, "proj", batch=10)] == [10, 10]
+    assert await export_all(memory, "nobody", batch=10) == []
+
+
+async def test_episode_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    stored = episode("remember the WAL checkpoint bug", metadata={"path": "src/db.py"})
+    first = SqliteMemory(path)
+    await first.start()
+    await first.store(stored)
+    await first.close()
+    await first.close()  # idempotent
+
+    second = SqliteMemory(path)
+    await second.start()
+    try:
+        assert (await second.recall("proj", "checkpoint", 5)).episodes == [stored]
+        assert await export_all(second, "proj") == [[stored]]
+    finally:
+        await second.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_concurrent_stores_are_group_committed(memory: SqliteMemory) -> None:
+    stored = [episode(f"concurrent write {i}", uuid=f"c{i:03d}", at=float(i)) for i in range(200)]
+    before = memory.transactions
+    await asyncio.gather(*(memory.store(e) for e in stored))
+    assert memory.transactions - before < 200
+    exported = [e for chunk in await export_all(memory, "proj", batch=64) for e in chunk]
+    assert exported == stored
+
+
+async def test_reads_run_while_writes_are_in_flight(memory: SqliteMemory) -> None:
+    await memory.store(episode("baseline search target"))
+    writes = [memory.store(episode(f"background write {i}")) for i in range(100)]
+    reads = [memory.recall("proj", "baseline target", 5) for _ in range(20)]
+    _, recalls = await asyncio.gather(asyncio.gather(*writes), asyncio.gather(*reads))
+    assert len(recalls) == 20
+    assert all(r.episodes[0].body == "baseline search target" for r in recalls)
+
+
+async def test_metadata_round_trips(memory: SqliteMemory) -> None:
+    metadata: dict[str, Any] = {
+        "path": "src/app.py",
+        "tools": ["edit", "bash"],
+        "nested": {"lines": [1, 2, 3], "ok": True, "none": None, "ratio": 0.5},
+        "unicode": "naïve ✓",
+    }
+    stored = episode("metadata carrier", metadata=metadata)
+    await memory.store(stored)
+    (exported,) = (await export_all(memory, "proj"))[0]
+    assert exported.metadata == metadata
+    assert (await memory.recall("proj", "carrier", 1)).episodes[0].metadata == metadata
+
+
+async def test_closed_or_unopenable_store_raises_memory_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(MemoryUnavailable):
+        await SqliteMemory(blocker / "memory.sqlite3").start()
+
+    memory = SqliteMemory(tmp_path / "memory.sqlite3")
+    await memory.start()
+    await memory.close()
+    with pytest.raises(MemoryUnavailable):
+        await memory.store(episode("too late"))
+    with pytest.raises(MemoryUnavailable):
+        await memory.recall("proj", "late", 5)
+
+
+async def test_close_drains_pending_writes(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    memory = SqliteMemory(path)
+    await memory.start()
+    stores = [asyncio.ensure_future(memory.store(episode(f"pending {i}"))) for i in range(50)]
+    await asyncio.sleep(0)  # every store is queued
+    await memory.close()
+    await asyncio.gather(*stores)  # all committed, none failed
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM episodes").fetchone()[0] == 50
