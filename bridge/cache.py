@@ -24,7 +24,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import msgspec
 import redis.asyncio as redis
@@ -109,7 +109,7 @@ class Outage:
         ended = self.down_since is not None
         self.down_since = None
         self.failures = 0
-        self._backoff.reset()
+        self._backoff.reset()  # type: ignore[no-untyped-call]
         return ended
 
 
@@ -179,13 +179,13 @@ class ContextCache:
         """The cached context for a query, with the epoch a later ``put`` must present."""
 
         async def run() -> Lookup:
-            value, epoch = await self._client.mget(
+            found = await self._client.mget(
                 self.context_key(project, query), self.epoch_key(project)
             )
-            epoch = epoch or b"0"
+            value, epoch = cast(list[bytes | None], found)
             if value is None:
-                return Lookup(hit=False, inject=None, epoch=epoch)
-            return Lookup(hit=True, inject=value.decode() or None, epoch=epoch)
+                return Lookup(hit=False, inject=None, epoch=epoch or b"0")
+            return Lookup(hit=True, inject=value.decode() or None, epoch=epoch or b"0")
 
         return await self._call(run)
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -65,10 +66,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
     """Add the ``serve`` flags, each defaulting to its environment variable, then Config."""
     d = Config()
 
-    def option(flag: str, default: object, help: str, **kw: object) -> None:
+    def option(flag: str, default: object, help: str, **kw: Any) -> None:
         var = "BRIDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         value = env.get(var, default)
-        parser.add_argument(flag, default=value, help=f"{help} (env {var}; default {default})", **kw)  # type: ignore[arg-type]
+        parser.add_argument(
+            flag, default=value, help=f"{help} (env {var}; default {default})", **kw
+        )
 
     option("--host", d.host, "interface to listen on")
     option("--port", d.port, "TCP port to listen on (0 picks a free one)", type=_port)

@@ -7,6 +7,7 @@ coroutine that produces its reply, so tests can drive every event without a serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -102,6 +103,7 @@ class Handlers:
         before the caller schedules the coroutine. ``emit`` sends intermediate replies
         (export chunks). The coroutine never raises BridgeError: failures become ok:false.
         """
+        work: Awaitable[Reply]
         match message:
             case ChatStart():
                 work = self._chat_start(message, session, session.open_gates())
@@ -191,10 +193,8 @@ class Handlers:
             tags = paths_in(query) | paths_in(inject or "")
             tags.update(normalise_path(p) for p in context_paths(recall))
             tags.discard("")
-            try:
+            with contextlib.suppress(CacheUnavailable):  # counted by the cache
                 await self.cache.put(project, query, inject, tags, epoch)
-            except CacheUnavailable:
-                pass  # counted by the cache; the answer still goes out
         return inject
 
     async def drain(self) -> None:
@@ -227,10 +227,8 @@ class Handlers:
         return Ack(id=message.id, ok=True, episode=episode.uuid)
 
     async def _invalidate(self, project: str, path: str) -> None:
-        try:
+        with contextlib.suppress(CacheUnavailable):  # kept and replayed by the cache
             await self.cache.invalidate_path(project, path)
-        except CacheUnavailable:
-            pass  # kept by the cache and replayed before it serves again
 
     async def _error(self, message: ErrorEvent, session: Session) -> Ack:
         project = session.project_of(message)

@@ -57,9 +57,7 @@ class Metrics:
 
     def request_duration(self, event_type: str, seconds: float) -> None:
         """How long one message took, from decoded to reply ready (milliseconds)."""
-        self._statsd.distribution(
-            REQUEST_DURATION, seconds * 1000.0, tags=[f"event:{event_type}"]
-        )
+        self._statsd.distribution(REQUEST_DURATION, seconds * 1000.0, tags=[f"event:{event_type}"])
 
     def connections(self, count: int) -> None:
         """Open WebSocket connections right now."""

@@ -179,7 +179,9 @@ _msgpack_encoder: Final = msgspec.msgpack.Encoder()
 def _probe_id(frame: str | bytes) -> int | str | None:
     """Best-effort read of ``id`` from a frame that failed validation, for the error reply."""
     try:
-        probe = _json_probe.decode(frame) if isinstance(frame, str) else _msgpack_probe.decode(frame)
+        probe = (
+            _json_probe.decode(frame) if isinstance(frame, str) else _msgpack_probe.decode(frame)
+        )
     except (msgspec.DecodeError, ValueError):
         return None
     value = probe.id
@@ -203,8 +205,10 @@ def decode(frame: str | bytes, max_size: int) -> Message:
         )
     try:
         if isinstance(frame, str):
-            return _json_decoder.decode(frame)
-        return _msgpack_decoder.decode(frame)
+            message: Message = _json_decoder.decode(frame)
+        else:
+            message = _msgpack_decoder.decode(frame)
+        return message
     except msgspec.ValidationError as e:
         raise BadRequest(_explain(str(e)), message_id=_probe_id(frame)) from e
     except msgspec.DecodeError as e:
@@ -220,6 +224,6 @@ def _explain(msgspec_error: str) -> str:
     return msgspec_error
 
 
-def encode(reply: ServerMessage, binary: bool) -> bytes:
+def encode(reply: Reply, binary: bool) -> bytes:
     """Encode a reply: MessagePack for a binary frame, JSON (UTF-8 bytes) for a text frame."""
     return _msgpack_encoder.encode(reply) if binary else _json_encoder.encode(reply)

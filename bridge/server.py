@@ -12,6 +12,7 @@ A bad frame gets an ok:false ack and the connection goes on. Only the client or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from http import HTTPStatus
@@ -141,7 +142,5 @@ class Server:
 
     @staticmethod
     async def _send(ws: ServerConnection, reply: Reply, binary: bool) -> None:
-        try:
-            await ws.send(encode(reply, binary), text=not binary)  # type: ignore[arg-type]
-        except ConnectionClosed:
-            pass  # the client left; nothing to tell it
+        with contextlib.suppress(ConnectionClosed):  # the client left; nothing to tell it
+            await ws.send(encode(reply, binary), text=not binary)

