@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from bridge import __version__
 from bridge.config import add_serve_arguments, config_from_args, environment
@@ -41,13 +42,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             _run(serve(config))
 
 
-def _run(main: object) -> None:
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (it is a dependency except on Windows)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)  # type: ignore[arg-type]
+        asyncio.run(main)
     else:
-        uvloop.run(main)  # type: ignore[arg-type]
+        uvloop.run(main)
 
 
 if __name__ == "__main__":
