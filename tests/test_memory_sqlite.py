@@ -323,3 +323,18 @@ async def test_close_drains_pending_writes(tmp_path: Path) -> None:
     await asyncio.gather(*stores)  # all committed, none failed
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM episodes").fetchone()[0] == 50
+
+
+async def test_a_failing_write_fails_alone_as_memory_unavailable(memory: SqliteMemory) -> None:
+    good = [episode(f"good write {i}", uuid=f"g{i}", at=float(i)) for i in range(10)]
+    bad = episode("bad write", at=float("nan"))  # SQLite stores NaN as NULL: NOT NULL fails
+    results = await asyncio.gather(
+        *(memory.store(e) for e in good[:5]),
+        memory.store(bad),
+        *(memory.store(e) for e in good[5:]),
+        return_exceptions=True,
+    )
+    assert [r for r in results if r is not None] == [results[5]]
+    assert isinstance(results[5], MemoryUnavailable)
+    assert isinstance(results[5].__cause__, sqlite3.IntegrityError)
+    assert await export_all(memory, "proj") == [good]

@@ -72,8 +72,10 @@ END;
 PRAGMA user_version = 1;
 COMMIT;
 """
-COLUMNS = "e.uuid, e.group_id, e.name, e.body, e.source_description, e.reference_time, e.metadata"
-INSERT = "INSERT OR IGNORE INTO episodes VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)"
+FIELDS = Episode.__struct_fields__  # the episodes columns after id, in the same order
+COLUMNS = ", ".join(f"e.{field}" for field in FIELDS)
+# Like INSERT OR IGNORE for a known uuid, but other constraint failures still raise.
+INSERT = "INSERT INTO episodes VALUES (NULL, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uuid) DO NOTHING"
 SEARCH = f"""SELECT {COLUMNS}, bm25(episodes_fts) FROM episodes_fts
 JOIN episodes e ON e.id = episodes_fts.rowid
 WHERE episodes_fts MATCH ? AND e.group_id = ? ORDER BY bm25(episodes_fts) LIMIT ?"""
@@ -81,8 +83,7 @@ PAGE = f"""SELECT {COLUMNS}, e.id FROM episodes e
 WHERE e.group_id = ? AND (e.reference_time, e.id) > (?, ?)
 ORDER BY e.reference_time, e.id LIMIT ?"""
 
-Row = tuple[str, str, str, str, str, float, str]
-Pending = tuple[Row, asyncio.Future[None]]
+Pending = tuple[tuple[Any, ...], asyncio.Future[None]]
 
 _encode = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
@@ -101,16 +102,9 @@ def fts_query(text: str) -> str | None:
 
 
 def _episode(row: tuple[Any, ...]) -> Episode:
-    uuid, group_id, name, body, source, reference_time, metadata = row[:7]
-    return Episode(
-        uuid=uuid,
-        group_id=group_id,
-        name=name,
-        body=body,
-        source_description=source,
-        reference_time=reference_time,
-        metadata=_decode_metadata(metadata),
-    )
+    """An episode from a row starting with the COLUMNS."""
+    fields = dict(zip(FIELDS[:-1], row, strict=False))
+    return Episode(**fields, metadata=_decode_metadata(row[len(FIELDS) - 1]))
 
 
 class SqliteMemory:
@@ -160,19 +154,11 @@ class SqliteMemory:
         """Queue the episode for the next group commit; return once it is committed."""
         if not self._open:
             raise MemoryUnavailable("sqlite memory is not open")
+        *fields, metadata = msgspec.structs.astuple(episode)
         try:
-            metadata = _encode(episode.metadata).decode()
+            row = (*fields, _encode(metadata).decode())
         except (msgspec.EncodeError, TypeError) as e:
             raise MemoryUnavailable(f"cannot encode metadata: {e}") from e
-        row: Row = (
-            episode.uuid,
-            episode.group_id,
-            episode.name,
-            episode.body,
-            episode.source_description,
-            episode.reference_time,
-            metadata,
-        )
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put((row, done))
         await done
@@ -241,6 +227,10 @@ class SqliteMemory:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 5000")
@@ -249,27 +239,21 @@ class SqliteMemory:
                 conn.executescript(SCHEMA)
             elif version != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"unknown schema version {version}")
+            ready.set_result(None)
+            while True:
+                group = [self._queue.get()]
+                with contextlib.suppress(queue.Empty):  # all queued meanwhile joins this commit
+                    while group[-1] is not None:
+                        group.append(self._queue.get_nowait())
+                pending = [item for item in group if item is not None]
+                if pending:
+                    self._commit(conn, pending)
+                if group[-1] is None:  # close() was called: everything before it is committed
+                    return
         except BaseException as e:
-            ready.set_exception(e)
-            return
-        ready.set_result(None)
-        try:
-            stop = False
-            while not stop:
-                first = self._queue.get()
-                if first is None:
-                    break
-                group = [first]
-                while True:  # everything queued meanwhile joins this transaction
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    group.append(item)
-                self._commit(conn, group)
+            if not ready.done():
+                ready.set_exception(e)
+            raise
         finally:
             conn.close()
 
