@@ -52,6 +52,7 @@ class App:
             ttl=config.cache_ttl,
             on_unavailable=self.metrics.cache_unavailable,
         )
+        await self.cache.start()
         await self.memory.start()
         self.handlers = Handlers(
             self.memory,

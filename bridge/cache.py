@@ -12,6 +12,9 @@ Invalidation runs as one Lua script in Valkey, so it holds for every bridge proc
 shares the Valkey. Both scripts touch several keys: the cache needs a single Valkey node
 (or one hash slot), not a cluster.
 
+Hits are served from an in-process copy (see ``bridge.tracking``) that Valkey keeps honest
+by pushing every change to a context key; only copies not yet made go over the network.
+
 When Valkey cannot be reached, every call raises CacheUnavailable at once (no waiting on a
 dead server) until a backoff schedule allows one probe; invalidations that could not be
 applied are replayed before the next lookup is served.
@@ -19,12 +22,14 @@ applied are replayed before the next lookup is served.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import msgspec
 import redis.asyncio as redis
@@ -36,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.errors import CacheUnavailable
 from bridge.paths import path_suffixes
+from bridge.tracking import InvalidationListener, LocalContexts, is_missing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,13 +61,13 @@ end
 return 1
 """
 
-# KEYS: epoch, tag... ; returns the number of contexts dropped
+# KEYS: epoch, tag... ; returns the context keys dropped
 _INVALIDATE: Final = """
 redis.call('INCR', KEYS[1])
-local dropped = 0
+local dropped = {}
 for i = 2, #KEYS do
   for _, key in ipairs(redis.call('SMEMBERS', KEYS[i])) do
-    dropped = dropped + redis.call('DEL', key)
+    if redis.call('DEL', key) == 1 then table.insert(dropped, key) end
   end
   redis.call('DEL', KEYS[i])
 end
@@ -124,6 +130,7 @@ class ContextCache:
         ttl: int = 300,
         outage_backoff: AbstractBackoff | None = None,
         on_unavailable: Callable[[], None] = lambda: None,
+        local: LocalContexts | None = None,
     ) -> None:
         self._client = client
         self._prefix = prefix
@@ -134,13 +141,30 @@ class ContextCache:
         self._on_unavailable = on_unavailable
         self._pending: dict[str, set[str]] = {}
         self._pending_overflow = False
+        self.local = local
+        self._listener: InvalidationListener | None = None
+        if local is not None:
+            kwargs = client.connection_pool.connection_kwargs
+            if client.connection_pool.connection_class.__name__.startswith("SSL"):
+                log.warning("no local context cache over TLS: every hit asks Valkey")
+                self.local = None
+            else:
+                self._listener = InvalidationListener(local, kwargs, prefix)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float = 0.5, **kwargs: object) -> ContextCache:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = 0.5,
+        local_entries: int = 10_000,
+        **kwargs: Any,
+    ) -> ContextCache:
         """A cache on a new client for ``url`` (redis://, rediss:// or unix://).
 
         The client retries once on a broken connection (a pooled socket that died with a
         restarted server) and never waits longer than ``timeout`` on a socket operation.
+        ``local_entries`` bounds the in-process copy of contexts (0 turns it off).
         """
         client = redis.Redis.from_url(
             url,
@@ -149,10 +173,21 @@ class ContextCache:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
         )
-        return cls(client, **kwargs)  # type: ignore[arg-type]
+        if local_entries:
+            kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", 300))
+        return cls(client, **kwargs)
+
+    async def start(self, wait: float = 1.0) -> None:
+        """Start following Valkey's invalidations; wait up to ``wait`` s for the stream."""
+        if self._listener is not None:
+            self._listener.start()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listener.connected.wait(), wait)
 
     async def close(self) -> None:
-        """Close the client and its connections."""
+        """Stop the invalidation stream, close the client and its connections."""
+        if self._listener is not None:
+            await self._listener.stop()
         await self._client.aclose()
 
     # -- keys -----------------------------------------------------------------------------
@@ -175,17 +210,29 @@ class ContextCache:
 
     # -- operations -----------------------------------------------------------------------
 
+    def lookup_local(self, project: str, query: str) -> Lookup | None:
+        """The context from the in-process copy, or None if it is not there (no I/O)."""
+        if self.local is None or self._pending or self._pending_overflow:
+            return None
+        inject = self.local.get(self.context_key(project, query))
+        return None if is_missing(inject) else Lookup(hit=True, inject=inject, epoch=b"")
+
     async def lookup(self, project: str, query: str) -> Lookup:
         """The cached context for a query, with the epoch a later ``put`` must present."""
+        key = self.context_key(project, query)
+        if (local := self.lookup_local(project, query)) is not None:
+            return local
 
         async def run() -> Lookup:
-            found = await self._client.mget(
-                self.context_key(project, query), self.epoch_key(project)
-            )
+            generation = self.local.generation if self.local is not None else 0
+            found = await self._client.mget(key, self.epoch_key(project))
             value, epoch = cast(list[bytes | None], found)
             if value is None:
                 return Lookup(hit=False, inject=None, epoch=epoch or b"0")
-            return Lookup(hit=True, inject=value.decode() or None, epoch=epoch or b"0")
+            inject = value.decode() or None
+            if self.local is not None:
+                self.local.put(key, inject, generation)
+            return Lookup(hit=True, inject=inject, epoch=epoch or b"0")
 
         return await self._call(run)
 
@@ -217,7 +264,11 @@ class ContextCache:
 
     async def _apply_invalidation(self, project: str, paths: Iterable[str]) -> int:
         tags = {self.tag_key(project, s) for p in paths for s in path_suffixes(p)}
-        return int(await self._invalidate(keys=[self.epoch_key(project), *sorted(tags)]))
+        dropped = await self._invalidate(keys=[self.epoch_key(project), *sorted(tags)])
+        if self.local is not None:
+            # Valkey will say so too, but this process must not wait for it (read-your-writes).
+            self.local.invalidate(dropped)
+        return len(dropped)
 
     def _remember_pending(self, project: str, path: str) -> None:
         pending = self._pending.setdefault(project, set())
@@ -228,6 +279,8 @@ class ContextCache:
 
     async def _replay_pending(self) -> None:
         """Apply invalidations that failed during an outage (all contexts, on overflow)."""
+        if self.local is not None:
+            self.local.invalidate(None)
         if self._pending_overflow:
             async for key in self._client.scan_iter(match=f"{self._prefix}ctx:*", count=1000):
                 await self._client.delete(key)

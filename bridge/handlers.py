@@ -72,6 +72,10 @@ class Session:
         if not gate.done():
             gate.set_result(None)
 
+    def has_open_gates(self) -> bool:
+        """True while a file:write of this connection is still invalidating."""
+        return bool(self._gates)
+
     def open_gates(self) -> tuple[asyncio.Future[None], ...]:
         """The gates open right now."""
         return tuple(self._gates)
@@ -95,6 +99,24 @@ class Handlers:
         self.recall_limit = recall_limit
         self.miss_budget = miss_budget
         self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
+
+    def answer_now(self, message: Message, session: Session) -> Reply | None:
+        """The reply to a chat:start the in-process cache can answer at once, else None.
+
+        This is the hit path: no I/O, no task. It is taken only when no file:write of the
+        connection is still invalidating, so read-your-writes holds.
+        """
+        if type(message) is not ChatStart or session.has_open_gates():
+            return None
+        started = time.perf_counter_ns()
+        project = message.project or session.project
+        lookup = self.cache.lookup_local(project, message.query)
+        if lookup is None:
+            return None
+        self.metrics.cache_hit(project)
+        elapsed = time.perf_counter_ns() - started
+        self.metrics.request_duration("chat:start", elapsed / 1e9)
+        return Context(id=message.id, hit=True, inject=lookup.inject, elapsed_us=elapsed // 1000)
 
     def begin(self, message: Message, session: Session, emit: Emit) -> Coroutine[Any, Any, Reply]:
         """Start handling ``message``: returns the coroutine that yields its final reply.

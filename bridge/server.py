@@ -111,6 +111,9 @@ class Server:
                     self.metrics.error(e.code, "invalid")
                     await self._send(ws, error_ack(e.message_id, e), binary)
                     continue
+                if (reply := self.handlers.answer_now(message, session)) is not None:
+                    await self._send(ws, reply, binary)
+                    continue
                 await inflight.acquire()
                 emit = self._emitter(ws, binary)
                 work = self.handlers.begin(message, session, emit)  # ordering settled here

@@ -202,18 +202,19 @@ async def test_valkey_outage_degrades_to_memory_and_hits_resume(
 ) -> None:
     async with connect(ws_url(app)) as ws:
         await ask(ws, {"type": "error", "id": 1, "message": "outage canary"})
-        query = {"type": "chat:start", "id": 2, "query": "canary"}
-        assert (await ask(ws, query))["hit"] is False
-        assert (await ask(ws, query))["hit"] is True
+        first = {"type": "chat:start", "id": 2, "query": "canary before"}
+        assert (await ask(ws, first))["hit"] is False
+        assert (await ask(ws, first))["hit"] is True
         valkey.kill()
-        during = await ask(ws, query)
+        during = await ask(ws, {"type": "chat:start", "id": 3, "query": "canary during"})
         assert during["hit"] is False
         assert "outage canary" in during["inject"]
-        write = await ask(ws, {"type": "file:write", "id": 3, "path": "src/o.py"})
+        write = await ask(ws, {"type": "file:write", "id": 4, "path": "src/o.py"})
         assert write["ok"] is True, "episodes are still stored while the cache is down"
         await valkey.start()
+        after = {"type": "chat:start", "id": 5, "query": "canary after"}
         for _ in range(200):  # bounded: the outage backoff is capped at 5 s
-            reply = await ask(ws, query)
+            reply = await ask(ws, after)
             if reply["hit"]:
                 break
             await asyncio.sleep(0.05)

@@ -1,0 +1,198 @@
+"""The in-process copy of cached contexts (L1), kept honest by Valkey itself.
+
+A dedicated connection asks Valkey for server-assisted client-side caching in broadcast
+mode (``CLIENT TRACKING ON REDIRECT <self> BCAST PREFIX <prefix>ctx:``) and subscribes to
+``__redis__:invalidate``: from then on Valkey pushes the name of every context key that
+any client changes, deletes or lets expire. Entries are served from memory only while
+that connection is up; when it drops, the copy is emptied and bypassed until it is back.
+
+A value read from Valkey is copied in only if no invalidation arrived while it was being
+read (``generation`` did not move), so a late reader can never resurrect a dropped key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Final
+
+import hiredis
+from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
+
+log = logging.getLogger(__name__)
+
+INVALIDATE_CHANNEL: Final = b"__redis__:invalidate"
+_MISSING: Final = object()
+
+
+class LocalContexts:
+    """A bounded, least-recently-used map from context key to context text."""
+
+    def __init__(self, max_entries: int = 10_000, max_age: float = 300.0) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self.generation = 0
+        self.live = False
+        self._entries: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Any:
+        """The context for ``key`` (None = memory had nothing), or ``_MISSING``."""
+        if not self.live:
+            return _MISSING
+        entry = self._entries.get(key)
+        if entry is None:
+            return _MISSING
+        inject, expires = entry
+        if expires < time.monotonic():
+            del self._entries[key]
+            return _MISSING
+        self._entries.move_to_end(key)
+        return inject
+
+    def put(self, key: str, inject: str | None, generation: int) -> None:
+        """Keep a value read from Valkey when no invalidation arrived since ``generation``."""
+        if not self.live or generation != self.generation:
+            return
+        self._entries[key] = (inject, time.monotonic() + self.max_age)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def invalidate(self, keys: list[bytes] | list[str] | None) -> None:
+        """Drop the given keys, or everything when ``keys`` is None (a flush)."""
+        self.generation += 1
+        if keys is None:
+            self._entries.clear()
+            return
+        for key in keys:
+            self._entries.pop(key.decode() if isinstance(key, bytes) else key, None)
+
+    def suspend(self) -> None:
+        """Stop serving and forget everything: invalidations can no longer be trusted."""
+        self.live = False
+        self.invalidate(None)
+
+
+def is_missing(value: object) -> bool:
+    """True when ``LocalContexts.get`` found nothing."""
+    return value is _MISSING
+
+
+class InvalidationListener:
+    """Keeps the tracking connection up and feeds its invalidations to a LocalContexts."""
+
+    def __init__(
+        self,
+        contexts: LocalContexts,
+        connection: dict[str, Any],
+        prefix: str,
+        *,
+        backoff: AbstractBackoff | None = None,
+        ping_interval: float = 5.0,
+    ) -> None:
+        self.contexts = contexts
+        self._connection = connection
+        self._prefix = prefix
+        self._backoff = backoff or ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        self._ping_interval = ping_interval
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        """Run the listener in the background until ``stop``."""
+        self._task = asyncio.create_task(self._run(), name="valkey-invalidations")
+
+    async def stop(self) -> None:
+        """Close the connection and stop serving from the local copy."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 2.0)
+            self._task = None
+        self.contexts.suspend()
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._listen()
+            except (OSError, EOFError, TimeoutError, hiredis.ProtocolError, ValueError) as e:
+                if self.contexts.live or failures == 0:
+                    log.warning("Valkey invalidation stream lost, local cache off: %s", e)
+            self.contexts.suspend()
+            self.connected.clear()
+            failures += 1
+            await asyncio.sleep(self._backoff.compute(failures))
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        c = self._connection
+        if c.get("path"):
+            return await asyncio.open_unix_connection(c["path"])
+        return await asyncio.open_connection(c.get("host", "localhost"), c.get("port", 6379))
+
+    async def _listen(self) -> None:
+        reader, writer = await asyncio.wait_for(self._open(), 2.0)
+        parser = hiredis.Reader()
+
+        async def call(*args: str | int) -> Any:
+            writer.write(_command(*args))
+            while (reply := parser.gets()) is False:
+                data = await asyncio.wait_for(reader.read(65536), 2.0)
+                if not data:
+                    raise EOFError("connection closed")
+                parser.feed(data)
+            if isinstance(reply, hiredis.ReplyError):
+                raise ValueError(str(reply))
+            return reply
+
+        try:
+            if self._connection.get("password"):
+                user = self._connection.get("username")
+                await call("AUTH", *([user] if user else []), self._connection["password"])
+            client_id = await call("CLIENT", "ID")
+            await call("CLIENT", "TRACKING", "ON", "REDIRECT", client_id,
+                       "BCAST", "PREFIX", f"{self._prefix}ctx:")  # fmt: skip
+            await call("SUBSCRIBE", INVALIDATE_CHANNEL.decode())
+            self.contexts.invalidate(None)  # anything older may have missed an invalidation
+            self.contexts.live = True
+            self.connected.set()
+            self._backoff.reset()  # type: ignore[no-untyped-call]
+            await self._pump(reader, writer, parser)
+        finally:
+            writer.transport.abort()  # never wait on a peer that may be frozen
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parser: hiredis.Reader
+    ) -> None:
+        awaiting_pong = False
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), self._ping_interval)
+            except TimeoutError:
+                if awaiting_pong:
+                    raise TimeoutError("no answer to PING on the invalidation stream") from None
+                writer.write(_command("PING"))
+                awaiting_pong = True
+                continue
+            if not data:
+                raise EOFError("connection closed")
+            parser.feed(data)
+            while (message := parser.gets()) is not False:
+                if isinstance(message, list) and message[:2] == [b"message", INVALIDATE_CHANNEL]:
+                    self.contexts.invalidate(message[2])
+                awaiting_pong = False
+
+
+def _command(*args: str | int) -> bytes:
+    """One RESP command."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
