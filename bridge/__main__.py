@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from bridge import __version__
-from bridge.config import add_serve_arguments, config_from_args, environment
+from bridge.config import ConfigError, add_serve_arguments, config_from_args, environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        config = config_from_args(args)
+        try:
+            config = config_from_args(args)
+        except ConfigError as e:
+            raise SystemExit(f"graphiti-bridge: {e}") from None
         logging.basicConfig(
             level=config.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

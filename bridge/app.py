@@ -61,21 +61,25 @@ class App:
             recall_limit=config.recall_limit,
             miss_budget=config.miss_budget_ms / 1000.0,
         )
-        self.server = Server(
-            self.handlers,
-            self.metrics,
-            host=config.host,
-            port=config.port,
-            default_project=config.project,
-            max_frame=config.max_frame,
-            max_inflight=config.max_inflight,
-        )
+        self.server = Server(config, self.handlers, self.metrics, self.readiness)
         await self.server.start()
 
-    async def stop(self, deadline: float = 10.0) -> None:
+    async def readiness(self) -> list[str]:
+        """What keeps the bridge from serving fully right now (empty when ready)."""
+        problems = []
+        if self.cache is None or not await self.cache.ping():
+            problems.append("valkey: unreachable (chat:start answers from memory, uncached)")
+        try:
+            await asyncio.wait_for(self.memory.recall("readyz", "ready", 1), 2.0)
+        except Exception as e:
+            problems.append(f"memory: {type(e).__name__}: {e}")
+        return problems
+
+    async def stop(self) -> None:
         """Stop every part in reverse order of start. Safe to call after a failed start."""
+        deadline = self.config.shutdown_deadline
         if self.server is not None:
-            await self.server.stop(deadline)
+            await self.server.stop()
         if self.handlers is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.handlers.drain(), deadline)

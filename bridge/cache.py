@@ -184,6 +184,13 @@ class ContextCache:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._listener.connected.wait(), wait)
 
+    async def ping(self) -> bool:
+        """True if Valkey answers right now."""
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
     async def close(self) -> None:
         """Stop the invalidation stream, close the client and its connections."""
         if self._listener is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,28 @@ class Config:
     recall_limit: int = 8
     max_frame: int = 1 << 20
     max_inflight: int = 256
+    max_connections: int = 1000
+    rate_limit: float = 2000.0
+    rate_burst: int = 4000
+    max_text: int = 65_536
+    max_path: int = 4_096
+    max_name: int = 256
+    token: str | None = field(default=None, repr=False)
+    allowed_origins: tuple[str, ...] = ()
+    shutdown_deadline: float = 10.0
     statsd_host: str = "localhost"
     statsd_port: int = 8125
     log_level: str = "info"
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when the listening address is reachable from this machine alone."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def memory_path(self) -> Path:
@@ -87,21 +107,54 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
     option("--max-frame", d.max_frame, "largest accepted frame in bytes", type=_positive_int)
     option("--max-inflight", d.max_inflight, "concurrent requests per connection",
            type=_positive_int)  # fmt: skip
+    option("--max-connections", d.max_connections, "open WebSockets before new ones get 503",
+           type=_positive_int)  # fmt: skip
+    option("--rate-limit", d.rate_limit, "messages per second per connection",
+           type=_positive_float)  # fmt: skip
+    option("--rate-burst", d.rate_burst, "messages a connection may send at once",
+           type=_positive_int)  # fmt: skip
+    option("--max-text", d.max_text, "longest query, message or task (characters)",
+           type=_positive_int)  # fmt: skip
+    option("--max-path", d.max_path, "longest file path (characters)", type=_positive_int)
+    option("--max-name", d.max_name, "longest id, project or session (characters)",
+           type=_positive_int)  # fmt: skip
+    option("--token-file", None, "file holding the shared token (container secrets)",
+           type=Path)  # fmt: skip
+    option("--allowed-origins", "", "comma-separated browser Origins allowed to connect")
+    option("--shutdown-deadline", d.shutdown_deadline, "seconds in-flight requests get "
+           "on SIGTERM", type=_positive_float)  # fmt: skip
     option("--log-level", d.log_level, "debug, info, warning or error",
            choices=["debug", "info", "warning", "error"])  # fmt: skip
     parser.set_defaults(
+        token=env.get("BRIDGE_TOKEN") or None,
         statsd_host=env.get("DD_AGENT_HOST", d.statsd_host),
         statsd_port=env.get("DD_DOGSTATSD_PORT", str(d.statsd_port)),
     )
 
 
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why and how to fix it."""
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        return str(args.token) if args.token else None
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the token file {args.token_file}: {e.strerror}") from e
+    if not token:
+        raise ConfigError(f"the token file {args.token_file} is empty")
+    return token
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the Config from parsed ``serve`` arguments."""
+    """Build and check the Config from parsed ``serve`` arguments (raises ConfigError)."""
     try:
         statsd_port = _port(str(args.statsd_port))
     except (ValueError, argparse.ArgumentTypeError) as e:
-        raise SystemExit(f"DD_DOGSTATSD_PORT: {e}") from e
-    return Config(
+        raise ConfigError(f"DD_DOGSTATSD_PORT: {e}") from e
+    config = Config(
         host=args.host,
         port=args.port,
         data_dir=Path(args.data_dir).expanduser(),
@@ -113,10 +166,31 @@ def config_from_args(args: argparse.Namespace) -> Config:
         recall_limit=args.recall_limit,
         max_frame=args.max_frame,
         max_inflight=args.max_inflight,
+        max_connections=args.max_connections,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_text=args.max_text,
+        max_path=args.max_path,
+        max_name=args.max_name,
+        token=_read_token(args),
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        shutdown_deadline=args.shutdown_deadline,
         statsd_host=args.statsd_host,
         statsd_port=statsd_port,
         log_level=args.log_level,
     )
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    """Refuse configurations that would be unsafe to run (raises ConfigError)."""
+    if not config.loopback_only and not config.token:
+        raise ConfigError(
+            f"refusing to listen on {config.host} without a token: anyone who can reach it "
+            "could read and write this memory. Set BRIDGE_TOKEN or BRIDGE_TOKEN_FILE "
+            "(--token-file), or listen on 127.0.0.1."
+        )
 
 
 def environment() -> Mapping[str, str]:

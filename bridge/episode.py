@@ -48,3 +48,8 @@ def new_episode(
         reference_time=time.time() if reference_time is None else reference_time,
         metadata=metadata,
     )
+
+
+def episode_uuid(group_id: str, client_id: str) -> str:
+    """The stable uuid of a client-named episode: the same name in a group is one episode."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"graphiti-bridge:{group_id}:{client_id}").hex

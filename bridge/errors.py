@@ -7,6 +7,7 @@ Every error the bridge reports to a client carries a stable wire ``code``::
     ├── MemoryUnavailable       code "memory_unavailable"  the memory backend failed
     ├── CacheUnavailable        code "cache_unavailable"   Valkey is unreachable (retryable)
     └── Overloaded              code "overloaded"     a limit refused the request (retryable)
+        └── RateLimited         code "rate_limited"   the connection sent too fast (retryable)
 
 ``retryable`` tells a client whether sending the same message again later may succeed.
 Errors from libraries are translated into this tree at the edge (``raise ... from e``).
@@ -55,3 +56,9 @@ class Overloaded(BridgeError):
 
     code = "overloaded"
     retryable = True
+
+
+class RateLimited(Overloaded):
+    """The connection exceeded its message rate; slow down and resend."""
+
+    code = "rate_limited"

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bridge.cache import ContextCache, normalise_query
-from bridge.episode import new_episode
+from bridge.episode import episode_uuid, new_episode
 from bridge.errors import BridgeError, CacheUnavailable
 from bridge.memory.base import MemoryBackend, context_paths, format_context
 from bridge.metrics import Metrics
@@ -240,6 +240,7 @@ class Handlers:
             body=f"Modified: {message.path}",
             source_description="OpenCode file write",
             metadata={"type": "file_edit", "path": message.path},
+            episode_id=self._episode_id(project, message),
         )
         await self.memory.store(episode)
         self.metrics.episode_stored("file_edit")
@@ -247,6 +248,10 @@ class Handlers:
         # cache a context without this episode.
         await self._invalidate(project, message.path)
         return Ack(id=message.id, ok=True, episode=episode.uuid)
+
+    @staticmethod
+    def _episode_id(project: str, message: FileWrite | ErrorEvent | Completion) -> str | None:
+        return episode_uuid(project, message.episode_id) if message.episode_id else None
 
     async def _invalidate(self, project: str, path: str) -> None:
         with contextlib.suppress(CacheUnavailable):  # kept and replayed by the cache
@@ -261,6 +266,7 @@ class Handlers:
             body=f"Error: {message.message}",
             source_description="OpenCode error",
             metadata={"type": "error", "severity": "high"},
+            episode_id=self._episode_id(project, message),
         )
         await self.memory.store(episode)
         self.metrics.episode_stored("error")
@@ -274,6 +280,7 @@ class Handlers:
             body=f"Completed: {message.task}",
             source_description="OpenCode task completion",
             metadata={"type": "success", "duration": message.duration_ms, "tokens": message.tokens},
+            episode_id=self._episode_id(project, message),
         )
         await self.memory.store(episode)
         self.metrics.episode_stored("success")

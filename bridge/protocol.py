@@ -13,7 +13,7 @@ See docs/protocol.md for the contract with examples.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Union, cast
 
 import msgspec
 
@@ -52,19 +52,26 @@ class ChatStart(ClientMessage, tag="chat:start", frozen=True):
     query: Text
 
 
-class FileWrite(ClientMessage, tag="file:write", frozen=True):
+class EpisodeMessage(ClientMessage, frozen=True, kw_only=True):
+    """A message that becomes an episode. ``episode_id`` makes resending it harmless: the
+    same id in the same project is stored once, however often it arrives."""
+
+    episode_id: Name | None = None
+
+
+class FileWrite(EpisodeMessage, tag="file:write", frozen=True):
     """OpenCode wrote a file: remember it and drop cached contexts that name it."""
 
     path: Path
 
 
-class ErrorEvent(ClientMessage, tag="error", frozen=True):
+class ErrorEvent(EpisodeMessage, tag="error", frozen=True):
     """OpenCode hit an error: remember it and raise a Datadog event."""
 
     message: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
 
 
-class Completion(ClientMessage, tag="completion", frozen=True):
+class Completion(EpisodeMessage, tag="completion", frozen=True):
     """A task finished: remember it and count its tokens."""
 
     task: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
@@ -168,8 +175,6 @@ class _IdProbe(msgspec.Struct):
     id: Any = None
 
 
-_json_decoder: Final = msgspec.json.Decoder(Message)
-_msgpack_decoder: Final = msgspec.msgpack.Decoder(Message)
 _json_probe: Final = msgspec.json.Decoder(_IdProbe)
 _msgpack_probe: Final = msgspec.msgpack.Decoder(_IdProbe)
 _json_encoder: Final = msgspec.json.Encoder()
@@ -192,28 +197,87 @@ def _probe_id(frame: str | bytes) -> int | str | None:
     return value
 
 
-def decode(frame: str | bytes, max_size: int) -> Message:
-    """Decode one frame (text: JSON, binary: MessagePack) into a client message.
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-field length limits, in characters."""
 
-    Raises BadRequest, carrying the message id when it could be read, if the frame is
-    larger than ``max_size``, is not valid JSON/MessagePack, or fails the schema.
-    """
-    if len(frame) > max_size:
-        raise BadRequest(
-            f"frame of {len(frame)} bytes exceeds the limit of {max_size} bytes",
-            message_id=None,
-        )
-    try:
-        if isinstance(frame, str):
-            message: Message = _json_decoder.decode(frame)
-        else:
-            message = _msgpack_decoder.decode(frame)
-        return message
-    except msgspec.ValidationError as e:
-        raise BadRequest(_explain(str(e)), message_id=_probe_id(frame)) from e
-    except msgspec.DecodeError as e:
-        kind = "JSON" if isinstance(frame, str) else "MessagePack"
-        raise BadRequest(f"invalid {kind}: {e}", message_id=None) from e
+    text: int = MAX_TEXT  # query, message, task
+    path: int = MAX_PATH  # path
+    name: int = MAX_NAME  # id, project, session, episode_id
+
+
+def _limited(base: type[ClientMessage], limits: Limits) -> type[ClientMessage]:
+    """``base`` with its string fields re-declared under ``limits`` (same tag, same class
+    for ``isinstance``), so the limits stay part of the schema."""
+
+    def bounded(limit: int, min_length: int = 0) -> Any:
+        return Annotated[str, msgspec.Meta(min_length=min_length, max_length=limit)]
+
+    name = bounded(limits.name, 1)
+    redefined: dict[str, tuple[Any, Any]] = {
+        "id": (int | bounded(limits.name) | None, None),
+        "project": (name | None, None),
+        "session": (name | None, None),
+        "episode_id": (name | None, None),
+        "query": (bounded(limits.text), msgspec.NODEFAULT),
+        "message": (bounded(limits.text, 1), msgspec.NODEFAULT),
+        "task": (bounded(limits.text, 1), msgspec.NODEFAULT),
+        "path": (bounded(limits.path, 1), msgspec.NODEFAULT),
+    }
+    fields = [(f, *redefined[f]) for f in base.__struct_fields__ if f in redefined]
+    limited = msgspec.defstruct(
+        base.__name__,
+        fields,
+        bases=(base,),
+        tag=base.__struct_config__.tag,
+        frozen=True,
+        kw_only=True,
+    )
+    return cast(type[ClientMessage], limited)
+
+
+class Codec:
+    """Decoders for one frame-size limit and one set of field limits, built once."""
+
+    def __init__(self, max_frame: int = 1 << 20, limits: Limits | None = None) -> None:
+        self.max_frame = max_frame
+        schema: Any = Message
+        if limits is not None and limits != Limits():
+            schema = Union[tuple(_limited(m, limits) for m in Message.__args__)]  # noqa: UP007
+        self._json = msgspec.json.Decoder(schema)
+        self._msgpack = msgspec.msgpack.Decoder(schema)
+
+    def decode(self, frame: str | bytes) -> Message:
+        """Decode one frame (text: JSON, binary: MessagePack) into a client message.
+
+        Raises BadRequest, carrying the message id when it could be read, if the frame is
+        larger than ``max_frame``, is not valid JSON/MessagePack, or fails the schema.
+        """
+        if len(frame) > self.max_frame:
+            raise BadRequest(
+                f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame} bytes"
+            )
+        try:
+            if isinstance(frame, str):
+                message: Message = self._json.decode(frame)
+            else:
+                message = self._msgpack.decode(frame)
+            return message
+        except msgspec.ValidationError as e:
+            raise BadRequest(_explain(str(e)), message_id=_probe_id(frame)) from e
+        except msgspec.DecodeError as e:
+            kind = "JSON" if isinstance(frame, str) else "MessagePack"
+            raise BadRequest(f"invalid {kind}: {e}") from e
+
+
+_default_codecs: dict[int, Codec] = {}
+
+
+def decode(frame: str | bytes, max_size: int) -> Message:
+    """Decode one frame with the default field limits (see ``Codec.decode``)."""
+    codec = _default_codecs.get(max_size)
+    if codec is None:
+        codec = _default_codecs[max_size] = Codec(max_size)
+    return codec.decode(frame)
 
 
 def _explain(msgspec_error: str) -> str:

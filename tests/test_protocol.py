@@ -11,10 +11,13 @@ from bridge.errors import BadRequest
 from bridge.protocol import (
     Ack,
     ChatStart,
+    Codec,
     Completion,
     Context,
+    ErrorEvent,
     Export,
     FileWrite,
+    Limits,
     Ping,
     decode,
     encode,
@@ -119,3 +122,24 @@ def test_internal_errors_do_not_leak_their_text() -> None:
     assert failed.error is not None
     assert failed.error.code == "internal"
     assert "secret" not in failed.error.message
+
+
+def test_configured_limits_are_part_of_the_schema(binary: bool) -> None:
+    codec = Codec(limits=Limits(text=10, path=5, name=4))
+    ok = codec.decode(frame({"type": "chat:start", "id": "abcd", "query": "0123456789"}, binary))
+    assert isinstance(ok, ChatStart)  # still the protocol's class, for dispatch
+    for obj, field in [
+        ({"type": "chat:start", "query": "x" * 11}, "$.query"),
+        ({"type": "file:write", "path": "abcdef"}, "$.path"),
+        ({"type": "error", "message": "m", "project": "abcde"}, "$.project"),
+        ({"type": "completion", "task": "t", "episode_id": "toolong"}, "$.episode_id"),
+        ({"type": "ping", "id": "abcde"}, "$.id"),
+    ]:
+        with pytest.raises(BadRequest, match="length <= ") as raised:
+            codec.decode(frame(obj, binary))
+        assert field in str(raised.value)
+
+
+def test_episode_messages_accept_an_episode_id(binary: bool) -> None:
+    message = decode(frame({"type": "error", "message": "m", "episode_id": "e-1"}, binary), LIMIT)
+    assert isinstance(message, ErrorEvent) and message.episode_id == "e-1"
