@@ -18,6 +18,7 @@ from bridge.cache import ContextCache
 from bridge.config import Config
 from bridge.embedded import EmbeddedValkey
 from bridge.handlers import Handlers
+from bridge.memory.base import MemoryBackend
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.server import Server
@@ -28,11 +29,11 @@ log = logging.getLogger(__name__)
 class App:
     """The bridge's parts, wired together from one Config."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, memory: MemoryBackend | None = None) -> None:
         self.config = config
         self.valkey: EmbeddedValkey | None = None
         self.metrics = Metrics(config.statsd_host, config.statsd_port)
-        self.memory = SqliteMemory(config.memory_path)
+        self.memory = memory or SqliteMemory(config.memory_path)
         self.cache: ContextCache | None = None
         self.server: Server | None = None
         self.handlers: Handlers | None = None

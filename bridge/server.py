@@ -46,6 +46,21 @@ HARD_FRAME_FACTOR = 4
 Readiness = Callable[[], Awaitable[list[str]]]
 
 
+class _RedactCredentials(logging.Filter):
+    """Keep tokens out of websockets' debug logs of handshake headers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str):
+            if args[0].lower() in ("authorization", "cookie"):
+                record.args = (args[0], "[redacted]")
+        return True
+
+
+_ws_log = logging.getLogger("bridge.websockets")
+_ws_log.addFilter(_RedactCredentials())
+
+
 class Server:
     """A WebSocket endpoint for the bridge protocol, with explicit start and stop."""
 
@@ -77,6 +92,7 @@ class Server:
             process_request=self._admit,
             ping_interval=20,
             ping_timeout=20,
+            logger=_ws_log,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 

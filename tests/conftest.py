@@ -13,9 +13,32 @@ import pytest
 
 from bridge.config import Config
 from bridge.embedded import EmbeddedValkey
+from bridge.memory.base import Recall
+from bridge.memory.sqlite import SqliteMemory
 
 if TYPE_CHECKING:
     from bridge.app import App
+
+
+class SlowMemory(SqliteMemory):
+    """The real embedded store, made slow on purpose, counting its searches."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+        self.recalls = 0
+        self.running = 0
+        self.most_running = 0
+
+    async def recall(self, group_id: str, query: str, limit: int) -> Recall:
+        self.recalls += 1
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(self.delay)
+            return await super().recall(group_id, query, limit)
+        finally:
+            self.running -= 1
 
 
 def free_port() -> int:

@@ -11,8 +11,6 @@ import pytest
 from bridge.cache import ContextCache
 from bridge.embedded import EmbeddedValkey
 from bridge.handlers import Handlers, Session
-from bridge.memory.base import Recall
-from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.protocol import (
     Ack,
@@ -31,21 +29,7 @@ from bridge.protocol import (
     QueryResult,
     Reply,
 )
-from tests.conftest import StatsdCollector
-
-
-class SlowMemory(SqliteMemory):
-    """The real embedded store, made slow on purpose, counting its searches."""
-
-    def __init__(self, path: Path, delay: float) -> None:
-        super().__init__(path)
-        self.delay = delay
-        self.recalls = 0
-
-    async def recall(self, group_id: str, query: str, limit: int) -> Recall:
-        self.recalls += 1
-        await asyncio.sleep(self.delay)
-        return await super().recall(group_id, query, limit)
+from tests.conftest import SlowMemory, StatsdCollector
 
 
 @pytest.fixture

@@ -1,0 +1,181 @@
+"""Admission and limits against the real server: each limit hit, others keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
+
+from bridge.app import App
+from bridge.config import ConfigError, parse_serve
+from bridge.embedded import EmbeddedValkey
+from tests.conftest import SlowMemory, StatsdCollector, bridge_config, ws_url
+
+TOKEN = "s3cret-token-value"
+Start = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+async def start_app(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> AsyncIterator[Start]:
+    """Start an in-process bridge with the given settings; all are stopped afterwards."""
+    apps: list[App] = []
+
+    async def start(memory: Any = None, **settings: Any) -> App:
+        config = bridge_config(tmp_path / str(len(apps)), valkey, statsd.port, **settings)
+        app = App(config, memory=memory)
+        apps.append(app)
+        await app.start()
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
+    await ws.send(msgspec.json.encode(message).decode())
+    return msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+
+
+async def http_get(app: App, path: str) -> tuple[int, bytes]:
+    """A plain HTTP/1.1 GET on the bridge's port: (status, body)."""
+    assert app.server is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+                 .split(b":")[1])  # fmt: skip
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    writer.close()
+    return int(head.split()[1]), body
+
+
+async def test_the_token_is_required_and_compared_exactly(
+    start_app: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = await start_app(token=TOKEN)
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(ws_url(app), additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == 401
+        assert refused.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+    async with connect(ws_url(app), additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        assert (await ask(ws, {"type": "ping", "id": 1}))["type"] == "pong"
+    assert (await http_get(app, "/healthz"))[0] == 200, "health checks need no token"
+    server_side = [r for r in caplog.records if not r.name.startswith("websockets.client")]
+    assert any("Authorization" in r.getMessage() for r in server_side), "headers were logged"
+    assert not any(TOKEN in r.getMessage() for r in server_side)
+
+
+def test_listening_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="without a token"):
+        parse_serve(["--host", "0.0.0.0"], {})
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    config = parse_serve(["--host", "0.0.0.0", "--token-file", str(token_file)], {})
+    assert config.token == TOKEN
+    assert TOKEN not in repr(config)
+    assert parse_serve([], {"BRIDGE_HOST": "::", "BRIDGE_TOKEN": TOKEN}).token == TOKEN
+    with pytest.raises(ConfigError, match="token file"):
+        parse_serve(["--token-file", str(tmp_path / "missing")], {})
+
+
+async def test_browser_origins_are_refused_unless_allowed(start_app: Start) -> None:
+    app = await start_app(allowed_origins=("https://good.example",))
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(ws_url(app), origin=Origin("https://evil.example")):
+            pass
+    assert refused.value.response.status_code == 403
+    async with connect(ws_url(app), origin=Origin("https://good.example")) as ws:
+        assert (await ask(ws, {"type": "ping", "id": 1}))["type"] == "pong"
+
+
+async def test_the_connection_cap_refuses_new_ones_and_serves_the_rest(start_app: Start) -> None:
+    app = await start_app(max_connections=2)
+    async with connect(ws_url(app)) as one, connect(ws_url(app)) as two:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(ws_url(app)):
+                pass
+        assert refused.value.response.status_code == 503
+        assert b"too many connections (limit 2)" in refused.value.response.body
+        assert (await ask(one, {"type": "ping", "id": 1}))["type"] == "pong"
+        assert (await ask(two, {"type": "ping", "id": 2}))["type"] == "pong"
+    for _ in range(100):  # bounded: the server notices the closes
+        if app.server is not None and app.server.connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    async with connect(ws_url(app)) as three:
+        assert (await ask(three, {"type": "ping", "id": 3}))["type"] == "pong"
+
+
+async def test_the_rate_limit_answers_rate_limited_and_the_connection_goes_on(
+    start_app: Start,
+) -> None:
+    app = await start_app(rate_limit=20.0, rate_burst=5)
+    async with connect(ws_url(app)) as ws, connect(ws_url(app)) as other:
+        for i in range(30):
+            await ws.send(msgspec.json.encode({"type": "ping", "id": i}).decode())
+        replies = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(30)]
+        limited = [r for r in replies if r["type"] == "ack"]
+        assert 15 <= len(limited) <= 25
+        assert all(r["error"]["code"] == "rate_limited" for r in limited)
+        assert all(r["error"]["retryable"] is True for r in limited)
+        assert {r["id"] for r in replies} == set(range(30)), "every message got its reply"
+        assert (await ask(other, {"type": "ping", "id": "o"}))["type"] == "pong"
+        await asyncio.sleep(0.3)
+        assert (await ask(ws, {"type": "ping", "id": "later"}))["type"] == "pong"
+
+
+async def test_field_limits_are_settings(start_app: Start) -> None:
+    app = await start_app(max_text=10, max_path=8, max_name=5)
+    async with connect(ws_url(app)) as ws:
+        long_query = await ask(ws, {"type": "chat:start", "id": 1, "query": "x" * 11})
+        assert long_query["error"]["code"] == "bad_request"
+        assert "<= 10 - at `$.query`" in long_query["error"]["message"]
+        long_path = await ask(ws, {"type": "file:write", "id": 2, "path": "src/abc.py"})
+        assert "<= 8 - at `$.path`" in long_path["error"]["message"]
+        long_project = await ask(ws, {"type": "ping", "id": 3, "project": "toolong"})
+        assert "$.project" in long_project["error"]["message"]
+        assert (await ask(ws, {"type": "chat:start", "id": 4, "query": "ok"}))["type"] == "context"
+
+
+async def test_in_flight_requests_per_connection_are_bounded(
+    start_app: Start, tmp_path: Path
+) -> None:
+    """Beyond max_inflight the server stops reading; everything is still answered."""
+    memory = SlowMemory(tmp_path / "slow.sqlite3", delay=0.1)
+    app = await start_app(memory=memory, max_inflight=2)
+    async with connect(ws_url(app)) as ws:
+        for i in range(8):
+            await ws.send(
+                msgspec.json.encode({"type": "query", "id": i, "query": f"q{i}"}).decode()
+            )
+        replies = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(8)]
+    assert sorted(r["id"] for r in replies) == list(range(8))
+    assert all(r["type"] == "result" for r in replies)
+    assert memory.most_running == 2
+
+
+async def test_readyz_reports_valkey_down_and_up_again(
+    start_app: Start, valkey: EmbeddedValkey
+) -> None:
+    app = await start_app()
+    assert await http_get(app, "/readyz") == (200, b"ready\n")
+    valkey.kill()
+    status, body = await http_get(app, "/readyz")
+    assert status == 503 and b"valkey: unreachable" in body
+    await valkey.start()
+    assert (await http_get(app, "/readyz"))[0] == 200
