@@ -7,9 +7,9 @@ variable ``BRIDGE_<FLAG>``; the DogStatsD address uses Datadog's standard variab
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -51,9 +51,12 @@ class _RedactCredentials(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str):
-            if args[0].lower() in ("authorization", "cookie"):
-                record.args = (args[0], "[redacted]")
+        if (
+            isinstance(args, tuple)
+            and len(args) == 2
+            and str(args[0]).lower() in ("authorization", "cookie")
+        ):
+            record.args = (args[0], "[redacted]")
         return True
 
 
