@@ -1,9 +1,10 @@
 """Composition root: a Config becomes running parts, started and stopped in a fixed order.
 
-Start: data folder, Valkey (embedded unless a URL is given), metrics, cache, memory,
-handlers, then the listener last. Stop, in reverse: close the listener and connections
-(in-flight requests finish), wait for background memory queries, then close memory, cache,
-the embedded Valkey and metrics.
+Start: data folder, Valkey (embedded unless a URL is given), metrics, cache, memory, the
+outbox (delivering what a previous run left), handlers, then the listener last. Stop, in
+reverse: close the listener and connections (in-flight requests finish), wait for
+background memory queries, give the outbox the deadline to drain, then close memory,
+cache, the embedded Valkey and metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bridge.handlers import Handlers
 from bridge.memory.base import MemoryBackend
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
+from bridge.outbox import Delivery, Outbox
 from bridge.server import Server
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class App:
         self.cache: ContextCache | None = None
         self.server: Server | None = None
         self.handlers: Handlers | None = None
+        self.delivery: Delivery | None = None
 
     async def start(self) -> None:
         """Start every part; the server listens once everything behind it is ready."""
@@ -55,12 +58,17 @@ class App:
         )
         await self.cache.start()
         await self.memory.start()
+        self.delivery = Delivery(
+            self.memory, Outbox(config.outbox_path), store_timeout=config.store_timeout_ms / 1000
+        )
+        await self.delivery.start()
         self.handlers = Handlers(
             self.memory,
             self.cache,
             self.metrics,
             recall_limit=config.recall_limit,
             miss_budget=config.miss_budget_ms / 1000.0,
+            delivery=self.delivery,
         )
         self.server = Server(config, self.handlers, self.metrics, self.readiness)
         await self.server.start()
@@ -84,6 +92,13 @@ class App:
         if self.handlers is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.handlers.drain(), deadline)
+        if self.delivery is not None:
+            if not await self.delivery.flush(deadline):
+                log.warning(
+                    "%d episodes stay in the outbox for the next start",
+                    self.delivery.outbox.pending,
+                )
+            await self.delivery.close()
         await self.memory.close()
         if self.cache is not None:
             await self.cache.close()

@@ -41,6 +41,7 @@ class Config:
     token: str | None = field(default=None, repr=False)
     allowed_origins: tuple[str, ...] = ()
     shutdown_deadline: float = 10.0
+    store_timeout_ms: float = 2000.0
     statsd_host: str = "localhost"
     statsd_port: int = 8125
     log_level: str = "info"
@@ -59,6 +60,11 @@ class Config:
     def memory_path(self) -> Path:
         """The embedded memory store's database file."""
         return self.data_dir / "memory.sqlite3"
+
+    @property
+    def outbox_path(self) -> Path:
+        """Where acknowledged episodes wait while memory cannot take them."""
+        return self.data_dir / "outbox.sqlite3"
 
 
 def _positive_int(text: str) -> int:
@@ -123,6 +129,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
     option("--allowed-origins", "", "comma-separated browser Origins allowed to connect")
     option("--shutdown-deadline", d.shutdown_deadline, "seconds in-flight requests get "
            "on SIGTERM", type=_positive_float)  # fmt: skip
+    option("--store-timeout-ms", d.store_timeout_ms, "how long an episode waits for memory "
+           "before it is queued in the outbox", type=_positive_float)  # fmt: skip
     option("--log-level", d.log_level, "debug, info, warning or error",
            choices=["debug", "info", "warning", "error"])  # fmt: skip
     parser.set_defaults(
@@ -175,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         token=_read_token(args),
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         shutdown_deadline=args.shutdown_deadline,
+        store_timeout_ms=args.store_timeout_ms,
         statsd_host=args.statsd_host,
         statsd_port=statsd_port,
         log_level=args.log_level,

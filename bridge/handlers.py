@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bridge.cache import ContextCache, normalise_query
-from bridge.episode import episode_uuid, new_episode
+from bridge.episode import Episode, episode_uuid, new_episode
 from bridge.errors import BridgeError, CacheUnavailable
 from bridge.memory.base import MemoryBackend, context_paths, format_context
 from bridge.metrics import Metrics
+from bridge.outbox import Delivery
 from bridge.paths import normalise_path, paths_in
 from bridge.protocol import (
     Ack,
@@ -92,8 +93,10 @@ class Handlers:
         *,
         recall_limit: int = 8,
         miss_budget: float = 0.25,
+        delivery: Delivery | None = None,
     ) -> None:
         self.memory = memory
+        self.delivery = delivery
         self.cache = cache
         self.metrics = metrics
         self.recall_limit = recall_limit
@@ -242,12 +245,21 @@ class Handlers:
             metadata={"type": "file_edit", "path": message.path},
             episode_id=self._episode_id(project, message),
         )
-        await self.memory.store(episode)
-        self.metrics.episode_stored("file_edit")
+        queued = await self._store(episode, "file_edit")
         # Again after the store: a miss that read memory between the two would otherwise
         # cache a context without this episode.
         await self._invalidate(project, message.path)
-        return Ack(id=message.id, ok=True, episode=episode.uuid)
+        return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
+
+    async def _store(self, episode: Episode, kind: str) -> bool:
+        """Make an episode durable; True if it waits in the outbox rather than in memory."""
+        if self.delivery is not None:
+            queued = await self.delivery.store(episode)
+        else:
+            await self.memory.store(episode)
+            queued = False
+        self.metrics.episode_stored(kind)
+        return queued
 
     @staticmethod
     def _episode_id(project: str, message: FileWrite | ErrorEvent | Completion) -> str | None:
@@ -268,9 +280,8 @@ class Handlers:
             metadata={"type": "error", "severity": "high"},
             episode_id=self._episode_id(project, message),
         )
-        await self.memory.store(episode)
-        self.metrics.episode_stored("error")
-        return Ack(id=message.id, ok=True, episode=episode.uuid)
+        queued = await self._store(episode, "error")
+        return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
 
     async def _completion(self, message: Completion, session: Session) -> Ack:
         project = session.project_of(message)
@@ -282,11 +293,10 @@ class Handlers:
             metadata={"type": "success", "duration": message.duration_ms, "tokens": message.tokens},
             episode_id=self._episode_id(project, message),
         )
-        await self.memory.store(episode)
-        self.metrics.episode_stored("success")
+        queued = await self._store(episode, "success")
         if message.tokens:
             self.metrics.tokens_used(message.tokens, project)
-        return Ack(id=message.id, ok=True, episode=episode.uuid)
+        return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -125,10 +125,12 @@ class ErrorInfo(msgspec.Struct):
 
 
 class Ack(Reply, tag="ack", omit_defaults=True):
-    """Outcome of an event. On success ``episode`` is the stored episode's id."""
+    """Outcome of an event. On success ``episode`` is the stored episode's id, and
+    ``queued`` is true when it is durable in the outbox, not yet in memory."""
 
     ok: bool
     episode: str | None = None
+    queued: bool = False
     error: ErrorInfo | None = None
 
 

@@ -1,0 +1,148 @@
+"""No acknowledged episode is lost: the outbox through backend outages and SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+
+from bridge.episode import Episode, new_episode
+from bridge.errors import MemoryUnavailable
+from bridge.memory.sqlite import SqliteMemory
+from bridge.outbox import Delivery, Outbox
+from tests.conftest import StatsdCollector
+from tests.test_cli import ask, bridge_process
+
+
+class SwitchableMemory(SqliteMemory):
+    """The real embedded store, with a switch that makes it fail or stall."""
+
+    down = False
+    stall = 0.0
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.landings: list[asyncio.Future[None]] = []
+
+    async def store(self, episode: Episode) -> None:
+        if self.down:
+            raise MemoryUnavailable("switched off for the test")
+        landing = asyncio.ensure_future(super().store(episode))  # lands even if we give up
+        self.landings.append(landing)
+        if self.stall:
+            await asyncio.sleep(self.stall)
+        await landing
+
+
+@pytest.fixture
+async def memory(tmp_path: Path) -> AsyncIterator[SwitchableMemory]:
+    store = SwitchableMemory(tmp_path / "memory.sqlite3")
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def exported(memory: SqliteMemory, group: str = "g") -> list[Episode]:
+    return [e for batch in [b async for b in memory.export(group, 1000)] for e in batch]
+
+
+def episode(i: int) -> Episode:
+    return new_episode("g", f"e{i}", f"Error: number {i}", "test", {"i": i}, reference_time=i)
+
+
+async def test_a_down_backend_queues_acks_and_delivers_in_order_once_up(
+    memory: SwitchableMemory, tmp_path: Path
+) -> None:
+    delivery = Delivery(memory, Outbox(tmp_path / "outbox.sqlite3"), store_timeout=1.0)
+    await delivery.start()
+    try:
+        assert await delivery.store(episode(0)) is False  # straight into memory
+        memory.down = True
+        assert all([await delivery.store(episode(i)) for i in range(1, 6)])
+        memory.down = False
+        # Still queued behind the outbox, to keep the order:
+        assert await delivery.store(episode(6)) is True
+        assert await delivery.flush(10.0)
+    finally:
+        await delivery.close()
+    stored = await exported(memory)
+    assert [e.metadata["i"] for e in stored] == list(range(7))
+
+
+async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
+    memory: SwitchableMemory, tmp_path: Path
+) -> None:
+    delivery = Delivery(memory, Outbox(tmp_path / "outbox.sqlite3"), store_timeout=0.05)
+    await delivery.start()
+    try:
+        memory.stall = 0.2
+        slow = episode(1)
+        assert await delivery.store(slow) is True
+        memory.stall = 0.0
+        assert await delivery.flush(10.0)
+        await asyncio.gather(*memory.landings)  # the timed-out store landed as well
+        assert len(memory.landings) == 2
+    finally:
+        await delivery.close()
+    assert [e.uuid for e in await exported(memory)] == [slow.uuid]
+
+
+async def test_the_outbox_survives_a_restart(memory: SwitchableMemory, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    first = Delivery(memory, Outbox(path), store_timeout=1.0)
+    await first.start()
+    memory.down = True
+    for i in range(3):
+        assert await first.store(episode(i))
+    await first.close()  # stops with everything still queued
+    memory.down = False
+    second = Delivery(memory, Outbox(path), store_timeout=1.0)
+    await second.start()
+    try:
+        assert await second.flush(10.0)
+    finally:
+        await second.close()
+    assert [e.metadata["i"] for e in await exported(memory)] == [0, 1, 2]
+
+
+async def test_sigkill_with_memory_locked_loses_no_acknowledged_episode(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    """Another process holds the memory database locked, so the bridge cannot store; it
+    acknowledges from its outbox, is killed with SIGKILL, and a new bridge delivers all."""
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "--store-timeout-ms", "100", "--project", "p"]
+    env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
+    acked: list[str] = []
+    async with bridge_process(*args, env=env) as bridge, connect(bridge.url) as ws:
+        first = await ask(ws, {"type": "error", "id": 0, "message": "before the lock"})
+        assert first["ok"] and not first.get("queued")
+        acked.append(first["episode"])
+        lock = sqlite3.connect(data / "memory.sqlite3", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            for i in range(1, 11):
+                ack = await ask(ws, {"type": "error", "id": i, "message": f"locked {i}"})
+                assert ack["ok"] and ack["queued"], ack
+                acked.append(ack["episode"])
+            bridge.process.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(bridge.process.wait(), 10)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+    async with bridge_process(*args, env=env) as bridge, connect(bridge.url) as ws:
+        for _ in range(200):  # bounded: delivery starts at start-up
+            await ws.send(msgspec.msgpack.encode({"type": "export", "id": "x"}))
+            uuids: list[str] = []
+            while (reply := msgspec.msgpack.decode(await ws.recv()))["type"] != "export:end":
+                uuids.extend(e["uuid"] for e in reply["episodes"])
+            if len(uuids) >= len(acked):
+                break
+            await asyncio.sleep(0.05)
+    assert sorted(uuids) == sorted(acked), "every acknowledged episode exactly once"
