@@ -189,7 +189,7 @@ def _probe_id(frame: str | bytes) -> int | str | None:
         probe = (
             _json_probe.decode(frame) if isinstance(frame, str) else _msgpack_probe.decode(frame)
         )
-    except (msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return None
     value = probe.id
     if isinstance(value, bool) or not isinstance(value, int | str):
@@ -266,9 +266,11 @@ class Codec:
             return message
         except msgspec.ValidationError as e:
             raise BadRequest(_explain(str(e)), message_id=_probe_id(frame)) from e
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
             kind = "JSON" if isinstance(frame, str) else "MessagePack"
             raise BadRequest(f"invalid {kind}: {e}") from e
+        except RecursionError as e:
+            raise BadRequest("message nested too deeply") from e
 
 
 _default_codecs: dict[int, Codec] = {}

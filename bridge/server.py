@@ -164,6 +164,10 @@ class Server:
                     self.metrics.error(e.code, "invalid")
                     await self._send(ws, error_ack(e.message_id, e), binary)
                     continue
+                except Exception as e:  # a decoder bug must not cost the connection
+                    log.exception("undecodable frame")
+                    await self._send(ws, error_ack(None, e), binary)
+                    continue
                 if not rate.allow():
                     limited = RateLimited(
                         f"over {self.config.rate_limit:g} messages/s; "
