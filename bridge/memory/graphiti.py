@@ -1,0 +1,504 @@
+"""The graphiti memory backend: graphiti-core in-process, on FalkorDB or Neo4j.
+
+Every episode becomes a Graphiti episodic node in the project's ``group_id``, with the
+episode's uuid as node uuid (so storing twice is a no-op). Graphiti persists no free-form
+metadata on episodic nodes, so the bridge keeps it in the field made for describing the
+source: ``source_description`` is the episode's description, a newline, then the metadata
+as compact JSON. JSON has no raw newline, so the last line is always the metadata.
+
+Two modes:
+
+- Without an LLM, ``store`` saves the node; ``recall`` is Graphiti's episode full-text
+  (BM25) search, the one search method that needs neither an embedder nor a cross-encoder.
+  Graphiti gets clients that refuse every call, so nothing can leave the machine.
+- With an OpenAI-compatible LLM and embedder (OpenAI, Ollama, vLLM, ...), ``store`` appends
+  the episode to a SQLite queue under ``state_dir`` (committed with fsync), saves the node
+  so it is recalled at once, and returns. A worker per group runs Graphiti's full
+  ``add_episode`` (entity and fact extraction) on queued episodes in order and removes each
+  when done; what is still queued when the process stops is ingested on the next start.
+  ``recall`` adds Graphiti's hybrid search (BM25 + cosine, RRF) over facts.
+
+FalkorDB keeps each group in its own graph (graphiti's layout), Neo4j in one database.
+Graphiti accepts only ``[A-Za-z0-9_-]`` in a group id: see ``graph_group``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from bridge.episode import Episode
+from bridge.errors import MemoryUnavailable, Overloaded
+from bridge.memory.base import Recall
+
+os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # before graphiti_core loads
+try:
+    from graphiti_core import Graphiti
+    from graphiti_core.cross_encoder.client import CrossEncoderClient
+    from graphiti_core.driver.driver import GraphDriver
+    from graphiti_core.driver.falkordb_driver import FalkorDriver
+    from graphiti_core.driver.neo4j_driver import Neo4jDriver
+    from graphiti_core.embedder.client import EmbedderClient
+    from graphiti_core.embedder.openai import OpenAIEmbedder, OpenAIEmbedderConfig
+    from graphiti_core.llm_client.client import LLMClient
+    from graphiti_core.llm_client.config import LLMConfig
+    from graphiti_core.llm_client.openai_generic_client import OpenAIGenericClient
+    from graphiti_core.models.nodes.node_db_queries import EPISODIC_NODE_RETURN
+    from graphiti_core.nodes import EpisodeType, EpisodicNode, get_episodic_node_from_record
+    from graphiti_core.search.search_config import (
+        EdgeReranker,
+        EdgeSearchConfig,
+        EdgeSearchMethod,
+        EpisodeReranker,
+        EpisodeSearchConfig,
+        EpisodeSearchMethod,
+        SearchConfig,
+    )
+    from openai import AsyncOpenAI
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"the graphiti memory backend needs the graphiti extra "
+        f"(pip install 'graphiti-bridge[graphiti]'): {e}"
+    ) from e
+
+log = logging.getLogger(__name__)
+
+SAFE_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+WORD = re.compile(r"\w+")
+MAX_QUERY_WORDS = 32  # FalkorDB's full-text query gives up past 128 terms
+MAX_ATTEMPTS = 6  # extraction tries per episode before it is kept without extraction
+BACKOFF_S = (1.0, 60.0)  # first and longest wait between tries
+EMBED_TIMEOUT_S = 10.0  # recall embeds the query: a hung embedder must not hold it long
+NO_LLM = "graphiti memory runs without an LLM: this call is not allowed"
+EXPORT = f"""MATCH (e:Episodic) WHERE e.group_id = $group_id
+AND ($after IS NULL OR e.valid_at > $after OR (e.valid_at = $after AND e.uuid > $uuid))
+RETURN {EPISODIC_NODE_RETURN} ORDER BY e.valid_at, e.uuid LIMIT $limit"""
+QUEUE_SCHEMA = """CREATE TABLE IF NOT EXISTS pending (
+    seq INTEGER PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, episode BLOB NOT NULL)"""
+
+_encode = msgspec.json.Encoder().encode
+_decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_episode = msgspec.json.Decoder(Episode).decode
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    """An OpenAI-compatible LLM and embedder; ``base_url`` None means OpenAI itself."""
+
+    api_key: str
+    base_url: str | None = None
+    model: str | None = None  # None: graphiti's default
+    small_model: str | None = None
+    embedding_model: str = "text-embedding-3-small"
+    embedding_dim: int = 1024
+
+
+def graph_group(project: str) -> str:
+    """The Graphiti group id of a project: itself if Graphiti accepts it, else ``_x`` + hex.
+
+    Injective: accepted names start with a letter or digit, mapped ones with ``_``.
+    """
+    return project if SAFE_GROUP.fullmatch(project) else "_x" + project.encode().hex()
+
+
+def graph_driver(url: str) -> GraphDriver:
+    """Graphiti's driver for a ``falkor://`` (``falkordb://``, ``redis://``) or ``bolt://``,
+    ``neo4j://`` (``+s``, ``+ssc``) URL; credentials in the URL, a Neo4j database as path."""
+    parts = urlsplit(url)
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    host = parts.hostname or "localhost"
+    if parts.scheme in ("falkor", "falkordb", "redis"):
+        return FalkorDriver(host=host, port=parts.port or 6379, username=user, password=password)
+    if parts.scheme.split("+")[0] in ("bolt", "neo4j"):
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        bare = parts._replace(netloc=netloc, path="").geturl()
+        return Neo4jDriver(bare, user, password, database=parts.path.strip("/") or "neo4j")
+    raise ValueError(f"unsupported graph URL scheme {parts.scheme!r} (falkor:// or bolt://)")
+
+
+def _search_config(limit: int, fact_methods: list[EdgeSearchMethod]) -> SearchConfig:
+    """Episodes by BM25 (no embedder needed) and facts by ``fact_methods``, RRF-ranked."""
+    episodes = EpisodeSearchConfig(
+        search_methods=[EpisodeSearchMethod.bm25], reranker=EpisodeReranker.rrf
+    )
+    facts = EdgeSearchConfig(search_methods=fact_methods, reranker=EdgeReranker.rrf)
+    return SearchConfig(
+        episode_config=episodes, edge_config=facts if fact_methods else None, limit=limit
+    )
+
+
+def _node(episode: Episode) -> EpisodicNode:
+    """The Graphiti episodic node of an episode; MemoryUnavailable if it cannot be one."""
+    try:
+        metadata = _encode(episode.metadata).decode()
+        return EpisodicNode(
+            uuid=episode.uuid,
+            name=episode.name,
+            group_id=graph_group(episode.group_id),
+            source=EpisodeType.text,
+            source_description=f"{episode.source_description}\n{metadata}",
+            content=episode.body,
+            valid_at=dt.datetime.fromtimestamp(episode.reference_time, dt.UTC),
+        )
+    except (ValueError, OverflowError, TypeError, msgspec.EncodeError) as e:
+        raise MemoryUnavailable(f"cannot store episode {episode.uuid}: {e}") from e
+
+
+def _episode(node: EpisodicNode, group_id: str) -> Episode:
+    """The episode of a node (one written elsewhere gets empty metadata)."""
+    description, newline, tail = node.source_description.rpartition("\n")
+    try:
+        metadata = _decode_metadata(tail) if newline else None
+    except msgspec.DecodeError:
+        metadata = None
+    if metadata is None:
+        description, metadata = node.source_description, {}
+    return Episode(
+        uuid=node.uuid,
+        group_id=group_id,
+        name=node.name,
+        body=node.content,
+        source_description=description,
+        reference_time=node.valid_at.timestamp(),
+        metadata=metadata,
+    )
+
+
+class _NoLlm(LLMClient):
+    async def _generate_response(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise MemoryUnavailable(NO_LLM)
+
+
+class _NoEmbedder(EmbedderClient):
+    async def create(self, input_data: Any) -> list[float]:
+        raise MemoryUnavailable(NO_LLM)
+
+
+class _NoReranker(CrossEncoderClient):
+    async def rank(self, query: str, passages: list[str]) -> list[tuple[str, float]]:
+        raise MemoryUnavailable(NO_LLM)
+
+
+def _clients(llm: LlmSettings | None) -> dict[str, Any]:
+    """Graphiti's LLM, embedder and cross-encoder (recall reranks with RRF: never used)."""
+    if llm is None:
+        return {
+            "llm_client": _NoLlm(None),
+            "embedder": _NoEmbedder(),
+            "cross_encoder": _NoReranker(),
+        }
+    config = LLMConfig(llm.api_key, llm.model, llm.base_url, small_model=llm.small_model)
+    embedder = OpenAIEmbedderConfig(
+        api_key=llm.api_key,
+        base_url=llm.base_url,
+        embedding_model=llm.embedding_model,
+        embedding_dim=llm.embedding_dim,
+    )
+    client = AsyncOpenAI(
+        api_key=llm.api_key, base_url=llm.base_url, timeout=EMBED_TIMEOUT_S, max_retries=1
+    )
+    return {
+        "llm_client": OpenAIGenericClient(config),
+        "embedder": OpenAIEmbedder(embedder, client=client),
+        "cross_encoder": _NoReranker(),
+    }
+
+
+async def _indexed(driver: GraphDriver) -> None:
+    """Wait for the index build graphiti's drivers schedule when created (FalkorDB indexes
+    each group's graph separately); build again if that failed."""
+    task = getattr(driver, "_init_task", None)
+    if task is not None:
+        with contextlib.suppress(Exception):
+            await task
+            return
+    await driver.build_indices_and_constraints()
+
+
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Await a graphiti call, translating its failures into MemoryUnavailable."""
+    try:
+        return await fn(*args, **kwargs)
+    except MemoryUnavailable:
+        raise
+    except Exception as e:
+        raise MemoryUnavailable(f"graphiti: {type(e).__name__}: {e}") from e
+
+
+class GraphitiMemory:
+    """A MemoryBackend on graphiti-core; see the module docstring for the two modes."""
+
+    name = "graphiti"
+
+    def __init__(
+        self,
+        graph_url: str,
+        *,
+        state_dir: Path,
+        llm: LlmSettings | None = None,
+        queue_size: int = 1000,
+    ) -> None:
+        self.graph_url = graph_url
+        self.queue_path = state_dir / "graphiti-queue.sqlite3"
+        self.llm = llm
+        self.queue_size = queue_size  # per group
+        self._driver: GraphDriver | None = None
+        self._clients: dict[str, Any] = {}
+        self._graphs: dict[str, Graphiti] = {}
+        self._graphs_lock = asyncio.Lock()
+        self._io = concurrent.futures.ThreadPoolExecutor(1, "graphiti-queue")
+        self._db: sqlite3.Connection | None = None
+        self._lanes: dict[str, asyncio.Queue[Episode]] = {}
+        self._queued: dict[str, str] = {}  # uuid -> group of every episode not yet ingested
+        self._workers: list[asyncio.Task[None]] = []
+        self._open = False
+
+    async def start(self) -> None:
+        """Connect, build Graphiti's indices, and resume ingesting what is still queued."""
+        try:
+            self._clients = _clients(self.llm)
+            self._driver = graph_driver(self.graph_url)
+            await _indexed(self._driver)
+            pending = await self._queue(self._open_queue)
+            if self.llm is None:  # queued by a run with an LLM: kept, without extraction
+                for episode in pending:
+                    await self._save(_node(episode))
+                    await self._queue(self._forget, episode.uuid)
+        except Exception as e:
+            await self._disconnect()
+            raise MemoryUnavailable(f"graphiti memory cannot start: {e}") from e
+        self._open = True
+        kind = type(self._driver).__name__.removesuffix("Driver")
+        if self.llm is None:
+            log.info("graphiti memory on %s, without an LLM: full-text recall only", kind)
+            return
+        model, where = self.llm.model or "(default model)", self.llm.base_url or "OpenAI"
+        log.info(
+            "graphiti memory on %s, with LLM %s at %s: extraction and hybrid recall; %d queued",
+            *(kind, model, where, len(pending)),
+        )
+        for episode in pending:
+            self._enqueue(episode)
+
+    async def close(self) -> None:
+        """Stop the workers (what they had not finished stays queued) and disconnect."""
+        if not self._open:
+            return
+        self._open = False
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            await self._queue(self._close_queue)
+        self._io.shutdown()
+        for graph in self._graphs.values():  # index builds graphiti started on group drivers
+            task = getattr(graph.driver, "_init_task", None)
+            if graph.driver is not self._driver and task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._driver is not None:
+            with contextlib.suppress(Exception):
+                await self._driver.close()  # type: ignore[no-untyped-call]
+
+    def pending(self, group_id: str | None = None) -> int:
+        """Episodes acknowledged but not yet through extraction (of one project or all)."""
+        if group_id is None:
+            return len(self._queued)
+        return sum(1 for g in self._queued.values() if g == graph_group(group_id))
+
+    async def store(self, episode: Episode) -> None:
+        """Make the episode durable (see the module docstring); a known uuid is a no-op."""
+        if not self._open:
+            raise MemoryUnavailable("graphiti memory is not open")
+        node = _node(episode)  # refuses what could never be saved, before queueing it
+        if self.llm is None:
+            await self._save(node)
+            return
+        if episode.uuid in self._queued:
+            return
+        if self.pending(episode.group_id) >= self.queue_size:
+            raise Overloaded(f"graphiti ingest queue of {episode.group_id!r} is full")
+        self._queued[episode.uuid] = node.group_id  # claimed: a concurrent twin returns above
+        try:
+            with contextlib.suppress(MemoryUnavailable):  # graph unreachable: queue it anyway
+                if await self._exists(node):
+                    self._queued.pop(episode.uuid, None)
+                    return
+            await self._queue(self._remember, episode)
+        except BaseException as e:
+            self._queued.pop(episode.uuid, None)
+            if isinstance(e, sqlite3.Error | RuntimeError):
+                raise MemoryUnavailable(f"cannot queue episode {episode.uuid}: {e}") from e
+            raise
+        try:
+            await self._save(node)  # recallable at once; the worker retries if this fails
+        except MemoryUnavailable as e:
+            log.warning("episode %s queued, not yet in the graph: %s", episode.uuid, e)
+        self._enqueue(episode)
+
+    async def recall(self, group_id: str, query: str, limit: int) -> Recall:
+        """Episodes (BM25) and, with an LLM, facts (hybrid search) relevant to ``query``.
+
+        If the hybrid search fails (the embedder is down), facts are found by BM25 alone.
+        """
+        text = " ".join(WORD.findall(query)[:MAX_QUERY_WORDS])
+        if not text or limit < 1:
+            return Recall(episodes=[])
+        group = graph_group(group_id)
+        search = (await self._graph(group)).search_
+        hybrid = [EdgeSearchMethod.bm25, EdgeSearchMethod.cosine_similarity] if self.llm else []
+        try:
+            config = _search_config(limit, hybrid)
+            results = await _call(search, text, config=config, group_ids=[group])
+        except MemoryUnavailable as e:
+            if not hybrid:
+                raise
+            log.warning("hybrid recall failed, using full-text only: %s", e)
+            config = _search_config(limit, [EdgeSearchMethod.bm25])
+            results = await _call(search, text, config=config, group_ids=[group])
+        now = dt.datetime.now(dt.UTC)
+        facts = [
+            edge.fact
+            for edge in results.edges
+            if edge.expired_at is None and (edge.invalid_at is None or edge.invalid_at > now)
+        ]
+        return Recall(episodes=[_episode(n, group_id) for n in results.episodes], facts=facts)
+
+    async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
+        """Every episode of ``group_id`` by (reference time, uuid), ``batch`` at a time."""
+        group = graph_group(group_id)
+        query = (await self._graph(group)).driver.execute_query
+        after: Any = None
+        uuid = ""
+        size = max(1, batch)
+        while True:
+            records, _, _ = await _call(
+                query, EXPORT, group_id=group, after=after, uuid=uuid, limit=size
+            )
+            if records:
+                yield [_episode(get_episodic_node_from_record(r), group_id) for r in records]
+                after, uuid = records[-1]["valid_at"], records[-1]["uuid"]
+            if len(records) < size:
+                return
+
+    async def _graph(self, group: str) -> Graphiti:
+        """The Graphiti instance of one group, on that group's driver (its graph on Falkor)."""
+        graph = self._graphs.get(group)
+        if graph is not None:
+            return graph
+        if self._driver is None:
+            raise MemoryUnavailable("graphiti memory is not open")
+        async with self._graphs_lock:
+            if group not in self._graphs:
+                driver = self._driver.clone(database=group)
+                await _call(_indexed, driver)
+                self._graphs[group] = Graphiti(graph_driver=driver, **self._clients)
+            return self._graphs[group]
+
+    async def _exists(self, node: EpisodicNode) -> bool:
+        driver = (await self._graph(node.group_id)).driver
+        return bool(await _call(EpisodicNode.get_by_uuids, driver, [node.uuid]))
+
+    async def _save(self, node: EpisodicNode) -> None:
+        """Save an episodic node unless a node with its uuid exists."""
+        if not await self._exists(node):
+            await _call(node.save, (await self._graph(node.group_id)).driver)
+
+    # -- the ingest queue (LLM mode) ------------------------------------------------------
+
+    def _enqueue(self, episode: Episode) -> None:
+        group = graph_group(episode.group_id)
+        self._queued[episode.uuid] = group
+        lane = self._lanes.get(group)
+        if lane is None:
+            lane = self._lanes[group] = asyncio.Queue()
+            self._workers.append(asyncio.create_task(self._ingest_loop(lane)))
+        lane.put_nowait(episode)
+
+    async def _ingest_loop(self, lane: asyncio.Queue[Episode]) -> None:
+        """Feed one group's queued episodes to add_episode, in order, one at a time."""
+        while True:
+            episode = await lane.get()
+            await self._ingest(_node(episode))
+            try:
+                await self._queue(self._forget, episode.uuid)
+            except (sqlite3.Error, RuntimeError) as e:  # it will be ingested again: harmless
+                log.warning("cannot dequeue episode %s: %s", episode.uuid, e)
+            self._queued.pop(episode.uuid, None)
+
+    async def _ingest(self, node: EpisodicNode) -> None:
+        """Save the node (retrying until it is), then extract (up to MAX_ATTEMPTS tries)."""
+        saved = False
+        attempt = 0
+        while True:
+            try:
+                if not saved:
+                    await self._save(node)
+                    saved = True
+                await _call(
+                    (await self._graph(node.group_id)).add_episode,
+                    name=node.name,
+                    episode_body=node.content,
+                    source_description=node.source_description,
+                    reference_time=node.valid_at,
+                    source=node.source,
+                    group_id=node.group_id,
+                    uuid=node.uuid,
+                )
+                return
+            except Exception as e:
+                attempt += 1
+                if saved and attempt >= MAX_ATTEMPTS:
+                    log.error("episode %s kept without extraction: %s", node.uuid, e)
+                    return
+                log.warning("episode %s: try %d failed: %s", node.uuid, attempt, e)
+                await asyncio.sleep(min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (attempt - 1)))
+
+    async def _queue(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a queue operation on the queue's own thread (one SQLite connection)."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def _open_queue(self) -> list[Episode]:
+        if self.llm is None and not self.queue_path.exists():
+            return []
+        self.queue_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.queue_path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute(QUEUE_SCHEMA)
+        rows = self._db.execute("SELECT episode FROM pending ORDER BY seq").fetchall()
+        return [_decode_episode(row[0]) for row in rows]
+
+    def _remember(self, episode: Episode) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "INSERT INTO pending (uuid, episode) VALUES (?, ?) ON CONFLICT (uuid) DO NOTHING",
+            (episode.uuid, _encode(episode)),
+        )
+
+    def _forget(self, uuid: str) -> None:
+        if self._db is not None:
+            self._db.execute("DELETE FROM pending WHERE uuid = ?", (uuid,))
+
+    def _close_queue(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
