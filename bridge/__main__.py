@@ -1,4 +1,13 @@
-"""Command line: ``graphiti-bridge serve [flags]`` (also ``python -m bridge serve``)."""
+"""Command line: ``graphiti-bridge serve|export|import [flags]`` (also ``python -m bridge``).
+
+``export`` and ``import`` move a project's episodes between backends as JSON Lines, e.g.
+from the embedded store to Graphiti::
+
+    graphiti-bridge export --project shop > shop.jsonl
+    graphiti-bridge import --memory graphiti --project shop shop.jsonl
+
+Run them while no server uses the same embedded stores.
+"""
 
 from __future__ import annotations
 
@@ -16,43 +25,71 @@ from bridge.config import ConfigError, add_serve_arguments, config_from_args, en
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``graphiti-bridge`` argument parser, defaults taken from the environment."""
+    env = environment()
     parser = argparse.ArgumentParser(
         prog="graphiti-bridge", description="Memory bridge between OpenCode and Graphiti."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the WebSocket server")
-    add_serve_arguments(serve, environment())
+    add_serve_arguments(commands.add_parser("serve", help="run the WebSocket server"), env)
+    export = commands.add_parser("export", help="write a project's episodes as JSON Lines")
+    export.add_argument("--out", default="-", help="file to write (default: standard output)")
+    add_serve_arguments(export, env)
+    load = commands.add_parser("import", help="store episodes from JSON Lines")
+    load.add_argument("file", nargs="?", default="-", help="file to read (default: stdin)")
+    add_serve_arguments(load, env)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        try:
-            config = config_from_args(args)
-        except ConfigError as e:
-            raise SystemExit(f"graphiti-bridge: {e}") from None
-        logging.basicConfig(
-            level=config.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-        from bridge.app import serve
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        raise SystemExit(f"graphiti-bridge: {e}") from None
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("graphiti_core", "httpx", "openai", "neo4j"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    from bridge import app
 
-        with contextlib.suppress(KeyboardInterrupt):
-            _run(serve(config))
+    try:
+        if args.command == "serve":
+            with contextlib.suppress(KeyboardInterrupt):
+                _run(app.serve(config))
+        elif args.command == "export":
+            with contextlib.ExitStack() as files:
+                out = (
+                    sys.stdout.buffer
+                    if args.out == "-"
+                    else files.enter_context(open(args.out, "wb"))
+                )
+                count = _run(app.export_project(config, config.project, out))
+            print(f"exported {count} episodes of {config.project}", file=sys.stderr)
+        else:
+            with contextlib.ExitStack() as files:
+                src = (
+                    sys.stdin.buffer
+                    if args.file == "-"
+                    else files.enter_context(open(args.file, "rb"))
+                )
+                count = _run(app.import_project(config, config.project, src))
+            print(f"imported {count} episodes into {config.project}", file=sys.stderr)
+    except ConfigError as e:
+        raise SystemExit(f"graphiti-bridge: {e}") from None
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def _run(main: Coroutine[Any, Any, Any]) -> Any:
     """Run on uvloop where it is installed (it is a dependency except on Windows)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 if __name__ == "__main__":

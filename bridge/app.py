@@ -14,18 +14,63 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterable
+from typing import BinaryIO
 
 from bridge.cache import ContextCache
-from bridge.config import Config
-from bridge.embedded import EmbeddedValkey
+from bridge.config import Config, ConfigError
+from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.handlers import Handlers
 from bridge.memory.base import MemoryBackend
+from bridge.memory.jsonl import export_jsonl, import_jsonl
+from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery, Outbox
 from bridge.server import Server
 
 log = logging.getLogger(__name__)
+
+
+async def open_memory(config: Config) -> tuple[MemoryBackend, EmbeddedFalkorDB | None]:
+    """The configured memory backend (not started yet), and the private FalkorDB it needs
+    (started) when the graphiti backend has no --graph-url."""
+    if config.memory == "sqlite":
+        return SqliteMemory(config.memory_path), None
+    if config.memory == "script":
+        script = ScriptMemory(
+            config.memory_script,
+            python=config.memory_script_python,
+            timeout=config.memory_script_timeout,
+            concurrency=config.memory_script_concurrency,
+        )
+        return script, None
+    try:
+        from bridge.memory.graphiti import GraphitiMemory, LlmSettings
+    except ImportError as e:
+        raise ConfigError(
+            f"the graphiti backend needs its extra: pip install 'graphiti-bridge[graphiti]' ({e})"
+        ) from e
+    falkor = None
+    graph_url = config.graph_url
+    if graph_url is None:
+        falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
+        await falkor.start()
+        graph_url = falkor.url
+    llm = None
+    if config.uses_llm:
+        llm = LlmSettings(
+            api_key=config.llm_api_key or "",
+            base_url=config.llm_base_url,
+            model=config.llm_model,
+            small_model=config.llm_small_model,
+            embedding_model=config.embedding_model,
+            embedding_dim=config.embedding_dim,
+        )
+    memory = GraphitiMemory(
+        graph_url, state_dir=config.data_dir, llm=llm, queue_size=config.graphiti_queue_size
+    )
+    return memory, falkor
 
 
 class App:
@@ -35,7 +80,8 @@ class App:
         self.config = config
         self.valkey: EmbeddedValkey | None = None
         self.metrics = Metrics(config.statsd_host, config.statsd_port)
-        self.memory = memory or SqliteMemory(config.memory_path)
+        self._memory = memory
+        self.falkor: EmbeddedFalkorDB | None = None
         self.cache: ContextCache | None = None
         self.server: Server | None = None
         self.handlers: Handlers | None = None
@@ -57,7 +103,9 @@ class App:
             on_unavailable=self.metrics.cache_unavailable,
         )
         await self.cache.start()
-        await self.memory.start()
+        if self._memory is None:
+            self._memory, self.falkor = await open_memory(config)
+        await self._memory.start()
         self.delivery = Delivery(
             self.memory, Outbox(config.outbox_path), store_timeout=config.store_timeout_ms / 1000
         )
@@ -72,6 +120,12 @@ class App:
         )
         self.server = Server(config, self.handlers, self.metrics, self.readiness)
         await self.server.start()
+
+    @property
+    def memory(self) -> MemoryBackend:
+        """The memory backend (known once ``start`` ran)."""
+        assert self._memory is not None, "App.start has not run"
+        return self._memory
 
     async def readiness(self) -> list[str]:
         """What keeps the bridge from serving fully right now (empty when ready)."""
@@ -99,12 +153,39 @@ class App:
                     self.delivery.outbox.pending,
                 )
             await self.delivery.close()
-        await self.memory.close()
+        if self._memory is not None:
+            await self._memory.close()
+        if self.falkor is not None:
+            await self.falkor.close()
         if self.cache is not None:
             await self.cache.close()
         if self.valkey is not None:
             await self.valkey.close()
         self.metrics.close()
+
+
+async def export_project(config: Config, project: str, out: BinaryIO) -> int:
+    """Write every episode of ``project`` in the configured backend as JSON Lines."""
+    memory, falkor = await open_memory(config)
+    try:
+        await memory.start()
+        return await export_jsonl(memory, project, out)
+    finally:
+        await memory.close()
+        if falkor is not None:
+            await falkor.close()
+
+
+async def import_project(config: Config, project: str | None, lines: Iterable[bytes]) -> int:
+    """Store JSON Lines episodes into the configured backend (into ``project`` if given)."""
+    memory, falkor = await open_memory(config)
+    try:
+        await memory.start()
+        return await import_jsonl(memory, lines, group_id=project)
+    finally:
+        await memory.close()
+        if falkor is not None:
+            await falkor.close()
 
 
 async def serve(config: Config) -> None:

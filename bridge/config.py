@@ -42,6 +42,20 @@ class Config:
     allowed_origins: tuple[str, ...] = ()
     shutdown_deadline: float = 10.0
     store_timeout_ms: float = 2000.0
+    memory: str = "sqlite"
+    graph_url: str | None = field(default=None, repr=False)
+    graphiti_queue_size: int = 1000
+    llm: str = "auto"
+    llm_api_key: str | None = field(default=None, repr=False)
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_small_model: str | None = None
+    embedding_model: str = "text-embedding-3-small"
+    embedding_dim: int = 1024
+    memory_script: Path = Path("/root/.opencode/graphiti/memory_manager.py")
+    memory_script_python: str = "python3"
+    memory_script_timeout: float = 10.0
+    memory_script_concurrency: int = 4
     statsd_host: str = "localhost"
     statsd_port: int = 8125
     log_level: str = "info"
@@ -60,6 +74,11 @@ class Config:
     def memory_path(self) -> Path:
         """The embedded memory store's database file."""
         return self.data_dir / "memory.sqlite3"
+
+    @property
+    def uses_llm(self) -> bool:
+        """Whether the graphiti backend extracts entities and facts with an LLM."""
+        return self.llm == "on" or (self.llm == "auto" and self.llm_api_key is not None)
 
     @property
     def outbox_path(self) -> Path:
@@ -131,10 +150,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
            "on SIGTERM", type=_positive_float)  # fmt: skip
     option("--store-timeout-ms", d.store_timeout_ms, "how long an episode waits for memory "
            "before it is queued in the outbox", type=_positive_float)  # fmt: skip
+    option("--memory", d.memory, "memory backend", choices=["sqlite", "graphiti", "script"])
+    option("--graph-url", d.graph_url, "graphiti: falkor://host:port or bolt://user:pass@host"
+           "; none starts a private FalkorDB under --data-dir")  # fmt: skip
+    option("--graphiti-queue-size", d.graphiti_queue_size, "graphiti: episodes waiting for "
+           "extraction per project", type=_positive_int)  # fmt: skip
+    option("--llm", d.llm, "graphiti: extract entities and facts with an LLM (auto: when "
+           "OPENAI_API_KEY is set)", choices=["auto", "on", "off"])  # fmt: skip
+    option("--llm-base-url", None, "graphiti: OpenAI-compatible API (also OPENAI_BASE_URL)")
+    option("--llm-model", d.llm_model, "graphiti: model for extraction")
+    option("--llm-small-model", d.llm_small_model, "graphiti: model for small prompts")
+    option("--embedding-model", d.embedding_model, "graphiti: embedding model")
+    option("--embedding-dim", d.embedding_dim, "graphiti: embedding size", type=_positive_int)
+    option("--memory-script", d.memory_script, "script: the memory_manager.py to run",
+           type=Path)  # fmt: skip
+    option("--memory-script-python", d.memory_script_python, "script: interpreter to run it")
+    option("--memory-script-timeout", d.memory_script_timeout, "script: seconds per call",
+           type=_positive_float)  # fmt: skip
+    option("--memory-script-concurrency", d.memory_script_concurrency, "script: processes "
+           "at once", type=_positive_int)  # fmt: skip
     option("--log-level", d.log_level, "debug, info, warning or error",
            choices=["debug", "info", "warning", "error"])  # fmt: skip
     parser.set_defaults(
         token=env.get("BRIDGE_TOKEN") or None,
+        llm_api_key=env.get("OPENAI_API_KEY") or None,
+        openai_base_url=env.get("OPENAI_BASE_URL") or None,
         statsd_host=env.get("DD_AGENT_HOST", d.statsd_host),
         statsd_port=env.get("DD_DOGSTATSD_PORT", str(d.statsd_port)),
     )
@@ -184,6 +224,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         shutdown_deadline=args.shutdown_deadline,
         store_timeout_ms=args.store_timeout_ms,
+        memory=args.memory,
+        graph_url=args.graph_url or None,
+        graphiti_queue_size=args.graphiti_queue_size,
+        llm=args.llm,
+        llm_api_key=args.llm_api_key,
+        llm_base_url=args.llm_base_url or args.openai_base_url,
+        llm_model=args.llm_model or None,
+        llm_small_model=args.llm_small_model or None,
+        embedding_model=args.embedding_model,
+        embedding_dim=args.embedding_dim,
+        memory_script=Path(args.memory_script).expanduser(),
+        memory_script_python=args.memory_script_python,
+        memory_script_timeout=args.memory_script_timeout,
+        memory_script_concurrency=args.memory_script_concurrency,
         statsd_host=args.statsd_host,
         statsd_port=statsd_port,
         log_level=args.log_level,
@@ -193,7 +247,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def check(config: Config) -> None:
-    """Refuse configurations that would be unsafe to run (raises ConfigError)."""
+    """Refuse configurations that would be unsafe or cannot work (raises ConfigError)."""
+    if config.llm == "on" and not config.llm_api_key:
+        raise ConfigError("--llm on needs OPENAI_API_KEY (any value for a local server)")
     if not config.loopback_only and not config.token:
         raise ConfigError(
             f"refusing to listen on {config.host} without a token: anyone who can reach it "
