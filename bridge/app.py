@@ -109,7 +109,6 @@ class App:
         self.delivery = Delivery(
             self.memory, Outbox(config.outbox_path), store_timeout=config.store_timeout_ms / 1000
         )
-        await self.delivery.start()
         self.handlers = Handlers(
             self.memory,
             self.cache,
@@ -118,6 +117,8 @@ class App:
             miss_budget=config.miss_budget_ms / 1000.0,
             delivery=self.delivery,
         )
+        self.delivery.on_delivered = self.handlers.episode_delivered
+        await self.delivery.start()
         self.server = Server(config, self.handlers, self.metrics, self.readiness)
         await self.server.start()
 

@@ -261,6 +261,12 @@ class Handlers:
         self.metrics.episode_stored(kind)
         return queued
 
+    async def episode_delivered(self, episode: Episode) -> None:
+        """An outbox episode reached memory late: contexts cached meanwhile lack it."""
+        path = episode.metadata.get("path")
+        if episode.metadata.get("type") == "file_edit" and isinstance(path, str):
+            await self._invalidate(episode.group_id, path)
+
     @staticmethod
     def _episode_id(project: str, message: FileWrite | ErrorEvent | Completion) -> str | None:
         return episode_uuid(project, message.episode_id) if message.episode_id else None

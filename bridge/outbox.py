@@ -7,6 +7,9 @@ and acknowledged as queued; a background worker then delivers the outbox to the 
 append order, retrying on a backoff schedule, and deletes each episode once stored. While
 anything waits in the outbox, new episodes queue behind it, so delivery keeps their order.
 
+``on_delivered`` runs after each late delivery, so the cache can drop contexts computed
+while the episode was not yet in memory.
+
 Delivery is at least once and the backends' stores are idempotent on the episode uuid, so
 each episode is stored exactly once even when a timed-out store completes after all.
 """
@@ -18,6 +21,7 @@ import concurrent.futures
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -116,6 +120,7 @@ class Delivery:
         self.store_timeout = store_timeout
         self._backoff = backoff or ExponentialWithJitterBackoff(cap=10.0, base=0.1)
         self._worker: asyncio.Task[None] | None = None
+        self.on_delivered: Callable[[Episode], Awaitable[None]] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -159,6 +164,8 @@ class Delivery:
                             await asyncio.sleep(delay)
                     failures = 0
                     await self.outbox.remove(seq)
+                    if self.on_delivered is not None:
+                        await self.on_delivered(episode)
             log.info("outbox delivered; memory has every acknowledged episode")
         finally:
             self._idle.set()

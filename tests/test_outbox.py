@@ -12,11 +12,13 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
+from bridge.app import App
+from bridge.embedded import EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory.sqlite import SqliteMemory
 from bridge.outbox import Delivery, Outbox
-from tests.conftest import StatsdCollector
+from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_cli import ask, bridge_process
 
 
@@ -146,3 +148,28 @@ async def test_sigkill_with_memory_locked_loses_no_acknowledged_episode(
                 break
             await asyncio.sleep(0.05)
     assert sorted(uuids) == sorted(acked), "every acknowledged episode exactly once"
+
+
+async def test_a_late_delivery_drops_contexts_cached_without_it(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    """While memory refuses a file:write, a chat:start caches a context without it; when the
+    outbox delivers the episode, that context is dropped, so the next turn sees the write."""
+    memory = SwitchableMemory(tmp_path / "m.sqlite3")
+    app = App(bridge_config(tmp_path, valkey, statsd.port, store_timeout_ms=50), memory=memory)
+    await app.start()
+    try:
+        async with connect(ws_url(app)) as ws:
+            memory.down = True
+            ack = await ask(ws, {"type": "file:write", "id": 1, "path": "src/late.py"})
+            assert ack["ok"] and ack["queued"]
+            query = {"type": "chat:start", "id": 2, "query": "what about src/late.py"}
+            assert (await ask(ws, query))["inject"] is None  # memory does not have it yet
+            assert (await ask(ws, query))["hit"]
+            memory.down = False
+            assert app.delivery is not None and await app.delivery.flush(10.0)
+            after = await ask(ws, query)
+            assert not after["hit"]
+            assert "Modified: src/late.py" in after["inject"]
+    finally:
+        await app.stop()
