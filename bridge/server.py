@@ -81,6 +81,9 @@ class Server:
         )
         self.connections = 0
         self._server: WsServer | None = None
+        self._inflight = 0  # handler tasks running, all connections
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._token = f"Bearer {config.token}".encode() if config.token else None
 
     async def start(self) -> None:
@@ -100,16 +103,22 @@ class Server:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Stop listening, close connections with 1001 and wait for in-flight requests."""
+        """Stop accepting, let in-flight requests finish (up to the shutdown deadline), then
+        close every connection with 1001 (going away). Idempotent."""
         if self._server is None:
             return
-        self._server.close(close_connections=True)
+        server, self._server = self._server, None
+        server.server.close()  # no new connections from here on
         deadline = self.config.shutdown_deadline
         try:
-            await asyncio.wait_for(self._server.wait_closed(), deadline)
+            await asyncio.wait_for(self._idle.wait(), deadline)
         except TimeoutError:
-            log.warning("connections still busy after %.1f s of shutdown", deadline)
-        self._server = None
+            log.warning("%d requests still running after %.1f s", self._inflight, deadline)
+        server.close(close_connections=True)
+        try:
+            await asyncio.wait_for(server.wait_closed(), deadline)
+        except TimeoutError:
+            log.warning("connections still open after %.1f s of shutdown", deadline)
 
     # -- handshake ------------------------------------------------------------------------
 
@@ -182,6 +191,8 @@ class Server:
                 await inflight.acquire()
                 emit = self._emitter(ws, binary)
                 work = self.handlers.begin(message, session, emit)  # ordering settled here
+                self._inflight += 1
+                self._idle.clear()
                 task = asyncio.create_task(self._respond(work, emit, inflight))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -199,14 +210,16 @@ class Server:
 
         return emit
 
-    @staticmethod
     async def _respond(
-        work: Coroutine[Any, Any, Reply], emit: Emit, inflight: asyncio.Semaphore
+        self, work: Coroutine[Any, Any, Reply], emit: Emit, inflight: asyncio.Semaphore
     ) -> None:
         try:
             await emit(await work)
         finally:
             inflight.release()
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     @staticmethod
     async def _send(ws: ServerConnection, reply: Reply, binary: bool) -> None:

@@ -1,0 +1,80 @@
+"""Graceful shutdown of a real bridge process: SIGTERM lets in-flight requests finish,
+closes connections with 1001 (going away), flushes metrics and stops its Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import StatsdCollector
+from tests.test_cli import bridge_process, children_of
+
+SLOW_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    command = sys.argv[1]
+    if command == "query":
+        time.sleep(1.0)
+        print(json.dumps({"episodes": [{"body": "slow but complete", "uuid": "u1"}]}))
+    elif command == "export":
+        pass
+    """
+)
+
+
+async def test_sigterm_finishes_in_flight_requests_then_closes_with_1001(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    script = tmp_path / "memory_manager.py"
+    script.write_text(SLOW_SCRIPT)
+    args = [
+        "--data-dir", str(tmp_path / "data"),
+        "--memory", "script", "--memory-script", str(script),
+        "--miss-budget-ms", "5000",
+    ]  # fmt: skip
+    env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
+    async with bridge_process(*args, env=env) as bridge:
+        (valkey,) = children_of(bridge.process.pid)
+        async with connect(bridge.url) as ws:
+            await ws.send(msgspec.msgpack.encode({"type": "query", "id": 1, "query": "slow"}))
+            await asyncio.sleep(0.2)  # the script is running now
+            bridge.process.send_signal(signal.SIGTERM)
+            reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["id"] == 1 and reply["type"] == "result"
+            assert reply["episodes"][0]["body"] == "slow but complete"
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+                raise AssertionError("the server should have closed the connection")
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 1001
+        assert await asyncio.wait_for(bridge.process.wait(), 20) == 0
+    assert not Path(f"/proc/{valkey}").exists(), "the private Valkey outlived the bridge"
+    durations = await statsd.wait_for(lambda line: "event:query" in line)
+    assert durations, "the in-flight request's metric was not flushed at shutdown"
+
+
+async def test_a_new_connection_during_shutdown_is_refused(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    script = tmp_path / "memory_manager.py"
+    script.write_text(SLOW_SCRIPT)
+    args = ["--data-dir", str(tmp_path / "data"), "--memory", "script",
+            "--memory-script", str(script)]  # fmt: skip
+    async with bridge_process(*args, env={"DD_DOGSTATSD_PORT": str(statsd.port)}) as bridge:
+        async with connect(bridge.url) as ws:
+            await ws.send(msgspec.msgpack.encode({"type": "query", "id": 1, "query": "slow"}))
+            await asyncio.sleep(0.2)
+            bridge.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            with pytest.raises(ConnectionRefusedError):
+                async with connect(bridge.url, open_timeout=2):
+                    pass
+            assert msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))["id"] == 1
+        assert await asyncio.wait_for(bridge.process.wait(), 20) == 0
