@@ -1,24 +1,34 @@
 # syntax=docker/dockerfile:1
-# Build a wheel in one stage, install it into a slim runtime as a non-root user.
+# graphiti-bridge: build a virtualenv from the lock, then copy it into a slim runtime that
+# runs as a non-root user. Configure with BRIDGE_* variables; listening beyond loopback
+# needs a token: BRIDGE_TOKEN, or BRIDGE_TOKEN_FILE=/run/secrets/bridge_token.
+
 FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/bridge
 WORKDIR /src
+# Dependencies (with the graphiti extra) pinned by hash; this layer changes only with the lock.
+COPY requirements.lock ./
+RUN /opt/bridge/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN /opt/bridge/bin/pip install --no-cache-dir --no-deps .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 bridge \
     && mkdir /data \
     && chown bridge:bridge /data
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER bridge
-ENV BRIDGE_HOST=0.0.0.0 \
+COPY --from=build /opt/bridge /opt/bridge
+ENV PATH=/opt/bridge/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    BRIDGE_HOST=0.0.0.0 \
     BRIDGE_PORT=8765 \
-    BRIDGE_DATA_DIR=/data \
-    PYTHONUNBUFFERED=1
+    BRIDGE_DATA_DIR=/data
+USER 10001:10001
+WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8765
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8765/healthz', timeout=2)"]
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8765/readyz', timeout=2).status != 200)"]
 ENTRYPOINT ["graphiti-bridge", "serve"]
