@@ -110,13 +110,13 @@ class Outage:
             return True
         return False
 
-    def succeeded(self) -> bool:
-        """Record a success; True if it ends an outage."""
-        ended = self.down_since is not None
-        self.down_since = None
-        self.failures = 0
+    def succeeded(self) -> int | None:
+        """Record a success; if it ends an outage, how many operations failed during it."""
+        if self.down_since is None:
+            return None
+        failed, self.failures, self.down_since = self.failures, 0, None
         self._backoff.reset()  # type: ignore[no-untyped-call]
-        return ended
+        return failed
 
 
 class ContextCache:
@@ -141,6 +141,7 @@ class ContextCache:
         self._on_unavailable = on_unavailable
         self._pending: dict[str, set[str]] = {}
         self._pending_overflow = False
+        self._replay_lock = asyncio.Lock()
         self.local = local
         self._listener: InvalidationListener | None = None
         if local is not None:
@@ -286,17 +287,23 @@ class ContextCache:
 
     async def _replay_pending(self) -> None:
         """Apply invalidations that failed during an outage (all contexts, on overflow)."""
-        if self.local is not None:
-            self.local.invalidate(None)
-        if self._pending_overflow:
-            async for key in self._client.scan_iter(match=f"{self._prefix}ctx:*", count=1000):
-                await self._client.delete(key)
-            self._pending_overflow = False
-        while self._pending:
-            project, paths = next(iter(self._pending.items()))
-            await self._apply_invalidation(project, paths)
-            del self._pending[project]
-        log.info("replayed invalidations missed while Valkey was unreachable")
+        async with self._replay_lock:  # concurrent callers wait, then find nothing to do
+            if not self._pending and not self._pending_overflow:
+                return
+            if self.local is not None:
+                self.local.invalidate(None)
+            if self._pending_overflow:
+                async for key in self._client.scan_iter(match=f"{self._prefix}ctx:*", count=1000):
+                    await self._client.delete(key)
+                self._pending_overflow = False
+            while self._pending:
+                project, paths = self._pending.popitem()
+                try:
+                    await self._apply_invalidation(project, paths)
+                except BaseException:
+                    self._pending.setdefault(project, set()).update(paths)
+                    raise
+            log.info("replayed invalidations missed while Valkey was unreachable")
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one cache operation, translating transport failures into CacheUnavailable."""
@@ -315,6 +322,6 @@ class ContextCache:
             raise CacheUnavailable(f"Valkey is unreachable: {e}") from e
         except RedisError as e:
             raise CacheUnavailable(f"Valkey error: {e}") from e
-        if self.outage.succeeded():
-            log.warning("Valkey reachable again after %d failed operations", self.outage.failures)
+        if (failed := self.outage.succeeded()) is not None:
+            log.warning("Valkey reachable again after %d failed operations", failed)
         return result

@@ -42,7 +42,7 @@ from bridge.protocol import (
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Reply], Awaitable[None]]
-_FlightKey = tuple[str, str, bytes | None]
+_FlightKey = tuple[str, str, bytes | None, int]
 
 
 class Session:
@@ -102,6 +102,7 @@ class Handlers:
         self.recall_limit = recall_limit
         self.miss_budget = miss_budget
         self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
+        self._stored = 0  # episodes this process stored (or queued), for flight keys
 
     def answer_now(self, message: Message, session: Session) -> Reply | None:
         """The reply to a chat:start the in-process cache can answer at once, else None.
@@ -198,7 +199,10 @@ class Handlers:
 
     def _flight(self, project: str, query: str, epoch: bytes | None) -> asyncio.Task[str | None]:
         """The one memory query in progress for this project, query and cache epoch."""
-        key = (project, normalise_query(query), epoch)
+        # A flight started before an episode was stored must not answer a request that came
+        # after it: the key includes the cache epoch and, for when the cache is down (no
+        # epoch), this process's count of stored episodes.
+        key = (project, normalise_query(query), epoch, self._stored)
         flight = self._flights.get(key)
         if flight is None:
             flight = asyncio.create_task(self._recall_and_fill(project, query, epoch))
@@ -259,6 +263,7 @@ class Handlers:
             await self.memory.store(episode)
             queued = False
         self.metrics.episode_stored(kind)
+        self._stored += 1
         return queued
 
     async def episode_delivered(self, episode: Episode) -> None:

@@ -22,11 +22,18 @@ LISTENING = re.compile(rb"listening on (ws://[\d.]+:\d+)")
 
 
 class BridgeProcess:
-    """A running ``python -m bridge serve`` and the URL it printed."""
+    """A running ``python -m bridge serve``, the URL it printed, and its log so far."""
 
     def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
         self.process = process
         self.url = url
+        self.log: list[str] = []
+
+    async def collect_log(self) -> None:
+        """Read the server's stderr as it comes, so a full pipe never blocks it."""
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.log.append(line.decode(errors="replace").rstrip())
 
 
 @asynccontextmanager
@@ -44,7 +51,12 @@ async def bridge_process(
         line = await asyncio.wait_for(process.stdout.readline(), 30)
         match = LISTENING.search(line)
         assert match, f"no listening line; got {line!r}"
-        yield BridgeProcess(process, match.group(1).decode())
+        bridge = BridgeProcess(process, match.group(1).decode())
+        reader = asyncio.create_task(bridge.collect_log())
+        try:
+            yield bridge
+        finally:
+            reader.cancel()
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
