@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("graphiti_core", "httpx", "openai", "neo4j"):
+    # Third-party chatter (and one line per WebSocket opened or closed) only when debugging.
+    for noisy in ("graphiti_core", "httpx", "openai", "neo4j", "bridge.websockets"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     from bridge import app
 
