@@ -1,0 +1,556 @@
+/**
+ * The plugin's hooks against a real bridge process (python -m bridge serve, started and
+ * stopped here). OpenCode itself is not running in these tests: they call the hooks the
+ * way OpenCode does, with the hook and event shapes of @opencode-ai/plugin and
+ * @opencode-ai/sdk. tests/test_plugin.py runs the real OpenCode with this plugin.
+ */
+import type { PluginInput } from "@opencode-ai/plugin"
+import type { AssistantMessage, Event, Part, TextPart, UserMessage } from "@opencode-ai/sdk"
+import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test"
+import {
+  backoffDelay,
+  BridgeClient,
+  createHooks,
+  DEFAULT_DEADLINE_MS,
+  DEFAULT_QUEUE,
+  DEFAULT_URL,
+  ERROR_PREFIX,
+  GraphitiMemoryPlugin,
+  type HookOptions,
+  type Logger,
+  projectName,
+  settingsFromEnv,
+} from "../graphiti-memory.ts"
+import plugin from "../graphiti-memory.ts"
+import { ask, Bridge, exportEpisodes, freePort, removeDir, scratchDir, until } from "./bridge.ts"
+
+// -- fixtures -----------------------------------------------------------------------------
+
+// A test starts one or two bridges (each up to 30 s on a busy machine) and waits at most
+// 10 s for anything else.
+setDefaultTimeout(60_000)
+
+const cleanups: Array<() => Promise<void> | void> = []
+afterEach(async () => {
+  while (cleanups.length) {
+    try {
+      await cleanups.pop()!()
+    } catch (error) {
+      console.error("cleanup failed:", error)
+    }
+  }
+})
+
+async function startBridge(
+  options: { port?: number; args?: string[]; dataDir?: string; env?: Record<string, string> } = {},
+): Promise<Bridge> {
+  const dataDir = options.dataDir ?? scratchDir("gb-plugin-data")
+  if (!options.dataDir) cleanups.push(() => removeDir(dataDir))
+  const bridge = await Bridge.start({ ...options, dataDir })
+  cleanups.push(() => {
+    bridge.resume() // a paused bridge cannot act on SIGTERM
+    return bridge.stop()
+  })
+  return bridge
+}
+
+function capture(): { log: Logger; lines: string[] } {
+  const lines: string[] = []
+  return { lines, log: (level, message) => lines.push(`${level} ${message}`) }
+}
+
+/** Scheduling slack allowed past a deadline (the machine may be busy with other tests). */
+const SLACK_MS = 150
+
+const WORKTREE = { worktree: "/work/shop", directory: "/work/shop" }
+
+function hooksFor(url: string, extra: Partial<HookOptions> = {}) {
+  const { log, lines } = capture()
+  const made = createHooks(WORKTREE, {
+    url,
+    deadlineMs: 300,
+    maxQueue: 100,
+    log,
+    client: { backoffInitialMs: 20, backoffMaxMs: 200 },
+    ...extra,
+  })
+  cleanups.push(() => made.hooks.dispose?.())
+  return { ...made, lines }
+}
+
+let seq = 0
+function userMessage(
+  sessionID: string,
+  text: string,
+): { input: any; output: { message: UserMessage; parts: Part[] } } {
+  seq++
+  const messageID = `msg_${String(seq).padStart(4, "0")}user`
+  const part: TextPart = {
+    id: `prt_${String(seq).padStart(12, "0")}abcdefghij`,
+    sessionID,
+    messageID,
+    type: "text",
+    text,
+  }
+  const message: UserMessage = {
+    id: messageID,
+    sessionID,
+    role: "user",
+    time: { created: Date.now() },
+    agent: "build",
+    model: { providerID: "local", modelID: "stub" },
+  }
+  return {
+    input: { sessionID, agent: "build", model: { providerID: "local", modelID: "stub" }, messageID },
+    output: { message, parts: [part] },
+  }
+}
+
+/** Run the chat.message hook like OpenCode does; returns the elapsed time and the parts. */
+async function chat(hooks: ReturnType<typeof hooksFor>["hooks"], sessionID: string, text: string) {
+  const { input, output } = userMessage(sessionID, text)
+  const before = structuredClone(output.parts)
+  const started = performance.now()
+  await hooks["chat.message"]!(input, output)
+  return { elapsed: performance.now() - started, parts: output.parts, before, message: output.message }
+}
+
+function injected(parts: Part[]): TextPart[] {
+  return parts.filter((part): part is TextPart => part.type === "text" && part.synthetic === true)
+}
+
+function fileEdited(file: string): { event: Event } {
+  return { event: { type: "file.edited", properties: { file } } }
+}
+
+function assistant(fields: Partial<AssistantMessage> & Pick<AssistantMessage, "id" | "parentID" | "time">): {
+  event: Event
+} {
+  const info: AssistantMessage = {
+    sessionID: "ses_1",
+    role: "assistant",
+    modelID: "stub",
+    providerID: "local",
+    mode: "build",
+    path: { cwd: "/work/shop", root: "/work/shop" },
+    cost: 0,
+    tokens: { input: 0, output: 0, reasoning: 0, cache: { read: 0, write: 0 } },
+    ...fields,
+  }
+  return { event: { type: "message.updated", properties: { info } } }
+}
+
+// -- settings, names, backoff ------------------------------------------------------------
+
+describe("settings", () => {
+  test("come from the environment, and bad values fall back to the defaults", () => {
+    expect(settingsFromEnv({})).toEqual({
+      url: DEFAULT_URL,
+      token: undefined,
+      deadlineMs: DEFAULT_DEADLINE_MS,
+      maxQueue: DEFAULT_QUEUE,
+      project: undefined,
+    })
+    expect(
+      settingsFromEnv({
+        GRAPHITI_BRIDGE_URL: "ws://127.0.0.1:9999/x",
+        GRAPHITI_BRIDGE_TOKEN: "tok",
+        GRAPHITI_BRIDGE_DEADLINE_MS: "150",
+        GRAPHITI_BRIDGE_QUEUE: "7",
+        GRAPHITI_BRIDGE_PROJECT: "shop",
+      }),
+    ).toEqual({ url: "ws://127.0.0.1:9999/x", token: "tok", deadlineMs: 150, maxQueue: 7, project: "shop" })
+    const { log, lines } = capture()
+    const bad = settingsFromEnv(
+      { GRAPHITI_BRIDGE_URL: "http://x", GRAPHITI_BRIDGE_DEADLINE_MS: "soon", GRAPHITI_BRIDGE_QUEUE: "-1" },
+      log,
+    )
+    expect(bad).toMatchObject({ url: DEFAULT_URL, deadlineMs: DEFAULT_DEADLINE_MS, maxQueue: DEFAULT_QUEUE })
+    expect(lines.length).toBe(3)
+    expect(DEFAULT_DEADLINE_MS).toBeLessThan(1000)
+  })
+
+  test("the project is the worktree's folder name unless set", () => {
+    expect(projectName({ worktree: "/home/me/shop", directory: "/home/me/shop/src" })).toBe("shop")
+    expect(projectName({ worktree: "/", directory: "/tmp/scratch/" })).toBe("scratch")
+    expect(projectName({ worktree: "/", directory: "/" })).toBe("default")
+    expect(projectName({ worktree: "/home/me/shop", directory: "/" }, "other")).toBe("other")
+  })
+
+  test("reconnect delays grow exponentially, are capped and jittered", () => {
+    for (let attempt = 0; attempt < 40; attempt++) {
+      const ceiling = Math.min(30_000, 250 * 2 ** attempt)
+      const delay = backoffDelay(attempt, 250, 30_000)
+      expect(delay).toBeGreaterThanOrEqual(Math.floor(ceiling / 2))
+      expect(delay).toBeLessThanOrEqual(ceiling)
+    }
+    const samples = new Set(Array.from({ length: 50 }, () => backoffDelay(10, 250, 30_000)))
+    expect(samples.size).toBeGreaterThan(1)
+  })
+
+  test("OpenCode sees one plugin: the default export's id and server", () => {
+    expect(plugin.id).toBe("graphiti-memory")
+    expect(plugin.server).toBe(GraphitiMemoryPlugin)
+  })
+})
+
+// -- against a real bridge ---------------------------------------------------------------
+
+describe("with a running bridge", () => {
+  test("chat.message adds the bridge's context as a synthetic part; the person's text is untouched", async () => {
+    const bridge = await startBridge()
+    const [ack] = await ask(bridge.url, [
+      { type: "error", id: 1, project: "shop", message: "TypeError in checkout: total is undefined" },
+    ])
+    expect(ack.ok).toBe(true)
+    const { hooks, project } = hooksFor(bridge.url)
+    expect(project).toBe("shop")
+
+    const turn = await chat(hooks, "ses_1", "why does checkout fail?")
+
+    expect(turn.parts.length).toBe(2)
+    const [memory] = injected(turn.parts)
+    expect(turn.parts[0]).toBe(memory!)
+    expect(turn.parts.slice(1)).toEqual(turn.before)
+    const [direct] = await ask(bridge.url, [
+      { type: "chat:start", id: 2, project: "shop", query: "why does checkout fail?" },
+    ])
+    expect(memory!.text).toBe(direct.inject)
+    expect(memory!.text).toStartWith("[Memory Context]")
+    expect(memory!.text).toContain("TypeError in checkout: total is undefined")
+    expect(memory).toMatchObject({
+      type: "text",
+      synthetic: true,
+      sessionID: "ses_1",
+      messageID: turn.message.id,
+    })
+    // OpenCode orders parts by id: the memory part sorts before the person's text.
+    expect(memory!.id.startsWith("prt_")).toBe(true)
+    expect(memory!.id < turn.before[0]!.id).toBe(true)
+    expect(turn.elapsed).toBeLessThan(300 + SLACK_MS)
+  })
+
+  test("a chat about something memory does not hold gets no part", async () => {
+    const bridge = await startBridge()
+    const { hooks, client } = hooksFor(bridge.url)
+    expect(await client.opened(5000)).toBe(true)
+    const turn = await chat(hooks, "ses_1", "hello there")
+    expect(turn.parts).toEqual(turn.before)
+  })
+
+  test("a file.edited event is stored as an episode that a later chat recalls", async () => {
+    const bridge = await startBridge()
+    const { hooks, client } = hooksFor(bridge.url)
+    await hooks.event!(fileEdited("/work/shop/src/parser.ts"))
+    expect(await client.drained(5000)).toBe(true)
+
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => [e.body, e.metadata])).toEqual([
+      ["Modified: /work/shop/src/parser.ts", { type: "file_edit", path: "/work/shop/src/parser.ts" }],
+    ])
+    const turn = await chat(hooks, "ses_1", "what changed in parser.ts lately?")
+    const [memory] = injected(turn.parts)
+    expect(memory?.text).toContain("Modified: /work/shop/src/parser.ts")
+  })
+
+  test("session.error becomes an error episode; aborts and events without an error are not errors", async () => {
+    const bridge = await startBridge()
+    const { hooks, client } = hooksFor(bridge.url)
+    const events: Event[] = [
+      {
+        type: "session.error",
+        properties: {
+          sessionID: "ses_1",
+          error: { name: "MessageAbortedError", data: { message: "aborted" } },
+        },
+      },
+      { type: "session.error", properties: { sessionID: "ses_1" } },
+      {
+        type: "session.error",
+        properties: {
+          sessionID: "ses_1",
+          error: { name: "APIError", data: { message: "rate limited by provider", isRetryable: true } },
+        },
+      },
+    ]
+    for (const event of events) await hooks.event!({ event })
+    expect(await client.drained(5000)).toBe(true)
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => [e.body, e.metadata])).toEqual([
+      ["Error: APIError: rate limited by provider", { type: "error", severity: "high" }],
+    ])
+  })
+
+  test("a completed task becomes one completion episode with its tokens and duration", async () => {
+    const bridge = await startBridge()
+    const { hooks, client } = hooksFor(bridge.url)
+    const turn = await chat(hooks, "ses_1", "add a retry to the payment client")
+    const parentID = turn.message.id
+    const t0 = 1_790_000_000_000
+    const updates = [
+      // the user's own message.updated, and an assistant message still streaming
+      { event: { type: "message.updated", properties: { info: turn.message } } } as { event: Event },
+      assistant({ id: "msg_a1", parentID, time: { created: t0 } }),
+      // a step that ended in tool calls, then the step that finishes the task
+      assistant({
+        id: "msg_a1",
+        parentID,
+        time: { created: t0, completed: t0 + 400 },
+        finish: "tool-calls",
+        tokens: { input: 100, output: 20, reasoning: 5, cache: { read: 0, write: 0 } },
+      }),
+      assistant({
+        id: "msg_a2",
+        parentID,
+        time: { created: t0 + 500, completed: t0 + 1500 },
+        finish: "stop",
+        tokens: {
+          total: 60,
+          input: 40,
+          output: 20,
+          reasoning: 0,
+          cache: { read: 0, write: 0 },
+        } as AssistantMessage["tokens"],
+      }),
+      // the same completed message again: reported once
+      assistant({
+        id: "msg_a2",
+        parentID,
+        time: { created: t0 + 500, completed: t0 + 1500 },
+        finish: "stop",
+      }),
+      // a failed reply is an error (session.error), not a completion
+      assistant({
+        id: "msg_a3",
+        parentID,
+        time: { created: t0 + 2000, completed: t0 + 2100 },
+        error: { name: "UnknownError", data: { message: "boom" } },
+      }),
+    ]
+    for (const update of updates) await hooks.event!(update)
+    expect(await client.drained(5000)).toBe(true)
+
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => [e.body, e.metadata])).toEqual([
+      ["Completed: add a retry to the payment client", { type: "success", duration: 1500, tokens: 185 }],
+    ])
+  })
+
+  test("replies are matched to requests by id", async () => {
+    const bridge = await startBridge()
+    const words = ["zebra", "walrus", "pelican", "ocelot", "marmot", "lemur", "kestrel", "jackal"]
+    await ask(
+      bridge.url,
+      words.map((word, i) => ({
+        type: "error",
+        id: i,
+        project: "zoo",
+        message: `${word} escaped its enclosure`,
+      })),
+    )
+    const { log } = capture()
+    const client = new BridgeClient({ url: bridge.url, maxQueue: 10, log })
+    cleanups.push(() => client.close())
+    client.start()
+    const replies = await Promise.all(
+      words.flatMap((word) =>
+        [1, 2, 3].map(() => client.request({ type: "query", project: "zoo", query: word, limit: 1 }, 5000)),
+      ),
+    )
+    replies.forEach((reply, i) => {
+      expect(reply?.type).toBe("result")
+      const episodes = reply!.episodes as Array<{ body: string }>
+      expect(episodes[0]!.body).toBe(`Error: ${words[Math.floor(i / 3)]} escaped its enclosure`)
+    })
+  })
+
+  test("the Plugin reads the environment; the token goes in the handshake header, never in the URL", async () => {
+    const token = "t0ken-xyz"
+    const bridge = await startBridge({ args: ["--log-level", "debug"], env: { BRIDGE_TOKEN: token } })
+    const seed = { type: "error", id: 1, project: "from-env", message: "gateway timeout in the billing job" }
+    expect((await ask(bridge.url, [seed], { token }))[0].ok).toBe(true)
+    const saved = { ...process.env }
+    cleanups.push(() => {
+      for (const key of Object.keys(process.env))
+        if (key.startsWith("GRAPHITI_BRIDGE_")) delete process.env[key]
+      Object.assign(process.env, saved)
+    })
+    Object.assign(process.env, {
+      GRAPHITI_BRIDGE_URL: bridge.url,
+      GRAPHITI_BRIDGE_TOKEN: token,
+      GRAPHITI_BRIDGE_PROJECT: "from-env",
+      GRAPHITI_BRIDGE_DEADLINE_MS: "2000",
+    })
+    const input = { ...WORKTREE, client: undefined } as unknown as PluginInput
+    const hooks = await GraphitiMemoryPlugin(input)
+    cleanups.push(() => hooks.dispose?.())
+
+    // The bridge admits only handshakes that carry the token: memory comes back.
+    const turn = await chat(hooks as any, "ses_1", "why did the billing job fail?")
+    expect(injected(turn.parts)[0]?.text).toContain("gateway timeout in the billing job")
+
+    // Without it, or with a wrong one, the bridge refuses the handshake and chats go on
+    // without memory, within the deadline.
+    for (const wrong of [undefined, "not-the-token"]) {
+      const {
+        hooks: refused,
+        client,
+        lines,
+      } = hooksFor(bridge.url, { token: wrong, project: "from-env", deadlineMs: 200 })
+      const turn = await chat(refused, "ses_1", "why did the billing job fail?")
+      expect(turn.parts).toEqual(turn.before)
+      expect(turn.elapsed).toBeLessThan(200 + SLACK_MS)
+      expect(client.stats.connects).toBe(0)
+      expect(lines.some((line) => line.includes("cannot connect to the bridge"))).toBe(true)
+    }
+
+    // The bridge's debug log shows every request line it received: none holds the token.
+    await until(() => (bridge.stderr.match(/ < GET \S+ HTTP\/1\.1$/gm) ?? []).length >= 2, 5000)
+    const requestLines = bridge.stderr.match(/ < GET \S+ HTTP\/1\.1$/gm) ?? []
+    expect(requestLines.length).toBeGreaterThanOrEqual(2)
+    for (const line of requestLines) expect(line).not.toContain(token)
+  })
+
+  test("events the bridge refuses as retryable (its rate limit) are sent again, in order", async () => {
+    const bridge = await startBridge({ args: ["--rate-limit", "20", "--rate-burst", "1"] })
+    const { hooks, client, lines } = hooksFor(bridge.url)
+    expect(await client.opened(5000)).toBe(true)
+    const files = ["a", "b", "c", "d", "e"].map((name) => `/work/shop/${name}.ts`)
+    for (const file of files) await hooks.event!(fileEdited(file))
+    expect(await client.drained(10_000)).toBe(true)
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => e.body)).toEqual(files.map((file) => `Modified: ${file}`))
+    expect(client.stats.retried).toBeGreaterThan(0)
+    expect(client.stats).toMatchObject({ acked: 5, refused: 0, dropped: 0 })
+    expect(lines.filter((line) => line.startsWith("error"))).toEqual([])
+  })
+})
+
+// -- when the bridge is slow, down or absent ---------------------------------------------
+
+describe("without a working bridge", () => {
+  test("the chat hook returns within its deadline with no injection when no bridge listens", async () => {
+    const { hooks, lines } = hooksFor(`ws://127.0.0.1:${await freePort()}`, { deadlineMs: 200 })
+    for (const text of ["what broke?", "and now?"]) {
+      const turn = await chat(hooks, "ses_1", text)
+      expect(turn.elapsed).toBeLessThan(200 + SLACK_MS)
+      expect(turn.parts).toEqual(turn.before)
+    }
+    expect(lines.filter((line) => line.startsWith("error"))).toEqual([])
+    expect(lines.filter((line) => line.includes("cannot connect to the bridge")).length).toBe(1)
+  })
+
+  test("the chat hook returns within its deadline when the bridge hangs", async () => {
+    const bridge = await startBridge()
+    await ask(bridge.url, [{ type: "error", id: 1, project: "shop", message: "deadlock in the scheduler" }])
+    const { hooks, client } = hooksFor(bridge.url, { deadlineMs: 250 })
+    expect(await client.opened(5000)).toBe(true)
+    bridge.pause()
+    try {
+      const turn = await chat(hooks, "ses_1", "what about the scheduler deadlock?")
+      expect(turn.elapsed).toBeGreaterThanOrEqual(240)
+      expect(turn.elapsed).toBeLessThan(250 + SLACK_MS)
+      expect(turn.parts).toEqual(turn.before)
+    } finally {
+      bridge.resume()
+    }
+    const turn = await chat(hooks, "ses_1", "what about the scheduler deadlock?")
+    expect(injected(turn.parts)[0]?.text).toContain("deadlock in the scheduler")
+  })
+
+  test("killed mid-session: chats go on without memory, events queue and arrive in order after it returns", async () => {
+    const dataDir = scratchDir("gb-plugin-data")
+    cleanups.push(() => removeDir(dataDir))
+    const first = await startBridge({ dataDir })
+    const { hooks, client, lines } = hooksFor(first.url, { deadlineMs: 300 })
+    expect(await client.opened(5000)).toBe(true)
+    await hooks.event!(fileEdited("/work/shop/a.ts"))
+    expect(await client.drained(5000)).toBe(true)
+
+    await first.kill()
+    expect(await until(() => !client.connected, 5000)).toBe(true)
+    const turn = await chat(hooks, "ses_1", "what changed in a.ts?")
+    expect(turn.elapsed).toBeLessThan(300 + SLACK_MS)
+    expect(turn.parts).toEqual(turn.before)
+
+    const edits = ["/work/shop/b.ts", "/work/shop/c.ts", "/work/shop/d.ts"]
+    for (const file of edits) await hooks.event!(fileEdited(file))
+    await hooks.event!({
+      event: {
+        type: "session.error",
+        properties: { error: { name: "UnknownError", data: { message: "disk full" } } },
+      },
+    })
+    expect(client.backlog).toBe(4)
+
+    const second = await startBridge({ dataDir, port: first.port })
+    expect(await client.drained(10_000)).toBe(true)
+    const episodes = await exportEpisodes(second.url, "shop")
+    expect(episodes.map((e) => e.body)).toEqual([
+      "Modified: /work/shop/a.ts",
+      ...edits.map((file) => `Modified: ${file}`),
+      "Error: UnknownError: disk full",
+    ])
+    expect(client.stats).toMatchObject({ acked: 5, dropped: 0, refused: 0, retried: 0, connects: 2 })
+    expect(lines.some((line) => line.includes("reconnecting"))).toBe(true)
+
+    const after = await chat(hooks, "ses_1", "what changed in c.ts?")
+    expect(injected(after.parts)[0]?.text).toContain("Modified: /work/shop/c.ts")
+  })
+
+  test("a full queue drops and counts what overflows, logs it, and never throws", async () => {
+    const port = await freePort()
+    const { hooks, client, lines } = hooksFor(`ws://127.0.0.1:${port}`, { maxQueue: 3 })
+    const files = ["1", "2", "3", "4", "5"].map((n) => `/work/shop/f${n}.ts`)
+    for (const file of files) await hooks.event!(fileEdited(file))
+    expect(client.stats.dropped).toBe(2)
+    expect(client.backlog).toBe(3)
+    expect(lines.filter((line) => line.includes("queue full")).length).toBe(1)
+
+    const bridge = await startBridge({ port })
+    expect(await client.drained(10_000)).toBe(true)
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => e.body)).toEqual(files.slice(0, 3).map((file) => `Modified: ${file}`))
+    expect(lines.some((line) => line.includes("2 events were dropped"))).toBe(true)
+  })
+})
+
+describe("hooks never throw into OpenCode", () => {
+  test("malformed input is caught and logged with the Memory plugin error prefix", async () => {
+    const bridge = await startBridge()
+    const { hooks, lines } = hooksFor(bridge.url)
+    const calls: Array<() => Promise<unknown>> = [
+      () => hooks["chat.message"]!({ sessionID: "ses_1" }, {} as any),
+      () => hooks["chat.message"]!(undefined as any, undefined as any),
+      () => hooks.event!(undefined as any),
+      () => hooks.event!({ event: { type: "file.edited" } } as any),
+      () => hooks.event!({ event: { type: "message.updated", properties: {} } } as any),
+      () =>
+        hooks.event!({
+          event: { type: "message.updated", properties: { info: { role: "assistant", time: null } } },
+        } as any),
+    ]
+    for (const call of calls) await call() // resolves; a throw would fail the test
+    const errors = lines.filter((line) => line.startsWith("error"))
+    expect(errors.length).toBeGreaterThanOrEqual(2)
+    for (const line of errors) expect(line).toContain(`${ERROR_PREFIX}`)
+  })
+
+  test("a logger that throws does not escape either", async () => {
+    const throwing: Logger = () => {
+      throw new Error("logger down")
+    }
+    const made = createHooks(WORKTREE, {
+      url: `ws://127.0.0.1:${await freePort()}`,
+      deadlineMs: 50,
+      maxQueue: 1,
+      log: throwing,
+    })
+    cleanups.push(() => made.hooks.dispose?.())
+    await made.hooks["chat.message"]!({ sessionID: "s" }, {} as any)
+    await made.hooks.event!(fileEdited("/x"))
+    await made.hooks.event!(fileEdited("/y"))
+    await made.hooks.dispose!()
+    await made.hooks.dispose!()
+  })
+})
