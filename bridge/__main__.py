@@ -54,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     # Third-party chatter (and one line per WebSocket opened or closed) only when debugging.
-    for noisy in ("graphiti_core", "httpx", "openai", "neo4j", "bridge.websockets"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    if config.log_level != "debug":
+        for noisy in ("graphiti_core", "httpx", "openai", "neo4j", "bridge.websockets"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     from bridge import app
 
     try:

@@ -45,6 +45,12 @@ Emit = Callable[[Reply], Awaitable[None]]
 _FlightKey = tuple[str, str, bytes | None, int]
 
 
+def _happened(message: FileWrite | ErrorEvent | Completion) -> float:
+    """When the event happened: the client's ``at``, never later than now."""
+    now = time.time()
+    return now if message.at is None else min(message.at, now)
+
+
 class Session:
     """What the handlers keep per connection: the default project and write ordering.
 
@@ -248,6 +254,7 @@ class Handlers:
             source_description="OpenCode file write",
             metadata={"type": "file_edit", "path": message.path},
             episode_id=self._episode_id(project, message),
+            reference_time=_happened(message),
         )
         queued = await self._store(episode, "file_edit")
         # Again after the store: a miss that read memory between the two would otherwise
@@ -290,6 +297,7 @@ class Handlers:
             source_description="OpenCode error",
             metadata={"type": "error", "severity": "high"},
             episode_id=self._episode_id(project, message),
+            reference_time=_happened(message),
         )
         queued = await self._store(episode, "error")
         return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
@@ -303,6 +311,7 @@ class Handlers:
             source_description="OpenCode task completion",
             metadata={"type": "success", "duration": message.duration_ms, "tokens": message.tokens},
             episode_id=self._episode_id(project, message),
+            reference_time=_happened(message),
         )
         queued = await self._store(episode, "success")
         if message.tokens:

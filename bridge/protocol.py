@@ -54,9 +54,11 @@ class ChatStart(ClientMessage, tag="chat:start", frozen=True):
 
 class EpisodeMessage(ClientMessage, frozen=True, kw_only=True):
     """A message that becomes an episode. ``episode_id`` makes resending it harmless: the
-    same id in the same project is stored once, however often it arrives."""
+    same id in the same project is stored once, however often it arrives. ``at`` is when
+    the event happened (default: when it arrived; a time in the future counts as now)."""
 
     episode_id: Name | None = None
+    at: NonNegativeFloat | None = None  # when it happened (seconds since the epoch, UTC)
 
 
 class FileWrite(EpisodeMessage, tag="file:write", frozen=True):

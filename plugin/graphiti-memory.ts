@@ -275,7 +275,10 @@ export class BridgeClient {
       }
       return
     }
-    this.queue.push({ message, refusals: 0 })
+    // Stamped now: a replay after a reconnect keeps the event's own time, and its id makes
+    // a resend of an event whose ack was lost harmless (the bridge stores an id once).
+    const stamped = { at: Date.now() / 1000, episode_id: crypto.randomUUID(), ...message }
+    this.queue.push({ message: stamped, refusals: 0 })
     this.pump()
   }
 

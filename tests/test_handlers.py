@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -186,3 +187,20 @@ async def test_a_failing_store_is_an_error_ack_not_an_exception(
     assert isinstance(reply, Ack)
     assert not reply.ok
     assert reply.error is not None and reply.error.code == "memory_unavailable"
+
+
+async def test_a_named_episode_is_stored_once_at_the_time_it_happened(handlers: Handlers) -> None:
+    first = await run(handlers, ErrorEvent(id=1, message="m", episode_id="e-1", at=1_000_000.0))
+    again = await run(handlers, ErrorEvent(id=2, message="m", episode_id="e-1", at=1_000_000.0))
+    future = await run(handlers, ErrorEvent(id=3, message="later", at=9e12))
+    assert isinstance(first, Ack) and isinstance(again, Ack) and isinstance(future, Ack)
+    assert first.episode == again.episode
+    chunks: list[Reply] = []
+
+    async def collect(reply: Reply) -> None:
+        chunks.append(reply)
+
+    assert await handlers.begin(Export(id=9), Session("proj"), collect) == ExportEnd(id=9, count=2)
+    stored = {e.uuid: e for c in chunks if isinstance(c, ExportChunk) for e in c.episodes}
+    assert first.episode is not None and stored[first.episode].reference_time == 1_000_000.0
+    assert future.episode is not None and stored[future.episode].reference_time <= time.time()
