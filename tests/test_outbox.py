@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from bridge.app import App
 from bridge.embedded import EmbeddedValkey
@@ -173,3 +174,41 @@ async def test_a_late_delivery_drops_contexts_cached_without_it(
             assert "Modified: src/late.py" in after["inject"]
     finally:
         await app.stop()
+
+
+async def test_sigkill_under_load_loses_no_acknowledged_episode(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    """Four connections store episodes as fast as they are acknowledged; the bridge is
+    killed with SIGKILL in the middle; the next bridge on the same data has every one."""
+    args = ["--data-dir", str(tmp_path / "data"), "--project", "p"]
+    env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
+    acked: list[str] = []
+    enough = asyncio.Event()
+
+    async def writer(url: str, n: int) -> None:
+        try:
+            async with connect(url) as ws:
+                for i in range(100_000):  # bounded; the kill ends it much sooner
+                    message = {"type": "file:write", "id": i, "path": f"w{n}/f{i}.py"}
+                    ack = await ask(ws, message)
+                    assert ack["ok"], ack
+                    acked.append(ack["episode"])
+                    if len(acked) >= 300:
+                        enough.set()
+        except (ConnectionClosed, OSError):
+            return
+
+    async with bridge_process(*args, env=env) as bridge:
+        writers = [asyncio.create_task(writer(bridge.url, n)) for n in range(4)]
+        await asyncio.wait_for(enough.wait(), 60)
+        bridge.process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(bridge.process.wait(), 10)
+        await asyncio.wait_for(asyncio.gather(*writers), 10)
+    async with bridge_process(*args, env=env) as bridge, connect(bridge.url) as ws:
+        await ws.send(msgspec.msgpack.encode({"type": "export", "id": "x", "chunk_size": 1000}))
+        uuids: list[str] = []
+        while (reply := msgspec.msgpack.decode(await ws.recv()))["type"] != "export:end":
+            uuids.extend(e["uuid"] for e in reply["episodes"])
+    assert set(acked) <= set(uuids), f"{len(set(acked) - set(uuids))} acknowledged episodes lost"
+    assert len(uuids) == len(set(uuids))
