@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from bridge.cache import ContextCache
 from bridge.config import Config, ConfigError
+from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.handlers import Handlers
 from bridge.memory.base import MemoryBackend
@@ -26,7 +27,7 @@ from bridge.memory.jsonl import export_jsonl, import_jsonl
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.outbox import Delivery, Outbox
+from bridge.outbox import Delivery
 from bridge.server import Server
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ class App:
             self._memory, self.falkor = await open_memory(config)
         await self._memory.start()
         self.delivery = Delivery(
-            self.memory, Outbox(config.outbox_path), store_timeout=config.store_timeout_ms / 1000
+            self.memory,
+            EpisodeQueue(config.outbox_path),
+            store_timeout=config.store_timeout_ms / 1000,
         )
         self.handlers = Handlers(
             self.memory,

@@ -14,11 +14,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from bridge.app import App
+from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory.sqlite import SqliteMemory
-from bridge.outbox import Delivery, Outbox
+from bridge.outbox import Delivery
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_cli import ask, bridge_process
 
@@ -62,7 +63,7 @@ def episode(i: int) -> Episode:
 async def test_a_down_backend_queues_acks_and_delivers_in_order_once_up(
     memory: SwitchableMemory, tmp_path: Path
 ) -> None:
-    delivery = Delivery(memory, Outbox(tmp_path / "outbox.sqlite3"), store_timeout=1.0)
+    delivery = Delivery(memory, EpisodeQueue(tmp_path / "outbox.sqlite3"), store_timeout=1.0)
     await delivery.start()
     try:
         assert await delivery.store(episode(0)) is False  # straight into memory
@@ -81,7 +82,7 @@ async def test_a_down_backend_queues_acks_and_delivers_in_order_once_up(
 async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
     memory: SwitchableMemory, tmp_path: Path
 ) -> None:
-    delivery = Delivery(memory, Outbox(tmp_path / "outbox.sqlite3"), store_timeout=0.05)
+    delivery = Delivery(memory, EpisodeQueue(tmp_path / "outbox.sqlite3"), store_timeout=0.05)
     await delivery.start()
     try:
         memory.stall = 0.2
@@ -98,14 +99,14 @@ async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
 
 async def test_the_outbox_survives_a_restart(memory: SwitchableMemory, tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
-    first = Delivery(memory, Outbox(path), store_timeout=1.0)
+    first = Delivery(memory, EpisodeQueue(path), store_timeout=1.0)
     await first.start()
     memory.down = True
     for i in range(3):
         assert await first.store(episode(i))
     await first.close()  # stops with everything still queued
     memory.down = False
-    second = Delivery(memory, Outbox(path), store_timeout=1.0)
+    second = Delivery(memory, EpisodeQueue(path), store_timeout=1.0)
     await second.start()
     try:
         assert await second.flush(10.0)

@@ -12,7 +12,7 @@ Two modes:
   (BM25) search, the one search method that needs neither an embedder nor a cross-encoder.
   Graphiti gets clients that refuse every call, so nothing can leave the machine.
 - With an OpenAI-compatible LLM and embedder (OpenAI, Ollama, vLLM, ...), ``store`` appends
-  the episode to a SQLite queue under ``state_dir`` (committed with fsync), saves the node
+  the episode to a durable queue under ``state_dir`` (``bridge.durable``), saves the node
   so it is recalled at once, and returns. A worker per group runs Graphiti's full
   ``add_episode`` (entity and fact extraction) on queued episodes in order and removes each
   when done; what is still queued when the process stops is ingested on the next start.
@@ -25,21 +25,20 @@ Graphiti accepts only ``[A-Za-z0-9_-]`` in a group id: see ``graph_group``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime as dt
 import logging
 import os
 import re
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.memory.base import Recall
@@ -86,13 +85,9 @@ NO_LLM = "graphiti memory runs without an LLM: this call is not allowed"
 EXPORT = f"""MATCH (e:Episodic) WHERE e.group_id = $group_id
 AND ($after IS NULL OR e.valid_at > $after OR (e.valid_at = $after AND e.uuid > $uuid))
 RETURN {EPISODIC_NODE_RETURN} ORDER BY e.valid_at, e.uuid LIMIT $limit"""
-QUEUE_SCHEMA = """CREATE TABLE IF NOT EXISTS pending (
-    seq INTEGER PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, episode BLOB NOT NULL)"""
 
 _encode = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
-_decode_episode = msgspec.json.Decoder(Episode).decode
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -254,15 +249,13 @@ class GraphitiMemory:
         queue_size: int = 1000,
     ) -> None:
         self.graph_url = graph_url
-        self.queue_path = state_dir / "graphiti-queue.sqlite3"
+        self.queue = EpisodeQueue(state_dir / "graphiti-queue.sqlite3")
         self.llm = llm
         self.queue_size = queue_size  # per group
         self._driver: GraphDriver | None = None
         self._clients: dict[str, Any] = {}
         self._graphs: dict[str, Graphiti] = {}
         self._graphs_lock = asyncio.Lock()
-        self._io = concurrent.futures.ThreadPoolExecutor(1, "graphiti-queue")
-        self._db: sqlite3.Connection | None = None
         self._lanes: dict[str, asyncio.Queue[Episode]] = {}
         self._queued: dict[str, str] = {}  # uuid -> group of every episode not yet ingested
         self._workers: list[asyncio.Task[None]] = []
@@ -274,11 +267,14 @@ class GraphitiMemory:
             self._clients = _clients(self.llm)
             self._driver = graph_driver(self.graph_url)
             await _indexed(self._driver)
-            pending = await self._queue(self._open_queue)
+            pending: list[Episode] = []
+            if self.llm is not None or self.queue.path.exists():
+                await self.queue.open()
+                pending = await self.queue.head()
             if self.llm is None:  # queued by a run with an LLM: kept, without extraction
                 for episode in pending:
                     await self._save(_node(episode))
-                    await self._queue(self._forget, episode.uuid)
+                    await self.queue.remove(episode.uuid)
         except Exception as e:
             await self._disconnect()
             raise MemoryUnavailable(f"graphiti memory cannot start: {e}") from e
@@ -306,9 +302,8 @@ class GraphitiMemory:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            await self._queue(self._close_queue)
-        self._io.shutdown()
+        with contextlib.suppress(MemoryUnavailable):
+            await self.queue.close()
         for graph in self._graphs.values():  # index builds graphiti started on group drivers
             task = getattr(graph.driver, "_init_task", None)
             if graph.driver is not self._driver and task is not None and not task.done():
@@ -342,11 +337,9 @@ class GraphitiMemory:
                 if await self._exists(node):
                     self._queued.pop(episode.uuid, None)
                     return
-            await self._queue(self._remember, episode)
-        except BaseException as e:
+            await self.queue.append(episode)
+        except BaseException:
             self._queued.pop(episode.uuid, None)
-            if isinstance(e, sqlite3.Error | RuntimeError):
-                raise MemoryUnavailable(f"cannot queue episode {episode.uuid}: {e}") from e
             raise
         try:
             await self._save(node)  # recallable at once; the worker retries if this fails
@@ -439,8 +432,8 @@ class GraphitiMemory:
             episode = await lane.get()
             await self._ingest(_node(episode))
             try:
-                await self._queue(self._forget, episode.uuid)
-            except (sqlite3.Error, RuntimeError) as e:  # it will be ingested again: harmless
+                await self.queue.remove(episode.uuid)
+            except MemoryUnavailable as e:  # it will be ingested again: harmless
                 log.warning("cannot dequeue episode %s: %s", episode.uuid, e)
             self._queued.pop(episode.uuid, None)
 
@@ -471,34 +464,3 @@ class GraphitiMemory:
                     return
                 log.warning("episode %s: try %d failed: %s", node.uuid, attempt, e)
                 await asyncio.sleep(min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (attempt - 1)))
-
-    async def _queue(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a queue operation on the queue's own thread (one SQLite connection)."""
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
-
-    def _open_queue(self) -> list[Episode]:
-        if self.llm is None and not self.queue_path.exists():
-            return []
-        self.queue_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.queue_path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute(QUEUE_SCHEMA)
-        rows = self._db.execute("SELECT episode FROM pending ORDER BY seq").fetchall()
-        return [_decode_episode(row[0]) for row in rows]
-
-    def _remember(self, episode: Episode) -> None:
-        assert self._db is not None
-        self._db.execute(
-            "INSERT INTO pending (uuid, episode) VALUES (?, ?) ON CONFLICT (uuid) DO NOTHING",
-            (episode.uuid, _encode(episode)),
-        )
-
-    def _forget(self, uuid: str) -> None:
-        if self._db is not None:
-            self._db.execute("DELETE FROM pending WHERE uuid = ?", (uuid,))
-
-    def _close_queue(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
