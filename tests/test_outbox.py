@@ -213,3 +213,22 @@ async def test_sigkill_under_load_loses_no_acknowledged_episode(
             uuids.extend(e["uuid"] for e in reply["episodes"])
     assert set(acked) <= set(uuids), f"{len(set(acked) - set(uuids))} acknowledged episodes lost"
     assert len(uuids) == len(set(uuids))
+
+
+async def test_the_queue_keeps_order_and_one_copy_of_each_episode(tmp_path: Path) -> None:
+    queue = EpisodeQueue(tmp_path / "q.sqlite3")
+    await queue.open()
+    episodes = [episode(i) for i in range(5)]
+    for e in [*episodes, episodes[1], episodes[3]]:
+        await queue.append(e)
+    assert queue.pending == 5
+    assert [e.uuid for e in await queue.head(3)] == [e.uuid for e in episodes[:3]]
+    await queue.remove(episodes[0].uuid)
+    await queue.close()
+    reopened = EpisodeQueue(tmp_path / "q.sqlite3")
+    await reopened.open()
+    try:
+        assert reopened.pending == 4
+        assert [e.uuid for e in await reopened.head()] == [e.uuid for e in episodes[1:]]
+    finally:
+        await reopened.close()
