@@ -378,22 +378,6 @@ async def running_bridge(config: Config, memory: MemoryBackend | None = None) ->
         yield app
     finally:
         await app.stop()
-        retire_statsd(app)
-
-
-def retire_statsd(app: App) -> None:
-    """Stop the flush thread of a stopped bridge's DogStatsd client.
-
-    ``Metrics.close`` flushes but leaves the client's flush thread running, and the
-    datadog package joins every live client's flush thread before any fork (its
-    ``os.register_at_fork`` hook, which uvloop's subprocess spawn runs): each bridge a
-    process has ever started would add up to 200 ms to every later subprocess spawn. A
-    deployed bridge starts one App per process, so the suite retires each one's client to
-    measure every section as a single bridge would run.
-    """
-    statsd = getattr(app.metrics, "_statsd", None)
-    if statsd is not None:
-        statsd.stop(timeout=1.0)
 
 
 def bridge_url(app: App, project: str = PROJECT) -> str:

@@ -92,6 +92,7 @@ class App:
         """Start every part; the server listens once everything behind it is ready."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics.start()
         valkey_url = config.valkey_url
         if valkey_url is None:
             self.valkey = EmbeddedValkey()
@@ -165,7 +166,7 @@ class App:
             await self.cache.close()
         if self.valkey is not None:
             await self.valkey.close()
-        self.metrics.close()
+        await self.metrics.close()
 
 
 async def export_project(config: Config, project: str, out: BinaryIO) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -81,6 +82,11 @@ class Lookup(msgspec.Struct, frozen=True):
     hit: bool
     inject: str | None
     epoch: bytes
+
+
+@functools.lru_cache(maxsize=4096)  # hits repeat queries verbatim: skip NFKC and SHA-256
+def _context_digest(project: str, query: str) -> str:
+    return hashlib.sha256(f"{project}\0{normalise_query(query)}".encode()).hexdigest()
 
 
 def normalise_query(query: str) -> str:
@@ -205,8 +211,7 @@ class ContextCache:
 
     def context_key(self, project: str, query: str) -> str:
         """Full-length hash of project and normalised query: no prefix collisions."""
-        digest = hashlib.sha256(f"{project}\0{normalise_query(query)}".encode()).hexdigest()
-        return f"{self._prefix}ctx:{digest}"
+        return f"{self._prefix}ctx:{_context_digest(project, query)}"
 
     def tag_key(self, project: str, path: str) -> str:
         """The set of context keys that mention ``path`` (already normalised)."""

@@ -109,6 +109,7 @@ class Handlers:
         self.miss_budget = miss_budget
         self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
         self._stored = 0  # episodes this process stored (or queued), for flight keys
+        self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def answer_now(self, message: Message, session: Session) -> Reply | None:
         """The reply to a chat:start the in-process cache can answer at once, else None.
@@ -123,9 +124,8 @@ class Handlers:
         lookup = self.cache.lookup_local(project, message.query)
         if lookup is None:
             return None
-        self.metrics.cache_hit(project)
         elapsed = time.perf_counter_ns() - started
-        self.metrics.request_duration("chat:start", elapsed / 1e9)
+        self.metrics.cache_hit(project, elapsed / 1e9)
         return Context(id=message.id, hit=True, inject=lookup.inject, elapsed_us=elapsed // 1000)
 
     def begin(self, message: Message, session: Session, emit: Emit) -> Coroutine[Any, Any, Reply]:
@@ -178,6 +178,8 @@ class Handlers:
         if gates:
             await asyncio.wait(gates)
         project = session.project_of(message)
+        if fill := self._fills.get((project, normalise_query(message.query))):
+            await asyncio.wait([fill])  # the answer to the same question is being cached
         try:
             lookup = await self.cache.lookup(project, message.query)
         except CacheUnavailable:
@@ -224,18 +226,28 @@ class Handlers:
     async def _recall_and_fill(self, project: str, query: str, epoch: bytes | None) -> str | None:
         recall = await self.memory.recall(project, query, self.recall_limit)
         inject = format_context(recall)
-        if epoch is not None:
+        if epoch is not None:  # the answer need not wait for the cache to take it
             tags = paths_in(query) | paths_in(inject or "")
             tags.update(normalise_path(p) for p in context_paths(recall))
             tags.discard("")
-            with contextlib.suppress(CacheUnavailable):  # counted by the cache
-                await self.cache.put(project, query, inject, tags, epoch)
+            key = (project, normalise_query(query))
+            fill = asyncio.create_task(self._fill(project, query, inject, tags, epoch))
+            self._fills[key] = fill
+            fill.add_done_callback(lambda _: self._fills.pop(key, None))
         return inject
 
+    async def _fill(
+        self, project: str, query: str, inject: str | None, tags: set[str], epoch: bytes
+    ) -> None:
+        with contextlib.suppress(CacheUnavailable):  # counted by the cache
+            await self.cache.put(project, query, inject, tags, epoch)
+
     async def drain(self) -> None:
-        """Wait for background memory queries (those past their budget) to finish."""
+        """Wait for background work: memory queries past their budget, cache fills."""
         if self._flights:
             await asyncio.wait(list(self._flights.values()))
+        if self._fills:
+            await asyncio.wait(list(self._fills.values()))
 
     # -- episodes -------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ async def handlers(
     metrics = Metrics("127.0.0.1", statsd.port, buffered=False)
     yield Handlers(memory, cache, metrics, miss_budget=0.2)
     await cache.close()
-    metrics.close()
+    await metrics.close()
 
 
 async def run(handlers: Handlers, message: Message, session: Session | None = None) -> Reply:

@@ -184,7 +184,7 @@ async def test_events_are_stored_and_recalled_into_the_context_without_an_llm(
         ]
     finally:
         await cache.close()
-        metrics.close()
+        await metrics.close()
     assert standin.requests == []
 
 
@@ -224,7 +224,7 @@ async def test_projects_do_not_see_each_others_episodes(
         assert await chat(handlers, "why is the disk full", "gamma") is None
     finally:
         await cache.close()
-        metrics.close()
+        await metrics.close()
 
 
 async def test_store_is_idempotent_and_keeps_description_and_metadata_verbatim(
@@ -297,7 +297,7 @@ async def test_llm_mode_extracts_facts_and_recalls_them_in_the_context(
         inject = await chat(handlers, "what do we know about TypeError and ParserCore.ts?")
     finally:
         await cache.close()
-        metrics.close()
+        await metrics.close()
     assert inject is not None
     assert f"- {fact('TypeError', 'ParserCore.ts')}\n" in inject
     assert "- Error: TypeError raised in ParserCore.ts (" in inject

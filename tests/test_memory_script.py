@@ -147,7 +147,7 @@ async def test_events_through_the_handlers_reach_the_script_and_the_context(
         context = await run(ChatStart(id=4, query="what happened to the parser?"))
     finally:
         await cache.close()
-        metrics.close()
+        await metrics.close()
     assert isinstance(context, Context) and context.inject is not None
     lines = context.inject.splitlines()
     assert lines[:2] == ["[Memory Context]", "- the script was asked"]
