@@ -117,7 +117,7 @@ class Handlers:
         This is the hit path: no I/O, no task. It is taken only when no file:write of the
         connection is still invalidating, so read-your-writes holds.
         """
-        if type(message) is not ChatStart or session.has_open_gates():
+        if not isinstance(message, ChatStart) or session.has_open_gates():
             return None
         started = time.perf_counter_ns()
         project = message.project or session.project
@@ -233,8 +233,12 @@ class Handlers:
             key = (project, normalise_query(query))
             fill = asyncio.create_task(self._fill(project, query, inject, tags, epoch))
             self._fills[key] = fill
-            fill.add_done_callback(lambda _: self._fills.pop(key, None))
+            fill.add_done_callback(lambda done: self._fill_done(key, done))
         return inject
+
+    def _fill_done(self, key: tuple[str, str], fill: asyncio.Task[None]) -> None:
+        if self._fills.get(key) is fill:
+            del self._fills[key]
 
     async def _fill(
         self, project: str, query: str, inject: str | None, tags: set[str], epoch: bytes
