@@ -48,6 +48,7 @@ class Delivery:
         self._backoff = backoff or ExponentialWithJitterBackoff(cap=10.0, base=0.1)
         self._worker: asyncio.Task[None] | None = None
         self.on_delivered: Callable[[Episode], Awaitable[None]] | None = None
+        self._closing = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -78,24 +79,30 @@ class Delivery:
     async def _deliver(self) -> None:
         failures = 0
         try:
-            while batch := await self.outbox.head(64):
+            while not self._closing.is_set() and (batch := await self.outbox.head(64)):
                 for episode in batch:
-                    while True:
-                        try:
-                            await asyncio.wait_for(self.memory.store(episode), self.store_timeout)
-                            break
-                        except (BridgeError, TimeoutError) as e:
-                            failures += 1
-                            delay = self._backoff.compute(failures)
-                            log.debug("outbox delivery failed (%s); retry in %.2f s", e, delay)
-                            await asyncio.sleep(delay)
+                    while not await self._deliver_one(episode):
+                        if self._closing.is_set():
+                            return
+                        failures += 1
+                        await asyncio.sleep(self._backoff.compute(failures))
                     failures = 0
                     await self.outbox.remove(episode.uuid)
                     if self.on_delivered is not None:
                         await self.on_delivered(episode)
-            log.info("outbox delivered; memory has every acknowledged episode")
+            if not self._closing.is_set():
+                log.info("outbox delivered; memory has every acknowledged episode")
         finally:
             self._idle.set()
+
+    async def _deliver_one(self, episode: Episode) -> bool:
+        """One attempt to store an outbox episode in memory."""
+        try:
+            await asyncio.wait_for(self.memory.store(episode), self.store_timeout)
+        except (BridgeError, TimeoutError) as e:
+            log.debug("outbox delivery of %s failed: %s", episode.uuid, e)
+            return False
+        return True
 
     async def flush(self, deadline: float) -> bool:
         """Wait up to ``deadline`` s for the outbox to drain; True if it did."""
@@ -105,8 +112,10 @@ class Delivery:
 
     async def close(self) -> None:
         """Stop delivering (what is left stays on disk for the next start) and close."""
-        if self._worker is not None:
+        self._closing.set()
+        if self._worker is not None and not self._worker.done():
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+            # Bounded: a cancellation lost inside wait_for (Python 3.11) still ends the
+            # worker at its next check of _closing.
+            await asyncio.wait([self._worker], timeout=self.store_timeout + 5.0)
         await self.outbox.close()

@@ -72,7 +72,7 @@ async def test_a_down_backend_queues_acks_and_delivers_in_order_once_up(
         memory.down = False
         # Still queued behind the outbox, to keep the order:
         assert await delivery.store(episode(6)) is True
-        assert await delivery.flush(10.0)
+        assert await delivery.flush(60.0)
     finally:
         await delivery.close()
     stored = await exported(memory)
@@ -89,7 +89,7 @@ async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
         slow = episode(1)
         assert await delivery.store(slow) is True
         memory.stall = 0.0
-        assert await delivery.flush(10.0)
+        assert await delivery.flush(60.0)
         await asyncio.gather(*memory.landings)  # the timed-out store landed as well
         assert len(memory.landings) == 2
     finally:
@@ -109,7 +109,7 @@ async def test_the_outbox_survives_a_restart(memory: SwitchableMemory, tmp_path:
     second = Delivery(memory, EpisodeQueue(path), store_timeout=1.0)
     await second.start()
     try:
-        assert await second.flush(10.0)
+        assert await second.flush(60.0)
     finally:
         await second.close()
     assert [e.metadata["i"] for e in await exported(memory)] == [0, 1, 2]
