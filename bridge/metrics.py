@@ -111,9 +111,7 @@ class Metrics:
         self._distribution(event_type, seconds)
 
     def _distribution(self, event_type: str, seconds: float) -> None:
-        self._statsd.distribution(
-            REQUEST_DURATION, seconds * 1000.0, tags=[f"event:{event_type}"]
-        )
+        self._statsd.distribution(REQUEST_DURATION, seconds * 1000.0, tags=[f"event:{event_type}"])
 
     def connections(self, count: int) -> None:
         """Open WebSocket connections right now."""
