@@ -6,8 +6,10 @@ import posixpath
 import re
 from typing import Final
 
-# A path-like token: has a slash, or ends in a short extension (``a.py``, ``src/x``).
-_PATH: Final = re.compile(r"(?:[\w.\-~]+/)+[\w.\-]+|[\w\-][\w.\-]*\.[A-Za-z][\w]{0,9}\b")
+# Path-like tokens: runs of path characters that hold a slash, or end in a short extension
+# (``a.py``, ``src/x``). Tokens first, then a cheap test, so long texts scan in one pass.
+_TOKEN: Final = re.compile(r"[\w.\-~/\\]+")
+_EXTENSION: Final = re.compile(r"[\w\-]\.[A-Za-z]\w{0,9}$")
 MAX_COMPONENTS: Final = 16
 
 
@@ -22,7 +24,14 @@ def normalise_path(path: str) -> str:
 
 def paths_in(text: str) -> set[str]:
     """The normalised file paths a text mentions."""
-    return {p for p in (normalise_path(m) for m in _PATH.findall(text)) if p}
+    found = set()
+    for token in _TOKEN.findall(text):
+        token = token.rstrip(".")  # the full stop after a path ending a sentence
+        if "/" in token or "\\" in token or _EXTENSION.search(token):
+            path = normalise_path(token)
+            if path:
+                found.add(path)
+    return found
 
 
 def path_suffixes(path: str) -> list[str]:
