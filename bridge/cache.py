@@ -135,10 +135,12 @@ class ContextCache:
         prefix: str = "gb:",
         ttl: int = 300,
         outage_backoff: AbstractBackoff | None = None,
+        timeout: float = 0.5,
         on_unavailable: Callable[[], None] = lambda: None,
         local: LocalContexts | None = None,
     ) -> None:
         self._client = client
+        self.timeout = timeout
         self._prefix = prefix
         self.ttl = ttl
         self._put = client.register_script(_PUT)
@@ -170,19 +172,20 @@ class ContextCache:
         """A cache on a new client for ``url`` (redis://, rediss:// or unix://).
 
         The client retries once on a broken connection (a pooled socket that died with a
-        restarted server) and never waits longer than ``timeout`` on a socket operation.
+        restarted server); an operation that takes longer than ``timeout`` fails (one
+        deadline per operation, not one per socket read: that costs a task per command).
         ``local_entries`` bounds the in-process copy of contexts (0 turns it off).
         """
         client = redis.Redis.from_url(
             url,
-            socket_timeout=timeout,
+            socket_timeout=None,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
         )
         if local_entries:
             kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", 300))
-        return cls(client, **kwargs)
+        return cls(client, timeout=timeout, **kwargs)
 
     async def start(self, wait: float = 1.0) -> None:
         """Start following Valkey's invalidations; wait up to ``wait`` s for the stream."""
@@ -194,8 +197,9 @@ class ContextCache:
     async def ping(self) -> bool:
         """True if Valkey answers right now."""
         try:
-            return bool(await self._client.ping())
-        except (RedisError, OSError):
+            async with asyncio.timeout(self.timeout):
+                return bool(await self._client.ping())
+        except (RedisError, OSError):  # OSError includes TimeoutError
             return False
 
     async def close(self) -> None:
@@ -318,8 +322,10 @@ class ContextCache:
             raise CacheUnavailable("Valkey is unreachable; retrying on a backoff schedule")
         try:
             if self._pending or self._pending_overflow:
-                await self._replay_pending()
-            result = await operation()
+                async with asyncio.timeout(self.timeout * 10):
+                    await self._replay_pending()
+            async with asyncio.timeout(self.timeout):
+                result = await operation()
         except _TRANSIENT as e:
             self._on_unavailable()
             if self.outage.failed(time.monotonic()):

@@ -25,12 +25,15 @@ def normalise_path(path: str) -> str:
 def paths_in(text: str) -> set[str]:
     """The normalised file paths a text mentions."""
     found = set()
-    for token in _TOKEN.findall(text):
-        token = token.rstrip(".")  # the full stop after a path ending a sentence
-        if "/" in token or "\\" in token or _EXTENSION.search(token):
-            path = normalise_path(token)
-            if path:
-                found.add(path)
+    for word in text.split():
+        if "." not in word and "/" not in word and "\\" not in word:
+            continue  # most words: no path can hide in them
+        for token in _TOKEN.findall(word):
+            token = token.rstrip(".")  # the full stop after a path ending a sentence
+            if "/" in token or "\\" in token or _EXTENSION.search(token):
+                path = normalise_path(token)
+                if path:
+                    found.add(path)
     return found
 
 
