@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Reply], Awaitable[None]]
 _FlightKey = tuple[str, str, bytes | None, int]
+MAX_MENTIONS = 16  # paths in one error or task whose cached contexts are dropped
 
 
 def _happened(message: FileWrite | ErrorEvent | Completion) -> float:
@@ -291,9 +292,12 @@ class Handlers:
 
     async def episode_delivered(self, episode: Episode) -> None:
         """An outbox episode reached memory late: contexts cached meanwhile lack it."""
-        path = episode.metadata.get("path")
-        if episode.metadata.get("type") == "file_edit" and isinstance(path, str):
-            await self._invalidate(episode.group_id, path)
+        await self._invalidate_mentions(episode.group_id, episode.body)
+
+    async def _invalidate_mentions(self, project: str, text: str) -> None:
+        """Drop contexts naming a file the text names: the new episode belongs in them."""
+        for path in sorted(paths_in(text))[:MAX_MENTIONS]:
+            await self._invalidate(project, path)
 
     @staticmethod
     def _episode_id(project: str, message: FileWrite | ErrorEvent | Completion) -> str | None:
@@ -316,6 +320,7 @@ class Handlers:
             reference_time=_happened(message),
         )
         queued = await self._store(episode, "error")
+        await self._invalidate_mentions(project, message.message)
         return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
 
     async def _completion(self, message: Completion, session: Session) -> Ack:
@@ -330,6 +335,7 @@ class Handlers:
             reference_time=_happened(message),
         )
         queued = await self._store(episode, "success")
+        await self._invalidate_mentions(project, message.task)
         if message.tokens:
             self.metrics.tokens_used(message.tokens, project)
         return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)

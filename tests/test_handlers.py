@@ -204,3 +204,15 @@ async def test_a_named_episode_is_stored_once_at_the_time_it_happened(handlers: 
     stored = {e.uuid: e for c in chunks if isinstance(c, ExportChunk) for e in c.episodes}
     assert first.episode is not None and stored[first.episode].reference_time == 1_000_000.0
     assert future.episode is not None and stored[future.episode].reference_time <= time.time()
+
+
+async def test_an_error_naming_a_file_drops_contexts_about_it(handlers: Handlers) -> None:
+    """Not only writes: any new episode that names a file belongs in contexts about it."""
+    assert (await chat(handlers, "what is wrong with src/parser.ts")).inject is None
+    assert (await chat(handlers, "what is wrong with src/parser.ts")).hit
+    assert (await chat(handlers, "and lib/other.ts")).inject is None
+    await run(handlers, ErrorEvent(id=1, message="SyntaxError in src/parser.ts line 3"))
+    after = await chat(handlers, "what is wrong with src/parser.ts")
+    assert not after.hit
+    assert after.inject is not None and "SyntaxError in src/parser.ts" in after.inject
+    assert (await chat(handlers, "and lib/other.ts")).hit
