@@ -104,7 +104,7 @@ Message = ChatStart | FileWrite | ErrorEvent | Completion | Query | Export | Pin
 # -- server -> client -------------------------------------------------------------------
 
 
-class Reply(msgspec.Struct, tag_field="type", kw_only=True):
+class Reply(msgspec.Struct, tag_field="type"):
     """Fields every reply carries: the ``id`` of the message it answers (or null)."""
 
     id: int | str | None
