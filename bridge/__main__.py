@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.log_level != "debug":
         for noisy in ("graphiti_core", "httpx", "openai", "neo4j", "bridge.websockets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Without a Datadog agent every flush is refused (ICMP): the metrics just go nowhere.
+        logging.getLogger("datadog.dogstatsd").setLevel(logging.ERROR)
     from bridge import app
 
     try:
