@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 from bridge.cache import ContextCache
-from bridge.config import Config, ConfigError
+from bridge.config import Config, ConfigError, redact_url
 from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.handlers import Handlers
@@ -203,10 +203,10 @@ async def serve(config: Config) -> None:
     try:
         await app.start()
         assert app.server is not None
-        valkey = config.valkey_url or "embedded valkey-server (private unix socket)"
+        valkey = redact_url(config.valkey_url) if config.valkey_url else "a private valkey-server"
         print(
             f"graphiti-bridge listening on ws://{config.host}:{app.server.port} "
-            f"(valkey: {valkey}; memory: {config.memory_path})",
+            f"(cache: {valkey}; memory: {config.describe_memory()})",
             flush=True,
         )
         await stopping.wait()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 
@@ -74,6 +75,15 @@ class Config:
     def memory_path(self) -> Path:
         """The embedded memory store's database file."""
         return self.data_dir / "memory.sqlite3"
+
+    def describe_memory(self) -> str:
+        """Which memory backend, and where, without secrets (for the start-up line)."""
+        if self.memory == "sqlite":
+            return f"sqlite at {self.memory_path}"
+        if self.memory == "script":
+            return f"script {self.memory_script}"
+        graph = redact_url(self.graph_url) if self.graph_url else "a private FalkorDB"
+        return f"graphiti on {graph}, {'with' if self.uses_llm else 'without'} an LLM"
 
     @property
     def uses_llm(self) -> bool:
@@ -178,6 +188,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
         statsd_host=env.get("DD_AGENT_HOST", d.statsd_host),
         statsd_port=env.get("DD_DOGSTATSD_PORT", str(d.statsd_port)),
     )
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs: any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class ConfigError(Exception):

@@ -24,9 +24,12 @@ LISTENING = re.compile(rb"listening on (ws://[\d.]+:\d+)")
 class BridgeProcess:
     """A running ``python -m bridge serve``, the URL it printed, and its log so far."""
 
-    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, started_line: str) -> None:
         self.process = process
-        self.url = url
+        self.started_line = started_line
+        match = LISTENING.search(started_line.encode())
+        assert match, f"no listening line; got {started_line!r}"
+        self.url = match.group(1).decode()
         self.log: list[str] = []
 
     async def collect_log(self) -> None:
@@ -49,9 +52,7 @@ async def bridge_process(
     assert process.stdout is not None
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 30)
-        match = LISTENING.search(line)
-        assert match, f"no listening line; got {line!r}"
-        bridge = BridgeProcess(process, match.group(1).decode())
+        bridge = BridgeProcess(process, line.decode(errors="replace"))
         reader = asyncio.create_task(bridge.collect_log())
         try:
             yield bridge

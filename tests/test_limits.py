@@ -15,9 +15,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from bridge.app import App
-from bridge.config import ConfigError, parse_serve
+from bridge.config import ConfigError, parse_serve, redact_url
 from bridge.embedded import EmbeddedValkey
 from tests.conftest import SlowMemory, StatsdCollector, bridge_config, ws_url
+from tests.test_cli import bridge_process
 
 TOKEN = "s3cret-token-value"
 Start = Callable[..., Awaitable[App]]
@@ -179,3 +180,26 @@ async def test_readyz_reports_valkey_down_and_up_again(
     assert status == 503 and b"valkey: unreachable" in body
     await valkey.start()
     assert (await http_get(app, "/readyz"))[0] == 200
+
+
+def test_urls_are_logged_without_their_password() -> None:
+    assert redact_url("redis://:s3cret@h:6380/0") == "redis://:***@h:6380/0"
+    assert redact_url("bolt://neo4j:pw@db:7687") == "bolt://neo4j:***@db:7687"
+    assert redact_url("unix:///run/valkey.sock") == "unix:///run/valkey.sock"
+
+
+async def test_the_start_up_line_and_log_never_show_a_password(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    """A Valkey URL with a password (this Valkey wants none, so AUTH fails: logged)."""
+    url = valkey.url.replace("redis://", "redis://:topsecret-pw@")
+    args = ["--data-dir", str(tmp_path), "--valkey-url", url, "--log-level", "debug"]
+    async with bridge_process(*args, env={"DD_DOGSTATSD_PORT": str(statsd.port)}) as bridge:
+        async with connect(bridge.url) as ws:
+            reply = await ask(ws, {"type": "chat:start", "id": 1, "query": "anything"})
+            assert reply["type"] == "context"
+        started = bridge.started_line
+        log = "\n".join(bridge.log)
+    assert ":***@" in started
+    assert "topsecret-pw" not in started
+    assert "topsecret-pw" not in log
