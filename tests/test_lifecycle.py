@@ -4,7 +4,9 @@ closes connections with 1001 (going away), flushes metrics and stops its Valkey.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sqlite3
 import textwrap
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import StatsdCollector
-from tests.test_cli import bridge_process, children_of
+from tests.test_cli import ask, bridge_process, children_of
 
 SLOW_SCRIPT = textwrap.dedent(
     """
@@ -78,3 +80,31 @@ async def test_a_new_connection_during_shutdown_is_refused(
                     pass
             assert msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))["id"] == 1
         assert await asyncio.wait_for(bridge.process.wait(), 20) == 0
+
+
+async def test_sigterm_delivers_the_outbox_before_exiting(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    """Episodes queued while memory was locked are in memory, and the outbox is empty, by
+    the time the process exits on SIGTERM (not only at the next start)."""
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "--store-timeout-ms", "100", "--project", "p"]
+    async with bridge_process(*args, env={"DD_DOGSTATSD_PORT": str(statsd.port)}) as bridge:
+        async with connect(bridge.url) as ws:
+            await ask(ws, {"type": "ping", "id": 0})
+            lock = sqlite3.connect(data / "memory.sqlite3", isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+            try:
+                for i in range(1, 6):
+                    ack = await ask(ws, {"type": "error", "id": i, "message": f"queued {i}"})
+                    assert ack["queued"], ack
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+        bridge.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(bridge.process.wait(), 30) == 0
+    with contextlib.closing(sqlite3.connect(data / "memory.sqlite3")) as memory:
+        stored = memory.execute("SELECT count(*) FROM episodes WHERE body LIKE 'Error: queued %'")
+        assert stored.fetchone()[0] == 5
+    with contextlib.closing(sqlite3.connect(data / "outbox.sqlite3")) as outbox:
+        assert outbox.execute("SELECT count(*) FROM queue").fetchone()[0] == 0
