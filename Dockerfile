@@ -3,7 +3,7 @@
 # runs as a non-root user. Configure with BRIDGE_* variables; listening beyond loopback
 # needs a token: BRIDGE_TOKEN, or BRIDGE_TOKEN_FILE=/run/secrets/bridge_token.
 
-FROM python:3.11-slim AS build
+FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/bridge
 WORKDIR /src
@@ -14,8 +14,12 @@ COPY pyproject.toml README.md ./
 COPY bridge ./bridge
 RUN /opt/bridge/bin/pip install --no-cache-dir --no-deps .
 
-FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 bridge \
+FROM python:3.11-slim-bookworm
+# The embedded FalkorDB (graphiti backend) links libgomp, which slim images leave out.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1=12.2.0-14+deb12u1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 bridge \
     && mkdir /data \
     && chown bridge:bridge /data
 COPY --from=build /opt/bridge /opt/bridge
