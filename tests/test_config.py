@@ -1,0 +1,70 @@
+"""Configuration: flags over environment over defaults, checked once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import Config, ConfigError, parse_serve
+
+
+def test_defaults_are_loopback_8765_and_the_embedded_parts() -> None:
+    config = parse_serve([], {})
+    assert (config.host, config.port, config.valkey_url, config.memory) == (
+        "127.0.0.1",
+        8765,
+        None,
+        "sqlite",
+    )
+    assert config.data_dir == Config().data_dir
+    assert config.statsd_host == "localhost" and config.statsd_port == 8125
+
+
+def test_flags_win_over_the_environment_which_wins_over_defaults(tmp_path: Path) -> None:
+    env = {
+        "BRIDGE_PORT": "9001",
+        "BRIDGE_CACHE_TTL": "60",
+        "BRIDGE_DATA_DIR": str(tmp_path / "env"),
+        "BRIDGE_VALKEY_URL": "redis://localhost:6380",
+        "DD_AGENT_HOST": "agent",
+        "DD_DOGSTATSD_PORT": "9125",
+    }
+    config = parse_serve(["--port", "9002", "--data-dir", str(tmp_path / "flag")], env)
+    assert config.port == 9002
+    assert config.data_dir == tmp_path / "flag"
+    assert config.cache_ttl == 60
+    assert config.valkey_url == "redis://localhost:6380"
+    assert (config.statsd_host, config.statsd_port) == ("agent", 9125)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--port", "70000"], {}),
+        (["--cache-ttl", "0"], {}),
+        ([], {"BRIDGE_MISS_BUDGET_MS": "-5"}),
+        (["--memory", "mongo"], {}),
+    ],
+)
+def test_bad_values_are_refused_with_the_flag_named(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_serve(argv, env)
+    assert "error: argument --" in capsys.readouterr().err
+
+
+def test_llm_mode_follows_the_api_key_unless_forced() -> None:
+    assert not parse_serve(["--memory", "graphiti"], {}).uses_llm
+    assert parse_serve(["--memory", "graphiti"], {"OPENAI_API_KEY": "k"}).uses_llm
+    assert not parse_serve(["--llm", "off"], {"OPENAI_API_KEY": "k"}).uses_llm
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        parse_serve(["--llm", "on"], {})
+    key = parse_serve([], {"OPENAI_API_KEY": "sk-secret"})
+    assert "sk-secret" not in repr(key)
+
+
+def test_a_bad_statsd_port_in_the_environment_is_named() -> None:
+    with pytest.raises(ConfigError, match="DD_DOGSTATSD_PORT"):
+        parse_serve([], {"DD_DOGSTATSD_PORT": "nope"})
