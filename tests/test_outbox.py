@@ -89,6 +89,7 @@ async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
         slow = episode(1)
         assert await delivery.store(slow) is True
         memory.stall = 0.0
+        delivery.store_timeout = 30.0  # the delivery attempt must not time out on a slow disk
         assert await delivery.flush(60.0)
         await asyncio.gather(*memory.landings)  # the timed-out store landed as well
         assert len(memory.landings) == 2
