@@ -275,17 +275,6 @@ class Codec:
             raise BadRequest("message nested too deeply") from e
 
 
-_default_codecs: dict[int, Codec] = {}
-
-
-def decode(frame: str | bytes, max_size: int) -> Message:
-    """Decode one frame with the default field limits (see ``Codec.decode``)."""
-    codec = _default_codecs.get(max_size)
-    if codec is None:
-        codec = _default_codecs[max_size] = Codec(max_size)
-    return codec.decode(frame)
-
-
 def _explain(msgspec_error: str) -> str:
     """Make msgspec's message about the ``type`` tag say what the valid types are."""
     if "`$.type`" in msgspec_error or "missing required field `type`" in msgspec_error:

@@ -19,7 +19,6 @@ from bridge.protocol import (
     FileWrite,
     Limits,
     Ping,
-    decode,
     encode,
     error_ack,
 )
@@ -46,13 +45,13 @@ def test_every_message_type_decodes(binary: bool) -> None:
         ({"type": "ping"}, Ping),
     ]
     for obj, cls in cases:
-        message = decode(frame(obj, binary), LIMIT)
+        message = Codec(LIMIT).decode(frame(obj, binary))
         assert isinstance(message, cls)
         assert message.id == obj.get("id")
 
 
 def test_unknown_fields_are_ignored(binary: bool) -> None:
-    message = decode(frame({"type": "ping", "id": 7, "future": [1, 2]}, binary), LIMIT)
+    message = Codec(LIMIT).decode(frame({"type": "ping", "id": 7, "future": [1, 2]}, binary))
     assert message == Ping(id=7)
 
 
@@ -73,7 +72,7 @@ def test_unknown_fields_are_ignored(binary: bool) -> None:
 )
 def test_invalid_messages_name_the_field(obj: Any, needle: str, echo: Any, binary: bool) -> None:
     with pytest.raises(BadRequest) as raised:
-        decode(frame(obj, binary), LIMIT)
+        Codec(LIMIT).decode(frame(obj, binary))
     assert needle in str(raised.value)
     assert raised.value.message_id == echo
     assert raised.value.code == "bad_request"
@@ -82,19 +81,19 @@ def test_invalid_messages_name_the_field(obj: Any, needle: str, echo: Any, binar
 @pytest.mark.parametrize("bad", ["{not json", "[1, 2]", '"just a string"', ""])
 def test_malformed_json(bad: str) -> None:
     with pytest.raises(BadRequest, match=r"JSON|object"):
-        decode(bad, LIMIT)
+        Codec(LIMIT).decode(bad)
 
 
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa4type", b""])
 def test_malformed_msgpack(bad: bytes) -> None:
     with pytest.raises(BadRequest, match=r"MessagePack|object"):
-        decode(bad, LIMIT)
+        Codec(LIMIT).decode(bad)
 
 
 def test_oversize_frame_is_refused_before_parsing(binary: bool) -> None:
     big = frame({"type": "chat:start", "id": 1, "query": "x" * 2000}, binary)
     with pytest.raises(BadRequest, match="exceeds the limit of 1000 bytes"):
-        decode(big, 1000)
+        Codec(1000).decode(big)
 
 
 def test_replies_round_trip_in_both_encodings(binary: bool) -> None:
@@ -141,5 +140,7 @@ def test_configured_limits_are_part_of_the_schema(binary: bool) -> None:
 
 
 def test_episode_messages_accept_an_episode_id(binary: bool) -> None:
-    message = decode(frame({"type": "error", "message": "m", "episode_id": "e-1"}, binary), LIMIT)
+    message = Codec(LIMIT).decode(
+        frame({"type": "error", "message": "m", "episode_id": "e-1"}, binary)
+    )
     assert isinstance(message, ErrorEvent) and message.episode_id == "e-1"
