@@ -229,15 +229,18 @@ class ContextCache:
 
     def lookup_local(self, project: str, query: str) -> Lookup | None:
         """The context from the in-process copy, or None if it is not there (no I/O)."""
+        return self._local(self.context_key(project, query))
+
+    def _local(self, key: str) -> Lookup | None:
         if self.local is None or self._pending or self._pending_overflow:
             return None
-        inject = self.local.get(self.context_key(project, query))
+        inject = self.local.get(key)
         return None if is_missing(inject) else Lookup(hit=True, inject=inject, epoch=b"")
 
     async def lookup(self, project: str, query: str) -> Lookup:
         """The cached context for a query, with the epoch a later ``put`` must present."""
         key = self.context_key(project, query)
-        if (local := self.lookup_local(project, query)) is not None:
+        if (local := self._local(key)) is not None:
             return local
 
         async def run() -> Lookup:

@@ -179,7 +179,8 @@ class Handlers:
         if gates:
             await asyncio.wait(gates)
         project = session.project_of(message)
-        if fill := self._fills.get((project, normalise_query(message.query))):
+        asked = (project, normalise_query(message.query))
+        if fill := self._fills.get(asked):
             await asyncio.wait([fill])  # the answer to the same question is being cached
         try:
             lookup = await self.cache.lookup(project, message.query)
@@ -194,7 +195,7 @@ class Handlers:
                 elapsed_us=(time.perf_counter_ns() - started) // 1000,
             )
         self.metrics.cache_miss(project)
-        flight = self._flight(project, message.query, lookup.epoch if lookup else None)
+        flight = self._flight(asked, message.query, lookup.epoch if lookup else None)
         try:
             inject = await asyncio.wait_for(asyncio.shield(flight), self.miss_budget)
         except TimeoutError:
@@ -206,15 +207,17 @@ class Handlers:
             elapsed_us=(time.perf_counter_ns() - started) // 1000,
         )
 
-    def _flight(self, project: str, query: str, epoch: bytes | None) -> asyncio.Task[str | None]:
-        """The one memory query in progress for this project, query and cache epoch."""
+    def _flight(
+        self, asked: tuple[str, str], query: str, epoch: bytes | None
+    ) -> asyncio.Task[str | None]:
+        """The one memory query in progress for this (project, normalised query) and epoch."""
         # A flight started before an episode was stored must not answer a request that came
         # after it: the key includes the cache epoch and, for when the cache is down (no
         # epoch), this process's count of stored episodes.
-        key = (project, normalise_query(query), epoch, self._stored)
+        key = (*asked, epoch, self._stored)
         flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.create_task(self._recall_and_fill(project, query, epoch))
+            flight = asyncio.create_task(self._recall_and_fill(asked, query, epoch))
             self._flights[key] = flight
             flight.add_done_callback(lambda task: self._flight_done(key, task))
         return flight
@@ -224,17 +227,19 @@ class Handlers:
         if not task.cancelled() and task.exception() is not None:
             log.warning("memory query failed: %s", task.exception())
 
-    async def _recall_and_fill(self, project: str, query: str, epoch: bytes | None) -> str | None:
+    async def _recall_and_fill(
+        self, asked: tuple[str, str], query: str, epoch: bytes | None
+    ) -> str | None:
+        project = asked[0]
         recall = await self.memory.recall(project, query, self.recall_limit)
         inject = format_context(recall)
         if epoch is not None:  # the answer need not wait for the cache to take it
             tags = paths_in(query) | paths_in(inject or "")
             tags.update(normalise_path(p) for p in context_paths(recall))
             tags.discard("")
-            key = (project, normalise_query(query))
             fill = asyncio.create_task(self._fill(project, query, inject, tags, epoch))
-            self._fills[key] = fill
-            fill.add_done_callback(lambda done: self._fill_done(key, done))
+            self._fills[asked] = fill
+            fill.add_done_callback(lambda done: self._fill_done(asked, done))
         return inject
 
     def _fill_done(self, key: tuple[str, str], fill: asyncio.Task[None]) -> None:
