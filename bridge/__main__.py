@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, BinaryIO, cast
 
 from bridge import __version__
 from bridge.config import ConfigError, add_serve_arguments, config_from_args, environment
@@ -66,25 +66,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             with contextlib.suppress(KeyboardInterrupt):
                 _run(app.serve(config))
         elif args.command == "export":
-            with contextlib.ExitStack() as files:
-                out = (
-                    sys.stdout.buffer
-                    if args.out == "-"
-                    else files.enter_context(open(args.out, "wb"))
-                )
+            with _stream(args.out, "wb") as out:
                 count = _run(app.export_project(config, config.project, out))
             print(f"exported {count} episodes of {config.project}", file=sys.stderr)
         else:
-            with contextlib.ExitStack() as files:
-                src = (
-                    sys.stdin.buffer
-                    if args.file == "-"
-                    else files.enter_context(open(args.file, "rb"))
-                )
+            with _stream(args.file, "rb") as src:
                 count = _run(app.import_project(config, config.project, src))
             print(f"imported {count} episodes into {config.project}", file=sys.stderr)
     except ConfigError as e:
         raise SystemExit(f"graphiti-bridge: {e}") from None
+
+
+@contextlib.contextmanager
+def _stream(path: str, mode: str) -> Iterator[BinaryIO]:
+    """The file at ``path``, or standard input/output for ``-``."""
+    if path == "-":
+        yield sys.stdout.buffer if "w" in mode else sys.stdin.buffer
+        return
+    with open(path, mode) as file:
+        yield cast(BinaryIO, file)
 
 
 def _run(main: Coroutine[Any, Any, Any]) -> Any:
