@@ -233,7 +233,9 @@ class Handlers:
         project = asked[0]
         recall = await self.memory.recall(project, query, self.recall_limit)
         inject = format_context(recall)
-        if epoch is not None:  # the answer need not wait for the cache to take it
+        # An empty answer is not cached: the next episode may be the one it lacked, and an
+        # empty recall is cheap. The answer need not wait for the cache to take it.
+        if epoch is not None and inject is not None:
             tags = paths_in(query) | paths_in(inject or "")
             tags.update(normalise_path(p) for p in context_paths(recall))
             tags.discard("")
@@ -314,7 +316,6 @@ class Handlers:
 
     async def _error(self, message: ErrorEvent, session: Session) -> Ack:
         project = session.project_of(message)
-        self.metrics.opencode_error(message.message, project)
         episode = new_episode(
             project,
             name="error",
@@ -325,6 +326,7 @@ class Handlers:
             reference_time=_happened(message),
         )
         queued = await self._store(episode, "error")
+        self.metrics.opencode_error(message.message, project)  # only once it is stored
         await self._invalidate_mentions(project, message.message)
         return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
 

@@ -31,8 +31,13 @@ MessageId = int | Annotated[str, msgspec.Meta(max_length=MAX_NAME)] | None
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 Path = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATH)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+# Counts and times are bounded so that every stored value survives any codec: JSON allows
+# 10**30 and Infinity-like values that MessagePack and SQLite cannot carry back.
+MAX_COUNT: Final = 2**53  # integers exact in every JSON reader
+MAX_SECONDS: Final = 1e11  # seconds since the epoch or durations: past year 5000
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS * 1000)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 
 
 # -- client -> server -------------------------------------------------------------------
@@ -58,7 +63,7 @@ class EpisodeMessage(ClientMessage, frozen=True, kw_only=True):
     the event happened (default: when it arrived; a time in the future counts as now)."""
 
     episode_id: Name | None = None
-    at: NonNegativeFloat | None = None  # when it happened (seconds since the epoch, UTC)
+    at: Timestamp | None = None  # when it happened (seconds since the epoch, UTC)
 
 
 class FileWrite(EpisodeMessage, tag="file:write", frozen=True):
@@ -74,11 +79,13 @@ class ErrorEvent(EpisodeMessage, tag="error", frozen=True):
 
 
 class Completion(EpisodeMessage, tag="completion", frozen=True):
-    """A task finished: remember it and count its tokens."""
+    """A task finished: remember it and count its tokens. ``summary`` is the assistant's
+    final answer, if the client can read it; longer than the text limit, it is clipped."""
 
     task: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
     duration_ms: NonNegativeFloat = 0.0
     tokens: NonNegativeInt = 0
+    summary: str | None = None
 
 
 class Query(ClientMessage, tag="query", frozen=True):
