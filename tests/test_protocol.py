@@ -144,3 +144,50 @@ def test_episode_messages_accept_an_episode_id(binary: bool) -> None:
         frame({"type": "error", "message": "m", "episode_id": "e-1"}, binary)
     )
     assert isinstance(message, ErrorEvent) and message.episode_id == "e-1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"tokens": 2**53 + 1}, "$.tokens"),
+        ({"tokens": 2**64 - 1}, "$.tokens"),
+        ({"tokens": float("inf")}, "$.tokens"),
+        ({"duration_ms": float("inf")}, "$.duration_ms"),
+        ({"duration_ms": float("-inf")}, "$.duration_ms"),
+        ({"duration_ms": float("nan")}, "$.duration_ms"),
+        ({"duration_ms": 1e30}, "$.duration_ms"),
+        ({"at": float("inf")}, "$.at"),
+        ({"at": float("nan")}, "$.at"),
+        ({"at": 1e30}, "$.at"),
+        ({"at": -1.0}, "$.at"),
+    ],
+)
+def test_counts_and_times_are_bounded_and_finite(
+    fields: dict[str, Any], needle: str, binary: bool
+) -> None:
+    obj = {"type": "completion", "id": 1, "task": "t", **fields}
+    if binary:
+        data: str | bytes = msgspec.msgpack.encode(obj)
+    else:  # JSON has no Infinity or NaN; a number too large for a double stands for them
+        text = msgspec.json.encode({k: 0 if k in fields else v for k, v in obj.items()}).decode()
+        for key, value in fields.items():
+            number = {"inf": "1e400", "-inf": "-1e400", "nan": "1e400"}.get(str(value))
+            text = text.replace(f'"{key}":0', f'"{key}":{number or repr(value)}')
+        data = text
+    with pytest.raises(BadRequest) as raised:
+        Codec(LIMIT).decode(data)
+    assert needle in str(raised.value)
+    assert raised.value.message_id == 1
+
+
+def test_json_counts_far_past_any_float_are_refused() -> None:
+    for field in ("tokens", "duration_ms"):
+        with pytest.raises(BadRequest, match=rf"\$\.{field}"):
+            Codec(LIMIT).decode(f'{{"type":"completion","task":"t","{field}":{10**30}}}')
+
+
+def test_counts_and_times_at_their_bounds_are_accepted(binary: bool) -> None:
+    obj = {"type": "completion", "task": "t", "tokens": 2**53, "duration_ms": 1e14, "at": 1e11}
+    message = Codec(LIMIT).decode(frame(obj, binary))
+    assert isinstance(message, Completion)
+    assert (message.tokens, message.duration_ms, message.at) == (2**53, 1e14, 1e11)
