@@ -33,6 +33,13 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Episode).decode
 
 
+def describe(error: BaseException) -> str:
+    """An exception as a log line or error message can show it: its type, then its message
+    if it has one (``TimeoutError()`` and others have none, which alone says nothing)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class EpisodeQueue:
     """Episodes in the order they were appended, kept on disk until removed."""
 
@@ -46,7 +53,7 @@ class EpisodeQueue:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
         except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: the queue was closed
-            raise MemoryUnavailable(f"episode queue {self.path.name}: {e}") from e
+            raise MemoryUnavailable(f"episode queue {self.path.name}: {describe(e)}") from e
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

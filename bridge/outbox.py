@@ -12,6 +12,9 @@ while the episode was not yet in memory.
 
 Delivery is at least once and the backends' stores are idempotent on the episode uuid, so
 each episode is stored exactly once even when a timed-out store completes after all.
+
+Every log line about a failure names the exception's type as well as its message: a
+timeout's message is empty.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
-from bridge.durable import EpisodeQueue
+from bridge.durable import EpisodeQueue, describe
 from bridge.episode import Episode
 from bridge.errors import BridgeError
 from bridge.memory.base import MemoryBackend
@@ -66,7 +69,9 @@ class Delivery:
                 await asyncio.wait_for(self.memory.store(episode), self.store_timeout)
                 return False
             except (BridgeError, TimeoutError) as e:
-                log.warning("memory did not take episode %s, queuing it: %s", episode.uuid, e)
+                log.warning(
+                    "memory did not take episode %s, queuing it: %s", episode.uuid, describe(e)
+                )
         await self.outbox.append(episode)
         self._kick()
         return True
@@ -77,30 +82,38 @@ class Delivery:
             self._worker = asyncio.create_task(self._deliver(), name="outbox-delivery")
 
     async def _deliver(self) -> None:
-        failures = 0
         try:
-            while not self._closing.is_set() and (batch := await self.outbox.head(64)):
-                for episode in batch:
-                    while not await self._deliver_one(episode):
-                        if self._closing.is_set():
-                            return
-                        failures += 1
-                        await asyncio.sleep(self._backoff.compute(failures))
-                    failures = 0
-                    await self.outbox.remove(episode.uuid)
-                    if self.on_delivered is not None:
-                        await self.on_delivered(episode)
-            if not self._closing.is_set():
-                log.info("outbox delivered; memory has every acknowledged episode")
+            await self._deliver_all()
+        except BridgeError as e:  # the outbox file failed; the next store starts over
+            log.warning("outbox delivery stopped: %s", describe(e))
+        except Exception as e:  # a bug: say where, rather than lose it with the task
+            log.warning("outbox delivery stopped: %s", describe(e), exc_info=True)
         finally:
             self._idle.set()
+
+    async def _deliver_all(self) -> None:
+        """Deliver the outbox in order until it is empty or the delivery is closing."""
+        failures = 0
+        while not self._closing.is_set() and (batch := await self.outbox.head(64)):
+            for episode in batch:
+                while not await self._deliver_one(episode):
+                    if self._closing.is_set():
+                        return
+                    failures += 1
+                    await asyncio.sleep(self._backoff.compute(failures))
+                failures = 0
+                await self.outbox.remove(episode.uuid)
+                if self.on_delivered is not None:
+                    await self.on_delivered(episode)
+        if not self._closing.is_set():
+            log.info("outbox delivered; memory has every acknowledged episode")
 
     async def _deliver_one(self, episode: Episode) -> bool:
         """One attempt to store an outbox episode in memory."""
         try:
             await asyncio.wait_for(self.memory.store(episode), self.store_timeout)
         except (BridgeError, TimeoutError) as e:
-            log.debug("outbox delivery of %s failed: %s", episode.uuid, e)
+            log.debug("outbox delivery of %s failed: %s", episode.uuid, describe(e))
             return False
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from redis.backoff import ExponentialWithJitterBackoff
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -98,6 +100,67 @@ async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
     assert [e.uuid for e in await exported(memory)] == [slow.uuid]
 
 
+async def outbox_lines(
+    caplog: pytest.LogCaptureFixture, needle: str, level: int = logging.DEBUG
+) -> list[str]:
+    """Messages of ``bridge.outbox`` log records containing ``needle``, waiting (bounded)
+    until at least one is there."""
+    for _ in range(1200):  # bounded: delivery retries on a backoff of at most 10 s
+        found = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "bridge.outbox" and r.levelno == level and needle in r.getMessage()
+        ]
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    return []
+
+
+async def test_every_outbox_failure_is_logged_with_its_exception_type(
+    memory: SwitchableMemory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A timeout's message is empty: the log names the exception type, so the reason is
+    never blank, for the store that queued the episode and for each failed delivery."""
+    caplog.set_level(logging.DEBUG, logger="bridge.outbox")
+    backoff = ExponentialWithJitterBackoff(cap=0.05, base=0.01)
+    delivery = Delivery(
+        memory, EpisodeQueue(tmp_path / "outbox.sqlite3"), store_timeout=0.05, backoff=backoff
+    )
+    await delivery.start()
+    try:
+        memory.stall = 0.3  # slower than the store timeout, for the store and its deliveries
+        slow = episode(1)
+        assert await delivery.store(slow) is True
+        queued = await outbox_lines(caplog, slow.uuid, logging.WARNING)
+        assert queued == [f"memory did not take episode {slow.uuid}, queuing it: TimeoutError"]
+        retried = await outbox_lines(caplog, f"outbox delivery of {slow.uuid} failed: ")
+        assert retried[0].endswith("failed: TimeoutError")
+        memory.stall = 0.0
+        memory.down = True
+        refused = await outbox_lines(caplog, "MemoryUnavailable")
+        assert refused[0] == (
+            f"outbox delivery of {slow.uuid} failed: MemoryUnavailable: switched off for the test"
+        )
+        memory.down = False
+        delivery.store_timeout = 30.0  # the delivery attempt must not time out on a slow disk
+        assert await delivery.flush(60.0)
+        await asyncio.gather(*memory.landings)
+    finally:
+        await delivery.close()
+    blank = [r.getMessage() for r in caplog.records if r.getMessage().rstrip().endswith(":")]
+    assert blank == [], "a log line with an empty reason"
+    assert [e.uuid for e in await exported(memory)] == [slow.uuid]
+
+
+async def test_a_closed_queue_says_why_it_failed(tmp_path: Path) -> None:
+    queue = EpisodeQueue(tmp_path / "q.sqlite3")
+    await queue.open()
+    await queue.close()
+    with pytest.raises(MemoryUnavailable, match=r"^episode queue q\.sqlite3: RuntimeError: "):
+        await queue.append(episode(0))
+
+
 async def test_the_outbox_survives_a_restart(memory: SwitchableMemory, tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     first = Delivery(memory, EpisodeQueue(path), store_timeout=1.0)
@@ -157,23 +220,29 @@ async def test_a_late_delivery_drops_contexts_cached_without_it(
     tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> None:
     """While memory refuses a file:write, a chat:start caches a context without it; when the
-    outbox delivers the episode, that context is dropped, so the next turn sees the write."""
+    outbox delivers the episode, that context is dropped, so the next turn sees the write.
+    (Empty contexts are not cached, so memory holds an earlier episode about the file.)"""
     memory = SwitchableMemory(tmp_path / "m.sqlite3")
     app = App(bridge_config(tmp_path, valkey, statsd.port, store_timeout_ms=50), memory=memory)
     await app.start()
     try:
         async with connect(ws_url(app)) as ws:
+            error = {"type": "error", "id": 0, "message": "ImportError in src/late.py"}
+            earlier = await ask(ws, error)
+            assert earlier["ok"] and not earlier.get("queued")
             memory.down = True
             ack = await ask(ws, {"type": "file:write", "id": 1, "path": "src/late.py"})
             assert ack["ok"] and ack["queued"]
             query = {"type": "chat:start", "id": 2, "query": "what about src/late.py"}
-            assert (await ask(ws, query))["inject"] is None  # memory does not have it yet
-            assert (await ask(ws, query))["hit"]
+            assert "ImportError" in (await ask(ws, query))["inject"]
+            assert (await ask(ws, query))["hit"]  # cached while memory lacks the write
             memory.down = False
             assert app.delivery is not None and await app.delivery.flush(10.0)
+            found = await ask(ws, {"type": "query", "id": 3, "query": "src/late.py"})
+            assert ack["episode"] in [e["uuid"] for e in found["episodes"]]
             after = await ask(ws, query)
-            assert not after["hit"]
-            assert "Modified: src/late.py" in after["inject"]
+            assert not after["hit"], "the context cached without the write was dropped"
+            assert "ImportError" in after["inject"]
     finally:
         await app.stop()
 
