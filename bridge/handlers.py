@@ -10,16 +10,17 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bridge.cache import ContextCache, normalise_query
 from bridge.episode import Episode, episode_uuid, new_episode
 from bridge.errors import BridgeError, CacheUnavailable
-from bridge.memory.base import MemoryBackend, context_paths, format_context
+from bridge.memory.base import MemoryBackend
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery
-from bridge.paths import normalise_path, paths_in
+from bridge.paths import paths_in
 from bridge.protocol import (
     Ack,
     ChatStart,
@@ -38,6 +39,8 @@ from bridge.protocol import (
     Reply,
     error_ack,
 )
+from bridge.recall import DEFAULT_BUDGET, context
+from bridge.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,16 @@ class Session:
 
     def __init__(self, project: str) -> None:
         self.project = project
+        self.anonymous = f"connection:{uuid.uuid4().hex}"  # for messages without a session
         self._gates: set[asyncio.Future[None]] = set()
 
     def project_of(self, message: Message) -> str:
         """The project a message is about: its own field, else the connection's."""
         return message.project or self.project
+
+    def session_of(self, message: Message) -> str:
+        """The session a message belongs to: its own, else this connection's."""
+        return message.session or self.anonymous
 
     def open_gate(self) -> asyncio.Future[None]:
         """A gate later chat:starts wait on; close it with ``close_gate``."""
@@ -101,6 +109,8 @@ class Handlers:
         recall_limit: int = 8,
         miss_budget: float = 0.25,
         delivery: Delivery | None = None,
+        context_chars: int = DEFAULT_BUDGET,
+        max_text: int = 65_536,
     ) -> None:
         self.memory = memory
         self.delivery = delivery
@@ -108,6 +118,9 @@ class Handlers:
         self.metrics = metrics
         self.recall_limit = recall_limit
         self.miss_budget = miss_budget
+        self.context_chars = context_chars
+        self.max_text = max_text
+        self.tasks = TaskTracker()
         self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
         self._stored = 0  # episodes this process stored (or queued), for flight keys
         self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -125,6 +138,7 @@ class Handlers:
         lookup = self.cache.lookup_local(project, message.query)
         if lookup is None:
             return None
+        self.tasks.open(project, session.session_of(message), message.query)
         elapsed = time.perf_counter_ns() - started
         self.metrics.cache_hit(project, elapsed / 1e9)
         return Context(id=message.id, hit=True, inject=lookup.inject, elapsed_us=elapsed // 1000)
@@ -139,6 +153,9 @@ class Handlers:
         work: Awaitable[Reply]
         match message:
             case ChatStart():
+                self.tasks.open(
+                    session.project_of(message), session.session_of(message), message.query
+                )
                 work = self._chat_start(message, session, session.open_gates())
             case FileWrite():
                 work = self._file_write(message, session, session.open_gate())
@@ -231,14 +248,11 @@ class Handlers:
         self, asked: tuple[str, str], query: str, epoch: bytes | None
     ) -> str | None:
         project = asked[0]
-        recall = await self.memory.recall(project, query, self.recall_limit)
-        inject = format_context(recall)
+        inject = context(await self.memory.candidates(project, query), self.context_chars)
         # An empty answer is not cached: the next episode may be the one it lacked, and an
         # empty recall is cheap. The answer need not wait for the cache to take it.
         if epoch is not None and inject is not None:
-            tags = paths_in(query) | paths_in(inject or "")
-            tags.update(normalise_path(p) for p in context_paths(recall))
-            tags.discard("")
+            tags = paths_in(query) | paths_in(inject)
             fill = asyncio.create_task(self._fill(project, query, inject, tags, epoch))
             self._fills[asked] = fill
             fill.add_done_callback(lambda done: self._fill_done(asked, done))
@@ -276,7 +290,7 @@ class Handlers:
             name=f"file:write {message.path}",
             body=f"Modified: {message.path}",
             source_description="OpenCode file write",
-            metadata={"type": "file_edit", "path": message.path},
+            metadata={"type": "file_edit", "path": message.path, **self._links(message, session)},
             episode_id=self._episode_id(project, message),
             reference_time=_happened(message),
         )
@@ -306,6 +320,13 @@ class Handlers:
         for path in sorted(paths_in(text))[:MAX_MENTIONS]:
             await self._invalidate(project, path)
 
+    def _links(
+        self, message: FileWrite | ErrorEvent | Completion, session: Session
+    ) -> dict[str, Any]:
+        """The task links of an episode: its task, the task's query, the client's session."""
+        project = session.project_of(message)
+        return self.tasks.metadata(project, session.session_of(message), message.session)
+
     @staticmethod
     def _episode_id(project: str, message: FileWrite | ErrorEvent | Completion) -> str | None:
         return episode_uuid(project, message.episode_id) if message.episode_id else None
@@ -321,7 +342,7 @@ class Handlers:
             name="error",
             body=f"Error: {message.message}",
             source_description="OpenCode error",
-            metadata={"type": "error", "severity": "high"},
+            metadata={"type": "error", "severity": "high", **self._links(message, session)},
             episode_id=self._episode_id(project, message),
             reference_time=_happened(message),
         )
@@ -337,7 +358,13 @@ class Handlers:
             name="completion",
             body=f"Completed: {message.task}",
             source_description="OpenCode task completion",
-            metadata={"type": "success", "duration": message.duration_ms, "tokens": message.tokens},
+            metadata={
+                "type": "success",
+                "duration": message.duration_ms,
+                "tokens": message.tokens,
+                **({"summary": message.summary[: self.max_text]} if message.summary else {}),
+                **self._links(message, session),
+            },
             episode_id=self._episode_id(project, message),
             reference_time=_happened(message),
         )

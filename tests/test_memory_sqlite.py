@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
-from bridge.memory.sqlite import SqliteMemory, fts_query
+from bridge.memory.sqlite import SCHEMA_VERSION, SqliteMemory, fts_query
 
 DAY = 86400.0
 
@@ -262,7 +262,7 @@ async def test_episode_survives_close_and_reopen(tmp_path: Path) -> None:
     finally:
         await second.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -334,7 +334,7 @@ async def test_a_failing_write_fails_alone_as_memory_unavailable(memory: SqliteM
         *(memory.store(e) for e in good[5:]),
         return_exceptions=True,
     )
-    assert [r for r in results if r is not None] == [results[5]]
+    assert [r for r in results if r is not True] == [results[5]]
     assert isinstance(results[5], MemoryUnavailable)
     assert isinstance(results[5].__cause__, sqlite3.IntegrityError)
     assert await export_all(memory, "proj") == [good]

@@ -4,6 +4,6 @@
 WebSockets or of the cache.
 """
 
-from bridge.memory.base import MemoryBackend, Recall, format_context
+from bridge.memory.base import MemoryBackend, Recall
 
-__all__ = ["MemoryBackend", "Recall", "format_context"]
+__all__ = ["MemoryBackend", "Recall"]

@@ -8,15 +8,13 @@ store returns episodes only.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
 
 from bridge.episode import Episode
-
-CONTEXT_HEADER = "[Memory Context]"
+from bridge.recall import Candidates, TaskHit
 
 
 class Recall(msgspec.Struct, frozen=True):
@@ -58,32 +56,36 @@ class MemoryBackend(Protocol):
         """
         ...
 
+    async def candidates(self, group_id: str, query: str) -> Candidates:
+        """Past tasks and files of ``group_id`` that may matter for ``query`` (see
+        bridge.recall), and the project's recent work. Raises MemoryUnavailable."""
+        ...
+
     def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Yield every episode of ``group_id`` in reference-time order, ``batch`` at a time."""
         ...
 
 
-def format_context(recall: Recall) -> str | None:
-    """The system text to inject for a recall, or None when memory has nothing relevant.
-
-    The format follows the original plugin design: a ``[Memory Context]`` header, then one
-    line per fact and per episode, newest knowledge first as ranked by the backend.
-    """
-    if recall.empty:
-        return None
-    lines = [CONTEXT_HEADER]
-    lines.extend(f"- {fact}" for fact in recall.facts)
-    for episode in recall.episodes:
-        when = dt.datetime.fromtimestamp(episode.reference_time, dt.UTC)
-        lines.append(f"- {episode.body} ({when:%Y-%m-%d %H:%M} UTC)")
-    return "\n".join(lines)
-
-
-def context_paths(recall: Recall) -> list[str]:
-    """File paths the recalled episodes are about (their ``metadata.path``)."""
-    paths: list[str] = []
-    for episode in recall.episodes:
-        path = episode.metadata.get("path")
-        if isinstance(path, str) and path:
-            paths.append(path)
-    return paths
+def candidates_from_episodes(episodes: list[Episode]) -> Candidates:
+    """Candidates for a backend that only finds episodes: each episode is a task of its own,
+    ranked in the order given (best first)."""
+    count = len(episodes)
+    tasks = []
+    for n, episode in enumerate(episodes):
+        meta = episode.metadata
+        path = meta.get("path")
+        kind = meta.get("type")
+        tasks.append(
+            TaskHit(
+                uuid=episode.uuid,
+                seq=count - n,
+                query=str(meta.get("task_query") or ""),
+                summary=episode.body if kind not in ("file_edit", "error") else "",
+                outcome={"success": "completed", "error": "failed"}.get(str(kind), "unfinished"),
+                at=episode.reference_time,
+                files=[path] if isinstance(path, str) and path else [],
+                errors=[episode.body.removeprefix("Error: ")] if kind == "error" else [],
+                relevance=float(count - n),
+            )
+        )
+    return Candidates(tasks=tasks, latest_seq=count)

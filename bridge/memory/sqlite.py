@@ -7,6 +7,11 @@ Reads run on a small pool of read-only connections, concurrently with writes (WA
 
 User text never reaches FTS5 query syntax: recall extracts words and quotes each one, so
 ``"``, ``NEAR``, ``*``, ``AND`` and the like are searched as plain words.
+
+Episodes are also folded into tasks (see ``sqlite_tasks``) in the transaction that stores
+them, so the task model and its indexes are exactly as durable as the episodes. A store
+written by an older release is migrated in place when it is opened (``PRAGMA
+user_version`` is the schema version).
 """
 
 from __future__ import annotations
@@ -20,17 +25,19 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable
+from bridge.memory import sqlite_tasks
 from bridge.memory.base import Recall
+from bridge.recall import Candidates
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 READERS = 3
 MAX_QUERY_WORDS = 32
 CANDIDATES_PER_RESULT = 4
@@ -45,8 +52,7 @@ WORD = re.compile(r"\w+")
 
 # ``id`` aliases the rowid so FTS5's external-content rowids survive VACUUM; ``uuid`` is the
 # unique key that makes ``store`` idempotent.
-SCHEMA = """
-BEGIN;
+EPISODE_SCHEMA = """
 CREATE TABLE episodes (
     id INTEGER PRIMARY KEY,
     uuid TEXT NOT NULL UNIQUE,
@@ -69,8 +75,6 @@ CREATE TRIGGER episodes_ad AFTER DELETE ON episodes BEGIN
     INSERT INTO episodes_fts(episodes_fts, rowid, name, body)
     VALUES ('delete', old.id, old.name, old.body);
 END;
-PRAGMA user_version = 1;
-COMMIT;
 """
 FIELDS = Episode.__struct_fields__  # the episodes columns after id, in the same order
 COLUMNS = ", ".join(f"e.{field}" for field in FIELDS)
@@ -83,7 +87,8 @@ PAGE = f"""SELECT {COLUMNS}, e.id FROM episodes e
 WHERE e.group_id = ? AND (e.reference_time, e.id) > (?, ?)
 ORDER BY e.reference_time, e.id LIMIT ?"""
 
-Pending = tuple[tuple[Any, ...], asyncio.Future[None]]
+T = TypeVar("T")
+Pending = tuple[Episode, tuple[Any, ...], asyncio.Future[bool]]
 
 _encode = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
@@ -150,8 +155,11 @@ class SqliteMemory:
             conn.close()
         await asyncio.to_thread(self._writer.join)  # the writer closes last: it checkpoints
 
-    async def store(self, episode: Episode) -> None:
-        """Queue the episode for the next group commit; return once it is committed."""
+    async def store(self, episode: Episode) -> bool:
+        """Queue the episode for the next group commit; return once it is committed.
+
+        True when it was stored, False when an episode with its uuid already was.
+        """
         if not self._open:
             raise MemoryUnavailable("sqlite memory is not open")
         *fields, metadata = msgspec.structs.astuple(episode)
@@ -159,9 +167,9 @@ class SqliteMemory:
             row = (*fields, _encode(metadata).decode())
         except (msgspec.EncodeError, TypeError) as e:
             raise MemoryUnavailable(f"cannot encode metadata: {e}") from e
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put((row, done))
-        await done
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put((episode, row, done))
+        return await done
 
     async def recall(self, group_id: str, query: str, limit: int) -> Recall:
         """Episodes of ``group_id`` sharing any meaningful word with ``query``, best first.
@@ -186,6 +194,10 @@ class SqliteMemory:
         rows.sort(key=score, reverse=True)
         return Recall(episodes=[_episode(row) for row in rows[:limit]])
 
+    async def candidates(self, group_id: str, query: str) -> Candidates:
+        """Past tasks and files of ``group_id`` matching ``query``, and its recent work."""
+        return await self._run(lambda conn: sqlite_tasks.candidates(conn, group_id, query))
+
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Yield every episode of ``group_id`` by (reference_time, insertion), ``batch`` at a
         time, one keyset-paginated query per batch so memory use stays bounded."""
@@ -201,13 +213,15 @@ class SqliteMemory:
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run a query on a reader thread's connection, translating sqlite errors."""
+        return await self._run(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _run(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read`` on a reader thread's connection, translating sqlite errors."""
         if not self._open or self._readers is None:
             raise MemoryUnavailable("sqlite memory is not open")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._readers, lambda: self._reader().execute(sql, params).fetchall()
-            )
+            return await loop.run_in_executor(self._readers, lambda: read(self._reader()))
         except sqlite3.Error as e:
             raise MemoryUnavailable(f"sqlite read failed: {e}") from e
 
@@ -234,11 +248,7 @@ class SqliteMemory:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                conn.executescript(SCHEMA)
-            elif version != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"unknown schema version {version}")
+            _migrate(conn)
             ready.set_result(None)
             while True:
                 group = [self._queue.get()]
@@ -263,9 +273,13 @@ class SqliteMemory:
         If the group fails, each episode is retried alone so one bad row fails only itself.
         """
         error: MemoryUnavailable | None = None
+        stored: list[bool] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(INSERT, [row for row, _ in group])
+            for episode, row, _ in group:
+                stored.append(conn.execute(INSERT, row).rowcount == 1)
+                if stored[-1]:
+                    sqlite_tasks.link(conn, episode)
             conn.execute("COMMIT")
             self.transactions += 1
         except Exception as e:
@@ -277,15 +291,53 @@ class SqliteMemory:
                 return
             error = MemoryUnavailable(f"sqlite write failed: {e}")
             error.__cause__ = e
-        for _, done in group:
+        for (_, _, done), new in zip(group, stored or [False] * len(group), strict=True):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                done.get_loop().call_soon_threadsafe(_settle, done, error)
+                done.get_loop().call_soon_threadsafe(_settle, done, error or new)
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(done: asyncio.Future[bool], outcome: BaseException | bool) -> None:
     if done.done():  # the storing task was cancelled
         return
-    if error is None:
-        done.set_result(None)
+    if isinstance(outcome, BaseException):
+        done.set_exception(outcome)
     else:
-        done.set_exception(error)
+        done.set_result(outcome)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older one up to SCHEMA_VERSION, in one transaction.
+
+    Version 1 held episodes only: version 2 adds the task model, and every stored episode
+    is folded into it in insertion order (an episode of version 1 is a task of its own).
+    """
+    conn.execute("BEGIN IMMEDIATE")  # two processes starting at once: the second waits
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            _execute_script(conn, EPISODE_SCHEMA)
+        elif version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this release's {SCHEMA_VERSION}"
+            )
+        if version < 2:
+            _execute_script(conn, sqlite_tasks.TASK_SCHEMA)
+            rows = conn.execute(f"SELECT {COLUMNS} FROM episodes e ORDER BY e.id")
+            for row in rows.fetchall():
+                sqlite_tasks.link(conn, _episode(row))
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run each statement of ``script`` inside the open transaction (``executescript``
+    would commit it first)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            conn.execute(statement)
+            statement = ""

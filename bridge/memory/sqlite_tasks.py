@@ -1,0 +1,262 @@
+"""The task model in SQLite: how stored episodes become linked tasks, and how they are read.
+
+Every episode belongs to a task (``metadata.task``; an episode without one, as written by
+older releases, is a task of its own). Storing an episode updates its task: the query that
+opened it, the files it wrote, the errors it hit, its outcome and summary. Two full-text
+indexes are kept beside the tables: one document per task (its query, summary, errors and
+the words of its paths) and one per file (the words of its path and of the last tasks that
+touched it). Every function here runs on one connection inside the caller's transaction.
+
+The group (project) is part of every document as a token of its own, so a search is scoped
+to one project inside the index, whatever characters the project's name holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections import defaultdict
+from typing import Any, Final
+
+from bridge.episode import Episode
+from bridge.recall import (
+    FILE_CANDIDATES,
+    TASK_CANDIDATES,
+    WINDOW_TASKS,
+    Candidates,
+    RecentTask,
+    TaskHit,
+    search_words,
+    words,
+)
+
+FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last tasks
+MAX_ERRORS: Final = 8  # errors kept per task
+MAX_TASK_TEXT: Final = 2000  # characters of a query or summary kept in the index
+
+TASK_SCHEMA: Final = """
+CREATE TABLE tasks (
+    id INTEGER PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    group_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    session TEXT NOT NULL DEFAULT '',
+    query TEXT NOT NULL DEFAULT '',
+    summary TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL DEFAULT 'unfinished',
+    at REAL NOT NULL
+);
+CREATE UNIQUE INDEX tasks_group_seq ON tasks (group_id, seq);
+CREATE INDEX tasks_session ON tasks (group_id, session);
+CREATE TABLE task_files (
+    id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL REFERENCES tasks (id),
+    group_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    UNIQUE (task_id, path)
+);
+CREATE INDEX task_files_path ON task_files (group_id, path, task_id);
+CREATE TABLE task_errors (
+    id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL REFERENCES tasks (id),
+    text TEXT NOT NULL
+);
+CREATE INDEX task_errors_task ON task_errors (task_id);
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    group_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    UNIQUE (group_id, path)
+);
+CREATE VIRTUAL TABLE tasks_fts USING fts5(
+    text, tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE VIRTUAL TABLE files_fts USING fts5(
+    text, tokenize='porter unicode61 remove_diacritics 2'
+);
+"""
+
+PATHS_OF_TASK: Final = "SELECT path FROM task_files WHERE task_id = ?"
+LATEST: Final = "SELECT MAX(seq) FROM tasks WHERE group_id = ?"
+OUTCOME: Final = {"success": "completed", "error": "failed", "note": "note"}
+
+
+def group_token(group_id: str) -> str:
+    """The index token that scopes a document to its project: letters and digits only."""
+    return "grp" + hashlib.blake2b(group_id.encode(), digest_size=8).hexdigest()
+
+
+def _match(group_id: str, query: str) -> str | None:
+    """The FTS5 query: the project's token AND any meaningful word of ``query`` (quoted)."""
+    found = search_words(query)
+    if not found:
+        return None
+    any_word = " OR ".join(f'"{w}"' for w in found)  # words() yields letters and digits
+    return f"{group_token(group_id)} AND ({any_word})"
+
+
+# -- writes ---------------------------------------------------------------------------------
+
+
+def link(conn: sqlite3.Connection, episode: Episode) -> None:
+    """Fold a newly stored episode into its task and the indexes."""
+    meta = episode.metadata
+    task_uuid = _text(meta.get("task")) or episode.uuid
+    row = conn.execute("SELECT id FROM tasks WHERE uuid = ?", (task_uuid,)).fetchone()
+    if row is None:
+        seq = conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks WHERE group_id = ?", (episode.group_id,)
+        ).fetchone()[0]
+        task_id = conn.execute(
+            "INSERT INTO tasks (uuid, group_id, seq, session, at) VALUES (?, ?, ?, ?, ?)",
+            (task_uuid, episode.group_id, seq, _text(meta.get("session")), episode.reference_time),
+        ).lastrowid
+    else:
+        task_id = row[0]
+        conn.execute(
+            "UPDATE tasks SET at = MAX(at, ?) WHERE id = ?", (episode.reference_time, task_id)
+        )
+    assert task_id is not None
+    query = _text(meta.get("task_query"))[:MAX_TASK_TEXT]
+    if query:
+        conn.execute("UPDATE tasks SET query = ? WHERE id = ? AND query = ''", (query, task_id))
+    kind = _text(meta.get("type"))
+    if kind == "file_edit" and (path := _text(meta.get("path"))):
+        _add_file(conn, episode.group_id, task_id, path)
+    elif kind == "error":
+        _add_error(conn, task_id, episode.body.removeprefix("Error: "))
+    elif kind in ("success", "note"):
+        text = _text(meta.get("summary")) or (
+            "" if kind == "success" else episode.body.removeprefix("Note: ")
+        )
+        asked = episode.body.removeprefix("Completed: ")
+        conn.execute(
+            "UPDATE tasks SET outcome = ?, summary = ?, query = CASE WHEN query = '' "
+            "THEN ? ELSE query END WHERE id = ?",
+            (OUTCOME[kind], text[:MAX_TASK_TEXT], asked[:MAX_TASK_TEXT], task_id),
+        )
+    _index_task(conn, episode.group_id, task_id)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _add_file(conn: sqlite3.Connection, group_id: str, task_id: int, path: str) -> None:
+    added = conn.execute(
+        "INSERT INTO task_files (task_id, group_id, path) VALUES (?, ?, ?) "
+        "ON CONFLICT (task_id, path) DO NOTHING",
+        (task_id, group_id, path),
+    ).rowcount
+    if not added:
+        return
+    conn.execute(
+        "INSERT INTO files (group_id, path) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (group_id, path),
+    )
+    file_id = conn.execute(
+        "SELECT id FROM files WHERE group_id = ? AND path = ?", (group_id, path)
+    ).fetchone()[0]
+    queries = conn.execute(
+        "SELECT t.query FROM task_files tf JOIN tasks t ON t.id = tf.task_id "
+        "WHERE tf.group_id = ? AND tf.path = ? ORDER BY tf.task_id DESC LIMIT ?",
+        (group_id, path, FILE_DOC_TASKS),
+    ).fetchall()
+    doc = [group_token(group_id), *words(path), *(w for (q,) in queries for w in words(q))]
+    conn.execute("DELETE FROM files_fts WHERE rowid = ?", (file_id,))
+    conn.execute("INSERT INTO files_fts (rowid, text) VALUES (?, ?)", (file_id, " ".join(doc)))
+
+
+def _add_error(conn: sqlite3.Connection, task_id: int, text: str) -> None:
+    count = conn.execute("SELECT COUNT(*) FROM task_errors WHERE task_id = ?", (task_id,))
+    if count.fetchone()[0] < MAX_ERRORS:
+        conn.execute(
+            "INSERT INTO task_errors (task_id, text) VALUES (?, ?)", (task_id, text[:MAX_TASK_TEXT])
+        )
+    conn.execute(
+        "UPDATE tasks SET outcome = 'failed' WHERE id = ? AND outcome = 'unfinished'", (task_id,)
+    )
+
+
+def _index_task(conn: sqlite3.Connection, group_id: str, task_id: int) -> None:
+    """Rewrite the task's document: its query, summary, errors and the words of its paths."""
+    query, summary = conn.execute(
+        "SELECT query, summary FROM tasks WHERE id = ?", (task_id,)
+    ).fetchone()
+    texts = [query, summary]
+    texts.extend(
+        e for (e,) in conn.execute("SELECT text FROM task_errors WHERE task_id = ?", (task_id,))
+    )
+    texts.extend(
+        p for (p,) in conn.execute("SELECT path FROM task_files WHERE task_id = ?", (task_id,))
+    )
+    doc = " ".join([group_token(group_id), *(w for t in texts for w in words(t))])
+    conn.execute("DELETE FROM tasks_fts WHERE rowid = ?", (task_id,))
+    conn.execute("INSERT INTO tasks_fts (rowid, text) VALUES (?, ?)", (task_id, doc))
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+TASKS_MATCHING: Final = """SELECT t.id, t.uuid, t.seq, t.query, t.summary, t.outcome, t.at,
+-bm25(tasks_fts) FROM tasks_fts JOIN tasks t ON t.id = tasks_fts.rowid
+WHERE tasks_fts MATCH ? ORDER BY bm25(tasks_fts) LIMIT ?"""
+FILES_MATCHING: Final = """SELECT f.path, -bm25(files_fts) FROM files_fts
+JOIN files f ON f.id = files_fts.rowid WHERE files_fts MATCH ? ORDER BY bm25(files_fts) LIMIT ?"""
+RECENT: Final = """SELECT t.seq, tf.path FROM tasks t JOIN task_files tf ON tf.task_id = t.id
+WHERE t.group_id = ? AND t.seq > ? ORDER BY tf.id"""
+
+
+def candidates(conn: sqlite3.Connection, group_id: str, query: str) -> Candidates:
+    """Past tasks and files matching ``query`` in ``group_id``, and its recent work."""
+    latest = conn.execute("SELECT MAX(seq) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[
+        0
+    ]
+    if latest is None:
+        return Candidates()
+    recent: dict[int, list[str]] = defaultdict(list)
+    for seq, path in conn.execute(RECENT, (group_id, latest - WINDOW_TASKS)):
+        recent[seq].append(path)
+    match = _match(group_id, query)
+    tasks: list[TaskHit] = []
+    files: dict[str, float] = {}
+    if match is not None:
+        rows = conn.execute(TASKS_MATCHING, (match, TASK_CANDIDATES)).fetchall()
+        tasks = _task_hits(conn, rows)
+        files = dict(conn.execute(FILES_MATCHING, (match, FILE_CANDIDATES)).fetchall())
+    return Candidates(
+        tasks=tasks,
+        files=files,
+        recent=[RecentTask(seq, paths) for seq, paths in recent.items()],
+        latest_seq=latest,
+    )
+
+
+def _task_hits(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[TaskHit]:
+    if not rows:
+        return []
+    ids = [row[0] for row in rows]
+    marks = ", ".join("?" * len(ids))
+    files: dict[int, list[str]] = defaultdict(list)
+    errors: dict[int, list[str]] = defaultdict(list)
+    for task_id, path in conn.execute(
+        f"SELECT task_id, path FROM task_files WHERE task_id IN ({marks}) ORDER BY id", ids
+    ):
+        files[task_id].append(path)
+    for task_id, text in conn.execute(
+        f"SELECT task_id, text FROM task_errors WHERE task_id IN ({marks}) ORDER BY id", ids
+    ):
+        errors[task_id].append(text)
+    return [
+        TaskHit(
+            uuid=uuid,
+            seq=seq,
+            query=query,
+            summary=summary,
+            outcome=outcome,
+            at=at,
+            files=files[task_id],
+            errors=errors[task_id],
+            relevance=relevance,
+        )
+        for task_id, uuid, seq, query, summary, outcome, at, relevance in rows
+    ]

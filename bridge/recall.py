@@ -1,0 +1,244 @@
+"""What a chat should remember: past tasks and files ranked for a query, rendered as text.
+
+This module is plain code over plain data, shared by every memory backend. A backend finds
+the *candidates*; this module *fuses* them and *renders* the context:
+
+- **candidates** (:class:`Candidates`): past tasks whose text matches the query, each with a
+  relevance score (BM25) and its files, errors and outcome; files whose own text (the words
+  of their path and of the tasks that touched them) matches the query; and the recent work
+  of the project (the files of its last tasks), from which recency, frequency and which
+  files change together are read.
+- **fusion** (:func:`rank`): each file gets evidence from four signals, each normalised to
+  at most 1 so none needs a scale of its own: files of similar tasks (weighted by the task's
+  relevance and how long ago it was, shared among the task's files), the file's own text
+  match, a recency-weighted frequency prior, and files that changed together with the best
+  files so far. Ages are counted in tasks, not seconds, so a project's pace does not matter.
+- **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
+  a "files likely involved" line (each path once, numbered), then the most relevant past
+  tasks with their outcome, their files (by number) and any error, until the character
+  budget is spent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+import msgspec
+
+CONTEXT_HEADER: Final = "[Memory Context]"
+HALF_LIFE_TASKS: Final = 100.0  # a task this many tasks old weighs half as much
+WINDOW_TASKS: Final = 400  # recent tasks read for the recency prior and co-change
+TASK_CANDIDATES: Final = 20  # past tasks matched by text
+FILE_CANDIDATES: Final = 50  # files matched by text
+PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to text evidence
+COCHANGE_WEIGHT: Final = 0.25
+FILES_SHOWN: Final = 8
+TASKS_SHOWN: Final = 6
+DEFAULT_BUDGET: Final = 2000
+PREAMBLE: Final = "From memory of earlier sessions in this project; not the user's words."
+
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+_STOPWORDS = """a an and are as at be but by can do does for from has have how i if in into is
+it its me my no not of on or our so than that the their them then there these this to was we
+were what when where which who why will with you your"""
+STOPWORDS: Final = frozenset(_STOPWORDS.split())
+
+
+def words(text: str) -> list[str]:
+    """The meaningful words of a text or a path, lower-case, in order.
+
+    Identifiers are split where people would split them: ``test_h11_impl.py`` gives
+    ``test h11 impl py`` and ``ConnectionPool`` gives ``connection pool``.
+    """
+    found = (w.lower() for w in _WORD.findall(text))
+    return [w for w in found if len(w) > 1 and w not in STOPWORDS]
+
+
+class TaskHit(msgspec.Struct, frozen=True, kw_only=True):
+    """One past task: the work of one user turn, as memory holds it."""
+
+    uuid: str
+    seq: int  # the task's ordinal in its project: later tasks have larger numbers
+    query: str = ""
+    summary: str = ""
+    outcome: str = "unfinished"  # completed | failed | unfinished | note
+    at: float = 0.0  # when it last changed (seconds since the epoch, UTC)
+    files: list[str] = []
+    errors: list[str] = []
+    relevance: float = 0.0  # text match with the query (higher is better; 0 if unranked)
+
+
+class RecentTask(msgspec.Struct, frozen=True, array_like=True):
+    """A recent task's ordinal and files, for the recency prior and co-change."""
+
+    seq: int
+    files: list[str]
+
+
+class Candidates(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a backend found for one query, before fusion."""
+
+    tasks: list[TaskHit] = []  # best text matches first
+    files: dict[str, float] = {}  # path -> text match with the query
+    recent: list[RecentTask] = []  # the project's last tasks, any order
+    latest_seq: int = 0  # the newest task's ordinal
+
+    @property
+    def empty(self) -> bool:
+        """True when memory holds nothing for this project."""
+        return not self.tasks and not self.files and not self.recent
+
+
+class Ranked(msgspec.Struct, frozen=True):
+    """The outcome of fusion: files and tasks, most relevant first."""
+
+    files: list[str]
+    tasks: list[TaskHit]
+
+
+def _decay(age: int) -> float:
+    return math.pow(0.5, max(0, age) / HALF_LIFE_TASKS)
+
+
+def _normalised(scores: dict[str, float]) -> dict[str, float]:
+    top = max(scores.values(), default=0.0)
+    return {k: v / top for k, v in scores.items()} if top > 0 else {}
+
+
+def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
+    """Fuse the candidates into a ranking of files and of tasks (see the module docstring)."""
+    latest = found.latest_seq
+    best = max((t.relevance for t in found.tasks), default=0.0) or 1.0
+    weight = {t.uuid: t.relevance / best * _decay(latest - t.seq) for t in found.tasks}
+
+    by_task: dict[str, float] = defaultdict(float)
+    for task in found.tasks:
+        for path in task.files:
+            by_task[path] += weight[task.uuid] / math.sqrt(len(task.files))
+    prior: dict[str, float] = defaultdict(float)
+    together: dict[str, Counter[str]] = defaultdict(Counter)
+    for recent in found.recent:
+        share = _decay(latest - recent.seq) / math.sqrt(len(recent.files) or 1)
+        for path in recent.files:
+            prior[path] += share
+            together[path].update(p for p in recent.files if p != path)
+
+    score: dict[str, float] = defaultdict(float)
+    for signal, weight_of_signal in (
+        (by_task, 1.0),
+        (found.files, 1.0),
+        (prior, PRIOR_WEIGHT),
+    ):
+        for path, value in _normalised(signal).items():
+            score[path] += weight_of_signal * value
+    best_files = sorted(score.items(), key=lambda item: -item[1])[:files]
+    spread: dict[str, float] = defaultdict(float)
+    for path, value in best_files:
+        seen = sum(together[path].values()) or 1
+        for other, count in together[path].items():
+            spread[other] += COCHANGE_WEIGHT * value * count / seen
+    for path, value in spread.items():
+        score[path] += value
+    ranked_files = sorted(score, key=lambda path: -score[path])[:files]
+    ranked_tasks = sorted(found.tasks, key=lambda t: (-weight[t.uuid], -t.seq))
+    return Ranked(files=ranked_files, tasks=ranked_tasks)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _day(at: float) -> str:
+    return f"{dt.datetime.fromtimestamp(at, dt.UTC):%Y-%m-%d}" if at > 0 else "earlier"
+
+
+def _task_line(task: TaskHit, numbers: dict[str, int]) -> str:
+    """One past task: when, outcome, what was asked, what came of it, files, errors."""
+    parts = [f"- {_day(task.at)}, {task.outcome}:"]
+    if task.query:
+        parts.append(f'"{_clip(task.query, 160)}"')
+    if task.summary:
+        parts.append(f"→ {_clip(task.summary, 200)}")
+    shown = [f"[{numbers[p]}]" if p in numbers else p for p in _unique(task.files)]
+    if shown:
+        more = f" (+{len(shown) - 6} more)" if len(shown) > 6 else ""
+        parts.append(f"Files: {', '.join(shown[:6])}{more}.")
+    for error in _unique(task.errors)[:2]:
+        parts.append(f"Error: {_clip(error, 200)}")
+    return " ".join(parts)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_SHOWN) -> str | None:
+    """The text to inject, at most ``budget`` characters, or None when there is nothing.
+
+    Lines are added most useful first and a line that would pass the budget is left out,
+    so the files and the best tasks survive a small budget. A path is written once: the
+    files line numbers them and task lines refer to them by number.
+    """
+    if not ranked.files and not ranked.tasks:
+        return None
+    header = (
+        f"{CONTEXT_HEADER} From memory of earlier sessions in this project; not the user's words."
+    )
+    lines = [header]
+    used = len(header)
+    numbers: dict[str, int] = {}
+    if ranked.files:
+        entries = [f"[{n}] {path}" for n, path in enumerate(ranked.files, start=1)]
+        line = "Files likely involved: " + ", ".join(entries)
+        while used + 1 + len(line) > budget and entries:
+            entries.pop()
+            line = "Files likely involved: " + ", ".join(entries)
+        if entries:
+            numbers = {path: n for n, path in enumerate(ranked.files[: len(entries)], start=1)}
+            lines.append(line)
+            used += 1 + len(line)
+    title = "Related past tasks, most relevant first:"
+    shown_lines: list[str] = []
+    seen_lines: set[str] = set()
+    for task in ranked.tasks:
+        if len(shown_lines) >= tasks:
+            break
+        line = _task_line(task, numbers)
+        cost = 1 + len(line) + (0 if shown_lines else 1 + len(title))
+        if line in seen_lines or used + cost > budget:
+            continue
+        seen_lines.add(line)
+        shown_lines.append(line)
+        used += cost
+    if shown_lines:
+        lines.append(title)
+        lines.extend(shown_lines)
+    return "\n".join(lines) if len(lines) > 1 else None
+
+
+def context(found: Candidates, budget: int = DEFAULT_BUDGET) -> str | None:
+    """Rank and render in one step: the context for a chat, or None."""
+    if found.empty:
+        return None
+    return render(rank(found), budget)
+
+
+def paths_of(found: Candidates) -> set[str]:
+    """Every path the candidates name (a context built from them can only name these)."""
+    named = set(found.files)
+    for task in found.tasks:
+        named.update(task.files)
+    for recent in found.recent:
+        named.update(recent.files)
+    return named
+
+
+def search_words(text: str, limit: int = 32) -> Sequence[str]:
+    """The distinct meaningful words of a query, at most ``limit``, for a full-text search."""
+    return _unique(words(text))[:limit]
