@@ -47,7 +47,8 @@ import msgspec
 
 from bridge.episode import Episode
 from bridge.errors import BadRequest, MemoryUnavailable
-from bridge.memory.base import Recall
+from bridge.memory.base import Recall, candidates_from_episodes
+from bridge.recall import Candidates
 
 STDERR_TAIL = 2000  # characters of stderr quoted in an error
 LINE_LIMIT = 16 * 1024 * 1024  # longest export line read
@@ -157,6 +158,10 @@ class ScriptMemory:
             return Recall(episodes=[])
         out = await self._run(["query", query], group=group_id, limit=str(limit))
         return parse_query_output(out, group_id, limit)
+
+    async def candidates(self, group_id: str, query: str) -> Candidates:
+        """The recalled episodes as candidates, each a task of its own."""
+        return candidates_from_episodes((await self.recall(group_id, query, 20)).episodes)
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Run ``export`` and yield the episodes it prints, ``batch`` at a time, as they come.
