@@ -318,6 +318,7 @@ class Reply(msgspec.Struct):
     type: str
     id: int | str | None = None
     ok: bool = True
+    queued: bool = False
     hit: bool = False
     inject: str | None = None
     elapsed_us: int = -1
@@ -335,6 +336,7 @@ class Client:
         self.ws = ws
         self.timeout = timeout
         self.next_id = 0
+        self.queued = 0  # acks saying the episode waits in the outbox, not yet in memory
 
     async def ask(self, message: dict[str, Any], expect: str) -> tuple[Reply, int]:
         """Send ``message``, wait for its reply; the reply and the round trip in ns."""
@@ -349,6 +351,7 @@ class Client:
         reply = DECODER.decode(data)
         if reply.type != expect or reply.id != self.next_id or not reply.ok:
             raise BenchError(f"{message['type']} {message['id']} was answered with {reply!r}")
+        self.queued += reply.queued
         return reply, took
 
 
@@ -357,13 +360,22 @@ def project_name(history: str, mode: str) -> str:
     return f"{history[: 255 - len(mode)]}-{mode}"
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """The answers to a replay's chat:starts, one per commit, and how many episodes the
+    bridge acknowledged as queued in its outbox (memory did not take them in time)."""
+
+    turns: list[Turn]
+    queued: int
+
+
 async def replay(
     url: str, project: str, window: Sequence[Commit], mode: str, timeout: float = 60.0
-) -> list[Turn]:
+) -> Replayed:
     """Replay ``window`` in order into ``project`` of the bridge at ``url``, one commit as
     one task (session = sha): chat:start (subject), one file:write per file, completion
     (subject; the body as ``summary`` in mode ``summary`` when there is one). Each message
-    waits for its reply. Returns the answer to every chat:start."""
+    waits for its reply."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     turns: list[Turn] = []
@@ -390,7 +402,7 @@ async def replay(
             if mode == "summary" and commit.body.strip():
                 done["summary"] = commit.body
             await client.ask({**done, **base, **when}, "ack")
-    return turns
+    return Replayed(turns, client.queued)
 
 
 # -- figures ------------------------------------------------------------------------------
@@ -487,9 +499,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as the report's Markdown table."""
     lines = [
         "| history | mode | backend | scored | file recall | hit rate | recent recall "
-        "| bm25 recall | ratio | median ctx chars | p90 ctx chars | miss p50 / p99 ms "
-        "| server p50 / p99 ms | cache hits |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bm25 recall | ratio | median ctx chars | p90 ctx chars | empty ctx "
+        "| miss p50 / p99 ms | server p50 / p99 ms | cache hits |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -497,7 +509,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {fmt(r['memory_recall'], '.3f')} | {fmt(r['memory_hit_rate'], '.3f')} "
             f"| {fmt(r['recent_recall'], '.3f')} | {fmt(r['bm25_recall'], '.3f')} "
             f"| {fmt(r['ratio'], '.2f')} | {fmt(r['context_chars_median'], ',.0f')} "
-            f"| {fmt(r['context_chars_p90'], ',.0f')} "
+            f"| {fmt(r['context_chars_p90'], ',.0f')} | {r['empty_contexts']} "
             f"| {fmt(r['miss_rtt_p50_ms'], '.2f')} / {fmt(r['miss_rtt_p99_ms'], '.2f')} "
             f"| {fmt(r['miss_server_p50_ms'], '.2f')} / {fmt(r['miss_server_p99_ms'], '.2f')} "
             f"| {r['cache_hits']} |"
@@ -676,9 +688,11 @@ async def measure(
 ) -> dict[str, Any]:
     """Replay a history in one mode through the bridge at ``url`` and score it: the row."""
     began = time.perf_counter()
-    turns = await replay(url, project_name(history.name, mode), history.window, mode)
+    replayed = await replay(url, project_name(history.name, mode), history.window, mode)
+    turns = replayed.turns
     scored = outcomes(history.cases, turns)
     row = summarise(history.name, mode, backend, len(turns), scored)
+    row["queued_acks"] = replayed.queued
     row["duration_s"] = round(time.perf_counter() - began, 1)
     if save is not None:
         save_contexts(save / backend / f"{history.name}-{mode}", history, turns, scored)
@@ -740,8 +754,40 @@ async def run_backend(
                         f"recall: {backend} {history.name} {mode}: file recall "
                         f"{fmt(row['memory_recall'], '.3f')} in {row['duration_s']} s"
                     )
+                    for warning in warnings(row):
+                        progress(f"recall: warning: {warning}")
                     rows.append(row)
+        report_server_log(backend, server_log, save)
     return rows, round(time.perf_counter() - began, 1)
+
+
+def warnings(row: dict[str, Any]) -> list[str]:
+    """What in a row suggests the memory did not work as it should, in words."""
+    found: list[str] = []
+    where = f"{row['backend']} {row['history']} {row['mode']}"
+    if row["scored"] and row["empty_contexts"] == row["scored"]:
+        found.append(f"{where}: the bridge injected no context for any scored commit")
+    if row.get("queued_acks"):
+        found.append(
+            f"{where}: {row['queued_acks']} episodes were acknowledged as queued in the "
+            "outbox (memory did not take them within the store timeout)"
+        )
+    return found
+
+
+def report_server_log(backend: str, path: Path, save: Path | None) -> None:
+    """Show the last lines the bridge logged (at warning and above) on stderr, and keep the
+    whole log with the saved contexts."""
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").splitlines()
+        if save is not None:
+            (save / backend).mkdir(parents=True, exist_ok=True)
+            (save / backend / "server.log").write_text("\n".join(lines) + "\n")
+        logged = [line for line in lines if line.strip() and "graphiti-bridge stopped" not in line]
+        if logged:
+            progress(f"recall: the {backend} bridge logged {len(logged)} lines; the last ones:")
+            for line in logged[-10:]:
+                progress(f"  {line}")
 
 
 # -- report -------------------------------------------------------------------------------
