@@ -3,16 +3,23 @@
  *
  * One WebSocket to the bridge, opened at start-up and kept open; every message is a
  * MessagePack map in a binary frame (docs/protocol.md). OpenCode's hooks map onto the
- * bridge's events:
+ * bridge's events, each with the OpenCode session it belongs to (`session`):
  *
  *   chat.message (the user's text)     -> chat:start; the reply's `inject` is added to the
- *                                          message as a synthetic text part
- *   event file.edited                  -> file:write
+ *                                          message as a synthetic text part. The prompt
+ *                                          opens a turn of its session.
+ *   event file.edited                  -> file:write, in the session whose tool call wrote
+ *                                          the file (see sessionOfFile)
  *   event session.error                -> error
+ *   a failed tool call (tool part in
+ *         state "error", or a result
+ *         with an error or exit code)   -> error naming the tool, its file and the error
  *   event message.updated (assistant,
- *         completed)                   -> completion (tokens, duration); the steps of a
- *                                          task that end in tool calls add up into the
- *                                          completion of the step that finishes it
+ *         completed, not tool calls)   -> completion of the turn: task = the prompt,
+ *                                          summary = the assistant's final text, tokens
+ *                                          and duration summed over the turn's steps;
+ *                                          only for a turn that wrote a file or hit an
+ *                                          error (a question answered is no task)
  *
  * The chat hook waits for the bridge at most GRAPHITI_BRIDGE_DEADLINE_MS and then lets the
  * chat go on without memory. Events are sent one at a time, each after the previous one's
@@ -29,8 +36,8 @@
  */
 import { decode, encode } from "@msgpack/msgpack"
 import type { Hooks, Plugin, PluginInput, PluginModule } from "@opencode-ai/plugin"
-import type { AssistantMessage, Event, Part, TextPart } from "@opencode-ai/sdk"
-import { basename } from "node:path"
+import type { AssistantMessage, Event, Part, TextPart, ToolPart } from "@opencode-ai/sdk"
+import { basename, relative, resolve } from "node:path"
 
 export const ERROR_PREFIX = "Memory plugin error"
 export const SERVICE = "graphiti-memory"
@@ -43,7 +50,11 @@ export const DEFAULT_QUEUE = 1000
 const MAX_TEXT = 65_536
 /** How many characters of the user's prompt name a completed task. */
 const TASK_CHARS = 500
-/** How many message ids and prompts the plugin remembers (oldest forgotten first). */
+/** How many characters of the assistant's final answer go into a completion's summary. */
+export const SUMMARY_CHARS = 8_000
+/** How many characters of a failed command's output go into its error. */
+const OUTPUT_CHARS = 2_000
+/** How many turns, messages, tool calls and sessions the plugin remembers (oldest forgotten first). */
 const MEMO_SIZE = 1000
 /** Longest wait for acknowledgements when OpenCode disposes of the plugin. */
 const DISPOSE_DRAIN_MS = 500
@@ -619,10 +630,18 @@ class Memo<V> {
     this.map.set(key, value)
     if (this.map.size > this.limit) this.map.delete(this.map.keys().next().value as string)
   }
+  entries(): IterableIterator<[string, V]> {
+    return this.map.entries()
+  }
 }
 
 function clip(text: string, limit: number): string {
   return text.length <= limit ? text : `${text.slice(0, limit - 1)}…`
+}
+
+/** The last `limit` characters of a text (a command's output ends with what went wrong). */
+function tail(text: string, limit: number): string {
+  return text.length <= limit ? text : `…${text.slice(-(limit - 1))}`
 }
 
 function errorText(error: unknown): string {
@@ -633,6 +652,87 @@ function errorText(error: unknown): string {
   return [label, message].filter(Boolean).join(": ")
 }
 
+type Args = Record<string, unknown>
+
+function asArgs(value: unknown): Args {
+  return value && typeof value === "object" && !Array.isArray(value) ? (value as Args) : {}
+}
+
+/** Arguments that name the file a tool works on, in the spellings OpenCode's tools use. */
+const PATH_ARGS = ["filePath", "file_path", "path", "file", "filename"]
+
+/** The file a tool call works on, if its arguments name one. */
+export function toolPath(args: unknown): string | undefined {
+  const given = asArgs(args)
+  for (const key of PATH_ARGS) {
+    const value = given[key]
+    if (typeof value === "string" && value.trim()) return value.trim()
+  }
+  return undefined
+}
+
+/**
+ * Tool errors that are no failure: the person refused or interrupted the call (OpenCode's
+ * own interface reads these the same way).
+ */
+const NOT_FAILURES = [
+  "Tool execution aborted",
+  "QuestionRejectedError",
+  "rejected permission",
+  "specified a rule",
+  "user dismissed",
+]
+
+/** The text of an `error` event for a failed tool call: the tool, its file, what went wrong. */
+export function toolFailure(tool: string, args: unknown, error: string): string {
+  const path = toolPath(args)
+  return `Tool ${tool || "?"} failed${path ? ` on ${path}` : ""}: ${error.trim()}`
+}
+
+/**
+ * What went wrong in a tool call that returned (tool.execute.after), or undefined when
+ * nothing did: an `error` in its metadata, or a non-zero `exit` (bash: the exit code,
+ * the command and the end of its output).
+ */
+export function resultFailure(
+  args: unknown,
+  result: { output?: unknown; metadata?: unknown },
+): string | undefined {
+  const metadata = asArgs(result?.metadata)
+  if (typeof metadata.error === "string" && metadata.error.trim()) return metadata.error.trim()
+  const exit = metadata.exit
+  if (typeof exit !== "number" || exit === 0) return undefined
+  const command = asArgs(args).command
+  const output = typeof result.output === "string" ? result.output.trim() : ""
+  const ran = typeof command === "string" && command.trim() ? ` from \`${clip(command.trim(), 200)}\`` : ""
+  return `exit code ${exit}${ran}${output ? `\n${tail(output, OUTPUT_CHARS)}` : ""}`
+}
+
+/** One user turn of a session: the prompt, then what the assistant did up to its answer. */
+interface Turn {
+  sessionID: string
+  /** The prompt's message id (the `parentID` of the assistant's messages), once known. */
+  userID?: string
+  prompt?: string
+  /** Tokens of the steps so far, and when the first began. */
+  tokens: number
+  started?: number
+  /** Files written and errors hit during the turn. */
+  changed: number
+  failed: number
+  /** The assistant's latest text in the turn (its answer, once the turn ends). */
+  text: string
+}
+
+/** A tool call, from its start, for finding the session of a file.edited event. */
+interface ToolCall {
+  sessionID: string
+  args: Args
+  /** When it started or was last seen (a counter, so later is larger). */
+  tick: number
+  done: boolean
+}
+
 /** The hooks and the client behind them (the client is exposed for tests and dispose). */
 export function createHooks(
   input: Pick<PluginInput, "worktree" | "directory">,
@@ -640,6 +740,7 @@ export function createHooks(
 ): { hooks: Hooks; client: BridgeClient; project: string } {
   const log = safeLogger(options.log)
   const project = projectName(input, options.project)
+  const base = input.directory || input.worktree || process.cwd()
   const client = new BridgeClient({
     url: options.url,
     token: options.token,
@@ -647,51 +748,240 @@ export function createHooks(
     log,
     ...options.client,
   })
-  /** Prompt text by user message id, and the latest prompt of each session. */
-  const prompts = new Memo<string>(MEMO_SIZE)
-  const lastPrompt = new Memo<string>(MEMO_SIZE)
-  /** Assistant messages already reported as completions. */
+
+  /** Open turns by key (the prompt's message id), and each session's current turn key. */
+  const turns = new Memo<Turn>(MEMO_SIZE)
+  const currentTurn = new Memo<string>(MEMO_SIZE)
+  /** Assistant messages seen, those already reported, and their text parts by part id. */
+  const assistants = new Memo<true>(MEMO_SIZE)
   const completed = new Memo<true>(MEMO_SIZE)
+  const texts = new Memo<Map<string, string>>(MEMO_SIZE)
+  /** Tool calls by session and call id, and the calls whose failure was reported. */
+  const calls = new Memo<ToolCall>(MEMO_SIZE)
+  const reported = new Memo<true>(MEMO_SIZE)
+  /** When each session last went busy (deleted when it goes idle), and was last active. */
+  const busy = new Memo<number>(MEMO_SIZE)
+  const active = new Memo<number>(MEMO_SIZE)
+  /** The parent of each sub-agent session. */
+  const parents = new Memo<string>(MEMO_SIZE)
+  let tick = 0
 
   const fail = (where: string, error: unknown): void => {
     log("error", `${ERROR_PREFIX} in ${where}: ${describe(error)}`)
   }
+  const touch = (sessionID: string): void => active.set(sessionID, ++tick)
+  const sessionField = (sessionID: string | undefined): { session?: string } =>
+    sessionID ? { session: sessionID } : {}
 
-  /** Steps of a task that ended in tool calls, by the prompt's message id. */
-  const steps = new Memo<{ tokens: number; started: number }>(MEMO_SIZE)
+  /** The session's current turn; one without a prompt if none is open. */
+  const turnOf = (sessionID: string): Turn => {
+    const key = currentTurn.get(sessionID)
+    const turn = key === undefined ? undefined : turns.get(key)
+    if (turn) return turn
+    const fresh: Turn = { sessionID, tokens: 0, changed: 0, failed: 0, text: "" }
+    const freshKey = `${sessionID}\u0000${++tick}`
+    turns.set(freshKey, fresh)
+    currentTurn.set(sessionID, freshKey)
+    return fresh
+  }
+
+  /** The turn an assistant message belongs to (its parentID is the turn's prompt). */
+  const turnOfReply = (info: AssistantMessage): Turn => {
+    const key = currentTurn.get(info.sessionID)
+    let turn = key === undefined ? undefined : turns.get(key)
+    if (turn?.userID !== info.parentID) {
+      if (turn && turn.userID === undefined && key !== undefined) {
+        // Opened by a file or an error before the plugin saw this turn's prompt.
+        turns.delete(key)
+        turn.userID = info.parentID
+      } else {
+        turn = turns.get(info.parentID) ?? {
+          sessionID: info.sessionID,
+          userID: info.parentID,
+          tokens: 0,
+          changed: 0,
+          failed: 0,
+          text: "",
+        }
+      }
+      turns.set(info.parentID, turn)
+      currentTurn.set(info.sessionID, info.parentID)
+    }
+    return turn
+  }
+
+  /** Count a file written or an error in the session's turn, and in its parents' turns. */
+  const mark = (sessionID: string, what: "changed" | "failed"): void => {
+    let session: string | undefined = sessionID
+    for (let depth = 0; session && depth < 8; depth++) {
+      turnOf(session)[what]++
+      session = parents.get(session)
+    }
+  }
 
   /**
-   * A finished assistant message. A message that ended in tool calls is one step of a task:
-   * its tokens and start are carried over to the message that finishes the task, which
-   * reports one completion for the whole prompt.
+   * The session a file.edited event belongs to (the event does not say). In this order:
+   * the session of the latest tool call still running whose arguments name the file
+   * (OpenCode publishes file.edited while the tool that wrote it runs); then of the latest
+   * finished call that named it; then of the latest call still running; then the session
+   * that went busy last and is not idle yet; then the session that was active last.
    */
-  const onCompleted = (info: AssistantMessage): void => {
+  const sessionOfFile = (file: string): string | undefined => {
+    const target = resolve(base, file)
+    const relativePath = relative(base, target)
+    const names = (args: Args): boolean =>
+      Object.values(args).some((value) => {
+        if (typeof value !== "string" || !value) return false
+        if (!value.includes("\n")) return value.length <= 4096 && resolve(base, value.trim()) === target
+        // A patch names its files in its text.
+        return value.includes(target) || (!relativePath.startsWith("..") && value.includes(relativePath))
+      })
+    let best: { session: string; rank: number; tick: number } | undefined
+    const consider = (session: string, rank: number, at: number): void => {
+      if (!best || rank > best.rank || (rank === best.rank && at > best.tick))
+        best = { session, rank, tick: at }
+    }
+    for (const [, call] of calls.entries()) {
+      const named = names(call.args)
+      if (named || !call.done) consider(call.sessionID, named ? (call.done ? 3 : 4) : 2, call.tick)
+    }
+    for (const [session, at] of busy.entries()) consider(session, 1, at)
+    for (const [session, at] of active.entries()) consider(session, 0, at)
+    return best?.session
+  }
+
+  /** The session of an event that does not name one: the one that was active last. */
+  const latestSession = (): string | undefined => {
+    let latest: [string, number] | undefined
+    for (const [session, at] of busy.entries()) if (!latest || at > latest[1]) latest = [session, at]
+    if (latest) return latest[0]
+    for (const [session, at] of active.entries()) if (!latest || at > latest[1]) latest = [session, at]
+    return latest?.[0]
+  }
+
+  const callKey = (sessionID: string, callID: string): string => `${sessionID}\u0000${callID}`
+
+  /** A tool call started (or was seen running): remember its arguments and session. */
+  const callStarted = (sessionID: string, callID: string, args: unknown, restart: boolean): void => {
+    const key = callKey(sessionID, callID)
+    const known = calls.get(key)
+    const given = asArgs(args)
+    if (restart || !known) {
+      if (restart) reported.delete(key)
+      calls.set(key, { sessionID, args: given, tick: ++tick, done: false })
+    } else if (Object.keys(given).length) {
+      known.args = given
+    }
+    touch(sessionID)
+  }
+
+  const callDone = (sessionID: string, callID: string, args: unknown): void => {
+    const key = callKey(sessionID, callID)
+    const known = calls.get(key)
+    if (known) known.done = true
+    else calls.set(key, { sessionID, args: asArgs(args), tick: ++tick, done: true })
+  }
+
+  /** A tool call failed: an `error` event of its session, once per call. */
+  const toolFailed = (
+    sessionID: string,
+    callID: string,
+    tool: string,
+    args: unknown,
+    error: string,
+  ): void => {
+    const key = callKey(sessionID, callID)
+    if (reported.has(key) || !error.trim()) return
+    reported.set(key, true)
+    if (NOT_FAILURES.some((phrase) => error.includes(phrase))) return
+    mark(sessionID, "failed")
+    const message = clip(toolFailure(tool, args, error), MAX_TEXT)
+    client.send({ type: "error", message, project, session: sessionID })
+  }
+
+  const onToolPart = (part: ToolPart): void => {
+    const { sessionID, callID, state } = part
+    if (typeof sessionID !== "string" || typeof callID !== "string" || !state) return
+    switch (state.status) {
+      case "pending":
+      case "running":
+        callStarted(sessionID, callID, state.input, false)
+        return
+      case "completed":
+        callDone(sessionID, callID, state.input)
+        return
+      case "error":
+        callDone(sessionID, callID, state.input)
+        if (state.metadata?.interrupted === true) return
+        toolFailed(sessionID, callID, part.tool, state.input, String(state.error ?? ""))
+        return
+    }
+  }
+
+  const onTextPart = (part: TextPart): void => {
+    if (part.synthetic || part.ignored || !assistants.has(part.messageID)) return
+    const parts = texts.get(part.messageID) ?? new Map<string, string>()
+    parts.set(part.id, typeof part.text === "string" ? part.text : "")
+    texts.set(part.messageID, parts)
+  }
+
+  /** The text of an assistant message, its parts in OpenCode's order (by id). */
+  const messageText = (messageID: string): string => {
+    const parts = texts.get(messageID)
+    if (!parts) return ""
+    return [...parts.entries()]
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([, text]) => text.trim())
+      .filter(Boolean)
+      .join("\n")
+  }
+
+  /**
+   * An assistant message was updated. The messages of one turn share the prompt as their
+   * parent: one that ends in tool calls is a step, whose tokens, start and text carry over
+   * to the message that ends the turn. That one reports the turn as a completion, with the
+   * prompt as its task and the assistant's final text as its summary, if the turn changed a
+   * file or hit an error; a turn that did neither (a question answered, say) is no task.
+   */
+  const onReply = (info: AssistantMessage): void => {
+    assistants.set(info.id, true)
+    const turn = turnOfReply(info)
+    touch(info.sessionID)
     const finished = info.time?.completed
     if (!finished || completed.has(info.id)) return
     completed.set(info.id, true)
+    const text = messageText(info.id)
+    texts.delete(info.id)
+    if (text) turn.text = text
     if (info.error) return // reported by session.error
     const tokens = info.tokens as (AssistantMessage["tokens"] & { total?: number }) | undefined
     const used =
       typeof tokens?.total === "number"
         ? tokens.total
         : (tokens?.input ?? 0) + (tokens?.output ?? 0) + (tokens?.reasoning ?? 0)
-    const before = steps.get(info.parentID)
-    const total = (before?.tokens ?? 0) + (Number.isFinite(used) ? Math.max(0, used) : 0)
-    const started = Math.min(before?.started ?? info.time.created, info.time.created)
-    if (info.finish === "tool-calls" || info.finish === "tool_calls") {
-      steps.set(info.parentID, { tokens: total, started })
+    turn.tokens += Number.isFinite(used) ? Math.max(0, used) : 0
+    turn.started = Math.min(turn.started ?? info.time.created, info.time.created)
+    if (info.finish === "tool-calls" || info.finish === "tool_calls") return
+    const { changed, failed, tokens: total, started, text: answer } = turn
+    // The turn is over; anything after this under the same prompt starts from nothing.
+    Object.assign(turn, { tokens: 0, started: undefined, changed: 0, failed: 0, text: "" })
+    if (!changed && !failed) {
+      log(
+        "debug",
+        `turn ${info.parentID} of ${info.sessionID} changed nothing and hit no error: no completion`,
+      )
       return
     }
-    steps.delete(info.parentID)
-    const prompt = prompts.get(info.parentID) ?? lastPrompt.get(info.sessionID)
-    const task = prompt
-      ? clip(prompt, TASK_CHARS)
+    const task = turn.prompt
+      ? clip(turn.prompt, TASK_CHARS)
       : `reply from ${info.providerID}/${info.modelID} in session ${info.sessionID}`
+    const summary = clip(answer, SUMMARY_CHARS)
     client.send({
       type: "completion",
       task,
       tokens: Math.round(total),
-      duration_ms: Math.max(0, finished - started),
+      duration_ms: Math.max(0, finished - (started ?? finished)),
+      ...(summary ? { summary } : {}),
       project,
       session: info.sessionID,
     })
@@ -700,14 +990,30 @@ export function createHooks(
   const hooks: Hooks = {
     "chat.message": async (hookInput, output) => {
       try {
+        const sessionID = hookInput.sessionID
         const text = userText(output.parts)
-        if (!text) return
         const messageID = output.message?.id ?? hookInput.messageID
-        if (messageID) prompts.set(messageID, text)
-        lastPrompt.set(hookInput.sessionID, text)
+        // A prompt opens a turn; its replies find it by their parentID, the prompt's id.
+        const key = messageID ?? `${sessionID}\u0000${++tick}`
+        turns.set(key, {
+          sessionID,
+          userID: messageID,
+          prompt: text || undefined,
+          tokens: 0,
+          changed: 0,
+          failed: 0,
+          text: "",
+        })
+        currentTurn.set(sessionID, key)
+        touch(sessionID)
+        if (!text) return
+        const deadline = Date.now() + options.deadlineMs
+        // The bridge files each event under the latest chat:start of its session, so the
+        // events of earlier turns still queued go first (waiting at most half the deadline).
+        if (client.connected && client.backlog) await client.drained(options.deadlineMs / 2)
         const reply = await client.request(
-          { type: "chat:start", query: clip(text, MAX_TEXT), project, session: hookInput.sessionID },
-          options.deadlineMs,
+          { type: "chat:start", query: clip(text, MAX_TEXT), project, session: sessionID },
+          deadline - Date.now(),
         )
         if (!reply) return
         if (reply.type !== "context") {
@@ -717,7 +1023,7 @@ export function createHooks(
         if (typeof reply.inject !== "string" || !reply.inject) return
         const part: TextPart = {
           id: memoryPartId(output.parts),
-          sessionID: hookInput.sessionID,
+          sessionID,
           messageID: messageID ?? "",
           type: "text",
           text: reply.inject,
@@ -729,15 +1035,35 @@ export function createHooks(
       }
     },
 
+    "tool.execute.before": async (hookInput, output) => {
+      try {
+        callStarted(hookInput.sessionID, hookInput.callID, output?.args, true)
+      } catch (error) {
+        fail("tool.execute.before", error)
+      }
+    },
+
+    "tool.execute.after": async (hookInput, output) => {
+      try {
+        const { sessionID, callID, tool, args } = hookInput
+        callDone(sessionID, callID, args)
+        const failure = resultFailure(args, output ?? {})
+        if (failure) toolFailed(sessionID, callID, tool, args, failure)
+      } catch (error) {
+        fail("tool.execute.after", error)
+      }
+    },
+
     event: async (hookInput: { event: Event }) => {
       const event = hookInput?.event
       try {
         switch (event?.type) {
           case "file.edited": {
             const path = event.properties?.file
-            if (typeof path === "string" && path) {
-              client.send({ type: "file:write", path: clip(path, 4096), project })
-            }
+            if (typeof path !== "string" || !path) return
+            const session = sessionOfFile(path)
+            if (session) mark(session, "changed")
+            client.send({ type: "file:write", path: clip(path, 4096), project, ...sessionField(session) })
             return
           }
           case "session.error": {
@@ -745,12 +1071,45 @@ export function createHooks(
             if ((error as { name?: string } | undefined)?.name === "MessageAbortedError") return
             const message = errorText(error)
             if (!message) return
-            client.send({ type: "error", message: clip(message, MAX_TEXT), project, session: sessionID })
+            const session = sessionID ?? latestSession()
+            if (session) mark(session, "failed")
+            client.send({
+              type: "error",
+              message: clip(message, MAX_TEXT),
+              project,
+              ...sessionField(session),
+            })
             return
           }
           case "message.updated": {
             const info = event.properties?.info
-            if (info?.role === "assistant") onCompleted(info)
+            if (info?.role === "assistant") onReply(info)
+            return
+          }
+          case "message.part.updated": {
+            const part = event.properties?.part
+            if (part?.type === "tool") onToolPart(part)
+            else if (part?.type === "text") onTextPart(part)
+            return
+          }
+          case "session.status": {
+            const { sessionID, status } = event.properties ?? {}
+            if (typeof sessionID !== "string") return
+            if (status?.type === "idle") busy.delete(sessionID)
+            else if (!busy.has(sessionID)) busy.set(sessionID, ++tick)
+            return
+          }
+          case "session.idle": {
+            const sessionID = event.properties?.sessionID
+            if (typeof sessionID === "string") busy.delete(sessionID)
+            return
+          }
+          case "session.created":
+          case "session.updated": {
+            const info = event.properties?.info
+            if (typeof info?.id === "string" && typeof info.parentID === "string" && info.parentID) {
+              parents.set(info.id, info.parentID)
+            }
             return
           }
           default:

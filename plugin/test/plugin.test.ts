@@ -5,7 +5,7 @@
  * @opencode-ai/sdk. tests/test_plugin.py runs the real OpenCode with this plugin.
  */
 import type { PluginInput } from "@opencode-ai/plugin"
-import type { AssistantMessage, Event, Part, TextPart, UserMessage } from "@opencode-ai/sdk"
+import type { AssistantMessage, Event, Part, TextPart, ToolPart, UserMessage } from "@opencode-ai/sdk"
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test"
 import {
   backoffDelay,
@@ -18,8 +18,10 @@ import {
   GraphitiMemoryPlugin,
   type HookOptions,
   type Logger,
+  type Outgoing,
   projectName,
   settingsFromEnv,
+  SUMMARY_CHARS,
 } from "../graphiti-memory.ts"
 import plugin from "../graphiti-memory.ts"
 import { ask, Bridge, exportEpisodes, freePort, removeDir, scratchDir, until } from "./bridge.ts"
@@ -75,7 +77,25 @@ function hooksFor(url: string, extra: Partial<HookOptions> = {}) {
     ...extra,
   })
   cleanups.push(() => made.hooks.dispose?.())
-  return { ...made, lines }
+  // Every message the hooks hand to the client, in order (it still goes to the bridge).
+  const sent: Outgoing[] = []
+  const { client } = made
+  const send = client.send.bind(client)
+  const request = client.request.bind(client)
+  client.send = (message) => {
+    sent.push(message)
+    send(message)
+  }
+  client.request = (message, deadlineMs) => {
+    sent.push(message)
+    return request(message, deadlineMs)
+  }
+  return { ...made, lines, sent }
+}
+
+/** The messages of one type the hooks sent. */
+function ofType(sent: Outgoing[], type: string): Outgoing[] {
+  return sent.filter((message) => message.type === type)
 }
 
 let seq = 0
@@ -121,6 +141,38 @@ function injected(parts: Part[]): TextPart[] {
 
 function fileEdited(file: string): { event: Event } {
   return { event: { type: "file.edited", properties: { file } } }
+}
+
+function status(sessionID: string, type: "busy" | "idle"): { event: Event } {
+  return { event: { type: "session.status", properties: { sessionID, status: { type } } } }
+}
+
+function toolPart(
+  sessionID: string,
+  callID: string,
+  tool: string,
+  state: ToolPart["state"],
+  messageID = "msg_tools",
+): { event: Event } {
+  const part: ToolPart = { id: `prt_${callID}`, sessionID, messageID, type: "tool", callID, tool, state }
+  return { event: { type: "message.part.updated", properties: { part } } }
+}
+
+function textPart(sessionID: string, messageID: string, id: string, text: string): { event: Event } {
+  const part: TextPart = { id, sessionID, messageID, type: "text", text }
+  return { event: { type: "message.part.updated", properties: { part } } }
+}
+
+/** A tool call as OpenCode runs it: tool.execute.before, then (if it returns) .after. */
+async function toolCall(
+  hooks: ReturnType<typeof hooksFor>["hooks"],
+  call: { sessionID: string; callID: string; tool: string; args: Record<string, unknown> },
+  result?: { output: string; metadata: Record<string, unknown> },
+): Promise<void> {
+  const { sessionID, callID, tool, args } = call
+  await hooks["tool.execute.before"]!({ tool, sessionID, callID }, { args })
+  if (result)
+    await hooks["tool.execute.after"]!({ tool, sessionID, callID, args }, { title: tool, ...result })
 }
 
 function assistant(fields: Partial<AssistantMessage> & Pick<AssistantMessage, "id" | "parentID" | "time">): {
@@ -240,22 +292,75 @@ describe("with a running bridge", () => {
 
   test("a file.edited event is stored as an episode that a later chat recalls", async () => {
     const bridge = await startBridge()
-    const { hooks, client } = hooksFor(bridge.url)
+    const { hooks, client, sent } = hooksFor(bridge.url)
     await hooks.event!(fileEdited("/work/shop/src/parser.ts"))
     expect(await client.drained(5000)).toBe(true)
 
     const episodes = await exportEpisodes(bridge.url, "shop")
-    expect(episodes.map((e) => [e.body, e.metadata])).toEqual([
-      ["Modified: /work/shop/src/parser.ts", { type: "file_edit", path: "/work/shop/src/parser.ts" }],
-    ])
+    expect(episodes.map((e) => e.body)).toEqual(["Modified: /work/shop/src/parser.ts"])
+    expect(episodes[0].metadata).toMatchObject({ type: "file_edit", path: "/work/shop/src/parser.ts" })
+    // No session was active: the event says none rather than guess.
+    expect(ofType(sent, "file:write")[0]).not.toHaveProperty("session")
     const turn = await chat(hooks, "ses_1", "what changed in parser.ts lately?")
     const [memory] = injected(turn.parts)
-    expect(memory?.text).toContain("Modified: /work/shop/src/parser.ts")
+    expect(memory?.text).toContain("/work/shop/src/parser.ts")
   })
 
-  test("session.error becomes an error episode; aborts and events without an error are not errors", async () => {
+  test("a file.edited goes to the session whose tool call wrote it, else the busy, else the last active one", async () => {
     const bridge = await startBridge()
-    const { hooks, client } = hooksFor(bridge.url)
+    const { hooks, client, sent } = hooksFor(bridge.url)
+    const a = await chat(hooks, "ses_a", "rename the parser module")
+    await chat(hooks, "ses_b", "tidy the docs")
+    await hooks.event!(status("ses_a", "busy"))
+    await hooks.event!(status("ses_b", "busy"))
+    const expected: Array<[string, string]> = []
+    const edited = async (file: string, session: string): Promise<void> => {
+      await hooks.event!(fileEdited(file))
+      expected.push([file, session])
+    }
+
+    // ses_a's write names the file (relative to the worktree): ses_a's, though ses_b went
+    // busy later. OpenCode publishes file.edited while the tool runs.
+    const write = { sessionID: "ses_a", callID: "call_1", tool: "write", args: { filePath: "src/parser.ts" } }
+    await hooks["tool.execute.before"]!(write, { args: write.args })
+    await edited("/work/shop/src/parser.ts", "ses_a")
+    await hooks["tool.execute.after"]!(
+      { ...write, args: write.args },
+      { title: "src/parser.ts", output: "Wrote file successfully.", metadata: {} },
+    )
+    // Edited again after the call returned (a formatter, say): still the call that named it.
+    await edited("/work/shop/src/parser.ts", "ses_a")
+    // A patch names its files in its text; here only the tool part shows the call running.
+    const patch = "*** Begin Patch\n*** Update File: docs/guide.md\n@@\n-old\n+new\n*** End Patch"
+    const running = { status: "running" as const, input: { patchText: patch }, time: { start: 1 } }
+    await hooks.event!(toolPart("ses_b", "call_2", "apply_patch", running))
+    await edited("/work/shop/docs/guide.md", "ses_b")
+    // A file no call names: the session whose call is still running.
+    await edited("/work/shop/docs/index.md", "ses_b")
+    const done = { ...running, status: "completed" as const, output: "ok", title: "patch", metadata: {} }
+    await hooks.event!(toolPart("ses_b", "call_2", "apply_patch", { ...done, time: { start: 1, end: 2 } }))
+    // No call running: the session that went busy last and is not idle.
+    await edited("/work/shop/CHANGELOG.md", "ses_b")
+    await hooks.event!({ event: { type: "session.idle", properties: { sessionID: "ses_b" } } })
+    await edited("/work/shop/LICENSE", "ses_a")
+    // Nobody busy: the session active last (ses_a's reply streams after ses_b's call).
+    await hooks.event!(
+      assistant({ id: "msg_a1", sessionID: "ses_a", parentID: a.message.id, time: { created: 1 } }),
+    )
+    await hooks.event!(status("ses_a", "idle"))
+    await edited("/work/shop/NOTES.md", "ses_a")
+    expect(await client.drained(5000)).toBe(true)
+
+    const writes = ofType(sent, "file:write")
+    expect(writes.map((m) => [m.path, m.session])).toEqual(expected)
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => [e.metadata.path, e.metadata.session])).toEqual(expected)
+    expect(client.stats).toMatchObject({ acked: expected.length, refused: 0 })
+  })
+
+  test("session.error becomes an error episode of its session; aborts and events without an error are not errors", async () => {
+    const bridge = await startBridge()
+    const { hooks, client, sent } = hooksFor(bridge.url)
     const events: Event[] = [
       {
         type: "session.error",
@@ -274,16 +379,86 @@ describe("with a running bridge", () => {
       },
     ]
     for (const event of events) await hooks.event!({ event })
+    // Without a session id: the session active last.
+    await chat(hooks, "ses_2", "summarise the billing job")
+    await hooks.event!({
+      event: {
+        type: "session.error",
+        properties: { error: { name: "UnknownError", data: { message: "disk full" } } },
+      },
+    })
     expect(await client.drained(5000)).toBe(true)
-    const episodes = await exportEpisodes(bridge.url, "shop")
-    expect(episodes.map((e) => [e.body, e.metadata])).toEqual([
-      ["Error: APIError: rate limited by provider", { type: "error", severity: "high" }],
+    expect(ofType(sent, "error").map((m) => [m.message, m.session])).toEqual([
+      ["APIError: rate limited by provider", "ses_1"],
+      ["UnknownError: disk full", "ses_2"],
     ])
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => [e.body, e.metadata.session])).toEqual([
+      ["Error: APIError: rate limited by provider", "ses_1"],
+      ["Error: UnknownError: disk full", "ses_2"],
+    ])
+    for (const episode of episodes)
+      expect(episode.metadata).toMatchObject({ type: "error", severity: "high" })
   })
 
-  test("a completed task becomes one completion episode with its tokens and duration", async () => {
+  test("a failed tool call is an error of its session naming the tool, its file and what went wrong", async () => {
     const bridge = await startBridge()
-    const { hooks, client } = hooksFor(bridge.url)
+    const { hooks, client, sent } = hooksFor(bridge.url)
+    await chat(hooks, "ses_1", "fix the flaky checkout test")
+    const time = { start: 1, end: 2 }
+    const edit = { filePath: "/work/shop/src/checkout.ts", oldString: "total =", newString: "total ??=" }
+    // A tool that throws: OpenCode marks its part "error" (tool.execute.after never runs).
+    await hooks["tool.execute.before"]!(
+      { tool: "edit", sessionID: "ses_1", callID: "call_1" },
+      { args: edit },
+    )
+    const failed = {
+      status: "error" as const,
+      input: edit,
+      error: "Could not find oldString in the file.",
+      time,
+    }
+    await hooks.event!(toolPart("ses_1", "call_1", "edit", failed))
+    await hooks.event!(toolPart("ses_1", "call_1", "edit", failed)) // the same update again: once
+    // A command that exits non-zero returns normally, with its exit code in the metadata.
+    const output = "1 fail\nexpected 2, received 3"
+    await toolCall(
+      hooks,
+      { sessionID: "ses_1", callID: "call_2", tool: "bash", args: { command: "bun test checkout" } },
+      { output, metadata: { output, exit: 1 } },
+    )
+    await toolCall(
+      hooks,
+      { sessionID: "ses_1", callID: "call_3", tool: "bash", args: { command: "ls" } },
+      { output: "src", metadata: { output: "src", exit: 0 } },
+    )
+    // Not failures: the person interrupted or refused the call.
+    const read = { filePath: "/work/shop/src/cart.ts" }
+    for (const [callID, error, metadata] of [
+      ["call_4", "Tool execution aborted", undefined],
+      ["call_5", "interrupted", { interrupted: true }],
+      ["call_6", "The user rejected permission to use this specific tool call.", undefined],
+    ] as const) {
+      await hooks.event!(
+        toolPart("ses_1", callID, "read", { status: "error", input: read, error, metadata, time }),
+      )
+    }
+    expect(await client.drained(5000)).toBe(true)
+
+    const bodies = [
+      "Tool edit failed on /work/shop/src/checkout.ts: Could not find oldString in the file.",
+      "Tool bash failed: exit code 1 from `bun test checkout`\n1 fail\nexpected 2, received 3",
+    ]
+    expect(ofType(sent, "error").map((m) => [m.message, m.session])).toEqual(bodies.map((b) => [b, "ses_1"]))
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.map((e) => [e.body, e.metadata.session])).toEqual(
+      bodies.map((b) => [`Error: ${b}`, "ses_1"]),
+    )
+  })
+
+  test("a turn that wrote a file is one completion: the prompt as task, the final answer as summary", async () => {
+    const bridge = await startBridge()
+    const { hooks, client, sent } = hooksFor(bridge.url)
     const turn = await chat(hooks, "ses_1", "add a retry to the payment client")
     const parentID = turn.message.id
     const t0 = 1_790_000_000_000
@@ -291,7 +466,8 @@ describe("with a running bridge", () => {
       // the user's own message.updated, and an assistant message still streaming
       { event: { type: "message.updated", properties: { info: turn.message } } } as { event: Event },
       assistant({ id: "msg_a1", parentID, time: { created: t0 } }),
-      // a step that ended in tool calls, then the step that finishes the task
+      textPart("ses_1", "msg_a1", "prt_a1_1", "Let me look at the client first."),
+      // a step that ended in tool calls (a write among them), then the step that ends the task
       assistant({
         id: "msg_a1",
         parentID,
@@ -299,6 +475,10 @@ describe("with a running bridge", () => {
         finish: "tool-calls",
         tokens: { input: 100, output: 20, reasoning: 5, cache: { read: 0, write: 0 } },
       }),
+      assistant({ id: "msg_a2", parentID, time: { created: t0 + 500 } }),
+      textPart("ses_1", "msg_a2", "prt_a2_2", "It backs off 100 ms, then 200 ms."),
+      textPart("ses_1", "msg_a2", "prt_a2_1", ""),
+      textPart("ses_1", "msg_a2", "prt_a2_1", "Added a retry with backoff to PaymentClient."),
       assistant({
         id: "msg_a2",
         parentID,
@@ -319,21 +499,113 @@ describe("with a running bridge", () => {
         time: { created: t0 + 500, completed: t0 + 1500 },
         finish: "stop",
       }),
-      // a failed reply is an error (session.error), not a completion
-      assistant({
-        id: "msg_a3",
-        parentID,
-        time: { created: t0 + 2000, completed: t0 + 2100 },
-        error: { name: "UnknownError", data: { message: "boom" } },
-      }),
     ]
-    for (const update of updates) await hooks.event!(update)
+    for (const [i, update] of updates.entries()) {
+      await hooks.event!(update)
+      if (i === 3) {
+        await toolCall(hooks, {
+          sessionID: "ses_1",
+          callID: "c1",
+          tool: "write",
+          args: { filePath: "src/pay.ts" },
+        })
+        await hooks.event!(fileEdited("/work/shop/src/pay.ts"))
+      }
+    }
     expect(await client.drained(5000)).toBe(true)
 
+    const summary = "Added a retry with backoff to PaymentClient.\nIt backs off 100 ms, then 200 ms."
+    const [completion, ...more] = ofType(sent, "completion")
+    expect(more).toEqual([])
+    expect(completion).toMatchObject({
+      task: "add a retry to the payment client",
+      summary,
+      tokens: 185,
+      duration_ms: 1500,
+      session: "ses_1",
+    })
     const episodes = await exportEpisodes(bridge.url, "shop")
-    expect(episodes.map((e) => [e.body, e.metadata])).toEqual([
-      ["Completed: add a retry to the payment client", { type: "success", duration: 1500, tokens: 185 }],
+    expect(episodes.map((e) => e.body)).toEqual([
+      "Modified: /work/shop/src/pay.ts",
+      "Completed: add a retry to the payment client",
     ])
+    expect(episodes[1].metadata).toMatchObject({
+      type: "success",
+      duration: 1500,
+      tokens: 185,
+      summary,
+      session: "ses_1",
+    })
+  })
+
+  test("a turn that changed nothing and hit no error is no task; one that only failed is", async () => {
+    const bridge = await startBridge()
+    const { hooks, client, sent } = hooksFor(bridge.url)
+    const t0 = 1_790_000_000_000
+    const reply = async (
+      parentID: string,
+      id: string,
+      text: string,
+      extra: Partial<AssistantMessage> = {},
+    ) => {
+      await hooks.event!(assistant({ id, parentID, time: { created: t0 } }))
+      await hooks.event!(textPart("ses_1", id, `prt_${id}`, text))
+      await hooks.event!(
+        assistant({ id, parentID, time: { created: t0, completed: t0 + 10 }, finish: "stop", ...extra }),
+      )
+    }
+
+    // A question answered: nothing written, nothing failed.
+    const question = await chat(hooks, "ses_1", "what does the retry policy do?")
+    await reply(question.message.id, "msg_q", "It retries twice with backoff.")
+    // A reply that failed is reported by session.error, never as a completion.
+    const broken = await chat(hooks, "ses_1", "rewrite the retry policy")
+    await toolCall(hooks, { sessionID: "ses_1", callID: "w1", tool: "write", args: { filePath: "retry.ts" } })
+    await hooks.event!(fileEdited("/work/shop/retry.ts"))
+    await reply(broken.message.id, "msg_b", "", {
+      error: { name: "UnknownError", data: { message: "boom" } },
+    })
+    // A turn that only hit an error is a task (it was tried).
+    const tried = await chat(hooks, "ses_1", "run the payment tests")
+    await toolCall(
+      hooks,
+      { sessionID: "ses_1", callID: "t1", tool: "bash", args: { command: "bun test payment" } },
+      { output: "2 fail", metadata: { exit: 1 } },
+    )
+    const long = "x".repeat(10_000)
+    await reply(tried.message.id, "msg_t", long)
+    expect(await client.drained(5000)).toBe(true)
+
+    const completions = ofType(sent, "completion")
+    expect(completions.map((m) => m.task)).toEqual(["run the payment tests"])
+    const summary = completions[0]!.summary as string
+    expect(summary.length).toBe(SUMMARY_CHARS)
+    expect(summary).toBe(`${long.slice(0, SUMMARY_CHARS - 1)}…`)
+    const episodes = await exportEpisodes(bridge.url, "shop")
+    expect(episodes.filter((e) => e.metadata.type === "success").map((e) => e.body)).toEqual([
+      "Completed: run the payment tests",
+    ])
+    expect(episodes.every((e) => e.metadata.session === "ses_1")).toBe(true)
+  })
+
+  test("a chat waits for the events of earlier turns before it asks, so they reach the bridge first", async () => {
+    const bridge = await startBridge()
+    const { hooks, client, sent } = hooksFor(bridge.url, { deadlineMs: 5000 })
+    expect(await client.opened(5000)).toBe(true)
+    const backlogs: number[] = []
+    const request = client.request.bind(client)
+    client.request = (message, deadlineMs) => {
+      backlogs.push(client.backlog)
+      return request(message, deadlineMs)
+    }
+    await chat(hooks, "ses_1", "split the parser")
+    const files = ["a", "b", "c", "d", "e", "f"].map((name) => `/work/shop/src/${name}.ts`)
+    for (const file of files) await hooks.event!(fileEdited(file))
+    expect(client.backlog).toBeGreaterThan(0)
+    await chat(hooks, "ses_1", "now document it")
+    // Each chat:start went out with nothing left to acknowledge before it.
+    expect(backlogs).toEqual([0, 0])
+    expect(sent.map((m) => m.type)).toEqual(["chat:start", ...files.map(() => "file:write"), "chat:start"])
   })
 
   test("replies are matched to requests by id", async () => {
@@ -495,7 +767,7 @@ describe("without a working bridge", () => {
     expect(lines.some((line) => line.includes("reconnecting"))).toBe(true)
 
     const after = await chat(hooks, "ses_1", "what changed in c.ts?")
-    expect(injected(after.parts)[0]?.text).toContain("Modified: /work/shop/c.ts")
+    expect(injected(after.parts)[0]?.text).toContain("/work/shop/c.ts")
   })
 
   test("a full queue drops and counts what overflows, logs it, and never throws", async () => {
@@ -529,6 +801,17 @@ describe("hooks never throw into OpenCode", () => {
         hooks.event!({
           event: { type: "message.updated", properties: { info: { role: "assistant", time: null } } },
         } as any),
+      () => hooks["tool.execute.before"]!(undefined as any, undefined as any),
+      () =>
+        hooks["tool.execute.after"]!({ tool: "bash", sessionID: "s", callID: "c" } as any, undefined as any),
+      () => hooks["tool.execute.after"]!(undefined as any, { metadata: { exit: 1 } } as any),
+      () => hooks.event!({ event: { type: "message.part.updated", properties: {} } } as any),
+      () =>
+        hooks.event!({
+          event: { type: "message.part.updated", properties: { part: { type: "tool", state: null } } },
+        } as any),
+      () => hooks.event!({ event: { type: "session.status", properties: { sessionID: 5 } } } as any),
+      () => hooks.event!({ event: { type: "session.created", properties: { info: null } } } as any),
     ]
     for (const call of calls) await call() // resolves; a throw would fail the test
     const errors = lines.filter((line) => line.startsWith("error"))
