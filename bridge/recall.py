@@ -160,6 +160,8 @@ def _day(at: float) -> str:
 
 def _task_line(task: TaskHit, numbers: dict[str, int]) -> str:
     """One past task: when, outcome, what was asked, what came of it, files, errors."""
+    if task.outcome == "fact":
+        return f"- Fact: {_clip(task.summary, 300)}"
     parts = [f"- {_day(task.at)}, {task.outcome}:"]
     if task.query:
         parts.append(f'"{_clip(task.query, 160)}"')

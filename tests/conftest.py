@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from bridge.config import Config
 from bridge.embedded import EmbeddedValkey
 from bridge.memory.base import Recall
 from bridge.memory.sqlite import SqliteMemory
+from bridge.recall import Candidates
 
 if TYPE_CHECKING:
     from bridge.app import App
@@ -31,12 +33,21 @@ class SlowMemory(SqliteMemory):
         self.most_running = 0
 
     async def recall(self, group_id: str, query: str, limit: int) -> Recall:
+        async with self._slowly():
+            return await super().recall(group_id, query, limit)
+
+    async def candidates(self, group_id: str, query: str) -> Candidates:
+        async with self._slowly():
+            return await super().candidates(group_id, query)
+
+    @contextlib.asynccontextmanager
+    async def _slowly(self) -> AsyncIterator[None]:
         self.recalls += 1
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
             await asyncio.sleep(self.delay)
-            return await super().recall(group_id, query, limit)
+            yield
         finally:
             self.running -= 1
 

@@ -42,9 +42,9 @@ async def test_serve_with_graphiti_stores_and_recalls_every_event(
                 ack = await ask(ws, message)
                 assert ack["ok"] and not ack.get("queued"), ack
             reply = await ask(ws, {"type": "chat:start", "id": 4, "query": "checkout cart.py"})
-            assert reply["inject"].startswith("[Memory Context]\n")
-            for text in ["Modified: src/checkout/cart.py", "Error: PaymentDeclined",
-                         "Completed: refactor checkout totals"]:  # fmt: skip
+            assert reply["inject"].startswith("[Memory Context] ")
+            for text in ["src/checkout/cart.py", "Error: PaymentDeclined",
+                         '"refactor checkout totals"']:  # fmt: skip
                 assert text in reply["inject"]
         async with connect(bridge.url + "/other") as ws:
             other = await ask(ws, {"type": "chat:start", "id": 5, "query": "checkout cart.py"})

@@ -118,6 +118,8 @@ async def test_two_bridges_on_one_valkey_share_invalidations(
         connect(one.url) as ws_one,
         connect(two.url) as ws_two,
     ):
+        remembered = {"type": "error", "id": 0, "message": "KeyError in src/shared.py"}
+        assert (await ask(ws_one, remembered))["ok"]  # an empty answer is never cached
         query = {"type": "chat:start", "id": 1, "query": "what about src/shared.py"}
         assert not (await ask(ws_one, query))["hit"]
         assert (await ask(ws_two, query))["hit"], "the second bridge hits the first's fill"

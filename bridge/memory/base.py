@@ -66,12 +66,15 @@ class MemoryBackend(Protocol):
         ...
 
 
-def candidates_from_episodes(episodes: list[Episode]) -> Candidates:
-    """Candidates for a backend that only finds episodes: each episode is a task of its own,
-    ranked in the order given (best first)."""
-    count = len(episodes)
-    tasks = []
-    for n, episode in enumerate(episodes):
+def candidates_from_recall(recall: Recall) -> Candidates:
+    """Candidates for a backend that only finds episodes and facts: each fact, then each
+    episode, is a task of its own, ranked in the order given (best first)."""
+    count = len(recall.facts) + len(recall.episodes)
+    tasks = [
+        TaskHit(uuid=f"fact:{n}", seq=count - n, summary=fact, outcome="fact", relevance=count - n)
+        for n, fact in enumerate(recall.facts)
+    ]
+    for n, episode in enumerate(recall.episodes, start=len(recall.facts)):
         meta = episode.metadata
         path = meta.get("path")
         kind = meta.get("type")

@@ -41,7 +41,7 @@ import msgspec
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
-from bridge.memory.base import Recall, candidates_from_episodes
+from bridge.memory.base import Recall, candidates_from_recall
 from bridge.recall import Candidates
 
 os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # before graphiti_core loads
@@ -377,8 +377,8 @@ class GraphitiMemory:
         return Recall(episodes=[_episode(n, group_id) for n in results.episodes], facts=facts)
 
     async def candidates(self, group_id: str, query: str) -> Candidates:
-        """The recalled episodes as candidates, each a task of its own."""
-        return candidates_from_episodes((await self.recall(group_id, query, 20)).episodes)
+        """The recalled facts and episodes as candidates, each a task of its own."""
+        return candidates_from_recall(await self.recall(group_id, query, 20))
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Every episode of ``group_id`` by (reference time, uuid), ``batch`` at a time."""

@@ -47,7 +47,7 @@ import msgspec
 
 from bridge.episode import Episode
 from bridge.errors import BadRequest, MemoryUnavailable
-from bridge.memory.base import Recall, candidates_from_episodes
+from bridge.memory.base import Recall, candidates_from_recall
 from bridge.recall import Candidates
 
 STDERR_TAIL = 2000  # characters of stderr quoted in an error
@@ -160,8 +160,8 @@ class ScriptMemory:
         return parse_query_output(out, group_id, limit)
 
     async def candidates(self, group_id: str, query: str) -> Candidates:
-        """The recalled episodes as candidates, each a task of its own."""
-        return candidates_from_episodes((await self.recall(group_id, query, 20)).episodes)
+        """The recalled facts and episodes as candidates, each a task of its own."""
+        return candidates_from_recall(await self.recall(group_id, query, 20))
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Run ``export`` and yield the episodes it prints, ``batch`` at a time, as they come.
