@@ -42,7 +42,7 @@ TASKS_SHOWN: Final = 6
 DEFAULT_BUDGET: Final = 2000
 PREAMBLE: Final = "From memory of earlier sessions in this project; not the user's words."
 
-_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+_WORD = re.compile(r"[A-Z]?[a-z]+\d*|[A-Z]+\d*(?![a-z])|\d+")
 _STOPWORDS = """a an and are as at be but by can do does for from has have how i if in into is
 it its me my no not of on or our so than that the their them then there these this to was we
 were what when where which who why will with you your"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import time
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -338,3 +340,39 @@ async def test_a_failing_write_fails_alone_as_memory_unavailable(memory: SqliteM
     assert isinstance(results[5], MemoryUnavailable)
     assert isinstance(results[5].__cause__, sqlite3.IntegrityError)
     assert await export_all(memory, "proj") == [good]
+
+
+async def test_a_store_of_schema_1_is_migrated_in_place_and_still_recalled(tmp_path: Path) -> None:
+    """Schema 1 held the episodes table alone; opening it adds the task model."""
+    from bridge.memory.sqlite import EPISODE_SCHEMA, INSERT, _execute_script
+
+    path = tmp_path / "memory.sqlite3"
+    old = [
+        episode("Modified: src/legacy.py", metadata={"type": "file_edit", "path": "src/legacy.py"}),
+        episode("Error: legacy importer crashed", metadata={"type": "error"}),
+    ]
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute("BEGIN")
+        _execute_script(conn, EPISODE_SCHEMA)
+        for e in old:
+            conn.execute(INSERT, (*msgspec.structs.astuple(e)[:-1], json.dumps(e.metadata)))
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("COMMIT")
+    store = SqliteMemory(path)
+    await store.start()
+    try:
+        found = await store.candidates("proj", "legacy importer")
+        assert {t.uuid for t in found.tasks} == {e.uuid for e in old}  # each its own task
+        assert any(t.errors == ["legacy importer crashed"] for t in found.tasks)
+        assert "src/legacy.py" in found.files
+        assert await export_all(store, "proj") == [old]
+        await store.store(
+            episode("Modified: src/new.py", metadata={"type": "file_edit", "path": "src/new.py"})
+        )
+        assert [r.files for r in (await store.candidates("proj", "new")).recent][-1] == [
+            "src/new.py"
+        ]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -1,0 +1,113 @@
+"""Fusion and rendering of recalled tasks and files: plain code, no store needed."""
+
+from __future__ import annotations
+
+import re
+
+from bridge.recall import (
+    CONTEXT_HEADER,
+    Candidates,
+    RecentTask,
+    TaskHit,
+    context,
+    rank,
+    render,
+    words,
+)
+
+
+def task(seq: int, query: str, files: list[str], relevance: float = 1.0, **kw: object) -> TaskHit:
+    return TaskHit(
+        uuid=f"t{seq}", seq=seq, query=query, files=files, relevance=relevance, at=1.7e9, **kw
+    )  # type: ignore[arg-type]
+
+
+def test_words_split_identifiers_and_paths_and_drop_stopwords() -> None:
+    assert words("Fix the ConnectionPool in redis/asyncio/test_h11_impl.py") == [
+        "fix",
+        "connection",
+        "pool",
+        "redis",
+        "asyncio",
+        "test",
+        "h11",
+        "impl",
+        "py",
+    ]
+
+
+def test_files_of_relevant_tasks_beat_files_that_are_only_recent() -> None:
+    found = Candidates(
+        tasks=[task(5, "fix parser crash", ["src/parser.py", "tests/test_parser.py"], 9.0)],
+        recent=[RecentTask(10, ["README.md"]), RecentTask(9, ["docs/index.md"])],
+        latest_seq=10,
+    )
+    ranked = rank(found)
+    assert ranked.files[:2] == ["src/parser.py", "tests/test_parser.py"]
+    assert set(ranked.files) == {
+        "src/parser.py",
+        "tests/test_parser.py",
+        "README.md",
+        "docs/index.md",
+    }
+
+
+def test_files_that_change_together_with_the_best_ones_are_pulled_in() -> None:
+    together = [RecentTask(n, ["src/core.py", "tests/test_core.py"]) for n in range(1, 6)]
+    unrelated = [RecentTask(n, [f"misc/{n}.txt"]) for n in range(6, 16)]
+    found = Candidates(files={"src/core.py": 3.0}, recent=together + unrelated, latest_seq=15)
+    assert rank(found, files=2).files == ["src/core.py", "tests/test_core.py"]
+
+
+def test_an_old_match_weighs_less_than_an_equally_relevant_new_one() -> None:
+    found = Candidates(
+        tasks=[task(1, "cache bug", ["old.py"]), task(400, "cache bug", ["new.py"])],
+        latest_seq=400,
+    )
+    assert rank(found).files == ["new.py", "old.py"]
+    assert [t.uuid for t in rank(found).tasks] == ["t400", "t1"]
+
+
+def test_the_context_says_it_is_memory_and_names_each_path_once() -> None:
+    found = Candidates(
+        tasks=[
+            task(
+                3,
+                "speed up export",
+                ["bridge/export.py", "docs/x.md"],
+                5.0,
+                outcome="completed",
+                summary="Export streams now.",
+                errors=["TimeoutError in export"],
+            ),
+            task(2, "export bug", ["bridge/export.py"], 4.0, errors=["TimeoutError in export"]),
+            task(1, "export bug", ["bridge/export.py"], 4.0, errors=["TimeoutError in export"]),
+        ],
+        latest_seq=3,
+    )
+    text = context(found)
+    assert text is not None
+    lines = text.splitlines()
+    assert lines[0].startswith(CONTEXT_HEADER) and "not the user's words" in lines[0]
+    assert lines[1] == "Files likely involved: [1] bridge/export.py, [2] docs/x.md"
+    assert text.count("bridge/export.py") == 1, "a path appears once"
+    assert len(lines) == len(set(lines)), "no line repeats"
+    assert '"speed up export" → Export streams now. Files: [1], [2]. Error: TimeoutError' in text
+
+
+def test_the_budget_keeps_the_most_useful_lines_first() -> None:
+    tasks = [task(n, f"task number {n} " + "x" * 150, [f"src/f{n}.py"], 10.0 - n) for n in range(8)]
+    found = Candidates(tasks=tasks, latest_seq=8)
+    full = render(rank(found), budget=100_000)
+    small = render(rank(found), budget=600)
+    assert full is not None and small is not None
+    assert len(small) <= 600 < len(full)
+    assert small.splitlines()[:2] == full.splitlines()[:2], "header and files come first"
+    assert "task number 0" in small and "task number 7" not in small
+    tiny = render(rank(found), budget=130)
+    assert tiny is not None and len(tiny) <= 130
+    assert re.search(r"\[1\] src/f0\.py", tiny)
+
+
+def test_nothing_remembered_means_no_context() -> None:
+    assert context(Candidates()) is None
