@@ -39,6 +39,7 @@ PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to tex
 COCHANGE_WEIGHT: Final = 0.25
 FILES_SHOWN: Final = 8
 TASKS_SHOWN: Final = 6
+TASK_FILES_SHOWN: Final = 6
 DEFAULT_BUDGET: Final = 2000
 PREAMBLE: Final = "From memory of earlier sessions in this project; not the user's words."
 
@@ -167,10 +168,17 @@ def _task_line(task: TaskHit, numbers: dict[str, int]) -> str:
         parts.append(f'"{_clip(task.query, 160)}"')
     if task.summary:
         parts.append(f"→ {_clip(task.summary, 200)}")
-    shown = [f"[{numbers[p]}]" if p in numbers else p for p in _unique(task.files)]
+    files = _unique(task.files)
+    shown = []
+    for path in files[:TASK_FILES_SHOWN]:
+        if path not in numbers:  # first mention: the path, numbered for later lines
+            numbers[path] = len(numbers) + 1
+            shown.append(f"[{numbers[path]}] {path}")
+        else:
+            shown.append(f"[{numbers[path]}]")
     if shown:
-        more = f" (+{len(shown) - 6} more)" if len(shown) > 6 else ""
-        parts.append(f"Files: {', '.join(shown[:6])}{more}.")
+        more = len(files) - len(shown)
+        parts.append(f"Files: {', '.join(shown)}{f' (+{more} more)' if more else ''}.")
     for error in _unique(task.errors)[:2]:
         parts.append(f"Error: {_clip(error, 200)}")
     return " ".join(parts)
@@ -184,8 +192,8 @@ def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_S
     """The text to inject, at most ``budget`` characters, or None when there is nothing.
 
     Lines are added most useful first and a line that would pass the budget is left out,
-    so the files and the best tasks survive a small budget. A path is written once: the
-    files line numbers them and task lines refer to them by number.
+    so the files and the best tasks survive a small budget. A path is written once, with
+    a number; later mentions are the number alone.
     """
     if not ranked.files and not ranked.tasks:
         return None
@@ -211,10 +219,12 @@ def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_S
     for task in ranked.tasks:
         if len(shown_lines) >= tasks:
             break
-        line = _task_line(task, numbers)
+        numbered = dict(numbers)  # kept only if the line is
+        line = _task_line(task, numbered)
         cost = 1 + len(line) + (0 if shown_lines else 1 + len(title))
         if line in seen_lines or used + cost > budget:
             continue
+        numbers = numbered
         seen_lines.add(line)
         shown_lines.append(line)
         used += cost

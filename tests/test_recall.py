@@ -80,8 +80,8 @@ def test_the_context_says_it_is_memory_and_names_each_path_once() -> None:
                 summary="Export streams now.",
                 errors=["TimeoutError in export"],
             ),
-            task(2, "export bug", ["bridge/export.py"], 4.0, errors=["TimeoutError in export"]),
-            task(1, "export bug", ["bridge/export.py"], 4.0, errors=["TimeoutError in export"]),
+            task(2, "export bug", ["bridge/export.py", "src/a.py"], 4.0, errors=["TimeoutError"]),
+            task(1, "export bug", ["bridge/export.py", "src/a.py"], 4.0, errors=["TimeoutError"]),
         ],
         latest_seq=3,
     )
@@ -89,10 +89,11 @@ def test_the_context_says_it_is_memory_and_names_each_path_once() -> None:
     assert text is not None
     lines = text.splitlines()
     assert lines[0].startswith(CONTEXT_HEADER) and "not the user's words" in lines[0]
-    assert lines[1] == "Files likely involved: [1] bridge/export.py, [2] docs/x.md"
-    assert text.count("bridge/export.py") == 1, "a path appears once"
+    assert lines[1] == "Files likely involved: [1] bridge/export.py, [2] src/a.py, [3] docs/x.md"
+    for path in ("bridge/export.py", "src/a.py"):
+        assert text.count(path) == 1, f"{path} appears more than once"
     assert len(lines) == len(set(lines)), "no line repeats"
-    assert '"speed up export" → Export streams now. Files: [1], [2]. Error: TimeoutError' in text
+    assert '"speed up export" → Export streams now. Files: [1], [3]. Error: TimeoutError' in text
 
 
 def test_the_budget_keeps_the_most_useful_lines_first() -> None:
