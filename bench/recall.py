@@ -853,6 +853,9 @@ def markdown(results: dict[str, Any], before: dict[str, Any] | None) -> str:
         )
         + ".",
     ]
+    found = [w for row in results["rows"] for w in warnings(row)]
+    if found:
+        parts += ["", "Warnings:", "", *(f"- {w}" for w in found)]
     if before is not None and (text := comparison(before, results["rows"])) is not None:
         parts += ["", "## Before and after", "", text]
     return "\n".join(parts) + "\n"
@@ -1003,6 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.ERROR)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index it builds
     scored = SCORED if args.limit is None else args.limit
     out: Path = args.out or (DEFAULT_OUT if args.limit is None else QUICK_OUT)
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
