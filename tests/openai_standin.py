@@ -1,9 +1,9 @@
 """A stand-in OpenAI-compatible API server on loopback, for tests only.
 
-This machine cannot reach a remote LLM API, so the graphiti backend's LLM mode is tested
-against this server instead: graphiti-core's real OpenAI clients talk real HTTP to it on
-127.0.0.1. It is the only stand-in in the test suite; the graph database and graphiti-core
-itself always run for real.
+This machine cannot reach a remote LLM API, so the graphiti backend's LLM mode and the real
+OpenCode are tested against this server instead: graphiti-core's real OpenAI clients and
+OpenCode's real provider talk real HTTP to it on 127.0.0.1. It is the only stand-in in the
+test suite; the graph database, graphiti-core and OpenCode itself always run for real.
 
 It serves the two endpoints Graphiti's OpenAI-compatible clients use:
 
@@ -16,6 +16,12 @@ It serves the two endpoints Graphiti's OpenAI-compatible clients use:
   ``"{a} is linked to {b}"``. Models it does not know are answered with ``{}``.
 - ``POST /v1/embeddings``: a deterministic bag-of-words vector (each word hashed into one of
   ``dim`` buckets, then normalised), so texts sharing words are cosine-similar.
+
+It also stands in for the model of a coding agent (OpenCode's chat requests, which offer
+``tools`` and ask for a ``stream``): ``GET /v1/models`` lists one model, and a chat is
+answered from a script (``script()``: for a prompt, the steps of the turn, each a text or
+tool calls; OpenCode runs the tools and asks again, and the next step answers), streamed as
+server-sent events when asked to. A chat no script matches gets a short text.
 
 Every request is recorded. ``pause()`` holds requests until ``resume()`` (bounded, then
 503) and ``delay`` slows every answer, so tests can keep an ingest queue busy.
@@ -30,9 +36,10 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Final
 
 IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*\w")
 WORD = re.compile(r"\w+")
@@ -136,6 +143,37 @@ def answer(schema: str | None, prompt: str) -> dict[str, Any]:
     return {}
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the agent's tools, as the model asks for it."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One answer of the scripted model: a text, or tool calls (the agent runs them and asks
+    again, with their results)."""
+
+    text: str = ""
+    calls: tuple[ToolCall, ...] = ()
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}
+    )
+
+
+DEFAULT_STEP: Final = Step(text="Noted.")
+
+
+def user_texts(message: dict[str, Any]) -> list[str]:
+    """The text parts of one chat message."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    return [str(p.get("text", "")) for p in content or [] if p.get("type") == "text"]
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -164,6 +202,7 @@ class OpenAIStandin:
         self._lock = threading.Lock()
         self._server = _Server((host, 0), self._handler_class())
         self._thread: threading.Thread | None = None
+        self._scripts: dict[str, tuple[Step, ...]] = {}
 
     @property
     def base_url(self) -> str:
@@ -194,6 +233,20 @@ class OpenAIStandin:
         """Let held and new requests through."""
         self._open.set()
 
+    def script(self, prompt: str, *steps: Step) -> None:
+        """Answer the agent's chat turn for ``prompt`` with ``steps``: the first answers the
+        request that ends with the user's message, each next one the request after the
+        previous step's tool calls. A user text part matches when it is ``prompt`` (OpenCode's
+        ``run`` may put it in quotes); other parts of the message (an injected context that
+        quotes an earlier prompt, say) do not."""
+        with self._lock:
+            self._scripts[prompt.strip()] = steps
+
+    def chats(self) -> list[dict[str, Any]]:
+        """The agent's chat requests so far (those that offered tools), in order."""
+        with self._lock:
+            return [r.body for r in self.requests if r.body.get("tools")]
+
     def schemas(self) -> list[str | None]:
         """The response models asked for by chat completions so far, in order."""
         with self._lock:
@@ -208,7 +261,53 @@ class OpenAIStandin:
         with self._lock:
             self.requests.append(recorded)
 
-    def _respond(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _step(self, body: dict[str, Any]) -> Step:
+        """The scripted answer to an agent's chat request."""
+        messages = body.get("messages") or []
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        if not body.get("tools") or not users:
+            return DEFAULT_STEP
+        last = users[-1]
+        done = sum(1 for m in messages[last:] if m.get("role") == "assistant")
+        with self._lock:
+            for text in user_texts(messages[last]):
+                steps = self._scripts.get(text.strip().strip('"').strip())
+                if steps is not None:
+                    return steps[done] if done < len(steps) else DEFAULT_STEP
+        return DEFAULT_STEP
+
+    def _agent_chat(self, body: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+        """An agent's chat request: the scripted step, one JSON answer or stream chunks."""
+        step = self._step(body)
+        calls = [
+            {
+                "index": i,
+                "id": f"call_{uuid.uuid4().hex[:16]}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for i, call in enumerate(step.calls)
+        ]
+        delta: dict[str, Any] = {"tool_calls": calls} if calls else {"content": step.text}
+        finish = "tool_calls" if calls else "stop"
+        head = {"id": "chatcmpl-standin", "created": int(time.time()), "model": "standin"}
+        if not body.get("stream"):
+            message = {"role": "assistant", **delta}
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+            return {**head, "object": "chat.completion", "choices": [choice], "usage": step.usage}
+        chunk = {**head, "object": "chat.completion.chunk"}
+        return [
+            {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", **delta}}]},
+            {
+                **chunk,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+                "usage": step.usage,
+            },
+        ]
+
+    def _respond(
+        self, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | list[dict[str, Any]]]:
         if not self._open.wait(PAUSE_LIMIT_S):
             return 503, {"error": {"message": "paused", "type": "server_error"}}
         if self.delay:
@@ -227,6 +326,8 @@ class OpenAIStandin:
             fmt = body.get("response_format") or {}
             schema = (fmt.get("json_schema") or {}).get("name")
             self._record(Recorded(path, schema, body))
+            if body.get("tools") or body.get("stream"):
+                return 200, self._agent_chat(body)
             prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
             content = json.dumps(answer(schema, prompt))
             return 200, {
@@ -252,6 +353,14 @@ class OpenAIStandin:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    models = [{"id": "standin", "object": "model", "owned_by": "standin"}]
+                    self._json(200, {"object": "list", "data": models})
+                else:
+                    error = {"message": f"no route {self.path}", "type": "invalid_request_error"}
+                    self._json(404, {"error": error})
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 try:
@@ -259,6 +368,25 @@ class OpenAIStandin:
                 except json.JSONDecodeError:
                     body = {}
                 status, reply = standin._respond(self.path, body)
+                if isinstance(reply, list):
+                    self._stream(reply)
+                else:
+                    self._json(status, reply)
+
+            def _stream(self, chunks: list[dict[str, Any]]) -> None:
+                """Server-sent events: one ``data:`` line per chunk, then ``[DONE]``."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                self.close_connection = True
+
+            def _json(self, status: int, reply: dict[str, Any]) -> None:
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -10,15 +10,13 @@ a missing install never passes for a green run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.openai_standin import OpenAIStandin, Step, ToolCall, user_texts
 from tests.test_cli import bridge_process
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugin"
@@ -93,118 +92,25 @@ def test_plugin_type_checks_and_is_formatted() -> None:
 # -- the real OpenCode ---------------------------------------------------------------------
 
 
-class StandInModel:
-    """A stand-in for the remote model API, which this machine cannot reach: an
-    OpenAI-compatible server on loopback that records every request body it receives.
-
-    It answers ``GET /v1/models`` and streaming ``POST /v1/chat/completions`` (server-sent
-    events). To a chat turn that offers tools and ends with the user's message it answers
-    with one call of OpenCode's ``write`` tool (creating ``write_path``), so OpenCode edits a
-    file; to anything else, a short text.
-    """
-
-    def __init__(self, write_path: Path) -> None:
-        self.write_path = write_path
-        self.bodies: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        model = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
-                    self._json({"object": "list", "data": [{"id": "stub", "object": "model"}]})
-                else:
-                    self._json({"error": {"message": "not found"}}, 404)
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                with model.lock:
-                    model.bodies.append(body)
-                delta, finish, usage = model.answer(body)
-                if not body.get("stream"):
-                    message = {"role": "assistant", **delta}
-                    self._json(
-                        {
-                            "id": "stub-1",
-                            "object": "chat.completion",
-                            "model": "stub",
-                            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                            "usage": usage,
-                        }
-                    )
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                chunk = {"id": "stub-1", "object": "chat.completion.chunk", "model": "stub"}
-                for choice, extra in (
-                    ({"index": 0, "delta": {"role": "assistant", **delta}}, {}),
-                    ({"index": 0, "delta": {}, "finish_reason": finish}, {"usage": usage}),
-                ):
-                    event = {**chunk, "created": int(time.time()), "choices": [choice], **extra}
-                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-                self.close_connection = True
-
-            def _json(self, payload: dict[str, Any], status: int = 200) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def answer(self, body: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, int]]:
-        """The reply's delta, finish reason and usage for one request."""
-        messages = body.get("messages") or []
-        tools = [tool["function"]["name"] for tool in body.get("tools") or []]
-        if "write" in tools and messages and messages[-1].get("role") == "user":
-            arguments = json.dumps({"filePath": str(self.write_path), "content": "remember me\n"})
-            call = {"index": 0, "id": "call_1", "type": "function"}
-            call["function"] = {"name": "write", "arguments": arguments}
-            usage = {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}
-            return {"tool_calls": [call]}, "tool_calls", usage
-        usage = {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}
-        return {"content": "Noted."}, "stop", usage
-
-    def recorded(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return list(self.bodies)
-
-    def __enter__(self) -> StandInModel:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+def memory_and_prompt(chat: dict[str, Any], prompt: str) -> tuple[str, str]:
+    """The injected memory context and the prompt in the last user message of a chat request
+    (OpenCode's ``run`` may quote the prompt); the context must come first."""
+    user = [m for m in chat.get("messages") or [] if m.get("role") == "user"][-1]
+    texts = user_texts(user)
+    memory = [text for text in texts if text.startswith("[Memory Context]")]
+    assert len(memory) == 1, texts
+    asked = next(text for text in texts if text.strip().strip('"') == prompt)
+    assert texts.index(memory[0]) < texts.index(asked), "the context comes before the prompt"
+    return memory[0], asked
 
 
-def user_texts(body: dict[str, Any]) -> list[str]:
-    """The text parts of the user messages in a chat-completions request body."""
-    texts: list[str] = []
-    for message in body.get("messages") or []:
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        else:
-            texts.extend(p["text"] for p in content or [] if p.get("type") == "text")
-    return texts
+def chat_for(standin: OpenAIStandin, prompt: str) -> dict[str, Any]:
+    """The first chat request of the turn for ``prompt``."""
+    for chat in standin.chats():
+        user = [m for m in chat.get("messages") or [] if m.get("role") == "user"][-1]
+        if any(text.strip().strip('"') == prompt for text in user_texts(user)):
+            return chat
+    raise AssertionError(f"no chat request for {prompt!r} reached the stand-in model")
 
 
 async def bridge_ask(url: str, message: dict[str, Any]) -> Any:
@@ -225,11 +131,47 @@ async def bridge_export(url: str, project: str) -> list[dict[str, Any]]:
     raise AssertionError("no export:end from the bridge")
 
 
+async def opencode_run(
+    opencode: Path, project: Path, env: dict[str, str], prompt: str
+) -> tuple[str, str]:
+    """``opencode run`` of one prompt in a new session: the session's id and the output."""
+    process = await asyncio.create_subprocess_exec(
+        str(opencode), "run", "--print-logs", "--format", "json", prompt,
+        cwd=project, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 180)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        pytest.fail(f"opencode run {prompt!r} did not finish in 180 s")
+    log = f"stdout:\n{out.decode(errors='replace')}\nstderr:\n{err.decode(errors='replace')}"
+    assert process.returncode == 0, log
+    assert "Memory plugin error" not in log, log
+    # --format json prints one event per line, each naming its session.
+    sessions = {
+        event["sessionID"]
+        for line in out.decode(errors="replace").splitlines()
+        if line.startswith("{") and "sessionID" in (event := json.loads(line))
+    }
+    assert len(sessions) == 1, log
+    return sessions.pop(), log
+
+
 @pytest.mark.timeout(300)
-async def test_opencode_injects_the_bridges_memory_into_the_model_request(tmp_path: Path) -> None:
+async def test_opencode_sessions_leave_tasks_that_the_next_session_remembers(
+    tmp_path: Path,
+) -> None:
     """The real OpenCode CLI (opencode-ai from plugin/node_modules), headless, with the plugin
-    configured the way the README shows, a real bridge, and the stand-in model server above
-    in place of the remote model API.
+    configured the way the README shows, a real bridge, and the stand-in model server of
+    tests/openai_standin.py in place of the remote model API.
+
+    Session 1 asks for a change: the model writes a file and, in the same step, edits another
+    with an oldString it does not hold (the edit tool fails), then answers. Session 2 asks
+    about it (a question: no tool call); the context it gets names session 1's prompt, its
+    file and its error. The bridge holds session 1's episodes under its session id, one
+    completion with the model's final answer as its summary, and nothing of session 2.
     """
     opencode = node_binary("opencode")
     home = tmp_path / "home"
@@ -240,11 +182,38 @@ async def test_opencode_injects_the_bridges_memory_into_the_model_request(tmp_pa
     project.mkdir()
     git = await asyncio.create_subprocess_exec("git", "init", "-q", str(project))
     assert await asyncio.wait_for(git.wait(), 30) == 0
+    warpdrive = project / "warpdrive.ts"
+    warpdrive.write_text("export const capacitor = { flux: 1 }\n")
     written = project / "notes" / "capacitor.txt"
     seeded = "TypeError: flux capacitor overheated in warpdrive.ts"
-    prompt = "why does the flux capacitor in warpdrive.ts overheat?"
+    first = "note why the flux capacitor in warpdrive.ts overheats"
+    answer = "Noted it in notes/capacitor.txt; warpdrive.ts has no overheat flag to clear."
+    second = "what did we find out about the flux capacitor and warpdrive.ts?"
+    edit_error = "Could not find oldString in the file"
 
-    with StandInModel(written) as model:
+    with contextlib.ExitStack() as stack:
+        model = OpenAIStandin()
+        model.start()
+        stack.callback(model.stop)
+        model.script(
+            first,
+            Step(
+                calls=(
+                    ToolCall("write", {"filePath": str(written), "content": "remember me\n"}),
+                    ToolCall(
+                        "edit",
+                        {
+                            "filePath": str(warpdrive),
+                            "oldString": "overheat: true",
+                            "newString": "overheat: false",
+                        },
+                    ),
+                ),
+                usage={"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49},
+            ),
+            Step(text=answer),
+        )
+        model.script(second, Step(text="It overheats; see notes/capacitor.txt."))
         config = {
             "$schema": "https://opencode.ai/config.json",
             "model": "local/stub",
@@ -254,7 +223,7 @@ async def test_opencode_injects_the_bridges_memory_into_the_model_request(tmp_pa
             "provider": {
                 "local": {
                     "npm": "@ai-sdk/openai-compatible",
-                    "options": {"baseURL": f"http://127.0.0.1:{model.port}/v1", "apiKey": "x"},
+                    "options": {"baseURL": model.base_url, "apiKey": "x"},
                     "models": {"stub": {"name": "stub"}},
                 }
             },
@@ -264,7 +233,6 @@ async def test_opencode_injects_the_bridges_memory_into_the_model_request(tmp_pa
         async with bridge_process("--data-dir", str(tmp_path / "data")) as bridge:
             seed = {"type": "error", "id": 1, "project": "shop", "message": seeded}
             assert (await bridge_ask(bridge.url, seed))["ok"]
-
             env = {
                 **{k: v for k, v in os.environ.items() if not k.startswith("OPENCODE")},
                 "HOME": str(home),
@@ -273,47 +241,48 @@ async def test_opencode_injects_the_bridges_memory_into_the_model_request(tmp_pa
                 "GRAPHITI_BRIDGE_URL": bridge.url,
                 "GRAPHITI_BRIDGE_DEADLINE_MS": "3000",
             }
-            process = await asyncio.create_subprocess_exec(
-                str(opencode), "run", "--print-logs", prompt,
-                cwd=project, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            )  # fmt: skip
-            try:
-                out, err = await asyncio.wait_for(process.communicate(), 180)
-            except TimeoutError:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
-                pytest.fail("opencode run did not finish in 180 s")
-            log = (
-                f"stdout:\n{out.decode(errors='replace')}\nstderr:\n{err.decode(errors='replace')}"
-            )
-            assert process.returncode == 0, log
-            assert "Memory plugin error" not in log, log
 
-            # The chat request carried the context the bridge produced for this prompt.
-            bodies = model.recorded()
-            chats = [body for body in bodies if body.get("tools")]
-            assert chats, f"no chat request reached the stand-in model; got {bodies}\n{log}"
-            texts = user_texts(chats[0])
-            memory = [text for text in texts if text.startswith("[Memory Context]")]
-            assert len(memory) == 1, texts
-            assert seeded in memory[0]
-            asked = next(text for text in texts if not text.startswith("[Memory Context]"))
-            assert "flux capacitor" in asked, texts
-            assert texts.index(memory[0]) < texts.index(asked), "context comes before the prompt"
+            # Session 1: its chat request carried the context the bridge had (the seed).
+            session1, log1 = await opencode_run(opencode, project, env, first)
+            memory1, _ = memory_and_prompt(chat_for(model, first), first)
+            assert seeded in memory1, memory1
+            assert written.read_text() == "remember me\n", log1
+            assert "overheat" not in warpdrive.read_text(), "the edit failed"
 
-            # The write the model asked for became a file:write, and the task a completion.
-            assert written.read_text() == "remember me\n", log
+            # Session 2, a new chat: its context names session 1's prompt, file and error.
+            session2, _ = await opencode_run(opencode, project, env, second)
+            assert session2 != session1
+            memory2, _ = memory_and_prompt(chat_for(model, second), second)
+            assert first in memory2, memory2
+            assert str(written) in memory2, memory2
+            assert edit_error in memory2, memory2
+            assert str(warpdrive) in memory2, memory2
+
             episodes = await bridge_export(bridge.url, "shop")
-            bodies_of = [episode["body"] for episode in episodes]
-            # Every line injected is one of the bridge's episodes (the context it produced;
-            # asking again now would include this session's own new episodes too).
-            for line in memory[0].splitlines()[1:]:
-                assert any(line.startswith(f"- {body} (") for body in bodies_of), line
-            assert f"Modified: {written}" in bodies_of, bodies_of
-            completions = [e for e in episodes if e["metadata"]["type"] == "success"]
-            assert len(completions) == 1, bodies_of
-            assert "flux capacitor" in completions[0]["body"]
-            # Its tokens: the stand-in's usage summed over the task's two steps (49 + 34).
-            assert completions[0]["metadata"]["tokens"] == 83
-            assert completions[0]["metadata"]["duration"] > 0
+
+    def of(session: str) -> list[tuple[str, str]]:
+        return [
+            (e["metadata"]["type"], e["body"])
+            for e in episodes
+            if e["metadata"].get("session") == session
+        ]
+
+    # Session 1's episodes, all under its session id: the file and the failed edit (naming
+    # the tool, the file and the error; the two ran side by side), then the task.
+    kinds = [kind for kind, _ in of(session1)]
+    assert sorted(kinds[:2]) == ["error", "file_edit"] and kinds[2:] == ["success"], episodes
+    bodies = dict(of(session1))
+    assert bodies["file_edit"] == f"Modified: {written}"
+    assert bodies["error"].startswith(f"Error: Tool edit failed on {warpdrive}: {edit_error}")
+    assert first in bodies["success"], bodies
+    # Session 2 answered a question: no tool call, nothing changed, so no task and no episode.
+    assert of(session2) == [], episodes
+    completions = [e for e in episodes if e["metadata"]["type"] == "success"]
+    assert len(completions) == 1, episodes
+    done = completions[0]["metadata"]
+    # The task is the prompt; the summary the model's final answer; tokens the stand-in's
+    # usage summed over the turn's two steps (49 + 34).
+    assert first in completions[0]["body"] and answer not in completions[0]["body"]
+    assert done["summary"] == answer
+    assert done["tokens"] == 83
+    assert done["duration"] > 0
