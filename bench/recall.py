@@ -1002,8 +1002,8 @@ async def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: replay, score, print the Markdown, write recall.md/.json/.png."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    argv = list(sys.argv[2:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.ERROR)
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index it builds
