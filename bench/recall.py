@@ -206,7 +206,7 @@ def first_distinct(items: Iterable[str], top: int = TOP) -> list[str]:
 
 
 def predicted_paths(
-    context: str | None, seen: Iterable[str] | frozenset[str], top: int = TOP, cut: int = CUT
+    context: str | None, seen: Iterable[str], top: int = TOP, cut: int = CUT
 ) -> list[str]:
     """The paths of ``seen`` the first ``cut`` characters of ``context`` name, in order of
     appearance, first ``top`` distinct. A token counts only if it is exactly such a path."""
