@@ -7,41 +7,60 @@ behind it. At most ``max_inflight`` tasks run per connection; beyond that the se
 reading the connection (backpressure) until one finishes.
 
 Admission happens at the handshake: a shared bearer token (compared in constant time),
-browser Origins, and a cap on connections; a refused handshake reads nothing else. After
-it, a bad frame or a message over the connection's rate gets an ok:false ack and the
-connection goes on. Only the client or a shutdown (close code 1001) ends a connection.
+browser Origins, and a cap on connections; a refused handshake reads nothing else, and a
+malformed one gets a 4xx naming what was wrong, never a 500. After it, a bad frame or a
+message over the connection's rate gets an ok:false ack and the connection goes on.
+
+Replies are written one at a time per connection, and only while less than the write
+limit is waiting to go out: a client that reads slowly holds up its own replies (and, as
+the server then stops reading it, its own requests) and nobody else's. Exports run one at
+a time per connection, so chunks are produced as fast as the client reads them. A client
+that reads nothing for ``send_deadline`` seconds while a reply waits is disconnected.
+Only the client, a stuck reader or a shutdown (close code 1001) ends a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
+import msgspec
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from bridge.config import Config
+from bridge.episode import Episode
 from bridge.errors import BadRequest, RateLimited
 from bridge.handlers import Emit, Handlers, Session
 from bridge.limits import TokenBucket
 from bridge.metrics import Metrics
-from bridge.protocol import Codec, Limits, Reply, encode, error_ack
+from bridge.protocol import Codec, Export, ExportChunk, Limits, Reply, encode, error_ack
 
 log = logging.getLogger(__name__)
 
 # Frames above max_frame get a bad_request reply; the transport refuses (close 1009) only
 # frames so large that reading them at all would be a risk.
 HARD_FRAME_FACTOR = 4
+# Bytes of replies a connection may have waiting in user space before the next one waits
+# (websockets' write_limit; the kernel's socket buffer comes on top of it).
+WRITE_LIMIT = 32 * 1024
+# Frames read from a connection and not yet handled before the server stops reading it.
+MAX_QUEUE = 4
+# Seconds a reply may wait on a client that reads nothing before the connection is cut.
+SEND_DEADLINE = 30.0
+# An export chunk that encodes larger than this goes out as several smaller chunks.
+EXPORT_FRAME_BYTES = 1 << 20
 
 Readiness = Callable[[], Awaitable[list[str]]]
 
@@ -84,7 +103,8 @@ class Server:
         self._inflight = 0  # handler tasks running, all connections
         self._idle = asyncio.Event()
         self._idle.set()
-        self._token = f"Bearer {config.token}".encode() if config.token else None
+        self._token = _digest(config.token.encode()) if config.token else None
+        self.send_deadline = SEND_DEADLINE
 
     async def start(self) -> None:
         """Listen; once this returns, ``port`` is the bound port (even if 0 was asked)."""
@@ -98,6 +118,8 @@ class Server:
             process_request=self._admit,
             ping_interval=20,
             ping_timeout=20,
+            write_limit=WRITE_LIMIT,
+            max_queue=MAX_QUEUE,
             logger=_ws_log,
         )
         self.port = self._server.sockets[0].getsockname()[1]
@@ -123,36 +145,62 @@ class Server:
     # -- handshake ------------------------------------------------------------------------
 
     async def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Answer health checks; refuse handshakes without the token or over the cap."""
-        path = urlsplit(request.path).path
-        if path == "/healthz":
+        """Answer health checks; refuse malformed handshakes, a missing or wrong token, and
+        connections over the cap, each with its own status and reason."""
+        target = _split(request.path)
+        if target is None:
+            return self._refuse(connection, HTTPStatus.BAD_REQUEST, "malformed request path")
+        if target.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
-        if path == "/readyz":
+        if target.path == "/readyz":
             problems = await self.readiness()
             if problems:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "\n".join(problems))
             return connection.respond(HTTPStatus.OK, "ready\n")
-        if self._token is not None and not self._authorized(request.headers):
-            response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="graphiti-bridge"'
-            self.metrics.error("unauthorized", "handshake")
-            return response
+        if self._token is not None:
+            given = request.headers.get_all("Authorization")
+            if len(given) > 1:
+                return self._refuse(
+                    connection, HTTPStatus.BAD_REQUEST, "more than one Authorization header"
+                )
+            if not self._authorized(given[0] if given else ""):
+                response = self._refuse(
+                    connection, HTTPStatus.UNAUTHORIZED, "missing or wrong token", "unauthorized"
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="graphiti-bridge"'
+                return response
         if self.connections >= self.config.max_connections:
-            self.metrics.error("too_many_connections", "handshake")
-            return connection.respond(
+            return self._refuse(
+                connection,
                 HTTPStatus.SERVICE_UNAVAILABLE,
-                f"too many connections (limit {self.config.max_connections})\n",
+                f"too many connections (limit {self.config.max_connections})",
+                "too_many_connections",
             )
         return None
 
-    def _authorized(self, headers: Headers) -> bool:
+    def _refuse(
+        self,
+        connection: ServerConnection,
+        status: HTTPStatus,
+        reason: str,
+        code: str = "bad_request",
+    ) -> Response:
+        self.metrics.error(code, "handshake")
+        return connection.respond(status, reason + "\n")
+
+    def _authorized(self, credentials: str) -> bool:
+        """``Bearer <token>``, the scheme in any case (RFC 7235); the token in constant time."""
         assert self._token is not None
-        given = headers.get("Authorization", "").encode()
-        return hmac.compare_digest(given, self._token)
+        scheme, _, token = credentials.strip().partition(" ")
+        # Headers arrive decoded as ISO-8859-1: encoding back gives the bytes sent. Both
+        # sides are hashed first, so not even the token's length shows in the timing.
+        given = _digest(token.strip().encode("latin-1", "replace"))
+        return hmac.compare_digest(given, self._token) and scheme.lower() == "bearer"
 
     def project_from_path(self, path: str) -> str:
         """The project named by the connection URL's path, or the server default."""
-        name = unquote(urlsplit(path).path).strip("/")
+        target = _split(path)
+        name = unquote(target.path).strip("/") if target is not None else ""
         return name if 0 < len(name) <= self.config.max_name else self.config.project
 
     # -- connection -----------------------------------------------------------------------
@@ -160,6 +208,9 @@ class Server:
     async def _serve_connection(self, ws: ServerConnection) -> None:
         session = Session(self.project_from_path(ws.request.path if ws.request else "/"))
         inflight = asyncio.Semaphore(self.config.max_inflight)
+        out = _Outgoing(ws, self.send_deadline, self.metrics)
+        exports: deque[tuple[Export, bool]] = deque()  # run one at a time, in order
+        exporting: asyncio.Task[None] | None = None
         rate = TokenBucket(self.config.rate_limit, self.config.rate_burst)
         running: set[asyncio.Task[None]] = set()
         self.connections += 1
@@ -171,11 +222,11 @@ class Server:
                     message = self.codec.decode(frame)
                 except BadRequest as e:
                     self.metrics.error(e.code, "invalid")
-                    await self._send(ws, error_ack(e.message_id, e), binary)
+                    await out.send(error_ack(e.message_id, e), binary)
                     continue
                 except Exception as e:  # a decoder bug must not cost the connection
                     log.exception("undecodable frame")
-                    await self._send(ws, error_ack(None, e), binary)
+                    await out.send(error_ack(None, e), binary)
                     continue
                 if not rate.allow():
                     limited = RateLimited(
@@ -183,16 +234,22 @@ class Server:
                         f"retry in {rate.retry_after() * 1000:.0f} ms"
                     )
                     self.metrics.error(limited.code, "invalid")
-                    await self._send(ws, error_ack(message.id, limited), binary)
+                    await out.send(error_ack(message.id, limited), binary)
                     continue
                 if (reply := self.handlers.answer_now(message, session)) is not None:
-                    await self._send(ws, reply, binary)
+                    await out.send(reply, binary)
                     continue
                 await inflight.acquire()
-                emit = self._emitter(ws, binary)
+                self._started()
+                if isinstance(message, Export):
+                    exports.append((message, binary))
+                    if exporting is None or exporting.done():
+                        exporting = asyncio.create_task(
+                            self._run_exports(exports, session, out, inflight)
+                        )
+                    continue
+                emit = out.emitter(binary)
                 work = self.handlers.begin(message, session, emit)  # ordering settled here
-                self._inflight += 1
-                self._idle.clear()
                 task = asyncio.create_task(self._respond(work, emit, inflight))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -201,14 +258,28 @@ class Server:
         finally:
             self.connections -= 1
             self.metrics.connections(self.connections)
+            for _ in exports:  # exports nobody will read are not started
+                self._finished(inflight)
+            exports.clear()
+            if exporting is not None:  # nor finished: they only read
+                exporting.cancel()
+                running.add(exporting)
             if running:  # stores already under way finish even if nobody hears the ack
                 await asyncio.wait(running)
 
-    def _emitter(self, ws: ServerConnection, binary: bool) -> Emit:
-        async def emit(reply: Reply) -> None:
-            await self._send(ws, reply, binary)
-
-        return emit
+    async def _run_exports(
+        self,
+        queue: deque[tuple[Export, bool]],
+        session: Session,
+        out: _Outgoing,
+        inflight: asyncio.Semaphore,
+    ) -> None:
+        """Run a connection's exports one after the other: each produces its chunks only as
+        fast as the client reads them, and holds at most one chunk at a time."""
+        while queue:
+            message, binary = queue.popleft()
+            emit = out.chunking_emitter(binary)
+            await self._respond(self.handlers.begin(message, session, emit), emit, inflight)
 
     async def _respond(
         self, work: Coroutine[Any, Any, Reply], emit: Emit, inflight: asyncio.Semaphore
@@ -216,12 +287,128 @@ class Server:
         try:
             await emit(await work)
         finally:
-            inflight.release()
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
+            self._finished(inflight)
 
-    @staticmethod
-    async def _send(ws: ServerConnection, reply: Reply, binary: bool) -> None:
-        with contextlib.suppress(ConnectionClosed):  # the client left; nothing to tell it
-            await ws.send(encode(reply, binary), text=not binary)
+    def _started(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _finished(self, inflight: asyncio.Semaphore) -> None:
+        inflight.release()
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+
+    def outgoing_bytes(self) -> int:
+        """Bytes of replies waiting in this process to be written, all connections."""
+        if self._server is None:
+            return 0
+        return sum(c.transport.get_write_buffer_size() for c in self._server.connections)
+
+
+class _Outgoing:
+    """A connection's replies, written one at a time under the write limit.
+
+    Small replies to a client that keeps up are written at once. Otherwise the writer
+    waits for websockets' drain, watching the buffer: if it does not shrink for
+    ``deadline`` seconds the client has stopped reading, and the connection is cut.
+    """
+
+    def __init__(self, ws: ServerConnection, deadline: float, metrics: Metrics) -> None:
+        self._ws = ws
+        self._deadline = deadline
+        self._metrics = metrics
+        self._lock = asyncio.Lock()
+        self._low = ws.transport.get_write_buffer_limits()[0]
+
+    def emitter(self, binary: bool) -> Emit:
+        """An ``Emit`` for handlers: sends each reply in the connection's encoding."""
+
+        async def emit(reply: Reply) -> None:
+            await self.send(reply, binary)
+
+        return emit
+
+    def chunking_emitter(self, binary: bool) -> Emit:
+        """An ``Emit`` for one export: a chunk larger than EXPORT_FRAME_BYTES goes out as
+        several smaller ones, numbered on so that ``seq`` stays consecutive."""
+        seq = 0
+
+        async def emit(reply: Reply) -> None:
+            nonlocal seq
+            if not isinstance(reply, ExportChunk):
+                await self.send(reply, binary)
+                return
+            for part in _parts(reply.episodes, binary):
+                await self.send(ExportChunk(id=reply.id, seq=seq, episodes=part), binary)
+                seq += 1
+
+        return emit
+
+    async def send(self, reply: Reply, binary: bool) -> None:
+        """Write one reply; returns once it is written (or the client is gone)."""
+        data = encode(reply, binary)
+        async with self._lock:
+            transport = self._ws.transport
+            if transport.is_closing():
+                return
+            if transport.get_write_buffer_size() + len(data) <= self._low:
+                with contextlib.suppress(ConnectionClosed):  # nothing to tell a client gone
+                    await self._ws.send(data, text=not binary)
+                return
+            await self._send_watched(data, binary)
+
+    async def _send_watched(self, data: bytes, binary: bool) -> None:
+        sending = asyncio.ensure_future(self._ws.send(data, text=not binary))
+        transport = self._ws.transport
+        loop = asyncio.get_running_loop()
+        waiting, moved = transport.get_write_buffer_size(), loop.time()
+        try:
+            while not sending.done():
+                await asyncio.wait([sending], timeout=min(1.0, self._deadline / 4))
+                if sending.done():
+                    break
+                size = transport.get_write_buffer_size()
+                if size < waiting:
+                    waiting, moved = size, loop.time()
+                elif loop.time() - moved >= self._deadline:
+                    log.warning(
+                        "closing a connection that read nothing for %.0f s (%d bytes waiting)",
+                        self._deadline,
+                        size,
+                    )
+                    self._metrics.error("slow_reader", "send")
+                    transport.abort()
+                    await asyncio.wait([sending])
+            with contextlib.suppress(ConnectionClosed):
+                sending.result()
+        finally:
+            sending.cancel()
+
+
+def _parts(episodes: list[Episode], binary: bool) -> list[list[Episode]]:
+    """Episodes in runs whose encoding stays under EXPORT_FRAME_BYTES (one at least)."""
+    encoder = msgspec.msgpack.encode if binary else msgspec.json.encode
+    parts: list[list[Episode]] = [[]]
+    size = 0
+    for episode in episodes:
+        length = len(encoder(episode))
+        if parts[-1] and size + length > EXPORT_FRAME_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(episode)
+        size += length
+    return parts
+
+
+def _split(path: str) -> SplitResult | None:
+    """The request target split into parts, or None when it cannot be parsed."""
+    try:
+        return urlsplit(path)
+    except ValueError:  # e.g. an unclosed "[" taken for an IPv6 address
+        return None
+
+
+def _digest(token: bytes) -> bytes:
+    digest: bytes = hashlib.sha256(token).digest()
+    return digest

@@ -81,6 +81,63 @@ async def test_the_token_is_required_and_compared_exactly(
     assert not any(TOKEN in r.getMessage() for r in server_side)
 
 
+async def raw_handshake(app: App, *headers: tuple[str, str], path: str = "/") -> bytes:
+    """A WebSocket opening handshake with exactly these extra headers (repeats kept): the
+    server's whole answer (it closes the connection after refusing)."""
+    assert app.server is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.server.port)
+    lines = [
+        f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket",
+        "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13", *(f"{name}: {value}" for name, value in headers),
+    ]  # fmt: skip
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    if not head.startswith(b"HTTP/1.1 101"):
+        head += await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return head
+
+
+async def test_two_authorization_headers_get_400_and_no_traceback(
+    start_app: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = await start_app(token=TOKEN)
+    auth = ("Authorization", f"Bearer {TOKEN}")
+    for _ in range(3):
+        answer = await raw_handshake(app, auth, auth)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert answer.endswith(b"more than one Authorization header\n")
+    assert not [r for r in caplog.records if r.exc_info], "a refused handshake logged a traceback"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (await raw_handshake(app, auth)).startswith(b"HTTP/1.1 101")
+
+
+async def test_the_bearer_scheme_is_case_insensitive(start_app: Start) -> None:
+    app = await start_app(token=TOKEN)
+    for scheme in ["bearer", "BEARER", "BeArEr"]:
+        headers = {"Authorization": f"{scheme} {TOKEN}"}
+        async with connect(ws_url(app), additional_headers=headers) as ws:
+            assert (await ask(ws, {"type": "ping", "id": scheme}))["type"] == "pong"
+    for wrong in [f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer{TOKEN}", f"bearer {TOKEN[:-1]}"]:
+        answer = await raw_handshake(app, ("Authorization", wrong))
+        assert answer.startswith(b"HTTP/1.1 401 "), (wrong, answer)
+
+
+async def test_an_unparsable_request_path_gets_400_and_no_traceback(
+    start_app: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = await start_app()
+    for path in ["//[", "http://[::1", "/x?[", "//]/"]:
+        answer = await raw_handshake(app, path=path)
+        assert not answer.startswith(b"HTTP/1.1 500"), (path, answer)
+        assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 101")), (path, answer)
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 def test_listening_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="without a token"):
         parse_serve(["--host", "0.0.0.0"], {})
