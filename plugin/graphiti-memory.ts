@@ -710,7 +710,6 @@ export function resultFailure(
 
 /** One user turn of a session: the prompt, then what the assistant did up to its answer. */
 interface Turn {
-  sessionID: string
   /** The prompt's message id (the `parentID` of the assistant's messages), once known. */
   userID?: string
   prompt?: string
@@ -778,7 +777,7 @@ export function createHooks(
     const key = currentTurn.get(sessionID)
     const turn = key === undefined ? undefined : turns.get(key)
     if (turn) return turn
-    const fresh: Turn = { sessionID, tokens: 0, changed: 0, failed: 0, text: "" }
+    const fresh: Turn = { tokens: 0, changed: 0, failed: 0, text: "" }
     const freshKey = `${sessionID}\u0000${++tick}`
     turns.set(freshKey, fresh)
     currentTurn.set(sessionID, freshKey)
@@ -796,7 +795,6 @@ export function createHooks(
         turn.userID = info.parentID
       } else {
         turn = turns.get(info.parentID) ?? {
-          sessionID: info.sessionID,
           userID: info.parentID,
           tokens: 0,
           changed: 0,
@@ -996,7 +994,6 @@ export function createHooks(
         // A prompt opens a turn; its replies find it by their parentID, the prompt's id.
         const key = messageID ?? `${sessionID}\u0000${++tick}`
         turns.set(key, {
-          sessionID,
           userID: messageID,
           prompt: text || undefined,
           tokens: 0,

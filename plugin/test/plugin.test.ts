@@ -588,6 +588,51 @@ describe("with a running bridge", () => {
     expect(episodes.every((e) => e.metadata.session === "ses_1")).toBe(true)
   })
 
+  test("a file a sub-agent writes makes its parent's turn a task too", async () => {
+    const bridge = await startBridge()
+    const { hooks, client, sent } = hooksFor(bridge.url)
+    const t0 = 1_790_000_000_000
+    const turn = await chat(hooks, "ses_main", "refactor the cart with a helper")
+    const child = {
+      id: "ses_child",
+      parentID: "ses_main",
+      projectID: "p",
+      directory: "/work/shop",
+      title: "helper",
+      version: "1",
+      time: { created: t0, updated: t0 },
+    }
+    await hooks.event!({ event: { type: "session.created", properties: { info: child } } })
+    await toolCall(hooks, {
+      sessionID: "ses_child",
+      callID: "w",
+      tool: "write",
+      args: { filePath: "src/cart.ts" },
+    })
+    await hooks.event!(fileEdited("/work/shop/src/cart.ts"))
+    const parentID = turn.message.id
+    await hooks.event!(assistant({ id: "msg_m", sessionID: "ses_main", parentID, time: { created: t0 } }))
+    await hooks.event!(textPart("ses_main", "msg_m", "prt_m", "The helper refactored the cart."))
+    await hooks.event!(
+      assistant({
+        id: "msg_m",
+        sessionID: "ses_main",
+        parentID,
+        time: { created: t0, completed: t0 + 5 },
+        finish: "stop",
+      }),
+    )
+    expect(await client.drained(5000)).toBe(true)
+    expect(ofType(sent, "file:write").map((m) => m.session)).toEqual(["ses_child"])
+    expect(ofType(sent, "completion")).toMatchObject([
+      {
+        task: "refactor the cart with a helper",
+        summary: "The helper refactored the cart.",
+        session: "ses_main",
+      },
+    ])
+  })
+
   test("a chat waits for the events of earlier turns before it asks, so they reach the bridge first", async () => {
     const bridge = await startBridge()
     const { hooks, client, sent } = hooksFor(bridge.url, { deadlineMs: 5000 })
