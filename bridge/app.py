@@ -22,6 +22,7 @@ from bridge.config import Config, ConfigError, redact_url
 from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.handlers import Handlers
+from bridge.health import data_dir_problem
 from bridge.memory.base import MemoryBackend
 from bridge.memory.jsonl import export_jsonl, import_jsonl
 from bridge.memory.script import ScriptMemory
@@ -103,6 +104,8 @@ class App:
             prefix=config.cache_prefix,
             ttl=config.cache_ttl,
             on_unavailable=self.metrics.cache_unavailable,
+            # Every request in flight may need Valkey at once; more wait for a connection.
+            pool_size=max(64, config.max_inflight),
         )
         await self.cache.start()
         if self._memory is None:
@@ -135,8 +138,12 @@ class App:
     async def readiness(self) -> list[str]:
         """What keeps the bridge from serving fully right now (empty when ready)."""
         problems = []
-        if self.cache is None or not await self.cache.ping():
-            problems.append("valkey: unreachable (chat:start answers from memory, uncached)")
+        valkey = "not started" if self.cache is None else await self.cache.problem()
+        if valkey is not None:
+            problems.append(f"valkey: {valkey} (chat:start answers from memory, uncached)")
+        disk = await asyncio.to_thread(data_dir_problem, self.config.data_dir)
+        if disk is not None:
+            problems.append(f"data dir: {disk}")
         try:
             await asyncio.wait_for(self.memory.recall("readyz", "ready", 1), 2.0)
         except Exception as e:

@@ -12,6 +12,17 @@ Invalidation runs as one Lua script in Valkey, so it holds for every bridge proc
 shares the Valkey. Both scripts touch several keys: the cache needs a single Valkey node
 (or one hash slot), not a cluster.
 
+Memory stays bounded without ever serving a stale context: a context naming more than
+MAX_TAGS paths is not cached, and Valkey must not evict (the private one runs with
+``maxmemory`` and ``noeviction``): evicting a tag set while its contexts stay would leave
+them beyond invalidation. When Valkey is full a store is refused as a whole, so nothing is
+cached until contexts expire, while invalidation still runs: its first write is a DEL,
+which a full Valkey allows, and a script that has written is let finish.
+
+At most ``pool_size`` operations use Valkey at once; more wait for a connection (within
+their deadline), and a wait that runs out is reported as the pool being busy, not as
+Valkey being unreachable.
+
 Hits are served from an in-process copy (see ``bridge.tracking``) that Valkey keeps honest
 by pushing every change to a context key; only copies not yet made go over the network.
 
@@ -24,11 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
+import sys
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar, cast
 
@@ -37,7 +49,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.errors import CacheUnavailable
@@ -49,6 +61,11 @@ T = TypeVar("T")
 
 _TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_PENDING_PATHS: Final = 10_000
+# A context naming more paths than this is not cached: its tags would cost more than it saves.
+MAX_TAGS: Final = 64
+# Bytes of queries kept with their digests, so a repeated query skips NFKC and SHA-256.
+DIGEST_MEMO_BYTES: Final = 4 << 20
+STRAIN_LOG_INTERVAL: Final = 60.0
 
 # KEYS: epoch, ctx, tag... ; ARGV: expected epoch, value, ttl
 _PUT: Final = """
@@ -62,9 +79,10 @@ end
 return 1
 """
 
-# KEYS: epoch, tag... ; returns the context keys dropped
+# KEYS: epoch, tag... ; returns the context keys dropped. Deletes come first: a full
+# Valkey refuses a script whose first write may grow memory (INCR), but once a script has
+# written it is let finish, so the epoch is bumped even when Valkey is at maxmemory.
 _INVALIDATE: Final = """
-redis.call('INCR', KEYS[1])
 local dropped = {}
 for i = 2, #KEYS do
   for _, key in ipairs(redis.call('SMEMBERS', KEYS[i])) do
@@ -72,6 +90,7 @@ for i = 2, #KEYS do
   end
   redis.call('DEL', KEYS[i])
 end
+redis.call('INCR', KEYS[1])
 return dropped
 """
 
@@ -84,9 +103,38 @@ class Lookup(msgspec.Struct, frozen=True):
     epoch: bytes
 
 
-@functools.lru_cache(maxsize=4096)  # hits repeat queries verbatim: skip NFKC and SHA-256
-def _context_digest(project: str, query: str) -> str:
-    return hashlib.sha256(f"{project}\0{normalise_query(query)}".encode()).hexdigest()
+class DigestMemo:
+    """Digests of recent (project, query) pairs, least recently used first out, bounded by
+    the bytes of the strings it keeps: hits repeat queries verbatim, so they skip NFKC and
+    SHA-256, and long queries cannot make the memo large."""
+
+    def __init__(self, max_bytes: int = DIGEST_MEMO_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._digests: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def digest(self, project: str, query: str) -> str:
+        """SHA-256 of the project and the normalised query, as hex."""
+        key = (project, query)
+        found = self._digests.get(key)
+        if found is not None:
+            self._digests.move_to_end(key)
+            return found
+        digest = hashlib.sha256(f"{project}\0{normalise_query(query)}".encode()).hexdigest()
+        size = _size(key)
+        if size <= self.max_bytes // 16:  # a huge query would push out many others
+            self._digests[key] = digest
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.bytes -= _size(self._digests.popitem(last=False)[0])
+        return digest
+
+
+def _size(key: tuple[str, str]) -> int:
+    return sys.getsizeof(key[0]) + sys.getsizeof(key[1])
+
+
+_digests: Final = DigestMemo()
 
 
 def normalise_query(query: str) -> str:
@@ -150,6 +198,9 @@ class ContextCache:
         self._pending: dict[str, set[str]] = {}
         self._pending_overflow = False
         self._replay_lock = asyncio.Lock()
+        self.pool_size = client.connection_pool.max_connections
+        self._slots = asyncio.Semaphore(self.pool_size)  # one per pooled connection
+        self._strain_logged: dict[str, float] = {}  # when each kind of strain was last logged
         self.local = local
         self._listener: InvalidationListener | None = None
         if local is not None:
@@ -167,6 +218,7 @@ class ContextCache:
         *,
         timeout: float = 0.5,
         local_entries: int = 10_000,
+        pool_size: int = 256,
         **kwargs: Any,
     ) -> ContextCache:
         """A cache on a new client for ``url`` (redis://, rediss:// or unix://).
@@ -174,7 +226,8 @@ class ContextCache:
         The client retries once on a broken connection (a pooled socket that died with a
         restarted server); an operation that takes longer than ``timeout`` fails (one
         deadline per operation, not one per socket read: that costs a task per command).
-        ``local_entries`` bounds the in-process copy of contexts (0 turns it off).
+        ``local_entries`` bounds the in-process copy of contexts (0 turns it off);
+        ``pool_size`` how many operations use Valkey at once (more wait for a connection).
         """
         client = redis.Redis.from_url(
             url,
@@ -182,6 +235,7 @@ class ContextCache:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
+            max_connections=pool_size,
         )
         if local_entries:
             kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", 300))
@@ -194,13 +248,21 @@ class ContextCache:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._listener.connected.wait(), wait)
 
-    async def ping(self) -> bool:
-        """True if Valkey answers right now."""
+    async def problem(self) -> str | None:
+        """Why Valkey cannot serve the cache right now, or None when it answers."""
         try:
             async with asyncio.timeout(self.timeout):
-                return bool(await self._client.ping())
-        except (RedisError, OSError):  # OSError includes TimeoutError
-            return False
+                async with self._slots:
+                    await self._client.ping()
+        except TimeoutError:
+            if self._slots.locked():
+                return f"all {self.pool_size} connections busy"
+            return "unreachable"
+        except MaxConnectionsError:
+            return f"all {self.pool_size} connections busy"
+        except (RedisError, OSError) as e:
+            return f"unreachable ({type(e).__name__}: {e})"
+        return None
 
     async def close(self) -> None:
         """Stop the invalidation stream, close the client and its connections."""
@@ -215,7 +277,7 @@ class ContextCache:
 
     def context_key(self, project: str, query: str) -> str:
         """Full-length hash of project and normalised query: no prefix collisions."""
-        return f"{self._prefix}ctx:{_context_digest(project, query)}"
+        return f"{self._prefix}ctx:{_digests.digest(project, query)}"
 
     def tag_key(self, project: str, path: str) -> str:
         """The set of context keys that mention ``path`` (already normalised)."""
@@ -259,8 +321,11 @@ class ContextCache:
     async def put(
         self, project: str, query: str, inject: str | None, paths: Iterable[str], epoch: bytes
     ) -> bool:
-        """Cache a context tagged with ``paths``; False if an invalidation got there first."""
+        """Cache a context tagged with ``paths``; False if an invalidation got there first,
+        or if it names more than MAX_TAGS paths (too costly to keep honest)."""
         tags = sorted({self.tag_key(project, p) for p in paths})
+        if len(tags) > MAX_TAGS:
+            return False
         keys = [self.epoch_key(project), self.context_key(project, query), *tags]
 
         async def run() -> bool:
@@ -284,6 +349,8 @@ class ContextCache:
 
     async def _apply_invalidation(self, project: str, paths: Iterable[str]) -> int:
         tags = {self.tag_key(project, s) for p in paths for s in path_suffixes(p)}
+        if not tags:
+            return 0  # no context is tagged with an empty path
         dropped = await self._invalidate(keys=[self.epoch_key(project), *sorted(tags)])
         if self.local is not None:
             # Valkey will say so too, but this process must not wait for it (read-your-writes).
@@ -323,19 +390,45 @@ class ContextCache:
         if not self.outage.allows_attempt(now):
             self._on_unavailable()
             raise CacheUnavailable("Valkey is unreachable; retrying on a backoff schedule")
+        slot = False
         try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+                slot = True
             if self._pending or self._pending_overflow:
                 async with asyncio.timeout(self.timeout * 10):
                     await self._replay_pending()
             async with asyncio.timeout(self.timeout):
                 result = await operation()
+        except (TimeoutError, MaxConnectionsError) as e:
+            if slot and not isinstance(e, MaxConnectionsError):
+                raise self._unreachable(e) from e
+            raise self._strain(f"all {self.pool_size} Valkey connections are busy") from e
         except _TRANSIENT as e:
-            self._on_unavailable()
-            if self.outage.failed(time.monotonic()):
-                log.warning("Valkey unreachable, serving from memory without cache: %s", e)
-            raise CacheUnavailable(f"Valkey is unreachable: {e}") from e
+            raise self._unreachable(e) from e
+        except OutOfMemoryError as e:
+            raise self._strain("Valkey is full (maxmemory): nothing more is cached") from e
         except RedisError as e:
             raise CacheUnavailable(f"Valkey error: {e}") from e
+        finally:
+            if slot:
+                self._slots.release()
         if (failed := self.outage.succeeded()) is not None:
             log.warning("Valkey reachable again after %d failed operations", failed)
         return result
+
+    def _unreachable(self, error: Exception) -> CacheUnavailable:
+        self._on_unavailable()
+        if self.outage.failed(time.monotonic()):
+            log.warning("Valkey unreachable, serving from memory without cache: %s", error)
+        return CacheUnavailable(f"Valkey is unreachable: {error}")
+
+    def _strain(self, why: str) -> CacheUnavailable:
+        """Valkey answers but cannot take this operation now: not an outage; logged at most
+        once a minute."""
+        self._on_unavailable()
+        now = time.monotonic()
+        if now - self._strain_logged.get(why, -STRAIN_LOG_INTERVAL) >= STRAIN_LOG_INTERVAL:
+            log.warning("%s", why)
+            self._strain_logged[why] = now
+        return CacheUnavailable(why)

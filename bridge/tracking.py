@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import OrderedDict
 from typing import Any, Final
@@ -29,11 +30,16 @@ _MISSING: Final = object()
 
 
 class LocalContexts:
-    """A bounded, least-recently-used map from context key to context text."""
+    """A least-recently-used map from context key to context text, bounded in entries and
+    in bytes (a context larger than a sixteenth of the bytes is left to Valkey)."""
 
-    def __init__(self, max_entries: int = 10_000, max_age: float = 300.0) -> None:
+    def __init__(
+        self, max_entries: int = 10_000, max_age: float = 300.0, max_bytes: int = 64 << 20
+    ) -> None:
         self.max_entries = max_entries
         self.max_age = max_age
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.generation = 0
         self.live = False
         self._entries: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
@@ -50,7 +56,7 @@ class LocalContexts:
             return _MISSING
         inject, expires = entry
         if expires < time.monotonic():
-            del self._entries[key]
+            self._drop(key)
             return _MISSING
         self._entries.move_to_end(key)
         return inject
@@ -59,24 +65,38 @@ class LocalContexts:
         """Keep a value read from Valkey when no invalidation arrived since ``generation``."""
         if not self.live or generation != self.generation:
             return
+        size = _size(key, inject)
+        if size > self.max_bytes // 16:
+            return
+        self._drop(key)
         self._entries[key] = (inject, time.monotonic() + self.max_age)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.bytes += size
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= _size(key, entry[0])
 
     def invalidate(self, keys: list[bytes] | list[str] | None) -> None:
         """Drop the given keys, or everything when ``keys`` is None (a flush)."""
         self.generation += 1
         if keys is None:
             self._entries.clear()
+            self.bytes = 0
             return
         for key in keys:
-            self._entries.pop(key.decode() if isinstance(key, bytes) else key, None)
+            self._drop(key.decode() if isinstance(key, bytes) else key)
 
     def suspend(self) -> None:
         """Stop serving and forget everything: invalidations can no longer be trusted."""
         self.live = False
         self.invalidate(None)
+
+
+def _size(key: str, inject: str | None) -> int:
+    return sys.getsizeof(key) + sys.getsizeof(inject)
 
 
 def is_missing(value: object) -> bool:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as redis
 from redis.backoff import ConstantBackoff
 
-from bridge.cache import ContextCache, normalise_query
+from bridge.app import App
+from bridge.cache import (
+    DIGEST_MEMO_BYTES,
+    MAX_TAGS,
+    ContextCache,
+    DigestMemo,
+    normalise_query,
+)
 from bridge.embedded import EmbeddedValkey
 from bridge.errors import CacheUnavailable
 
@@ -163,3 +172,88 @@ async def test_invalidations_missed_during_an_outage_are_replayed(
 def test_normalise_query() -> None:
     assert normalise_query("  Fix\tTHE  bug\n") == "fix the bug"
     assert normalise_query("ﬁle") == normalise_query("file")  # NFKC ligature
+
+
+async def test_a_context_naming_too_many_paths_is_not_cached(cache: ContextCache) -> None:
+    keys_before = await cache._client.dbsize()
+    paths = [f"src/module_{i}.py" for i in range(5000)]
+    lookup = await cache.lookup("p", "path heavy")
+    assert not await cache.put("p", "path heavy", "ctx", paths, lookup.epoch)
+    assert await cache._client.dbsize() == keys_before, "tag sets were written anyway"
+    assert not (await cache.lookup("p", "path heavy")).hit
+    await cached(cache, "p", "just enough", paths[:MAX_TAGS])
+
+
+async def test_a_full_valkey_refuses_new_contexts_but_still_invalidates(
+    valkey: EmbeddedValkey, cache: ContextCache
+) -> None:
+    await cached(cache, "p", "about a", ["src/a.py"])
+    await cached(cache, "p", "about b", ["src/b.py"])
+    admin = redis.Redis.from_url(valkey.url)
+    await admin.config_set("maxmemory", "1")  # full from now on
+    try:
+        assert (await cache.lookup("p", "about a")).hit, "reads go on"
+        lookup = await cache.lookup("p", "new question")
+        with pytest.raises(CacheUnavailable, match="full"):
+            await cache.put("p", "new question", "ctx", ["src/c.py"], lookup.epoch)
+        assert cache.outage.down_since is None, "a full Valkey is not an outage"
+        assert await admin.exists(cache.tag_key("p", "src/c.py")) == 0, "half a store"
+        assert await cache.invalidate_path("p", "src/a.py") == 1
+        assert not (await cache.lookup("p", "about a")).hit, "a stale context was served"
+        assert (await cache.lookup("p", "about b")).hit
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+
+
+async def test_more_lookups_at_once_than_pooled_connections_all_succeed(app: App) -> None:
+    """The bridge's pool follows --max-inflight (256): 300 concurrent misses wait for a
+    connection instead of reporting Valkey unreachable."""
+    assert app.cache is not None
+    results = await asyncio.gather(
+        *(app.cache.lookup("p", f"concurrent {i}") for i in range(300)), return_exceptions=True
+    )
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert app.cache.outage.down_since is None
+
+
+async def test_an_exhausted_pool_is_reported_as_busy_not_unreachable(
+    valkey: EmbeddedValkey,
+) -> None:
+    small = ContextCache.from_url(valkey.url, pool_size=3, timeout=0.3, local_entries=0)
+    try:
+        # Three commands that hold their connections for a second, outside the cache's own
+        # operations: the pool is empty when the lookup asks.
+        blocked = [asyncio.create_task(small._client.blpop([f"nothing{i}"], 1)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(CacheUnavailable, match="busy"):
+            await small.lookup("p", "q")
+        assert small.outage.down_since is None
+        assert await small.problem() is not None
+        await asyncio.gather(*blocked)
+        assert not (await small.lookup("p", "q")).hit
+        assert await small.problem() is None
+    finally:
+        await small.close()
+
+
+def test_query_digests_stay_within_their_byte_budget() -> None:
+    memo = DigestMemo(max_bytes=1 << 20)
+    long_queries = [f"{i} " + "é" * 60_000 for i in range(200)]
+    digests = {memo.digest("p", q) for q in long_queries}
+    assert len(digests) == 200
+    assert memo.bytes <= 1 << 20
+    assert memo.digest("p", long_queries[-1]) == memo.digest("p", long_queries[-1] + " ")
+
+
+def test_the_shared_digest_memo_keeps_long_queries_bounded(cache: ContextCache) -> None:
+    """What the bridge's key function retains for 200 long queries, measured."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            cache.context_key("p", f"{i} " + "x" * 60_000)
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained <= DIGEST_MEMO_BYTES + (1 << 20), retained

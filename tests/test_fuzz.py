@@ -11,6 +11,7 @@ import os
 import struct
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,8 +22,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from bridge.app import App
+from bridge.embedded import EmbeddedValkey
 from bridge.protocol import MAX_COUNT, MAX_NAME, MAX_PATH, MAX_SECONDS, MAX_TEXT, Message
-from tests.conftest import ws_url
+from tests.conftest import StatsdCollector, bridge_config, ws_url
 
 TYPES = ["chat:start", "file:write", "error", "completion", "query", "export", "ping"]
 FIELDS = ["id", "type", "query", "path", "message", "task", "tokens", "duration_ms",
@@ -475,8 +477,20 @@ def run_examples(loop: asyncio.AbstractEventLoop, run: ExtremesRun) -> None:
     one()
 
 
+@pytest.fixture
+async def unhurried_app(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> AsyncIterator[App]:
+    """A bridge whose rate limit a fast machine running the sweep cannot reach: the sweep
+    fuzzes values, not rates."""
+    bridge = App(bridge_config(tmp_path, valkey, statsd.port, rate_limit=1e6, rate_burst=10**6))
+    await bridge.start()
+    yield bridge
+    await bridge.stop()
+
+
 async def test_every_fields_extremes_get_one_reply_and_lose_nothing(
-    app: App, caplog: pytest.LogCaptureFixture
+    unhurried_app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every message type, with each field at, just past and far past its limits (huge and
     non-finite numbers, longest strings, deepest nesting, wrong types, NUL and surrogates),
@@ -485,7 +499,8 @@ async def test_every_fields_extremes_get_one_reply_and_lose_nothing(
     connections stay open; the server logs no traceback; and afterwards query and export,
     in both encodings, still return every acknowledged episode."""
     caplog.set_level(logging.WARNING)
-    async with ExtremesRun(ws_url(app, f"/{ExtremesRun.DEFAULT_PROJECT}")) as run:
+    url = ws_url(unhurried_app, f"/{ExtremesRun.DEFAULT_PROJECT}")
+    async with ExtremesRun(url) as run:
         for message, word, binary in sweep():
             await run.send(message, word, binary)
         await asyncio.to_thread(run_examples, asyncio.get_running_loop(), run)

@@ -141,3 +141,18 @@ def test_nothing_is_served_while_not_live() -> None:
     assert contexts.get("k") is None  # cached "memory had nothing"
     contexts.suspend()
     assert is_missing(contexts.get("k"))
+
+
+def test_the_copy_is_bounded_in_bytes_too() -> None:
+    contexts = LocalContexts(max_entries=10_000, max_bytes=1 << 20)
+    contexts.live = True
+    for i in range(100):
+        contexts.put(f"k{i}", f"{i} " + "x" * 50_000, contexts.generation)
+    assert contexts.bytes <= 1 << 20
+    assert len(contexts) < 25
+    assert contexts.get("k99") is not None and is_missing(contexts.get("k0"))
+    contexts.put("huge", "x" * (1 << 20), contexts.generation)  # left to Valkey
+    assert is_missing(contexts.get("huge"))
+    contexts.invalidate([b"k99"])
+    contexts.invalidate(None)
+    assert contexts.bytes == 0
