@@ -33,8 +33,9 @@ import msgspec
 CONTEXT_HEADER: Final = "[Memory Context]"
 HALF_LIFE_TASKS: Final = 100.0  # a task this many tasks old weighs half as much
 WINDOW_TASKS: Final = 400  # recent tasks read for the recency prior and co-change
-TASK_CANDIDATES: Final = 20  # past tasks matched by text
+TASK_CANDIDATES: Final = 60  # past tasks matched by text: a file touched by many adds up
 FILE_CANDIDATES: Final = 50  # files matched by text
+FILE_TEXT_WEIGHT: Final = 1.0
 PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to text evidence
 COCHANGE_WEIGHT: Final = 0.25
 FILES_SHOWN: Final = 8
@@ -132,7 +133,7 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     score: dict[str, float] = defaultdict(float)
     for signal, weight_of_signal in (
         (by_task, 1.0),
-        (found.files, 1.0),
+        (found.files, FILE_TEXT_WEIGHT),
         (prior, PRIOR_WEIGHT),
     ):
         for path, value in _normalised(signal).items():
