@@ -242,7 +242,7 @@ class Handlers:
     def _flight_done(self, key: _FlightKey, task: asyncio.Task[str | None]) -> None:
         self._flights.pop(key, None)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("memory query failed: %s", task.exception())
+            log.warning("memory query failed: %r", task.exception())
 
     async def _recall_and_fill(
         self, asked: tuple[str, str], query: str, epoch: bytes | None
