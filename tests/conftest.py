@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from bridge.config import Config
-from bridge.embedded import EmbeddedValkey
+from bridge.embedded import EmbeddedValkey, sweep_stale_dirs
 from bridge.memory.base import Recall
 from bridge.memory.sqlite import SqliteMemory
 from bridge.recall import Candidates
@@ -89,6 +89,14 @@ class StatsdCollector:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_private_dirs() -> Iterator[None]:
+    """Tests kill bridges with SIGKILL on purpose: remove the private server folders they
+    leave in the temp directory (only those whose owner process is gone)."""
+    yield
+    sweep_stale_dirs()
 
 
 @pytest.fixture

@@ -224,7 +224,7 @@ async def test_an_exhausted_pool_is_reported_as_busy_not_unreachable(
     try:
         # Three commands that hold their connections for a second, outside the cache's own
         # operations: the pool is empty when the lookup asks.
-        blocked = [asyncio.create_task(small._client.blpop([f"nothing{i}"], 1)) for i in range(3)]
+        blocked = [asyncio.ensure_future(small._client.blpop([f"nothing{i}"], 1)) for i in range(3)]
         await asyncio.sleep(0.1)
         with pytest.raises(CacheUnavailable, match="busy"):
             await small.lookup("p", "q")

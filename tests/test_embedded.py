@@ -1,0 +1,175 @@
+"""The private valkey-server: capped, supervised, and cleaned up after; readiness that
+covers it and the data folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+from websockets.asyncio.client import connect
+
+from bridge.app import App
+from bridge.config import Config
+from bridge.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
+from bridge.health import MIN_FREE_BYTES, data_dir_problem
+from tests.conftest import StatsdCollector, bridge_config, ws_url
+from tests.test_limits import ask, http_get
+
+
+async def test_the_private_valkey_is_capped_and_never_evicts(valkey: EmbeddedValkey) -> None:
+    client = redis.Redis.from_url(valkey.url)
+    try:
+        settings = await client.config_get("maxmemory*")
+    finally:
+        await client.aclose()
+    assert VALKEY_MAXMEMORY == "256mb"
+    assert settings["maxmemory"] == str(256 << 20)
+    assert settings["maxmemory-policy"] == "noeviction"
+
+
+@pytest.fixture
+async def private_app(tmp_path: Path, statsd: StatsdCollector) -> AsyncIterator[App]:
+    """A bridge with its own private valkey-server, as ``serve`` runs by default."""
+    app = App(
+        Config(
+            port=0,
+            data_dir=tmp_path / "data",
+            statsd_host="127.0.0.1",
+            statsd_port=statsd.port,
+        )
+    )
+    await app.start()
+    yield app
+    await app.stop()
+
+
+async def test_a_killed_private_valkey_comes_back_and_hits_resume(private_app: App) -> None:
+    app = private_app
+    assert app.valkey is not None and app.valkey.pid is not None
+    query = {"type": "chat:start", "id": 2, "query": "what about src/phoenix.py"}
+    async with connect(ws_url(app)) as ws:
+        await ask(ws, {"type": "error", "id": 1, "message": "phoenix failed in src/phoenix.py"})
+        assert not (await ask(ws, query))["hit"]
+        assert (await ask(ws, query))["hit"]
+        first = app.valkey.pid
+        os.kill(first, signal.SIGKILL)
+        for _ in range(400):  # bounded: restart backoff starts at 0.1 s
+            if await http_get(app, "/readyz") == (200, b"ready\n"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail(f"/readyz never came back: {await http_get(app, '/readyz')}")
+        assert app.valkey.pid not in (None, first)
+        assert app.valkey.restarts == 1
+        for _ in range(400):  # bounded: the cache's outage backoff is capped at 5 s
+            reply = await ask(ws, query)
+            if reply["hit"]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("chat:start hits did not resume on the restarted valkey-server")
+        assert "phoenix failed" in reply["inject"]
+
+
+async def test_kill_on_purpose_is_not_restarted(valkey: EmbeddedValkey) -> None:
+    valkey.kill()
+    await asyncio.sleep(0.5)  # several supervisor periods; nothing may start it again
+    assert valkey.pid is None and valkey.restarts == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> AsyncIterator[Path]:  # type: ignore[misc]
+    """A 32 MiB tmpfs of its own, so the test can fill it; unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full."""
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+async def test_readyz_says_when_the_data_dir_is_full(
+    small_disk: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    app = App(bridge_config(small_disk, valkey, statsd.port))
+    await app.start()
+    try:
+        assert await http_get(app, "/readyz") == (200, b"ready\n")
+        filler = fill(small_disk)
+        status, body = await http_get(app, "/readyz")
+        assert status == 503
+        assert f"below {MIN_FREE_BYTES >> 20} MiB".encode() in body
+        assert body.startswith(b"data dir: ")
+        assert data_dir_problem(small_disk, min_free=0) == (
+            f"{small_disk}: cannot write (No space left on device)"
+        ), "the write probe must fail on a full disk whatever the threshold"
+        filler.unlink()
+        assert await http_get(app, "/readyz") == (200, b"ready\n")
+    finally:
+        await app.stop()
+
+
+OWNER = """
+import asyncio, sys
+from bridge.embedded import EmbeddedValkey
+
+async def main():
+    valkey = EmbeddedValkey()
+    await valkey.start()
+    print(valkey.dir, valkey.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_owner_leaves_a_folder_the_next_start_removes(
+    valkey: EmbeddedValkey,
+) -> None:
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER, stdout=asyncio.subprocess.PIPE
+    )
+    assert owner.stdout is not None
+    try:
+        line = await asyncio.wait_for(owner.stdout.readline(), 30)
+    finally:
+        owner.kill()
+        await owner.wait()
+    folder, child = Path(line.split()[0].decode()), int(line.split()[1])
+    for _ in range(200):  # bounded: the child gets SIGTERM when its owner dies
+        if not Path(f"/proc/{child}").exists():
+            break
+        await asyncio.sleep(0.05)
+    assert folder.is_dir(), "the owner was killed: nothing could remove its folder"
+    fresh = EmbeddedValkey()  # any start of a private server sweeps stale folders
+    try:
+        assert not folder.exists(), "a folder whose owner is gone was kept"
+        assert valkey.dir.is_dir() and fresh.dir.is_dir(), "a live owner's folder was removed"
+    finally:
+        await fresh.close()
