@@ -1,7 +1,8 @@
 """The bridge's configuration: resolved once from flags, then environment, then defaults.
 
 This is the only module that reads ``os.environ``. Every ``serve`` flag has an environment
-variable ``BRIDGE_<FLAG>``; the DogStatsD address uses Datadog's standard variables.
+variable ``BRIDGE_<FLAG>``, checked exactly like the flag (same type, same choices) when
+no flag overrides it; the DogStatsD address uses Datadog's standard variables.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,33 +98,99 @@ class Config:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Add the ``serve`` flags, each defaulting to its environment variable, then Config."""
+METAVARS: dict[object, str] = {
+    _port: "PORT",
+    _positive_int: "N",
+    _positive_float: "X",
+    Path: "PATH",
+}
+
+ENVIRONMENT_HELP = """\
+environment:
+  BRIDGE_<FLAG>      every flag above, e.g. BRIDGE_PORT=9000 for --port (the flag wins)
+  BRIDGE_TOKEN       shared token clients send as "Authorization: Bearer <token>"
+                     (no flag, so it never shows in ps; see --token-file)
+  OPENAI_API_KEY     graphiti: key of the LLM API (--llm auto extracts when it is set)
+  OPENAI_BASE_URL    graphiti: OpenAI-compatible API, when --llm-base-url is not given
+  DD_AGENT_HOST      DogStatsD host metrics go to (default localhost)
+  DD_DOGSTATSD_PORT  DogStatsD UDP port (default 8125)
+"""
+
+
+@dataclass(frozen=True)
+class _FromEnvironment:
+    """An environment value standing in for a flag's default, checked like the flag once
+    parsing shows that no flag overrides it (argparse checks no choices on defaults)."""
+
+    var: str
+    text: str
+    type: Callable[[str], object] | None = None
+    choices: Sequence[str] | None = None
+
+    def resolve(self) -> object:
+        try:
+            value = self.type(self.text) if self.type is not None else self.text
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise ConfigError(f"{self.var}: {e}") from e
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(
+                f"{self.var}: invalid choice {self.text!r} (choose from {', '.join(self.choices)})"
+            )
+        return value
+
+
+def _from_environment(env: Mapping[str, str], var: str, default: object, **kw: Any) -> object:
+    """The flag default for ``var``: its value (checked later) when set and not empty."""
+    text = env.get(var, "")
+    return _FromEnvironment(var, text, kw.get("type"), kw.get("choices")) if text else default
+
+
+def add_serve_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], *, project_help: str | None = None
+) -> None:
+    """Add the ``serve`` flags, each defaulting to its environment variable, then Config.
+
+    ``project_help`` makes ``--project`` an explicit choice with that help: no default,
+    and no environment variable (``import`` moves episodes only when asked to).
+    """
     d = Config()
+    parser.epilog = ENVIRONMENT_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
     def option(flag: str, default: object, help: str, **kw: Any) -> None:
         var = "BRIDGE_" + flag.removeprefix("--").replace("-", "_").upper()
-        value = env.get(var, default)
+        value = _from_environment(env, var, default, **kw)
+        if "type" in kw and "choices" not in kw:
+            kw.setdefault("metavar", METAVARS.get(kw["type"]))
         parser.add_argument(
             flag, default=value, help=f"{help} (env {var}; default {default})", **kw
         )
@@ -133,7 +200,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
     option("--data-dir", d.data_dir, "folder for the embedded memory store", type=Path)
     option("--valkey-url", d.valkey_url, "existing Valkey, e.g. redis://localhost:6380; "
            "none starts a private one")  # fmt: skip
-    option("--project", d.project, "project for messages and URLs that name none")
+    if project_help is None:
+        option("--project", d.project, "project for messages and URLs that name none")
+    else:
+        parser.add_argument("--project", help=project_help)
     option("--cache-prefix", d.cache_prefix, "prefix of every Valkey key")
     option("--cache-ttl", d.cache_ttl, "seconds a cached context lives", type=_positive_int)
     option("--miss-budget-ms", d.miss_budget_ms, "how long chat:start waits for memory on a "
@@ -185,8 +255,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
         token=env.get("BRIDGE_TOKEN") or None,
         llm_api_key=env.get("OPENAI_API_KEY") or None,
         openai_base_url=env.get("OPENAI_BASE_URL") or None,
-        statsd_host=env.get("DD_AGENT_HOST", d.statsd_host),
-        statsd_port=env.get("DD_DOGSTATSD_PORT", str(d.statsd_port)),
+        statsd_host=env.get("DD_AGENT_HOST") or d.statsd_host,
+        statsd_port=_from_environment(env, "DD_DOGSTATSD_PORT", d.statsd_port, type=_port),
     )
 
 
@@ -199,7 +269,14 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class ConfigError(Exception):
+class StartupError(Exception):
+    """A command cannot start or finish as asked; the message (one line) says why.
+
+    The command line reports it as ``graphiti-bridge: <message>`` and exits with status 2.
+    """
+
+
+class ConfigError(StartupError):
     """The configuration cannot be used; the message says why and how to fix it."""
 
 
@@ -216,17 +293,22 @@ def _read_token(args: argparse.Namespace) -> str | None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Build and check the Config from parsed ``serve`` arguments (raises ConfigError)."""
-    try:
-        statsd_port = _port(str(args.statsd_port))
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise ConfigError(f"DD_DOGSTATSD_PORT: {e}") from e
+    """Build and check the Config from parsed ``serve`` arguments (raises ConfigError).
+
+    Environment values no flag overrode are checked here, each error naming its variable.
+    """
+    args = argparse.Namespace(
+        **{
+            name: value.resolve() if isinstance(value, _FromEnvironment) else value
+            for name, value in vars(args).items()
+        }
+    )
     config = Config(
         host=args.host,
         port=args.port,
         data_dir=Path(args.data_dir).expanduser(),
         valkey_url=args.valkey_url or None,
-        project=args.project,
+        project=Config.project if args.project is None else args.project,
         cache_prefix=args.cache_prefix,
         cache_ttl=args.cache_ttl,
         miss_budget_ms=args.miss_budget_ms,
@@ -258,7 +340,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         memory_script_timeout=args.memory_script_timeout,
         memory_script_concurrency=args.memory_script_concurrency,
         statsd_host=args.statsd_host,
-        statsd_port=statsd_port,
+        statsd_port=args.statsd_port,
         log_level=args.log_level,
     )
     check(config)

@@ -43,7 +43,7 @@ def test_flags_win_over_the_environment_which_wins_over_defaults(tmp_path: Path)
     [
         (["--port", "70000"], {}),
         (["--cache-ttl", "0"], {}),
-        ([], {"BRIDGE_MISS_BUDGET_MS": "-5"}),
+        (["--port", "abc"], {}),
         (["--memory", "mongo"], {}),
     ],
 )
@@ -52,7 +52,49 @@ def test_bad_values_are_refused_with_the_flag_named(
 ) -> None:
     with pytest.raises(SystemExit):
         parse_serve(argv, env)
-    assert "error: argument --" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: argument --" in err
+    assert "_port" not in err and "_positive" not in err, "a type's function name leaked"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("BRIDGE_MEMORY", "nonsense", "invalid choice 'nonsense' (choose from sqlite,"),
+        ("BRIDGE_LLM", "maybe", "invalid choice 'maybe' (choose from auto, on, off)"),
+        ("BRIDGE_LOG_LEVEL", "verbose", "invalid choice 'verbose' (choose from debug,"),
+        ("BRIDGE_PORT", "abc", "must be a port number 0-65535, got 'abc'"),
+        ("BRIDGE_CACHE_TTL", "0", "must be a positive integer, got '0'"),
+        ("BRIDGE_MISS_BUDGET_MS", "-5", "must be a positive number, got '-5'"),
+        ("BRIDGE_RATE_LIMIT", "nan", "must be a positive number, got 'nan'"),
+        ("DD_DOGSTATSD_PORT", "nope", "must be a port number 0-65535, got 'nope'"),
+    ],
+)
+def test_environment_values_are_checked_like_flags_and_named(
+    var: str, value: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_serve([], {var: value})
+    assert str(refused.value).startswith(f"{var}: {says}")
+
+
+def test_a_flag_overrides_a_bad_environment_value_and_empty_means_unset() -> None:
+    env = {"BRIDGE_MEMORY": "nonsense", "BRIDGE_PORT": "abc", "BRIDGE_LLM": ""}
+    config = parse_serve(["--memory", "script", "--port", "9003"], env)
+    assert (config.memory, config.port, config.llm) == ("script", 9003, "auto")
+
+
+def test_good_environment_values_are_converted_like_flags(tmp_path: Path) -> None:
+    env = {
+        "BRIDGE_MEMORY": "graphiti",
+        "BRIDGE_LLM": "off",
+        "BRIDGE_LOG_LEVEL": "debug",
+        "BRIDGE_RATE_LIMIT": "12.5",
+        "BRIDGE_MEMORY_SCRIPT": str(tmp_path / "m.py"),
+    }
+    config = parse_serve([], env)
+    assert (config.memory, config.llm, config.log_level) == ("graphiti", "off", "debug")
+    assert config.rate_limit == 12.5 and config.memory_script == tmp_path / "m.py"
 
 
 def test_llm_mode_follows_the_api_key_unless_forced() -> None:
