@@ -4,9 +4,12 @@
 from the embedded store to Graphiti::
 
     graphiti-bridge export --project shop > shop.jsonl
-    graphiti-bridge import --memory graphiti --project shop shop.jsonl
+    graphiti-bridge import --memory graphiti shop.jsonl
 
-Run them while no server uses the same embedded stores.
+They hold the data folder like a server does, so they refuse to run while a server uses
+the same ``--data-dir``. Whatever keeps a command from starting or finishing (a bad flag
+or environment value, a port in use, a busy data folder, an unreadable file) is one line
+on stderr, ``graphiti-bridge: <what was wrong>``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
 from bridge import __version__
-from bridge.config import ConfigError, add_serve_arguments, config_from_args, environment
+from bridge.config import (
+    Config,
+    StartupError,
+    add_serve_arguments,
+    config_from_args,
+    environment,
+)
+
+IMPORT_PROJECT_HELP = (
+    "move every episode into this project (default: each keeps the project it was exported from)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,17 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(export, env)
     load = commands.add_parser("import", help="store episodes from JSON Lines")
     load.add_argument("file", nargs="?", default="-", help="file to read (default: stdin)")
-    add_serve_arguments(load, env)
+    add_serve_arguments(load, env, project_help=IMPORT_PROJECT_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the console script."""
+    """Entry point of the console script: run a command, or exit 2 saying why it cannot."""
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        raise SystemExit(f"graphiti-bridge: {e}") from None
+        _command(args)
+    except StartupError as e:
+        print(f"graphiti-bridge: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _command(args: argparse.Namespace) -> None:
+    """Run the parsed command (raises StartupError when it cannot start or finish)."""
+    move_to: str | None = args.project if args.command == "import" else None
+    config = config_from_args(args)
+    _configure_logging(config)
+    from bridge import app
+
+    if args.command == "serve":
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(app.serve(config))
+    elif args.command == "export":
+        with _stream(args.out, "wb") as out:
+            count = _run(app.export_project(config, config.project, out))
+        print(f"exported {count} episodes of {config.project}", file=sys.stderr)
+    else:
+        with _stream(args.file, "rb") as src:
+            done = _run(app.import_project(config, move_to, src))
+        where = f"into {move_to}: " if move_to is not None else ""
+        print(f"{where}{done}", file=sys.stderr)
+
+
+def _configure_logging(config: Config) -> None:
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -59,22 +97,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # Without a Datadog agent every flush is refused (ICMP): the metrics just go nowhere.
         logging.getLogger("datadog.dogstatsd").setLevel(logging.ERROR)
-    from bridge import app
-
-    try:
-        if args.command == "serve":
-            with contextlib.suppress(KeyboardInterrupt):
-                _run(app.serve(config))
-        elif args.command == "export":
-            with _stream(args.out, "wb") as out:
-                count = _run(app.export_project(config, config.project, out))
-            print(f"exported {count} episodes of {config.project}", file=sys.stderr)
-        else:
-            with _stream(args.file, "rb") as src:
-                count = _run(app.import_project(config, config.project, src))
-            print(f"imported {count} episodes into {config.project}", file=sys.stderr)
-    except ConfigError as e:
-        raise SystemExit(f"graphiti-bridge: {e}") from None
 
 
 @contextlib.contextmanager
@@ -83,7 +105,12 @@ def _stream(path: str, mode: str) -> Iterator[BinaryIO]:
     if path == "-":
         yield sys.stdout.buffer if "w" in mode else sys.stdin.buffer
         return
-    with open(path, mode) as file:
+    try:
+        file = open(path, mode)  # noqa: SIM115 (closed below, after the command ran)
+    except OSError as e:
+        verb = "write" if "w" in mode else "read"
+        raise StartupError(f"cannot {verb} {path}: {e.strerror}") from e
+    with file:
         yield cast(BinaryIO, file)
 
 

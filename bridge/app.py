@@ -1,10 +1,11 @@
 """Composition root: a Config becomes running parts, started and stopped in a fixed order.
 
-Start: data folder, Valkey (embedded unless a URL is given), metrics, cache, memory, the
-outbox (delivering what a previous run left), handlers, then the listener last. Stop, in
-reverse: close the listener and connections (in-flight requests finish), wait for
-background memory queries, give the outbox the deadline to drain, then close memory,
-cache, the embedded Valkey and metrics.
+Start: data folder (held exclusively: see bridge.datadir), Valkey (embedded unless a URL
+is given), metrics, cache, memory, the outbox (delivering what a previous run left),
+handlers, then the listener last. Stop, in reverse: close the listener and connections
+(in-flight requests finish), wait for background memory queries, give the outbox the
+deadline to drain, then close memory, cache, the embedded Valkey and metrics, and let the
+data folder go. What keeps the bridge from starting is a StartupError saying what.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import BinaryIO
 
 from bridge.cache import ContextCache
-from bridge.config import Config, ConfigError, redact_url
+from bridge.config import Config, ConfigError, StartupError, redact_url
+from bridge.datadir import DataDirLock
 from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.errors import MemoryUnavailable
 from bridge.handlers import Handlers
 from bridge.health import data_dir_problem
 from bridge.memory.base import MemoryBackend
-from bridge.memory.jsonl import export_jsonl, import_jsonl
+from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_jsonl
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
@@ -80,6 +84,7 @@ class App:
 
     def __init__(self, config: Config, memory: MemoryBackend | None = None) -> None:
         self.config = config
+        self.data_dir = DataDirLock(config.data_dir)
         self.valkey: EmbeddedValkey | None = None
         self.metrics = Metrics(config.statsd_host, config.statsd_port)
         self._memory = memory
@@ -92,7 +97,7 @@ class App:
     async def start(self) -> None:
         """Start every part; the server listens once everything behind it is ready."""
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.acquire()
         self.metrics.start()
         valkey_url = config.valkey_url
         if valkey_url is None:
@@ -110,7 +115,7 @@ class App:
         await self.cache.start()
         if self._memory is None:
             self._memory, self.falkor = await open_memory(config)
-        await self._memory.start()
+        await start_memory(self._memory)
         self.delivery = Delivery(
             self.memory,
             EpisodeQueue(config.outbox_path),
@@ -127,7 +132,11 @@ class App:
         self.delivery.on_delivered = self.handlers.episode_delivered
         await self.delivery.start()
         self.server = Server(config, self.handlers, self.metrics, self.readiness)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from e
 
     @property
     def memory(self) -> MemoryBackend:
@@ -174,30 +183,47 @@ class App:
         if self.valkey is not None:
             await self.valkey.close()
         await self.metrics.close()
+        self.data_dir.release()
+
+
+async def start_memory(memory: MemoryBackend) -> None:
+    """Start a memory backend; one that cannot start stops the command (StartupError)."""
+    try:
+        await memory.start()
+    except MemoryUnavailable as e:
+        raise StartupError(f"the {memory.name} memory cannot start: {e}") from e
+
+
+@contextlib.asynccontextmanager
+async def _memory_alone(config: Config) -> AsyncIterator[MemoryBackend]:
+    """The configured backend, started, with the data folder held (for export and import)."""
+    with DataDirLock(config.data_dir):
+        memory, falkor = await open_memory(config)
+        try:
+            await start_memory(memory)
+            yield memory
+        finally:
+            await memory.close()
+            if falkor is not None:
+                await falkor.close()
 
 
 async def export_project(config: Config, project: str, out: BinaryIO) -> int:
     """Write every episode of ``project`` in the configured backend as JSON Lines."""
-    memory, falkor = await open_memory(config)
-    try:
-        await memory.start()
+    async with _memory_alone(config) as memory:
         return await export_jsonl(memory, project, out)
-    finally:
-        await memory.close()
-        if falkor is not None:
-            await falkor.close()
 
 
-async def import_project(config: Config, project: str | None, lines: Iterable[bytes]) -> int:
-    """Store JSON Lines episodes into the configured backend (into ``project`` if given)."""
-    memory, falkor = await open_memory(config)
-    try:
-        await memory.start()
-        return await import_jsonl(memory, lines, group_id=project)
-    finally:
-        await memory.close()
-        if falkor is not None:
-            await falkor.close()
+async def import_project(config: Config, project: str | None, lines: Iterable[bytes]) -> Imported:
+    """Store JSON Lines episodes into the configured backend. Each keeps its own project
+    unless ``project`` is given; a bad line stops the import (StartupError saying where)."""
+    async with _memory_alone(config) as memory:
+        done = Imported()
+        try:
+            await import_jsonl(memory, lines, group_id=project, done=done)
+        except ImportStopped as e:
+            raise StartupError(str(e)) from e
+        return done
 
 
 async def serve(config: Config) -> None:

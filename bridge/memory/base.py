@@ -41,12 +41,15 @@ class MemoryBackend(Protocol):
     async def close(self) -> None:
         """Release everything ``start`` acquired. Idempotent."""
 
-    async def store(self, episode: Episode) -> None:
+    async def store(self, episode: Episode) -> bool:
         """Store one episode; when this returns, the episode is durable.
 
         Storing an episode whose ``uuid`` is already stored is a no-op (idempotent).
+        Returns True when the episode was newly stored, False when its ``uuid`` was
+        already stored (a backend that cannot tell returns True).
         Raises MemoryUnavailable if the store fails.
         """
+        ...
 
     async def recall(self, group_id: str, query: str, limit: int) -> Recall:
         """Return up to ``limit`` episodes of ``group_id`` relevant to ``query``, best first.

@@ -137,8 +137,9 @@ class ScriptMemory:
         for process in list(self._running):
             await _reap(process)
 
-    async def store(self, episode: Episode) -> None:
-        """Run ``store``; the episode is durable once the script exits 0."""
+    async def store(self, episode: Episode) -> bool:
+        """Run ``store``; the episode is durable once the script exits 0. Returns True: the
+        script's contract cannot tell a new episode from one it already held."""
         try:
             metadata = _encode(episode.metadata).decode()
         except (msgspec.EncodeError, TypeError) as e:
@@ -151,6 +152,7 @@ class ScriptMemory:
             source_description=episode.source_description,
             reference_time=repr(episode.reference_time),
         )
+        return True
 
     async def recall(self, group_id: str, query: str, limit: int) -> Recall:
         """Run ``query`` and read what it printed (see the module docstring)."""
