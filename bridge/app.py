@@ -128,6 +128,8 @@ class App:
             recall_limit=config.recall_limit,
             miss_budget=config.miss_budget_ms / 1000.0,
             delivery=self.delivery,
+            context_chars=config.context_chars,
+            max_text=config.max_text,
         )
         self.delivery.on_delivered = self.handlers.episode_delivered
         await self.delivery.start()

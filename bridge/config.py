@@ -31,7 +31,8 @@ class Config:
     cache_prefix: str = "gb:"
     cache_ttl: int = 300
     miss_budget_ms: float = 250.0
-    recall_limit: int = 8
+    recall_limit: int = 6
+    context_chars: int = 2000
     max_frame: int = 1 << 20
     max_inflight: int = 256
     max_connections: int = 1000
@@ -208,7 +209,10 @@ def add_serve_arguments(
     option("--cache-ttl", d.cache_ttl, "seconds a cached context lives", type=_positive_int)
     option("--miss-budget-ms", d.miss_budget_ms, "how long chat:start waits for memory on a "
            "cache miss", type=_positive_float)  # fmt: skip
-    option("--recall-limit", d.recall_limit, "episodes in an injected context", type=_positive_int)
+    option("--recall-limit", d.recall_limit, "past tasks in an injected context",
+           type=_positive_int)  # fmt: skip
+    option("--context-chars", d.context_chars, "longest injected context (characters)",
+           type=_positive_int)  # fmt: skip
     option("--max-frame", d.max_frame, "largest accepted frame in bytes", type=_positive_int)
     option("--max-inflight", d.max_inflight, "concurrent requests per connection",
            type=_positive_int)  # fmt: skip
@@ -313,6 +317,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cache_ttl=args.cache_ttl,
         miss_budget_ms=args.miss_budget_ms,
         recall_limit=args.recall_limit,
+        context_chars=args.context_chars,
         max_frame=args.max_frame,
         max_inflight=args.max_inflight,
         max_connections=args.max_connections,

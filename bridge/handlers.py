@@ -39,7 +39,7 @@ from bridge.protocol import (
     Reply,
     error_ack,
 )
-from bridge.recall import DEFAULT_BUDGET, context
+from bridge.recall import DEFAULT_BUDGET, TASKS_SHOWN, context
 from bridge.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Handlers:
         cache: ContextCache,
         metrics: Metrics,
         *,
-        recall_limit: int = 8,
+        recall_limit: int = TASKS_SHOWN,
         miss_budget: float = 0.25,
         delivery: Delivery | None = None,
         context_chars: int = DEFAULT_BUDGET,
@@ -248,7 +248,8 @@ class Handlers:
         self, asked: tuple[str, str], query: str, epoch: bytes | None
     ) -> str | None:
         project = asked[0]
-        inject = context(await self.memory.candidates(project, query), self.context_chars)
+        found = await self.memory.candidates(project, query)
+        inject = context(found, self.context_chars, tasks=self.recall_limit)
         # An empty answer is not cached: the next episode may be the one it lacked, and an
         # empty recall is cheap. The answer need not wait for the cache to take it.
         if epoch is not None and inject is not None:

