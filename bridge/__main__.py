@@ -75,8 +75,7 @@ def _command(args: argparse.Namespace) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             _run(app.serve(config))
     elif args.command == "export":
-        with _stream(args.out, "wb") as out:
-            count = _run(app.export_project(config, config.project, out))
+        count = _run(app.export_project(config, config.project, lambda: _stream(args.out, "wb")))
         print(f"exported {count} episodes of {config.project}", file=sys.stderr)
     else:
         with _stream(args.file, "rb") as src:

@@ -16,7 +16,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import BinaryIO
 
 from bridge.cache import ContextCache
@@ -210,10 +211,14 @@ async def _memory_alone(config: Config) -> AsyncIterator[MemoryBackend]:
                 await falkor.close()
 
 
-async def export_project(config: Config, project: str, out: BinaryIO) -> int:
-    """Write every episode of ``project`` in the configured backend as JSON Lines."""
+async def export_project(
+    config: Config, project: str, open_out: Callable[[], AbstractContextManager[BinaryIO]]
+) -> int:
+    """Write every episode of ``project`` in the configured backend as JSON Lines, to what
+    ``open_out`` opens once the data folder is held (a refused export truncates nothing)."""
     async with _memory_alone(config) as memory:
-        return await export_jsonl(memory, project, out)
+        with open_out() as out:
+            return await export_jsonl(memory, project, out)
 
 
 async def import_project(config: Config, project: str | None, lines: Iterable[bytes]) -> Imported:

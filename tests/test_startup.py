@@ -134,7 +134,12 @@ async def test_a_second_bridge_on_the_same_data_dir_is_refused(
             "stop it first or give this one another --data-dir"
         )
         assert await refused("serve", "--port", "0", *args, env=env) == f"graphiti-bridge: {busy}"
-        assert await refused("export", *args, env=env) == f"graphiti-bridge: {busy}"
+        backup = tmp_path / "backup.jsonl"
+        backup.write_text("an earlier export\n")
+        assert await refused("export", *args, "--out", str(backup), env=env) == (
+            f"graphiti-bridge: {busy}"
+        )
+        assert backup.read_text() == "an earlier export\n", "a refused export truncated it"
         assert await refused("import", *args, env=env) == f"graphiti-bridge: {busy}"
     status, _ = await bridge_cli("export", *args, env=env)
     assert status == 0, "the lock outlived the bridge that held it"
