@@ -1,0 +1,141 @@
+"""Memory stays bounded under hostile load, measured on ``python -m bridge serve`` and its
+private valkey-server: clients that export and never read, huge exports, and queries that
+name thousands of paths, all at once. The limits asserted here are the ones README states
+under "Resource limits"."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import redis.asyncio as redis
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import StatsdCollector
+from tests.raw_client import StuckClient
+from tests.test_cli import bridge_process, children_of
+
+# README, "Resource limits": what this load may cost.
+BRIDGE_RSS_LIMIT = 200 << 20
+VALKEY_USED_LIMIT = 32 << 20
+
+EPISODES = 300
+BODY = "lorem ipsum " * 420  # 1.5 MB of episodes: every export is about 1.6 MB of JSON
+STUCK_CLIENTS = 20
+EXPORTS_EACH = 20
+PATH_HEAVY_QUERIES = 40
+PATHS_PER_QUERY = 5000
+
+
+def rss(pid: int) -> int:
+    """Resident set size of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def valkey_socket(bridge_pid: int) -> str:
+    """The unix socket of the bridge's private valkey-server, in its working directory."""
+    (child,) = children_of(bridge_pid)
+    return str(Path(f"/proc/{child}/cwd").resolve() / "valkey.sock")
+
+
+async def pipelined(ws: ClientConnection, messages: list[dict[str, object]]) -> list[object]:
+    """Send every message, then read one reply per message."""
+    for message in messages:
+        await ws.send(msgspec.json.encode(message).decode())
+    return [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 60)) for _ in messages]
+
+
+async def settled(measure: Callable[[], int], rounds: int = 100) -> int:
+    """The largest of ``measure()`` once it has stopped growing for a second (bounded)."""
+    top, calm = measure(), 0
+    for _ in range(rounds):
+        await asyncio.sleep(0.1)
+        value = measure()
+        calm = calm + 1 if value <= top else 0
+        top = max(top, value)
+        if calm >= 10:
+            break
+    return top
+
+
+async def settled_async(measure: Callable[[], Awaitable[int]], rounds: int = 300) -> int:
+    """``await measure()`` once it has not changed for a second (bounded)."""
+    last, calm = await measure(), 0
+    for _ in range(rounds):
+        await asyncio.sleep(0.1)
+        value = await measure()
+        calm = calm + 1 if value == last else 0
+        last = value
+        if calm >= 10:
+            break
+    return last
+
+
+async def test_slow_readers_huge_exports_and_path_heavy_queries_stay_bounded(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
+    async with bridge_process("--data-dir", str(tmp_path / "data"), env=env) as bridge:
+        pid = bridge.process.pid
+        port = int(bridge.url.rsplit(":", 1)[1])
+        valkey = redis.Redis(unix_socket_path=valkey_socket(pid))
+        stuck: list[StuckClient] = []
+        try:
+            async with connect(bridge.url + "/big", max_size=None) as ws:
+                acks = await pipelined(
+                    ws,
+                    [
+                        {"type": "error", "id": i, "message": f"deploy failure number{i} {BODY}"}
+                        for i in range(EPISODES)
+                    ],
+                )
+                assert all(a["ok"] for a in acks)  # type: ignore[index]
+            for _ in range(STUCK_CLIENTS):
+                client = await StuckClient.connect(port, "/big")
+                stuck.append(client)
+                for i in range(EXPORTS_EACH):
+                    await client.send({"type": "export", "id": i, "chunk_size": 1000})
+            async with connect(bridge.url + "/big") as ws:
+                heavy = [
+                    {
+                        "type": "chat:start",
+                        "id": q,
+                        "query": f"deploy failure number{q} in "
+                        + " ".join(f"d{q}/f{i}.py" for i in range(PATHS_PER_QUERY)),
+                    }
+                    for q in range(PATH_HEAVY_QUERIES)
+                ]
+                ordinary = [
+                    {"type": "chat:start", "id": f"o{q}", "query": f"what about failure number{q}"}
+                    for q in range(200)
+                ]
+                replies = await pipelined(ws, heavy + ordinary)
+                assert all(r["type"] == "context" for r in replies)  # type: ignore[index]
+                for _ in range(300):  # bounded: memory queries past their budget fill later
+                    again = await pipelined(ws, [ordinary[-1]])
+                    if again[0]["hit"]:  # type: ignore[index]
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("ordinary contexts were never cached")
+                bridge_rss = await settled(lambda: rss(pid))
+                await settled_async(valkey.dbsize)  # the heavy queries' fills are done
+                used = int((await valkey.info("memory"))["used_memory"])
+                assert not (await pipelined(ws, [heavy[0]]))[0]["hit"]  # type: ignore[index]
+                # Everyone else is still served while all of that waits.
+                assert (await pipelined(ws, [{"type": "ping", "id": "p"}]))[0] == {
+                    "type": "pong",
+                    "id": "p",
+                    "version": 1,
+                }
+            assert bridge_rss <= BRIDGE_RSS_LIMIT, f"bridge RSS {bridge_rss >> 20} MiB"
+            assert used <= VALKEY_USED_LIMIT, f"valkey used_memory {used >> 20} MiB"
+        finally:
+            for client in stuck:
+                client.close()
+            await valkey.aclose()
