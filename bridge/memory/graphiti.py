@@ -1,25 +1,35 @@
 """The graphiti memory backend: graphiti-core in-process, on FalkorDB or Neo4j.
 
 Every episode becomes a Graphiti episodic node in the project's ``group_id``, with the
-episode's uuid as node uuid (so storing twice is a no-op). Graphiti persists no free-form
-metadata on episodic nodes, so the bridge keeps it in the field made for describing the
-source: ``source_description`` is the episode's description, a newline, then the metadata
-as compact JSON. JSON has no raw newline, so the last line is always the metadata.
+episode's uuid as node uuid (so storing twice is a no-op). On FalkorDB the same write
+links it into the task model, as graph structure (``graph_tasks``: task and file entities,
+MENTIONS and TOUCHED edges, two full-text indexes), and ``candidates`` recalls through
+that structure in both modes; on Neo4j episodes are stored alone and candidates are the
+recalled episodes, each a task of its own.
+
+Graphiti persists no free-form metadata on episodic nodes, so the bridge keeps it in the
+field made for describing the source: ``source_description`` is the episode's description,
+a newline, then the metadata as compact JSON. JSON has no raw newline, so the last line is
+always the metadata.
 
 Two modes:
 
-- Without an LLM, ``store`` saves the node; ``recall`` is Graphiti's episode full-text
-  (BM25) search, the one search method that needs neither an embedder nor a cross-encoder.
+- Without an LLM, ``store`` saves the node and its links; ``recall`` (the ``query``
+  message) is Graphiti's episode full-text search, the one search method that needs
+  neither an embedder nor a cross-encoder.
   Graphiti gets clients that refuse every call, so nothing can leave the machine.
 - With an OpenAI-compatible LLM and embedder (OpenAI, Ollama, vLLM, ...), ``store`` appends
   the episode to a durable queue under ``state_dir`` (``bridge.durable``), saves the node
   so it is recalled at once, and returns. A worker per group runs Graphiti's full
   ``add_episode`` (entity and fact extraction) on queued episodes in order and removes each
   when done; what is still queued when the process stops is ingested on the next start.
-  ``recall`` adds Graphiti's hybrid search (BM25 + cosine, RRF) over facts.
+  ``recall`` adds Graphiti's hybrid search (BM25 + cosine, RRF) over facts, and
+  ``candidates`` adds the best facts to the tasks and files.
 
 FalkorDB keeps each group in its own graph (graphiti's layout), Neo4j in one database.
-Graphiti accepts only ``[A-Za-z0-9_-]`` in a group id: see ``graph_group``.
+Graphiti accepts only ``[A-Za-z0-9_-]`` in a group id: see ``graph_group``. Searches on
+FalkorDB are scoped by the graph alone: Graphiti's full-text group filter quotes the group
+id, which never matches a group id with ``-`` in it (the index splits it into words).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import os
 import re
@@ -41,8 +52,9 @@ import msgspec
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
+from bridge.memory import graph_recall, graph_tasks
 from bridge.memory.base import Recall, candidates_from_recall
-from bridge.recall import Candidates
+from bridge.recall import TASK_CANDIDATES, Candidates, TaskHit
 
 os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # before graphiti_core loads
 try:
@@ -74,11 +86,18 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         f"(pip install 'graphiti-bridge[graphiti]'): {e}"
     ) from e
 
+# graphiti-core and its dependencies leave some 140,000 objects that every full collection
+# walks (about 80 ms here, a stall of any request it lands in); they live as long as the
+# process, so they are moved out of the collector's sight once, when they are loaded.
+gc.freeze()
+
 log = logging.getLogger(__name__)
 
 SAFE_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 WORD = re.compile(r"\w+")
 MAX_QUERY_WORDS = 32  # FalkorDB's full-text query gives up past 128 terms
+FACTS = 3  # extracted facts among a chat's candidates (LLM mode)
+RECALLED_FACTS = 20
 MAX_ATTEMPTS = 6  # extraction tries per episode before it is kept without extraction
 BACKOFF_S = (1.0, 60.0)  # first and longest wait between tries
 EMBED_TIMEOUT_S = 10.0  # recall embeds the query: a hung embedder must not hold it long
@@ -127,15 +146,29 @@ def graph_driver(url: str) -> GraphDriver:
     raise ValueError(f"unsupported graph URL scheme {parts.scheme!r} (falkor:// or bolt://)")
 
 
-def _search_config(limit: int, fact_methods: list[EdgeSearchMethod]) -> SearchConfig:
+def _search_config(
+    limit: int, fact_methods: list[EdgeSearchMethod], *, episodes: bool = True
+) -> SearchConfig:
     """Episodes by BM25 (no embedder needed) and facts by ``fact_methods``, RRF-ranked."""
-    episodes = EpisodeSearchConfig(
+    by_text = EpisodeSearchConfig(
         search_methods=[EpisodeSearchMethod.bm25], reranker=EpisodeReranker.rrf
     )
     facts = EdgeSearchConfig(search_methods=fact_methods, reranker=EdgeReranker.rrf)
     return SearchConfig(
-        episode_config=episodes, edge_config=facts if fact_methods else None, limit=limit
+        episode_config=by_text if episodes else None,
+        edge_config=facts if fact_methods else None,
+        limit=limit,
     )
+
+
+def _runner(driver: GraphDriver) -> graph_tasks.Run:
+    """Run Cypher on a driver: its records, failures as MemoryUnavailable."""
+
+    async def run(statement: str, **params: Any) -> list[dict[str, Any]]:
+        result = await _call(driver.execute_query, statement, **params)
+        return list(result[0]) if result else []  # None: an index that already exists
+
+    return run
 
 
 def _node(episode: Episode) -> EpisodicNode:
@@ -256,6 +289,7 @@ class GraphitiMemory:
         self._driver: GraphDriver | None = None
         self._clients: dict[str, Any] = {}
         self._graphs: dict[str, Graphiti] = {}
+        self._recent: dict[str, graph_recall.RecentWork] = {}  # per group
         self._graphs_lock = asyncio.Lock()
         self._lanes: dict[str, asyncio.Queue[Episode]] = {}
         self._queued: dict[str, str] = {}  # uuid -> group of every episode not yet ingested
@@ -274,7 +308,7 @@ class GraphitiMemory:
                 pending = await self.queue.head()
             if self.llm is None:  # queued by a run with an LLM: kept, without extraction
                 for episode in pending:
-                    await self._save(_node(episode))
+                    await self._save(episode)
                     await self.queue.remove(episode.uuid)
         except Exception as e:
             await self._disconnect()
@@ -320,16 +354,18 @@ class GraphitiMemory:
             return len(self._queued)
         return sum(1 for g in self._queued.values() if g == graph_group(group_id))
 
-    async def store(self, episode: Episode) -> None:
-        """Make the episode durable (see the module docstring); a known uuid is a no-op."""
+    async def store(self, episode: Episode) -> bool:
+        """Make the episode durable (see the module docstring); a known uuid is a no-op.
+
+        True when it was stored, False when an episode with its uuid already was.
+        """
         if not self._open:
             raise MemoryUnavailable("graphiti memory is not open")
         node = _node(episode)  # refuses what could never be saved, before queueing it
         if self.llm is None:
-            await self._save(node)
-            return
+            return await self._save(episode)
         if episode.uuid in self._queued:
-            return
+            return False
         if self.pending(episode.group_id) >= self.queue_size:
             raise Overloaded(f"graphiti ingest queue of {episode.group_id!r} is full")
         self._queued[episode.uuid] = node.group_id  # claimed: a concurrent twin returns above
@@ -337,16 +373,17 @@ class GraphitiMemory:
             with contextlib.suppress(MemoryUnavailable):  # graph unreachable: queue it anyway
                 if await self._exists(node):
                     self._queued.pop(episode.uuid, None)
-                    return
+                    return False
             await self.queue.append(episode)
         except BaseException:
             self._queued.pop(episode.uuid, None)
             raise
         try:
-            await self._save(node)  # recallable at once; the worker retries if this fails
+            await self._save(episode)  # recallable at once; the worker retries if this fails
         except MemoryUnavailable as e:
             log.warning("episode %s queued, not yet in the graph: %s", episode.uuid, e)
         self._enqueue(episode)
+        return True
 
     async def recall(self, group_id: str, query: str, limit: int) -> Recall:
         """Episodes (BM25) and, with an LLM, facts (hybrid search) relevant to ``query``.
@@ -356,29 +393,58 @@ class GraphitiMemory:
         text = " ".join(WORD.findall(query)[:MAX_QUERY_WORDS])
         if not text or limit < 1:
             return Recall(episodes=[])
-        group = graph_group(group_id)
-        search = (await self._graph(group)).search_
+        episodes, facts = await self._search(graph_group(group_id), text, limit, episodes=True)
+        return Recall(episodes=[_episode(n, group_id) for n in episodes], facts=facts)
+
+    async def _search(
+        self, group: str, text: str, limit: int, *, episodes: bool
+    ) -> tuple[list[EpisodicNode], list[str]]:
+        """Episodes (if asked) and current facts, by Graphiti's search in one group."""
+        graph = await self._graph(group)
         hybrid = [EdgeSearchMethod.bm25, EdgeSearchMethod.cosine_similarity] if self.llm else []
+        # On FalkorDB the graph is the group (see the module docstring).
+        scope = None if isinstance(graph.driver, FalkorDriver) else [group]
         try:
-            config = _search_config(limit, hybrid)
-            results = await _call(search, text, config=config, group_ids=[group])
+            config = _search_config(limit, hybrid, episodes=episodes)
+            results = await _call(graph.search_, text, config=config, group_ids=scope)
         except MemoryUnavailable as e:
             if not hybrid:
                 raise
             log.warning("hybrid recall failed, using full-text only: %s", e)
-            config = _search_config(limit, [EdgeSearchMethod.bm25])
-            results = await _call(search, text, config=config, group_ids=[group])
+            config = _search_config(limit, [EdgeSearchMethod.bm25], episodes=episodes)
+            results = await _call(graph.search_, text, config=config, group_ids=scope)
         now = dt.datetime.now(dt.UTC)
         facts = [
             edge.fact
             for edge in results.edges
-            if edge.expired_at is None and (edge.invalid_at is None or edge.invalid_at > now)
+            if edge.expired_at is None
+            and (edge.invalid_at is None or edge.invalid_at > now)
+            and edge.name != graph_tasks.TOUCHED  # the task model's own edges
         ]
-        return Recall(episodes=[_episode(n, group_id) for n in results.episodes], facts=facts)
+        return results.episodes, facts
 
     async def candidates(self, group_id: str, query: str) -> Candidates:
-        """The recalled facts and episodes as candidates, each a task of its own."""
-        return candidates_from_recall(await self.recall(group_id, query, 20))
+        """Past tasks and files matching ``query``, and the project's recent work, read
+        through the graph's task structure (see ``graph_tasks``); with an LLM, the best
+        extracted facts first. Without that structure (Neo4j), the recalled facts and
+        episodes, each a task of its own."""
+        group = graph_group(group_id)
+        if not self._structured:
+            return candidates_from_recall(await self.recall(group_id, query, TASK_CANDIDATES))
+        recent = self._recent.setdefault(group, graph_recall.RecentWork())
+        found = await graph_recall.candidates(await self._run(group), group, query, recent)
+        text = " ".join(WORD.findall(query)[:MAX_QUERY_WORDS])
+        if self.llm is None or not text:
+            return found
+        _, facts = await self._search(group, text, RECALLED_FACTS, episodes=False)
+        best = max((t.relevance for t in found.tasks), default=1.0)
+        hits = [
+            TaskHit(
+                uuid=f"fact:{n}", seq=found.latest_seq, summary=fact, outcome="fact", relevance=best
+            )
+            for n, fact in enumerate(facts[:FACTS])
+        ]
+        return msgspec.structs.replace(found, tasks=hits + found.tasks)
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Every episode of ``group_id`` by (reference time, uuid), ``batch`` at a time."""
@@ -408,17 +474,50 @@ class GraphitiMemory:
             if group not in self._graphs:
                 driver = self._driver.clone(database=group)
                 await _call(_indexed, driver)
+                if self._structured:
+                    run = _runner(driver)
+                    for statement in graph_tasks.SCHEMA:
+                        await run(statement)
+                    linked = await graph_tasks.backfill(run, group, self._reader(driver, group))
+                    if linked:
+                        log.info("graph %s: %d earlier episodes linked into tasks", group, linked)
                 self._graphs[group] = Graphiti(graph_driver=driver, **self._clients)
             return self._graphs[group]
+
+    @property
+    def _structured(self) -> bool:
+        """True when the task model is kept as graph structure (FalkorDB)."""
+        return isinstance(self._driver, FalkorDriver)
+
+    async def _run(self, group: str) -> graph_tasks.Run:
+        return _runner((await self._graph(group)).driver)
+
+    @staticmethod
+    def _reader(driver: GraphDriver, group_id: str) -> Callable[[list[str]], Any]:
+        async def read(uuids: list[str]) -> list[Episode]:
+            nodes = await _call(EpisodicNode.get_by_uuids, driver, uuids)
+            by_uuid = {node.uuid: _episode(node, group_id) for node in nodes}
+            return [by_uuid[u] for u in uuids if u in by_uuid]
+
+        return read
 
     async def _exists(self, node: EpisodicNode) -> bool:
         driver = (await self._graph(node.group_id)).driver
         return bool(await _call(EpisodicNode.get_by_uuids, driver, [node.uuid]))
 
-    async def _save(self, node: EpisodicNode) -> None:
-        """Save an episodic node unless a node with its uuid exists."""
-        if not await self._exists(node):
-            await _call(node.save, (await self._graph(node.group_id)).driver)
+    async def _save(self, episode: Episode) -> bool:
+        """Save the episode's node unless a node with its uuid exists, and (FalkorDB) link
+        it into its task in the same query; True if it was new."""
+        node = _node(episode)
+        if self._structured:
+            fields = ("name", "source_description", "content")
+            created = {"source": node.source.value} | {f: getattr(node, f) for f in fields}
+            statement, params = graph_tasks.link_statement(episode, node.group_id, created)
+            return bool(await (await self._run(node.group_id))(statement, **params))
+        if await self._exists(node):
+            return False
+        await _call(node.save, (await self._graph(node.group_id)).driver)
+        return True
 
     # -- the ingest queue (LLM mode) ------------------------------------------------------
 
@@ -435,21 +534,22 @@ class GraphitiMemory:
         """Feed one group's queued episodes to add_episode, in order, one at a time."""
         while True:
             episode = await lane.get()
-            await self._ingest(_node(episode))
+            await self._ingest(episode)
             try:
                 await self.queue.remove(episode.uuid)
             except MemoryUnavailable as e:  # it will be ingested again: harmless
                 log.warning("cannot dequeue episode %s: %s", episode.uuid, e)
             self._queued.pop(episode.uuid, None)
 
-    async def _ingest(self, node: EpisodicNode) -> None:
+    async def _ingest(self, episode: Episode) -> None:
         """Save the node (retrying until it is), then extract (up to MAX_ATTEMPTS tries)."""
+        node = _node(episode)
         saved = False
         attempt = 0
         while True:
             try:
                 if not saved:
-                    await self._save(node)
+                    await self._save(episode)
                     saved = True
                 await _call(
                     (await self._graph(node.group_id)).add_episode,
