@@ -73,7 +73,7 @@ async def test_serve_with_graphiti_stores_and_recalls_every_event(
             reply = await ask(ws, {"type": "chat:start", "id": 4, "query": "checkout cart.py"})
             assert reply["inject"].startswith("[Memory Context] ")
             for text in ["src/checkout/cart.py", "Error: PaymentDeclined",
-                         '"refactor checkout totals"']:  # fmt: skip
+                         "refactor checkout totals"]:  # fmt: skip
                 assert text in reply["inject"]
         async with connect(bridge.url + "/other") as ws:
             other = await ask(ws, {"type": "chat:start", "id": 5, "query": "checkout cart.py"})
