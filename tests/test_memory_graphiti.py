@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,13 +19,21 @@ from pathlib import Path
 import msgspec
 import pytest
 from graphiti_core.driver.neo4j_driver import Neo4jDriver
+from graphiti_core.edges import EntityEdge, EpisodicEdge
+from graphiti_core.nodes import EntityNode
 
 from bridge.cache import ContextCache
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import Overloaded
 from bridge.handlers import Handlers, Session
-from bridge.memory.graphiti import GraphitiMemory, LlmSettings, graph_driver, graph_group
+from bridge.memory.graphiti import (
+    GraphitiMemory,
+    LlmSettings,
+    _node,
+    graph_driver,
+    graph_group,
+)
 from bridge.memory.jsonl import export_jsonl, import_jsonl
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
@@ -41,6 +50,7 @@ from bridge.protocol import (
     Message,
     Reply,
 )
+from bridge.recall import WINDOW_TASKS, RecentTask, context
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
 
@@ -167,7 +177,8 @@ async def test_events_are_stored_and_recalled_into_the_context_without_an_llm(
         assert error is not None and "Error: TypeError in parser.ts" in error
         done = await chat(handlers, "did we refactor the token store")
         assert done is not None and "refactor token store" in done
-        assert await chat(handlers, "kubernetes helm chart") is None
+        unrelated = await chat(handlers, "kubernetes helm chart")  # no task matches it:
+        assert unrelated is not None and "Related past tasks" not in unrelated  # recent files
 
         end, exported = await export_all(handlers, chunk_size=2)
         assert end == ExportEnd(id=9, count=3)
@@ -414,3 +425,365 @@ def test_graph_urls_and_group_ids() -> None:
     assert neo4j._database == "memory"
     with pytest.raises(ValueError, match="unsupported graph URL"):
         graph_driver("http://127.0.0.1:1")
+
+
+# -- the task model as graph structure -------------------------------------------------------
+
+
+def turn(
+    group: str,
+    task: str,
+    query: str,
+    *,
+    files: tuple[str, ...] = (),
+    errors: tuple[str, ...] = (),
+    done: bool = False,
+    summary: str | None = None,
+    at: float = 1_700_000_000.0,
+) -> list[Episode]:
+    """The episodes of one task, with the links the handlers stamp on them."""
+    links = {"task": task, "task_query": query, "session": "s-" + task}
+    made = [
+        new_episode(
+            group,
+            f"file:write {p}",
+            f"Modified: {p}",
+            "OpenCode file write",
+            {"type": "file_edit", "path": p, **links},
+            reference_time=at + n,
+        )
+        for n, p in enumerate(files)
+    ]
+    made += [
+        new_episode(
+            group,
+            "error",
+            f"Error: {e}",
+            "OpenCode error",
+            {"type": "error", "severity": "high", **links},
+            reference_time=at + 50,
+        )
+        for e in errors
+    ]
+    if done:
+        extra = {"summary": summary} if summary else {}
+        made.append(
+            new_episode(
+                group,
+                "completion",
+                f"Completed: {query}",
+                "OpenCode task completion",
+                {"type": "success", **extra, **links},
+                reference_time=at + 60,
+            )
+        )
+    return made
+
+
+def by_seq(recent: list[RecentTask]) -> list[RecentTask]:
+    return sorted(recent, key=lambda task: task.seq)
+
+
+async def store_all(memory: GraphitiMemory | SqliteMemory, episodes: list[Episode]) -> None:
+    for item in episodes:
+        assert await memory.store(item) is True
+
+
+async def graph_counts(memory: GraphitiMemory, group: str) -> tuple[int, int]:
+    driver = (await memory._graph(graph_group(group))).driver
+    nodes, _, _ = await driver.execute_query("MATCH (n) RETURN count(n) AS n")
+    edges, _, _ = await driver.execute_query("MATCH ()-[r]->() RETURN count(r) AS n")
+    return nodes[0]["n"], edges[0]["n"]
+
+
+async def test_a_task_links_its_files_errors_and_outcome_as_graphiti_entities_and_edges(
+    memory: GraphitiMemory,
+) -> None:
+    login = turn(
+        "my-app",
+        "t1",
+        "fix the login redirect",
+        files=("src/login.py", "src/urls.py", "src/login.py"),
+        errors=("KeyError: next",),
+        done=True,
+        summary="kept ?next",
+    )
+    await store_all(memory, login)
+    await store_all(memory, turn("my-app", "t2", "crash in the cache", errors=("disk full",)))
+    await store_all(memory, turn("my-app", "t3", "style the cache page", files=("web/cache.css",)))
+
+    driver = (await memory._graph("my-app")).driver
+    entities = {n.name: n for n in await EntityNode.get_by_group_ids(driver, ["my-app"])}
+    task = entities["fix the login redirect"]
+    assert sorted(task.labels) == ["Entity", "Task"]
+    assert task.attributes["seq"] == 1 and task.attributes["outcome"] == "completed"
+    assert task.attributes["paths"] == ["src/login.py", "src/urls.py"]  # write order, once
+    assert sorted(entities["src/login.py"].labels) == ["Entity", "File"]
+    touched = await EntityEdge.get_by_node_uuid(driver, task.uuid)
+    assert sorted(e.fact for e in touched) == [
+        "fix the login redirect touched src/login.py",
+        "fix the login redirect touched src/urls.py",
+    ]
+    assert {e.name for e in touched} == {"TOUCHED"}
+    mentions = await EpisodicEdge.get_by_group_ids(driver, ["my-app"])
+    of_login = {e.source_node_uuid for e in mentions if e.target_node_uuid == task.uuid}
+    assert of_login == {e.uuid for e in login}  # every episode of the task mentions it
+    file_node = entities["src/login.py"].uuid
+    wrote = {e.source_node_uuid for e in mentions if e.target_node_uuid == file_node}
+    assert wrote == {login[0].uuid, login[2].uuid}
+
+    found = await memory.candidates("my-app", "login redirect broken again")
+    assert found.latest_seq == 3
+    assert [t.uuid for t in found.tasks] == ["t1"]
+    hit = found.tasks[0]
+    assert (hit.seq, hit.query, hit.summary, hit.outcome) == (
+        1,
+        "fix the login redirect",
+        "kept ?next",
+        "completed",
+    )
+    assert hit.files == ["src/login.py", "src/urls.py"] and hit.errors == ["KeyError: next"]
+    assert hit.at == login[-1].reference_time and hit.relevance > 0
+    assert set(found.files) == {"src/login.py", "src/urls.py"}  # by path and by task query
+    assert found.files["src/login.py"] > found.files["src/urls.py"]
+    assert by_seq(found.recent) == [
+        RecentTask(1, ["src/login.py", "src/urls.py"]),
+        RecentTask(3, ["web/cache.css"]),
+    ]
+    cache = await memory.candidates("my-app", "cache")
+    outcomes = {t.uuid: (t.outcome, t.errors) for t in cache.tasks}
+    assert outcomes == {"t2": ("failed", ["disk full"]), "t3": ("unfinished", [])}
+    assert set(cache.files) == {"web/cache.css"}
+
+
+async def test_candidates_are_those_of_the_embedded_store(
+    memory: GraphitiMemory, tmp_path: Path
+) -> None:
+    embedded = SqliteMemory(tmp_path / "memory.sqlite3")
+    await embedded.start()
+    try:
+        history = [
+            *turn(
+                "proj",
+                "a",
+                "add retry to the http client",
+                files=("net/client.py", "net/retry.py", "tests/test_retry.py"),
+                done=True,
+                summary="backoff",
+            ),
+            *turn(
+                "proj",
+                "b",
+                "http client times out",
+                files=("net/client.py",),
+                errors=("TimeoutError: read",),
+                at=1_700_000_100.0,
+            ),
+            *turn(
+                "proj",
+                "c",
+                "document the retry policy",
+                files=("docs/retry.md",),
+                done=True,
+                at=1_700_000_200.0,
+            ),
+        ]
+        await store_all(memory, history)
+        await store_all(embedded, history)
+        for query in ("retry the http client", "timeout", "nothing in common", "???"):
+            graph, sqlite = (
+                await memory.candidates("proj", query),
+                await embedded.candidates("proj", query),
+            )
+            assert graph.latest_seq == sqlite.latest_seq == 3
+            assert by_seq(graph.recent) == by_seq(sqlite.recent)
+            assert set(graph.files) == set(sqlite.files)
+            same = ("uuid", "seq", "query", "summary", "outcome", "at", "files", "errors")
+            assert [[getattr(t, f) for f in same] for t in graph.tasks] == [
+                [getattr(t, f) for f in same] for t in sqlite.tasks
+            ]
+            assert all(t.relevance > 0 for t in graph.tasks)  # BM25 as FTS5's, same order
+    finally:
+        await embedded.close()
+
+
+async def test_resending_episodes_changes_nothing(memory: GraphitiMemory) -> None:
+    episodes = turn(
+        "proj",
+        "t1",
+        "fix flaky upload test",
+        files=("up.py", "test_up.py"),
+        errors=("AssertionError",),
+        done=True,
+    )
+    await store_all(memory, episodes)
+    before = await memory.candidates("proj", "upload test"), await graph_counts(memory, "proj")
+    for item in episodes:
+        assert await memory.store(item) is False
+    assert await asyncio.gather(*(memory.store(episodes[0]) for _ in range(5))) == [False] * 5
+    after = await memory.candidates("proj", "upload test"), await graph_counts(memory, "proj")
+    assert after == before
+    # Twins racing: exactly one of them stores the episode, and it is linked once.
+    fresh = turn("proj", "t2", "upload test again", files=("up.py",))[0]
+    stored = await asyncio.gather(*(memory.store(fresh) for _ in range(5)))
+    assert sorted(stored) == [False, False, False, False, True]
+    nodes, edges = await graph_counts(memory, "proj")
+    assert (nodes, edges) == (before[1][0] + 2, before[1][1] + 3)  # episode, task; 3 links
+    found = await memory.candidates("proj", "upload test")
+    assert [(t.uuid, t.files) for t in found.tasks] == [
+        ("t2", ["up.py"]),
+        ("t1", ["up.py", "test_up.py"]),
+    ]
+
+
+async def test_recent_work_is_the_files_of_the_last_window_of_tasks(
+    memory: GraphitiMemory, falkordb: EmbeddedFalkorDB, tmp_path: Path
+) -> None:
+    total = WINDOW_TASKS + 5
+    for n in range(total):
+        await store_all(memory, turn("proj", f"t{n}", f"task {n}", files=(f"f{n}.py",)))
+    found = await memory.candidates("proj", "anything")
+    assert found.latest_seq == total
+    assert by_seq(found.recent) == [RecentTask(n + 1, [f"f{n}.py"]) for n in range(5, total)]
+    # A file added to a recent task and a new task show up in the next read.
+    await store_all(memory, turn("proj", f"t{total - 1}", "", files=("late.py",)))
+    await store_all(memory, turn("proj", "new", "new task", files=("new.py",)))
+    found = await memory.candidates("proj", "anything")
+    assert found.latest_seq == total + 1
+    assert (
+        found.recent[-1] == RecentTask(total + 1, ["new.py"])
+        or RecentTask(total + 1, ["new.py"]) in found.recent
+    )
+    assert RecentTask(total, [f"f{total - 1}.py", "late.py"]) in found.recent
+    assert RecentTask(6, ["f5.py"]) not in found.recent and len(found.recent) == WINDOW_TASKS
+    other = GraphitiMemory(falkordb.url, state_dir=tmp_path / "other")  # another process
+    await other.start()
+    try:
+        assert by_seq((await other.candidates("proj", "x")).recent) == by_seq(found.recent)
+    finally:
+        await other.close()
+
+
+async def test_episodes_of_the_previous_release_are_linked_when_their_graph_opens(
+    falkordb: EmbeddedFalkorDB, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.memory.graphiti")
+    old = [  # episodic nodes only, metadata without task links, as the previous release saved
+        episode(
+            "my-app", "Modified: src/db.py", 1_700_000_000.0, type="file_edit", path="src/db.py"
+        ),
+        episode("my-app", "Error: database is locked", 1_700_000_001.0, type="error"),
+        episode("my-app", "Completed: unlock the database", 1_700_000_002.0, type="success"),
+    ]
+    driver = graph_driver(falkordb.url).clone(database="my-app")
+    for item in reversed(old):
+        await _node(item).save(driver)
+    await driver.close()  # type: ignore[no-untyped-call]
+
+    memory = GraphitiMemory(falkordb.url, state_dir=tmp_path)
+    await memory.start()
+    try:
+        found = await memory.candidates("my-app", "database locked db")
+        assert "graph my-app: 3 earlier episodes linked into tasks" in caplog.text
+        assert found.latest_seq == 3  # each a task of its own, oldest first
+        by_seq = {t.seq: t for t in found.tasks}
+        assert by_seq[1].files == ["src/db.py"] and by_seq[1].outcome == "unfinished"
+        assert by_seq[2].errors == ["database is locked"] and by_seq[2].outcome == "failed"
+        assert by_seq[3].query == "unlock the database" and by_seq[3].outcome == "completed"
+        assert found.recent == [RecentTask(1, ["src/db.py"])]
+        await store_all(memory, turn("my-app", "t", "new work", files=("src/new.py",)))
+        counts = await graph_counts(memory, "my-app")
+    finally:
+        await memory.close()
+    caplog.clear()
+    again = GraphitiMemory(falkordb.url, state_dir=tmp_path)
+    await again.start()
+    try:
+        assert (await again.candidates("my-app", "new work")).latest_seq == 4
+        assert await graph_counts(again, "my-app") == counts  # linked once
+        assert "earlier episodes linked" not in caplog.text
+    finally:
+        await again.close()
+
+
+AREAS = {
+    "auth": (
+        ("src/auth/login.py", "src/auth/session.py", "tests/test_login.py"),
+        ("login", "password", "session", "token"),
+    ),
+    "parser": (
+        ("src/parser/lexer.py", "src/parser/grammar.py", "tests/test_parser.py"),
+        ("parser", "lexer", "grammar", "syntax"),
+    ),
+    "cache": (
+        ("src/cache/store.py", "src/cache/expiry.py", "tests/test_cache.py"),
+        ("cache", "expiry", "eviction", "ttl"),
+    ),
+    "db": (
+        ("src/db/migrations.py", "src/db/models.py", "tests/test_db.py"),
+        ("migration", "schema", "model", "column"),
+    ),
+    "api": (
+        ("src/api/routes.py", "src/api/handlers.py", "tests/test_api.py"),
+        ("endpoint", "route", "request", "response"),
+    ),
+    "ui": (
+        ("web/app.tsx", "web/styles.css", "web/components/button.tsx"),
+        ("button", "layout", "style", "render"),
+    ),
+}
+SHARED = ("README.md", "setup.cfg", "src/util.py")
+
+
+def synthetic_history(group: str, count: int = 60) -> list[Episode]:
+    """``count`` tasks over six areas of a project, with shared files and some errors."""
+    rng = random.Random(11)
+    made: list[Episode] = []
+    for n in range(count):
+        files, vocabulary = AREAS[rng.choice(sorted(AREAS))]
+        words = rng.sample(vocabulary, 2)
+        query = f"{rng.choice(('fix', 'add', 'refactor', 'speed up', 'test'))} {' '.join(words)}"
+        touched = rng.sample(files, rng.randint(1, 3)) + rng.sample(SHARED, rng.randint(0, 1))
+        errors = (f"{words[0].title()}Error in {touched[0]}",) if rng.random() < 0.3 else ()
+        made += turn(
+            group,
+            f"t{n}",
+            query,
+            files=tuple(touched),
+            errors=errors,
+            done=rng.random() < 0.8,
+            at=1_700_000_000.0 + 100 * n,
+        )
+    return made
+
+
+def files_line(context: str | None) -> list[str]:
+    """The paths of a context's "Files likely involved" line, in order."""
+    assert context is not None
+    line = next(x for x in context.splitlines() if x.startswith("Files likely involved: "))
+    return [entry.split("] ", 1)[1] for entry in line.split(": ", 1)[1].split(", ")]
+
+
+async def test_the_graph_names_the_same_files_as_the_embedded_store(
+    memory: GraphitiMemory, tmp_path: Path
+) -> None:
+    embedded = SqliteMemory(tmp_path / "memory.sqlite3")
+    await embedded.start()
+    try:
+        history = synthetic_history("shop-app")
+        await store_all(memory, history)
+        await store_all(embedded, history)
+        for query in (
+            "login session token broken",
+            "parser grammar syntax error",
+            "cache expiry ttl",
+            "database migration schema",
+            "api route request",
+            "button layout style",
+        ):
+            graph = files_line(context(await memory.candidates("shop-app", query)))
+            sqlite = files_line(context(await embedded.candidates("shop-app", query)))
+            assert len(graph) == len(sqlite) == 8
+            assert len(set(graph) & set(sqlite)) >= 6, (query, graph, sqlite)
+    finally:
+        await embedded.close()
