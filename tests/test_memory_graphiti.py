@@ -27,6 +27,7 @@ from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import Overloaded
 from bridge.handlers import Handlers, Session
+from bridge.memory.graph_recall import RecentWork
 from bridge.memory.graphiti import (
     GraphitiMemory,
     LlmSettings,
@@ -790,3 +791,27 @@ async def test_the_graph_names_the_same_files_as_the_embedded_store(
             assert len(set(graph) & set(sqlite)) >= 6, (query, graph, sqlite)
     finally:
         await embedded.close()
+
+
+def test_recent_work_folds_in_changes_and_notices_a_new_graph() -> None:
+    recent = RecentWork()
+
+    def state(counter: str, changes: int, latest: int, *changed: tuple[int, list[str]]) -> dict:
+        return {"id": counter, "changes": changes, "latest": latest, "changed": list(changed)}
+
+    assert recent.update(state("g1", 2, 2, (1, ["a"]), (2, ["b"])), since=0) == [
+        RecentTask(1, ["a"]),
+        RecentTask(2, ["b"]),
+    ]
+    assert recent.changes == 2
+    window = recent.update(state("g1", 4, 3, (1, ["a", "c"]), (3, ["d"])), since=2)
+    assert window == [RecentTask(1, ["a", "c"]), RecentTask(2, ["b"]), RecentTask(3, ["d"])]
+    # An answer read before the last one (fewer files) does not undo it.
+    window = recent.update(state("g1", 3, 3, (1, ["a"])), since=2)
+    assert window is not None and RecentTask(1, ["a", "c"]) in window
+    older = WINDOW_TASKS + 2  # task 1 and 2 leave the window
+    window = recent.update(state("g1", 5, older, (older, ["z"])), since=4)
+    assert window == [RecentTask(3, ["d"]), RecentTask(older, ["z"])]
+    # Another graph (recreated, or another counter): read it whole.
+    assert recent.update(state("g2", 9, 1, (1, ["x"])), since=5) is None
+    assert recent.update(state("g2", 9, 1, (1, ["x"])), since=0) == [RecentTask(1, ["x"])]

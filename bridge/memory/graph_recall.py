@@ -76,10 +76,14 @@ class RecentWork:
         self.changes = 0
         self.files: dict[int, list[str]] = {}
 
-    def update(self, state: dict[str, Any]) -> list[RecentTask]:
-        """Fold in the tasks changed since the last read; the tasks of the window."""
-        if state["id"] != self.counter or state["changes"] < self.changes:  # a new graph
+    def update(self, state: dict[str, Any], since: int) -> list[RecentTask] | None:
+        """Fold in the tasks changed after ``since`` (as read with it); the tasks of the
+        window, or None when the graph is not the one read before and must be read whole.
+        An answer older than the last one folded in (concurrent reads) only adds files."""
+        if state["id"] != self.counter:  # another graph (its counter is new): start over
             self.counter, self.changes, self.files = state["id"], 0, {}
+            if since > 0:
+                return None
         for seq, paths in state["changed"]:
             if seq is not None and len(paths) >= len(self.files.get(seq, ())):
                 self.files[seq] = list(paths)  # files are only ever added to a task
@@ -99,7 +103,7 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
     """Past tasks and files of ``group`` matching ``query``, and its recent work."""
     words = list(dict.fromkeys(terms(query)))[:MAX_TERMS]
     found = _quoted(words)
-    since = recent.changes if recent.counter is not None else 0
+    since = recent.changes
     reads = [run(STATE, group_id=group, since=since, window=WINDOW_TASKS)]
     if found:
         match = {"match": "|".join(found), "group_id": group}
@@ -110,8 +114,14 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
     if not rows:
         return Candidates()
     state = rows[0]
+    window = recent.update(state, since)
+    if window is None:
+        rows = await run(STATE, group_id=group, since=0, window=WINDOW_TASKS)
+        if not rows:
+            return Candidates()
+        state = rows[0]
+        window = recent.update(state, 0) or []
     latest = int(state["latest"])
-    window = recent.update(state)
     if not text:
         return Candidates(recent=window, latest_seq=latest)
     task_docs, file_docs, counts = text
