@@ -563,6 +563,19 @@ async def test_a_task_links_its_files_errors_and_outcome_as_graphiti_entities_an
     assert set(cache.files) == {"web/cache.css"}
 
 
+async def same_candidates(graph: GraphitiMemory, sqlite: SqliteMemory, query: str) -> None:
+    """The graph's candidates are the embedded store's (BM25 values aside: same order)."""
+    mine, theirs = await graph.candidates("proj", query), await sqlite.candidates("proj", query)
+    assert mine.latest_seq == theirs.latest_seq
+    assert by_seq(mine.recent) == by_seq(theirs.recent)
+    assert set(mine.files) == set(theirs.files)
+    same = ("uuid", "seq", "query", "summary", "outcome", "at", "files", "errors")
+    assert [[getattr(t, f) for f in same] for t in mine.tasks] == [
+        [getattr(t, f) for f in same] for t in theirs.tasks
+    ]
+    assert all(t.relevance > 0 for t in mine.tasks)
+
+
 async def test_candidates_are_those_of_the_embedded_store(
     memory: GraphitiMemory, tmp_path: Path
 ) -> None:
@@ -595,21 +608,11 @@ async def test_candidates_are_those_of_the_embedded_store(
                 at=1_700_000_200.0,
             ),
         ]
-        await store_all(memory, history)
-        await store_all(embedded, history)
+        for item in history:  # read after every store, as chats come between events
+            assert await memory.store(item) and await embedded.store(item)
+            await same_candidates(memory, embedded, "retry the http client")
         for query in ("retry the http client", "timeout", "nothing in common", "???"):
-            graph, sqlite = (
-                await memory.candidates("proj", query),
-                await embedded.candidates("proj", query),
-            )
-            assert graph.latest_seq == sqlite.latest_seq == 3
-            assert by_seq(graph.recent) == by_seq(sqlite.recent)
-            assert set(graph.files) == set(sqlite.files)
-            same = ("uuid", "seq", "query", "summary", "outcome", "at", "files", "errors")
-            assert [[getattr(t, f) for f in same] for t in graph.tasks] == [
-                [getattr(t, f) for f in same] for t in sqlite.tasks
-            ]
-            assert all(t.relevance > 0 for t in graph.tasks)  # BM25 as FTS5's, same order
+            await same_candidates(memory, embedded, query)
     finally:
         await embedded.close()
 

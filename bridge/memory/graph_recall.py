@@ -44,13 +44,17 @@ OPTIONAL MATCH (t:Task)
 WHERE t.changed > $since AND t.seq > c.tasks - $window AND t.group_id = $group_id
 RETURN c.uuid AS id, c.changes AS changes, c.tasks AS latest, c.task_words AS task_words,
   c.files AS files, c.file_words AS file_words, collect([t.seq, t.paths]) AS changed"""
+# The pools come back as few values: the client decodes results a value at a time, in
+# Python, so 180 documents joined into one string cost a 180th of 180 strings. A task's
+# line is its uuid, ordinal and document (terms and uuids hold no space or newline).
 TASK_DOCS: Final = """CALL db.idx.fulltext.queryNodes('Task', $match) YIELD node, score
 WITH node AS t, score WHERE t.group_id = $group_id
-RETURN t.uuid AS id, t.seq AS seq, t.doc AS doc
-ORDER BY score DESC, t.seq DESC LIMIT $limit"""
+WITH t, score ORDER BY score DESC, t.seq DESC LIMIT $limit
+RETURN string.join(collect(t.uuid + ' ' + toString(t.seq) + ' ' + t.doc), '\n') AS pool"""
 FILE_DOCS: Final = """CALL db.idx.fulltext.queryNodes('File', $match) YIELD node, score
 WITH node AS f, score WHERE f.group_id = $group_id
-RETURN f.name AS path, f.doc AS doc ORDER BY score DESC LIMIT $limit"""
+WITH f, score ORDER BY score DESC LIMIT $limit
+RETURN collect(f.name) AS paths, string.join(collect(f.doc), '\n') AS docs"""
 FREQUENCIES: Final = """UNWIND $terms AS term
 CALL db.idx.fulltext.queryNodes('Task', term) YIELD node
 RETURN 'task' AS index, term, count(node) AS n
@@ -124,18 +128,21 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
     latest = int(state["latest"])
     if not text:
         return Candidates(recent=window, latest_seq=latest)
-    task_docs, file_docs, counts = text
+    (task_pool,), (file_pool,), counts = text  # an aggregation: one row, even when empty
     frequency = {(r["index"], r["term"].strip('"')): int(r["n"]) for r in counts}
-
-    def bm25(index: str, docs: list[dict[str, Any]], count: int, total: int) -> list[float]:
-        return _bm25([r["doc"] for r in docs], words, index, frequency, count, total)
-
-    task_scores = bm25("task", task_docs, latest, int(state["task_words"]))
-    scored = zip(task_scores, task_docs, strict=True)
-    best = sorted(((score, int(r["seq"]), r["id"]) for score, r in scored), reverse=True)
+    lines = [line.split(" ", 2) for line in _lines(task_pool["pool"])]
+    task_scores = _bm25(
+        [doc for *_, doc in lines], words, "task", frequency, latest, int(state["task_words"])
+    )
+    best = sorted(
+        ((score, int(seq), id) for score, (id, seq, _) in zip(task_scores, lines, strict=True)),
+        reverse=True,
+    )
     del best[TASK_CANDIDATES:]
-    file_scores = bm25("file", file_docs, int(state["files"]), int(state["file_words"]))
-    files = sorted(zip(file_scores, (r["path"] for r in file_docs), strict=True), reverse=True)
+    docs, paths = _lines(file_pool["docs"]), file_pool["paths"]
+    file_words = int(state["file_words"])
+    file_scores = _bm25(docs, words, "file", frequency, int(state["files"]), file_words)
+    files = sorted(zip(file_scores, paths, strict=True), reverse=True)
     relevance = {seq: score for score, seq, _ in best}
     details = await run(TASKS, ids=[id for *_, id in best], group_id=group) if best else []
     hits = sorted(
@@ -148,6 +155,10 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
         recent=window,
         latest_seq=latest,
     )
+
+
+def _lines(text: str) -> list[str]:
+    return text.split("\n") if text else []
 
 
 def _bm25(

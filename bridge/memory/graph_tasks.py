@@ -127,7 +127,8 @@ WITH e, c, t
 """
 # A task->file edge is new when its ordinal is the task's count of files. The file's
 # document is rebuilt from its tasks only then; Task->File edges of other names (facts
-# Graphiti extracted) are left out of it.
+# Graphiti extracted) are left out of it. (FalkorDB evaluates two SET clauses in a row
+# against the values before both: a value one SET needs from another passes by WITH.)
 FILE: Final = """MERGE (f:Entity:File {uuid: $file_uuid})
 ON CREATE SET f.name = $path, f.group_id = $group_id, f.summary = '', f.created_at = $created_at,
   f.path_terms = $path_terms, f.doc = '', f.doc_len = -1
@@ -136,11 +137,11 @@ ON CREATE SET m2.group_id = $group_id, m2.created_at = $created_at
 MERGE (t)-[r:RELATES_TO {uuid: $edge_uuid}]->(f)
 ON CREATE SET r.name = 'TOUCHED', r.fact = $fact, r.group_id = $group_id, r.n = size(t.paths),
   r.episodes = [$uuid], r.created_at = $created_at, r.valid_at = $valid_at
-WITH e, c, t, f, r.n = size(t.paths) AS added
+WITH e, c, t, f, r.n = size(t.paths) AS added, c.changes + 1 AS change
 SET t.paths = CASE WHEN added THEN t.paths + [$path] ELSE t.paths END,
   t.path_terms = CASE WHEN added THEN t.path_terms + $path_terms ELSE t.path_terms END,
-  t.changed = CASE WHEN added THEN c.changes + 1 ELSE t.changed END
-SET c.changes = CASE WHEN added THEN t.changed ELSE c.changes END
+  t.changed = CASE WHEN added THEN change ELSE t.changed END,
+  c.changes = CASE WHEN added THEN change ELSE c.changes END
 WITH e, c, t, f, added
 OPTIONAL MATCH (f)<-[r2:RELATES_TO]-(o:Task) WHERE added
 WITH e, c, t, f, added, o, r2 ORDER BY o.seq DESC
