@@ -2,7 +2,7 @@
 
 - **Tasks and files by text.** FalkorDB's full-text index finds the task and file
   documents holding any term of the query and ranks them by its own TF-IDF, whose IDF
-  comes in whole steps; the best ``POOL`` times as many as wanted are then ranked by BM25,
+  comes in whole steps; the best few times as many as wanted are then ranked by BM25,
   as SQLite's FTS5 does and with the same stemmer, from their documents, each term's
   document frequency (counted by the same index) and the average document length kept by
   the ``BridgeTasks`` node. The best tasks are then read with their files, through their
@@ -34,7 +34,8 @@ from bridge.recall import (
     TaskHit,
 )
 
-POOL: Final = 3  # documents ranked by BM25 per candidate wanted
+TASK_POOL: Final = 3  # documents ranked by BM25 per candidate wanted (files: longer ones)
+FILE_POOL: Final = 2
 MAX_TERMS: Final = 32
 K1: Final = 1.2  # BM25's parameters, as FTS5's bm25()
 B: Final = 0.75
@@ -111,8 +112,8 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
     reads = [run(STATE, group_id=group, since=since, window=WINDOW_TASKS)]
     if found:
         match = {"match": "|".join(found), "group_id": group}
-        reads.append(run(TASK_DOCS, **match, limit=POOL * TASK_CANDIDATES))
-        reads.append(run(FILE_DOCS, **match, limit=POOL * FILE_CANDIDATES))
+        reads.append(run(TASK_DOCS, **match, limit=TASK_POOL * TASK_CANDIDATES))
+        reads.append(run(FILE_DOCS, **match, limit=FILE_POOL * FILE_CANDIDATES))
         reads.append(run(FREQUENCIES, terms=found))
     rows, *text = await asyncio.gather(*reads)
     if not rows:
