@@ -290,7 +290,7 @@ class GraphitiMemory:
         self._clients: dict[str, Any] = {}
         self._graphs: dict[str, Graphiti] = {}
         self._recent: dict[str, graph_recall.RecentWork] = {}  # per group
-        self._graphs_lock = asyncio.Lock()
+        self._opening: dict[str, asyncio.Lock] = {}  # per group: opened once
         self._lanes: dict[str, asyncio.Queue[Episode]] = {}
         self._queued: dict[str, str] = {}  # uuid -> group of every episode not yet ingested
         self._workers: list[asyncio.Task[None]] = []
@@ -316,7 +316,7 @@ class GraphitiMemory:
         self._open = True
         kind = type(self._driver).__name__.removesuffix("Driver")
         if self.llm is None:
-            log.info("graphiti memory on %s, without an LLM: full-text recall only", kind)
+            log.info("graphiti memory on %s, without an LLM: recall through its task model", kind)
             return
         model, where = self.llm.model or "(default model)", self.llm.base_url or "OpenAI"
         log.info(
@@ -464,13 +464,17 @@ class GraphitiMemory:
                 return
 
     async def _graph(self, group: str) -> Graphiti:
-        """The Graphiti instance of one group, on that group's driver (its graph on Falkor)."""
+        """The Graphiti instance of one group, on that group's driver (its graph on Falkor).
+
+        Opening a group builds its indexes and links what earlier releases stored; other
+        groups do not wait for it.
+        """
         graph = self._graphs.get(group)
         if graph is not None:
             return graph
         if self._driver is None:
             raise MemoryUnavailable("graphiti memory is not open")
-        async with self._graphs_lock:
+        async with self._opening.setdefault(group, asyncio.Lock()):
             if group not in self._graphs:
                 driver = self._driver.clone(database=group)
                 await _call(_indexed, driver)
