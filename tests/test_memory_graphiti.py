@@ -25,7 +25,7 @@ from graphiti_core.nodes import EntityNode
 from bridge.cache import ContextCache
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode, new_episode
-from bridge.errors import Overloaded
+from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.handlers import Handlers, Session
 from bridge.memory.graph_recall import RecentWork
 from bridge.memory.graphiti import (
@@ -51,7 +51,7 @@ from bridge.protocol import (
     Message,
     Reply,
 )
-from bridge.recall import WINDOW_TASKS, RecentTask, context
+from bridge.recall import WINDOW_TASKS, Candidates, RecentTask, context
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
 
@@ -818,3 +818,30 @@ def test_recent_work_folds_in_changes_and_notices_a_new_graph() -> None:
     # Another graph (recreated, or another counter): read it whole.
     assert recent.update(state("g2", 9, 1, (1, ["x"])), since=5) is None
     assert recent.update(state("g2", 9, 1, (1, ["x"])), since=0) == [RecentTask(1, ["x"])]
+
+
+async def test_after_a_restart_recall_waits_for_the_full_text_indexes(tmp_path: Path) -> None:
+    server = EmbeddedFalkorDB(data_dir=tmp_path / "graph")
+    await server.start()
+    memory = GraphitiMemory(server.url, state_dir=tmp_path / "state")
+    await memory.start()
+    try:
+        for n in range(600):
+            await store_all(memory, turn("proj", f"t{n}", f"task {n} of {n % 7}",
+                                         files=(f"dir{n % 7}/f{n}.py",)))  # fmt: skip
+        before = await memory.candidates("proj", "task of 3")
+        server.kill()  # the indexes are rebuilt in the background when the graph loads
+        await server.start()
+        answers: list[Candidates | MemoryUnavailable] = []
+        for _ in range(3000):  # bounded: until an answer
+            if answers and not isinstance(answers[-1], MemoryUnavailable):
+                break
+            try:
+                answers.append(await memory.candidates("proj", "task of 3"))
+            except MemoryUnavailable as e:  # the graph loading, or its indexes rebuilt
+                answers.append(e)
+                await asyncio.sleep(0.01)
+        assert answers[-1] == before  # never a partial answer
+    finally:
+        await memory.close()
+        await server.close()

@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from typing import Any, Final
 
+from bridge.errors import MemoryUnavailable
 from bridge.memory.graph_tasks import Run, terms
 from bridge.recall import (
     FILE_CANDIDATES,
@@ -48,14 +49,21 @@ RETURN c.uuid AS id, c.changes AS changes, c.tasks AS latest, c.task_words AS ta
 # The pools come back as few values: the client decodes results a value at a time, in
 # Python, so 180 documents joined into one string cost a 180th of 180 strings. A task's
 # line is its uuid, ordinal and document (terms and uuids hold no space or newline).
+# Each pool also says whether its index is whole: FalkorDB rebuilds full-text indexes in
+# the background after a restart, and a search meanwhile finds nothing or a part.
 TASK_DOCS: Final = """CALL db.idx.fulltext.queryNodes('Task', $match) YIELD node, score
 WITH node AS t, score WHERE t.group_id = $group_id
 WITH t, score ORDER BY score DESC, t.seq DESC LIMIT $limit
-RETURN string.join(collect(t.uuid + ' ' + toString(t.seq) + ' ' + t.doc), '\n') AS pool"""
+WITH string.join(collect(t.uuid + ' ' + toString(t.seq) + ' ' + t.doc), '\n') AS pool
+CALL db.indexes() YIELD label, status WHERE label = 'Task'
+RETURN pool, status"""
 FILE_DOCS: Final = """CALL db.idx.fulltext.queryNodes('File', $match) YIELD node, score
 WITH node AS f, score WHERE f.group_id = $group_id
 WITH f, score ORDER BY score DESC LIMIT $limit
-RETURN collect(f.name) AS paths, string.join(collect(f.doc), '\n') AS docs"""
+WITH collect(f.name) AS paths, string.join(collect(f.doc), '\n') AS docs
+CALL db.indexes() YIELD label, status WHERE label = 'File'
+RETURN paths, docs, status"""
+READY: Final = "OPERATIONAL"
 FREQUENCIES: Final = """UNWIND $terms AS term
 CALL db.idx.fulltext.queryNodes('Task', term) YIELD node
 RETURN 'task' AS index, term, count(node) AS n
@@ -130,6 +138,9 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
     if not text:
         return Candidates(recent=window, latest_seq=latest)
     (task_pool,), (file_pool,), counts = text  # an aggregation: one row, even when empty
+    for pool in (task_pool, file_pool):
+        if pool["status"] != READY:
+            raise MemoryUnavailable(f"the full-text indexes of {group} are being rebuilt")
     frequency = {(r["index"], r["term"].strip('"')): int(r["n"]) for r in counts}
     lines = [line.split(" ", 2) for line in _lines(task_pool["pool"])]
     task_scores = _bm25(
