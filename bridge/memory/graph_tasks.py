@@ -29,6 +29,12 @@ of its path and of the queries of the last tasks that touched it (gathered throu
 
 Episodic nodes written before this structure existed (or by other Graphiti tools) are
 folded in by ``backfill`` the first time their graph is opened, oldest first.
+
+A client's session is an attribute of its tasks, not a node: nothing recalls by session.
+With an LLM, Graphiti's extraction adds its own entities and facts beside this structure,
+linked to the same episodes; it may also resolve an entity it extracts to a task or file
+node and save that node back, attributes included (it never removes the labels or the
+edges above).
 """
 
 from __future__ import annotations
