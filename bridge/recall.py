@@ -123,12 +123,10 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
         for path in task.files:
             by_task[path] += weight[task.uuid] / math.sqrt(len(task.files))
     prior: dict[str, float] = defaultdict(float)
-    together: dict[str, Counter[str]] = defaultdict(Counter)
     for recent in found.recent:
         share = _decay(latest - recent.seq) / math.sqrt(len(recent.files) or 1)
         for path in recent.files:
             prior[path] += share
-            together[path].update(p for p in recent.files if p != path)
 
     score: dict[str, float] = defaultdict(float)
     for signal, weight_of_signal in (
@@ -138,17 +136,28 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     ):
         for path, value in _normalised(signal).items():
             score[path] += weight_of_signal * value
-    best_files = sorted(score.items(), key=lambda item: -item[1])[:files]
-    spread: dict[str, float] = defaultdict(float)
-    for path, value in best_files:
-        seen = sum(together[path].values()) or 1
-        for other, count in together[path].items():
-            spread[other] += COCHANGE_WEIGHT * value * count / seen
-    for path, value in spread.items():
+    best_files = dict(sorted(score.items(), key=lambda item: -item[1])[:files])
+    for path, value in _spread(best_files, found.recent).items():
         score[path] += value
     ranked_files = sorted(score, key=lambda path: -score[path])[:files]
     ranked_tasks = sorted(found.tasks, key=lambda t: (-weight[t.uuid], -t.seq))
     return Ranked(files=ranked_files, tasks=ranked_tasks)
+
+
+def _spread(best: dict[str, float], recent: list[RecentTask]) -> dict[str, float]:
+    """Co-change: each of the best files passes a share of its score to the files that
+    changed with it in recent tasks, in proportion to how often they did."""
+    together: dict[str, Counter[str]] = {path: Counter() for path in best}
+    for task in recent:
+        for path in task.files:
+            if path in together:
+                together[path].update(p for p in task.files if p != path)
+    spread: dict[str, float] = defaultdict(float)
+    for path, value in best.items():
+        seen = sum(together[path].values()) or 1
+        for other, count in together[path].items():
+            spread[other] += COCHANGE_WEIGHT * value * count / seen
+    return spread
 
 
 def _clip(text: str, limit: int) -> str:
