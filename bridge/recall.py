@@ -33,6 +33,9 @@ import msgspec
 CONTEXT_HEADER: Final = "[Memory Context]"
 HALF_LIFE_TASKS: Final = 100.0  # a task this many tasks old weighs half as much
 WINDOW_TASKS: Final = 400  # recent tasks read for the recency prior and co-change
+# Tasks older than this weigh under a millionth of a new one (20 half-lives), so a search
+# need not look past them: its cost stays the same however much older memory there is.
+HORIZON_TASKS: Final = int(20 * HALF_LIFE_TASKS)
 TASK_CANDIDATES: Final = 60  # past tasks matched by text: a file touched by many adds up
 FILE_CANDIDATES: Final = 50  # files matched by text
 FILE_TEXT_WEIGHT: Final = 1.0

@@ -5,10 +5,13 @@ older releases, is a task of its own). Storing an episode updates its task: the 
 opened it, the files it wrote, the errors it hit, its outcome and summary. Two full-text
 indexes are kept beside the tables: one document per task (its query, summary, errors and
 the words of its paths) and one per file (the words of its path and of the last tasks that
-touched it). Every function here runs on one connection inside the caller's transaction.
+touched it, rewritten under a new rowid at each write). Every function here runs on one
+connection inside the caller's transaction.
 
-The group (project) is part of every document as a token of its own, so a search is scoped
-to one project inside the index, whatever characters the project's name holds.
+The group (project) is part of every document as a token of its own, so a file search is
+scoped to one project inside the index, whatever characters the project's name holds. A
+task search is scoped by task id instead: it reads only the tasks within the recall
+horizon, and keeps the project's own.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Final
 from bridge.episode import Episode
 from bridge.recall import (
     FILE_CANDIDATES,
+    HORIZON_TASKS,
     TASK_CANDIDATES,
     WINDOW_TASKS,
     Candidates,
@@ -66,8 +70,11 @@ CREATE TABLE files (
     id INTEGER PRIMARY KEY,
     group_id TEXT NOT NULL,
     path TEXT NOT NULL,
+    doc INTEGER NOT NULL UNIQUE,
+    seq INTEGER NOT NULL,
     UNIQUE (group_id, path)
 );
+CREATE INDEX files_recent ON files (group_id, seq, doc);
 CREATE VIRTUAL TABLE tasks_fts USING fts5(
     text, tokenize='porter unicode61 remove_diacritics 2'
 );
@@ -86,13 +93,11 @@ def group_token(group_id: str) -> str:
     return "grp" + hashlib.blake2b(group_id.encode(), digest_size=8).hexdigest()
 
 
-def _match(group_id: str, query: str) -> str | None:
-    """The FTS5 query: the project's token AND any meaningful word of ``query`` (quoted)."""
+def _any_word(query: str) -> str | None:
+    """The FTS5 query for any meaningful word of ``query``, each quoted (words() yields
+    letters and digits only), or None when there is none."""
     found = search_words(query)
-    if not found:
-        return None
-    any_word = " OR ".join(f'"{w}"' for w in found)  # words() yields letters and digits
-    return f"{group_token(group_id)} AND ({any_word})"
+    return " OR ".join(f'"{w}"' for w in found) if found else None
 
 
 # -- writes ---------------------------------------------------------------------------------
@@ -102,7 +107,7 @@ def link(conn: sqlite3.Connection, episode: Episode) -> None:
     """Fold a newly stored episode into its task and the indexes."""
     meta = episode.metadata
     task_uuid = _text(meta.get("task")) or episode.uuid
-    row = conn.execute("SELECT id FROM tasks WHERE uuid = ?", (task_uuid,)).fetchone()
+    row = conn.execute("SELECT id, seq FROM tasks WHERE uuid = ?", (task_uuid,)).fetchone()
     if row is None:
         seq = conn.execute(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks WHERE group_id = ?", (episode.group_id,)
@@ -112,7 +117,7 @@ def link(conn: sqlite3.Connection, episode: Episode) -> None:
             (task_uuid, episode.group_id, seq, _text(meta.get("session")), episode.reference_time),
         ).lastrowid
     else:
-        task_id = row[0]
+        task_id, seq = row
         conn.execute(
             "UPDATE tasks SET at = MAX(at, ?) WHERE id = ?", (episode.reference_time, task_id)
         )
@@ -122,7 +127,7 @@ def link(conn: sqlite3.Connection, episode: Episode) -> None:
         conn.execute("UPDATE tasks SET query = ? WHERE id = ? AND query = ''", (query, task_id))
     kind = _text(meta.get("type"))
     if kind == "file_edit" and (path := _text(meta.get("path"))):
-        _add_file(conn, episode.group_id, task_id, path)
+        _add_file(conn, episode.group_id, task_id, seq, path)
     elif kind == "error":
         _add_error(conn, task_id, episode.body.removeprefix("Error: "))
     elif kind in ("success", "note"):
@@ -142,7 +147,9 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _add_file(conn: sqlite3.Connection, group_id: str, task_id: int, path: str) -> None:
+def _add_file(conn: sqlite3.Connection, group_id: str, task_id: int, seq: int, path: str) -> None:
+    """Link a file to its task and rewrite the file's document under a new rowid, so the
+    full-text index holds files in the order they were last written."""
     added = conn.execute(
         "INSERT INTO task_files (task_id, group_id, path) VALUES (?, ?, ?) "
         "ON CONFLICT (task_id, path) DO NOTHING",
@@ -150,21 +157,21 @@ def _add_file(conn: sqlite3.Connection, group_id: str, task_id: int, path: str) 
     ).rowcount
     if not added:
         return
-    conn.execute(
-        "INSERT INTO files (group_id, path) VALUES (?, ?) ON CONFLICT DO NOTHING",
-        (group_id, path),
-    )
-    file_id = conn.execute(
-        "SELECT id FROM files WHERE group_id = ? AND path = ?", (group_id, path)
-    ).fetchone()[0]
     queries = conn.execute(
         "SELECT t.query FROM task_files tf JOIN tasks t ON t.id = tf.task_id "
         "WHERE tf.group_id = ? AND tf.path = ? ORDER BY tf.task_id DESC LIMIT ?",
         (group_id, path, FILE_DOC_TASKS),
     ).fetchall()
     doc = [group_token(group_id), *words(path), *(w for (q,) in queries for w in words(q))]
-    conn.execute("DELETE FROM files_fts WHERE rowid = ?", (file_id,))
-    conn.execute("INSERT INTO files_fts (rowid, text) VALUES (?, ?)", (file_id, " ".join(doc)))
+    old = conn.execute("SELECT doc FROM files WHERE group_id = ? AND path = ?", (group_id, path))
+    if (row := old.fetchone()) is not None:
+        conn.execute("DELETE FROM files_fts WHERE rowid = ?", row)
+    doc_id = conn.execute("INSERT INTO files_fts (text) VALUES (?)", (" ".join(doc),)).lastrowid
+    conn.execute(
+        "INSERT INTO files (group_id, path, doc, seq) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (group_id, path) DO UPDATE SET doc = excluded.doc, seq = excluded.seq",
+        (group_id, path, doc_id, seq),
+    )
 
 
 def _add_error(conn: sqlite3.Connection, task_id: int, text: str) -> None:
@@ -197,11 +204,21 @@ def _index_task(conn: sqlite3.Connection, group_id: str, task_id: int) -> None:
 
 # -- reads ----------------------------------------------------------------------------------
 
+# Tasks are searched from the first task within the horizon on (task ids grow with time),
+# so FTS5 reads only that part of each word's list; the join keeps the project's own.
 TASKS_MATCHING: Final = """SELECT t.id, t.uuid, t.seq, t.query, t.summary, t.outcome, t.at,
 -bm25(tasks_fts) FROM tasks_fts JOIN tasks t ON t.id = tasks_fts.rowid
-WHERE tasks_fts MATCH ? ORDER BY bm25(tasks_fts) LIMIT ?"""
+WHERE tasks_fts MATCH ? AND tasks_fts.rowid >= ? AND t.group_id = ?
+ORDER BY bm25(tasks_fts) LIMIT ?"""
+HORIZON: Final = "SELECT id FROM tasks WHERE group_id = ? AND seq > ? ORDER BY seq LIMIT 1"
+# Files are searched among those written within the horizon (their documents' rowids grow
+# with each write), scoped to the project by its token.
 FILES_MATCHING: Final = """SELECT f.path, -bm25(files_fts) FROM files_fts
-JOIN files f ON f.id = files_fts.rowid WHERE files_fts MATCH ? ORDER BY bm25(files_fts) LIMIT ?"""
+JOIN files f ON f.doc = files_fts.rowid WHERE files_fts MATCH ? AND files_fts.rowid >= ?
+ORDER BY bm25(files_fts) LIMIT ?"""
+FILES_HORIZON: Final = (
+    "SELECT doc FROM files WHERE group_id = ? AND seq > ? ORDER BY seq, doc LIMIT 1"
+)
 RECENT: Final = """SELECT t.seq, tf.path FROM tasks t JOIN task_files tf ON tf.task_id = t.id
 WHERE t.group_id = ? AND t.seq > ? ORDER BY tf.id"""
 
@@ -216,13 +233,18 @@ def candidates(conn: sqlite3.Connection, group_id: str, query: str) -> Candidate
     recent: dict[int, list[str]] = defaultdict(list)
     for seq, path in conn.execute(RECENT, (group_id, latest - WINDOW_TASKS)):
         recent[seq].append(path)
-    match = _match(group_id, query)
+    any_word = _any_word(query)
     tasks: list[TaskHit] = []
     files: dict[str, float] = {}
-    if match is not None:
-        rows = conn.execute(TASKS_MATCHING, (match, TASK_CANDIDATES)).fetchall()
-        tasks = _task_hits(conn, rows)
-        files = dict(conn.execute(FILES_MATCHING, (match, FILE_CANDIDATES)).fetchall())
+    if any_word is not None:
+        first = conn.execute(HORIZON, (group_id, latest - HORIZON_TASKS)).fetchone()[0]
+        found = (any_word, first, group_id, TASK_CANDIDATES)
+        tasks = _task_hits(conn, conn.execute(TASKS_MATCHING, found).fetchall())
+        in_group = f"{group_token(group_id)} AND ({any_word})"
+        horizon = (group_id, latest - HORIZON_TASKS)
+        first_file = (conn.execute(FILES_HORIZON, horizon).fetchone() or (0,))[0]
+        found_files = (in_group, first_file, FILE_CANDIDATES)
+        files = dict(conn.execute(FILES_MATCHING, found_files).fetchall())
     return Candidates(
         tasks=tasks,
         files=files,
