@@ -8,15 +8,15 @@ the words of its paths) and one per file (the words of its path and of the last 
 touched it, rewritten under a new rowid at each write). Every function here runs on one
 connection inside the caller's transaction.
 
-The group (project) is part of every document as a token of its own, so a file search is
-scoped to one project inside the index, whatever characters the project's name holds. A
-task search is scoped by task id instead: it reads only the tasks within the recall
-horizon, and keeps the project's own.
+A search reads only what lies within the recall horizon (``HORIZON_TASKS``): the index's
+rowids grow with time (a task's is its id, a file's document gets a new one at each
+write), so FTS5 reads just the tail of each word's list, and a miss costs the same however
+much older memory there is. The join with the tables keeps one project's rows, whatever
+characters its name holds.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections import defaultdict
 from typing import Any, Final
@@ -88,11 +88,6 @@ LATEST: Final = "SELECT MAX(seq) FROM tasks WHERE group_id = ?"
 OUTCOME: Final = {"success": "completed", "error": "failed", "note": "note"}
 
 
-def group_token(group_id: str) -> str:
-    """The index token that scopes a document to its project: letters and digits only."""
-    return "grp" + hashlib.blake2b(group_id.encode(), digest_size=8).hexdigest()
-
-
 def _any_word(query: str) -> str | None:
     """The FTS5 query for any meaningful word of ``query``, each quoted (words() yields
     letters and digits only), or None when there is none."""
@@ -162,7 +157,7 @@ def _add_file(conn: sqlite3.Connection, group_id: str, task_id: int, seq: int, p
         "WHERE tf.group_id = ? AND tf.path = ? ORDER BY tf.task_id DESC LIMIT ?",
         (group_id, path, FILE_DOC_TASKS),
     ).fetchall()
-    doc = [group_token(group_id), *words(path), *(w for (q,) in queries for w in words(q))]
+    doc = [*words(path), *(w for (q,) in queries for w in words(q))]
     old = conn.execute("SELECT doc FROM files WHERE group_id = ? AND path = ?", (group_id, path))
     if (row := old.fetchone()) is not None:
         conn.execute("DELETE FROM files_fts WHERE rowid = ?", row)
@@ -197,7 +192,7 @@ def _index_task(conn: sqlite3.Connection, group_id: str, task_id: int) -> None:
     texts.extend(
         p for (p,) in conn.execute("SELECT path FROM task_files WHERE task_id = ?", (task_id,))
     )
-    doc = " ".join([group_token(group_id), *(w for t in texts for w in words(t))])
+    doc = " ".join(w for t in texts for w in words(t))
     conn.execute("DELETE FROM tasks_fts WHERE rowid = ?", (task_id,))
     conn.execute("INSERT INTO tasks_fts (rowid, text) VALUES (?, ?)", (task_id, doc))
 
@@ -212,10 +207,10 @@ WHERE tasks_fts MATCH ? AND tasks_fts.rowid >= ? AND t.group_id = ?
 ORDER BY bm25(tasks_fts) LIMIT ?"""
 HORIZON: Final = "SELECT id FROM tasks WHERE group_id = ? AND seq > ? ORDER BY seq LIMIT 1"
 # Files are searched among those written within the horizon (their documents' rowids grow
-# with each write), scoped to the project by its token.
+# with each write); the join keeps the project's own.
 FILES_MATCHING: Final = """SELECT f.path, -bm25(files_fts) FROM files_fts
 JOIN files f ON f.doc = files_fts.rowid WHERE files_fts MATCH ? AND files_fts.rowid >= ?
-ORDER BY bm25(files_fts) LIMIT ?"""
+AND f.group_id = ? ORDER BY bm25(files_fts) LIMIT ?"""
 FILES_HORIZON: Final = (
     "SELECT doc FROM files WHERE group_id = ? AND seq > ? ORDER BY seq, doc LIMIT 1"
 )
@@ -240,10 +235,9 @@ def candidates(conn: sqlite3.Connection, group_id: str, query: str) -> Candidate
         first = conn.execute(HORIZON, (group_id, latest - HORIZON_TASKS)).fetchone()[0]
         found = (any_word, first, group_id, TASK_CANDIDATES)
         tasks = _task_hits(conn, conn.execute(TASKS_MATCHING, found).fetchall())
-        in_group = f"{group_token(group_id)} AND ({any_word})"
         horizon = (group_id, latest - HORIZON_TASKS)
         first_file = (conn.execute(FILES_HORIZON, horizon).fetchone() or (0,))[0]
-        found_files = (in_group, first_file, FILE_CANDIDATES)
+        found_files = (any_word, first_file, group_id, FILE_CANDIDATES)
         files = dict(conn.execute(FILES_MATCHING, found_files).fetchall())
     return Candidates(
         tasks=tasks,
