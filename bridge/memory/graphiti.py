@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import gc
 import logging
 import os
 import re
@@ -85,11 +84,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         f"the graphiti memory backend needs the graphiti extra "
         f"(pip install 'graphiti-bridge[graphiti]'): {e}"
     ) from e
-
-# graphiti-core and its dependencies leave some 140,000 objects that every full collection
-# walks (about 80 ms here, a stall of any request it lands in); they live as long as the
-# process, so they are moved out of the collector's sight once, when they are loaded.
-gc.freeze()
 
 log = logging.getLogger(__name__)
 
