@@ -1,6 +1,7 @@
 """The whole benchmark suite: ``python -m bench [--quick] [--out DIR]``.
 
 ``python -m bench recall --help``: the recall benchmark instead (bench/recall.py).
+``python -m bench scale --help``: recall latency as memory grows (bench/scale.py).
 
 Runs, in one process tree, every series of the suite (see bench/README.md) against the
 real bridge, and writes ``latest.md`` (Markdown tables), ``latest.json`` (every figure and
@@ -145,13 +146,18 @@ def sqlite_miss(done: list[Section]) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the suite, write the results, print the Markdown.
 
-    ``python -m bench recall …`` runs the recall benchmark instead (bench/recall.py).
+    ``python -m bench recall …`` runs the recall benchmark instead (bench/recall.py),
+    ``python -m bench scale …`` the scale benchmark (bench/scale.py).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["recall"]:
         from bench.recall import main as recall_main
 
         return recall_main(argv[1:])
+    if argv[:1] == ["scale"]:
+        from bench.scale import main as scale_main
+
+        return scale_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in NOISY:

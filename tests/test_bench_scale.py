@@ -1,0 +1,175 @@
+"""The scale benchmark (bench/scale.py): its workload generator and helpers without a
+server, and one short run through a real SQLite bridge."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench import scale
+from bench.recall import Commit
+from bench.scale import (
+    ERROR_SHARE,
+    Workload,
+    cycle_prefix,
+    latency_figures,
+    load_commits,
+    merge_rows,
+    parse_sizes,
+    plan,
+    ranked_tree,
+    zipf_cumulative,
+)
+
+
+def commit(n: int, subject: str, files: list[str], body: str = "") -> Commit:
+    """A synthetic commit ``n``."""
+    return Commit(f"{n:040x}", 1_700_000_000.0 + n, subject, body, tuple(files))
+
+
+def synthetic(count: int = 60, tree: int = 200) -> list[Commit]:
+    """``count`` commits over a tree of ``tree`` files (src/mN.py), each naming 1-3 files."""
+    return [
+        commit(
+            n,
+            f"fix parser case {n} in module {n % 7}",
+            [f"src/m{(n * k) % tree}.py" for k in range(1, 2 + n % 3)],
+            body=f"Handle case {n}." if n % 2 else "",
+        )
+        for n in range(count)
+    ]
+
+
+def test_the_workload_is_deterministic_for_a_seed() -> None:
+    commits = synthetic()
+    a, b = Workload(commits, seed=3), Workload(commits, seed=3)
+    assert [a.task(i) for i in range(300)] == [b.task(i) for i in range(300)]
+    assert a.task(250) == Workload(commits, seed=3).task(250)  # any index, any order
+    other = Workload(commits, seed=4)
+    assert [a.task(i).files for i in range(50)] != [other.task(i).files for i in range(50)]
+
+
+def test_a_task_is_a_chat_start_writes_maybe_an_error_and_a_completion() -> None:
+    w = Workload(synthetic())
+    for i in range(500):
+        task = w.task(i)
+        messages = task.messages("p")
+        kinds = [m["type"] for m in messages]
+        assert kinds[0] == "chat:start" and kinds[-1] == "completion"
+        writes = kinds[1:-1]
+        if task.error is not None:
+            assert writes[-1] == "error"
+            writes = writes[:-1]
+        assert set(writes) == {"file:write"} and 1 <= len(writes) <= 6
+        assert len(set(task.files)) == len(task.files) == len(writes)
+        assert {m["session"] for m in messages} == {task.id}
+        assert {m["project"] for m in messages} == {"p"}
+        assert messages[0]["query"] == task.query == messages[-1]["task"]
+        stored = messages[1:]
+        assert len(stored) == task.episodes
+        assert len({m["episode_id"] for m in stored}) == len(stored)
+        ats = [m["at"] for m in stored]
+        assert ats == sorted(ats)
+        if task.error is not None:
+            assert "Traceback" in task.error
+            assert any(f'File "{f}"' in task.error for f in task.files)
+
+
+def test_the_mix_has_its_shape() -> None:
+    w = Workload(synthetic())
+    tasks = [w.task(i) for i in range(3000)]
+    errors = sum(t.error is not None for t in tasks) / len(tasks)
+    assert ERROR_SHARE - 0.05 < errors < ERROR_SHARE + 0.05
+    counts = Counter(len(t.files) for t in tasks)
+    assert set(counts) == {1, 2, 3, 4, 5, 6}
+    assert counts[1] > counts[6]
+    assert any(t.summary is None for t in tasks) and any(t.summary for t in tasks)
+    assert len({t.id for t in tasks}) == len(tasks)
+
+
+def test_some_files_are_hot() -> None:
+    w = Workload(synthetic(count=1000, tree=200))
+    writes = Counter(f for i in range(1000) for f in w.task(i).files)  # the first cycle
+    total = sum(writes.values())
+    ranked = [n for _, n in writes.most_common()]
+    top = max(1, len(ranked) // 20)  # the hottest 5% of the files written
+    assert sum(ranked[:top]) / total > 0.25
+    assert ranked[0] > 10 * ranked[len(ranked) // 2]
+
+
+def test_later_cycles_live_under_their_package() -> None:
+    commits = synthetic(count=40)
+    w = Workload(commits)
+    first, later = w.task(5), w.task(2 * 40 + 5)
+    assert cycle_prefix(0) == "" and cycle_prefix(2) == "pkg2/"
+    assert not any(f.startswith("pkg") for f in first.files)
+    assert all(f.startswith("pkg2/") for f in later.files)
+    assert commits[5].subject in later.query and "pkg2" in later.query
+    assert later.id != first.id and later.at > first.at
+
+
+def test_the_tree_is_ranked_by_popularity_and_zipf_weights_fall() -> None:
+    commits = [commit(0, "a", ["x", "y"]), commit(1, "b", ["y", "z"]), commit(2, "c", ["y"])]
+    assert ranked_tree(commits) == ["y", "x", "z"]
+    cum = zipf_cumulative(4, 1.0)
+    steps = [cum[0]] + [b - a for a, b in itertools.pairwise(cum)]
+    assert steps == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4])
+
+
+def test_miss_queries_are_distinct_and_never_repeat_across_runs() -> None:
+    w = Workload(synthetic())
+    qs = w.miss_queries(50, 100, "a1")
+    assert len(set(qs)) == 50
+    assert not set(qs) & set(w.miss_queries(50, 100, "b2"))
+
+
+def test_the_real_histories_load_in_time_order() -> None:
+    paths = scale.history_paths()
+    assert paths, "the histories in ../shared/data are part of the bench"
+    commits = load_commits(paths)
+    assert len(commits) > 1000
+    ats = [c.at for c in commits if c.at is not None]
+    assert ats == sorted(ats)
+
+
+def test_helpers() -> None:
+    assert parse_sizes("1000, 10k,1M,1000") == [1000, 10_000, 1_000_000]
+    with pytest.raises(ValueError):
+        parse_sizes("0")
+    assert plan([1000, 10_000, 100_000], 0) == ([1000, 10_000, 100_000], [])
+    assert plan([1000, 10_000, 100_000], 10_003) == ([10_000, 100_000], [1000])
+    assert plan([1000, 10_000], 200_000) == ([10_000], [1000])
+    figures = latency_figures("x", [1000.0, 2000.0, 3000.0])
+    assert figures == {"x_p50_ms": 2.0, "x_p99_ms": 3.0, "x_max_ms": 3.0}
+    assert latency_figures("x", [])["x_p50_ms"] is None
+    old = [{"backend": "sqlite", "size": 1, "v": 1}, {"backend": "sqlite", "size": 2, "v": 1}]
+    new = [{"backend": "sqlite", "size": 1, "skipped": "yes"}, {"backend": "sqlite", "size": 2}]
+    assert merge_rows(old, new) == [old[0], new[1]]
+
+
+def test_a_short_run_through_a_real_sqlite_bridge(tmp_path: Path) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    argv = ["--sizes", "200,400", "--misses", "20", "--warmup", "2", "--window", "16"]
+    argv += ["--store-dir", str(store), "--out", str(out), "--no-uvloop"]
+    assert scale.main(argv) == 0
+    results = json.loads((out / "scale.json").read_text())
+    rows = results["rows"]
+    assert [(r["backend"], r["size"]) for r in rows] == [("sqlite", 200), ("sqlite", 400)]
+    for r in rows:
+        assert r["episodes"] >= r["size"] and r["tasks"] > 0
+        assert r["ingest_eps"] > 0 and r["loaded_episodes"] > 0
+        assert r["misses"] == 20 and r["cache_hits"] == 0
+        assert r["miss_rtt_p50_ms"] > 0 and r["miss_rtt_p99_ms"] >= r["miss_rtt_p50_ms"]
+        assert r["miss_server_p50_ms"] > 0
+        assert 0 <= r["empty_misses"] <= r["misses"]
+        assert r["disk_mb"] > 0 and r["bridge_rss_mb"] > 0 and r["valkey_rss_mb"] > 0
+        assert r["falkordb_rss_mb"] is None
+    assert rows[1]["episodes"] > rows[0]["episodes"]
+    assert (out / "scale.md").read_text().count("| sqlite |") == 2
+    assert (out / "scale.png").stat().st_size > 0
+    state = json.loads((store / scale.META).read_text())
+    assert state["episodes"] == rows[1]["episodes"]
