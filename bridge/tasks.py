@@ -30,30 +30,44 @@ class TaskRef(msgspec.Struct, frozen=True):
     query: str = ""
 
 
+class _Opened:
+    """A task opened by a chat:start; it gets its id when its first event needs one, so
+    opening one (on every chat, cache hits included) costs no more than a dict entry."""
+
+    __slots__ = ("query", "ref")
+
+    def __init__(self, query: str) -> None:
+        self.query = query
+        self.ref: TaskRef | None = None
+
+    def task(self) -> TaskRef:
+        if self.ref is None:
+            self.ref = TaskRef(uuid.uuid4().hex, self.query[:MAX_QUERY])
+        return self.ref
+
+
 class TaskTracker:
     """The open task of each (project, session), most recently used kept."""
 
     def __init__(self, capacity: int = MAX_SESSIONS) -> None:
         self.capacity = capacity
-        self._open: OrderedDict[tuple[str, str], TaskRef] = OrderedDict()
+        self._open: OrderedDict[tuple[str, str], _Opened] = OrderedDict()
 
-    def open(self, project: str, session: str, query: str) -> TaskRef:
+    def open(self, project: str, session: str, query: str) -> None:
         """A chat:start: the session's next events belong to a new task."""
-        ref = TaskRef(uuid.uuid4().hex, query[:MAX_QUERY])
         key = (project, session)
-        self._open[key] = ref
+        self._open[key] = _Opened(query)
         self._open.move_to_end(key)
         if len(self._open) > self.capacity:
             self._open.popitem(last=False)
-        return ref
 
     def current(self, project: str, session: str) -> TaskRef:
         """The task an event of this session belongs to."""
-        ref = self._open.get((project, session))
-        if ref is None:
+        opened = self._open.get((project, session))
+        if opened is None:
             name = f"graphiti-bridge:task:{project}:{session}"
             return TaskRef(uuid.uuid5(uuid.NAMESPACE_URL, name).hex)
-        return ref
+        return opened.task()
 
     def metadata(self, project: str, session: str, client_session: str | None) -> dict[str, Any]:
         """The task links an episode of this session carries in its metadata."""
