@@ -49,7 +49,7 @@ import time
 import uuid
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -615,10 +615,15 @@ def progress(text: str) -> None:
 
 
 async def run_backend(
-    backend: str, settings: Settings, store: Path, workload: Workload
+    backend: str,
+    settings: Settings,
+    store: Path,
+    workload: Workload,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Load ``workload`` into the kept store of ``backend`` and measure at every size: one
-    row per size measured (sizes the store has passed give a row with ``skipped``)."""
+    row per size measured (sizes the store has passed give a row with ``skipped``), each
+    also handed to ``on_row`` as soon as it is measured."""
     await asyncio.to_thread(store.mkdir, parents=True, exist_ok=True)
     state = read_state(store, backend, settings.seed)
     measured, skipped = plan(settings.sizes, state.episodes)
@@ -672,6 +677,8 @@ async def run_backend(
                     "measured": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
                 }
                 rows.append(row)
+                if on_row is not None:
+                    on_row(row)
                 progress(
                     f"scale: {backend} {state.episodes:,} episodes: "
                     f"{fmt(row['ingest_eps'], ',.0f')} ep/s, miss p50/p99 "
@@ -906,20 +913,80 @@ def command_line(argv: Sequence[str]) -> str:
     return " ".join([".venv/bin/python -m bench scale", *argv])
 
 
+@dataclass
+class Report:
+    """The results files of a run, rewritten after every measured size so that a run
+    stopped part way keeps what it measured."""
+
+    out: Path
+    command: str
+    settings: Settings
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    before: dict[str, Any] = field(default_factory=dict)
+    began: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.before = json.loads((self.out / "scale.json").read_text())
+
+    def add(self, row: dict[str, Any]) -> None:
+        """A row measured: keep it and rewrite the files."""
+        self.rows.append(row)
+        self.write()
+
+    def results(self) -> dict[str, Any]:
+        """Everything measured so far, merged with the earlier results file."""
+        m = machine()
+        client = "asyncio"
+        with contextlib.suppress(RuntimeError):
+            client = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        m["line"] = f"{m['cpu']}, {m['cores']} cores, {m['python']}, {client or 'asyncio'} client"
+        s = self.settings
+        b = self.before
+        return {
+            "updated": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            "commands": list(dict.fromkeys([*b.get("commands", []), self.command])),
+            "machine": m,
+            "bridge_revision": revision(REPO),
+            "params": {
+                "seed": s.seed,
+                "misses": s.misses,
+                "warmup": s.warmup,
+                "window": s.window,
+                "generator": GENERATOR,
+                "zipf_s": ZIPF_S,
+                "histories": [str(h) for h in s.histories],
+            },
+            "backend_seconds": {**b.get("backend_seconds", {}), **self.seconds},
+            "notes": list(dict.fromkeys([*b.get("notes", []), *self.notes])),
+            "rows": merge_rows(b.get("rows", []), self.rows),
+            "duration_s": round(time.perf_counter() - self.began, 1),
+        }
+
+    def write(self) -> str:
+        """Write scale.md, scale.json and scale.png; the Markdown."""
+        results = self.results()
+        text = markdown(results)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "scale.md").write_text(text, encoding="utf-8")
+        (self.out / "scale.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        plot(self.out / "scale.png", results["rows"])
+        return text
+
+
 async def run(
-    backends: Sequence[str], settings: Settings, stores: dict[str, Path], max_size: int
-) -> tuple[list[dict[str, Any]], dict[str, float], list[str]]:
-    """Each backend in turn: the rows, each backend's seconds, and notes."""
-    commits = load_commits(settings.histories)
-    workload = Workload(commits, settings.seed)
-    rows: list[dict[str, Any]] = []
-    seconds: dict[str, float] = {}
-    notes: list[str] = []
+    backends: Sequence[str], stores: dict[str, Path], max_size: int, report: Report
+) -> str:
+    """Each backend in turn, every row into ``report``; the final Markdown."""
+    settings = report.settings
+    workload = Workload(load_commits(settings.histories), settings.seed)
     for backend in backends:
         mine = settings
         if backend == "graphiti" and any(s > max_size for s in settings.sizes):
             kept = [s for s in settings.sizes if s <= max_size]
-            notes.append(
+            report.notes.append(
                 f"graphiti: sizes above --max-size {max_size:,} skipped: "
                 + ", ".join(f"{s:,}" for s in settings.sizes if s > max_size)
             )
@@ -927,14 +994,16 @@ async def run(
                 continue
             mine = Settings(**{**asdict(settings), "sizes": kept})
         began = time.perf_counter()
-        rows += await run_backend(backend, mine, stores[backend], workload)
-        seconds[backend] = round(time.perf_counter() - began, 1)
-        progress(f"scale: {backend} took {seconds[backend]} s")
-    return rows, seconds, notes
+        found = await run_backend(backend, mine, stores[backend], workload, report.add)
+        report.rows += [r for r in found if r.get("skipped")]
+        report.seconds[backend] = round(time.perf_counter() - began, 1)
+        progress(f"scale: {backend} took {report.seconds[backend]} s")
+    return report.write()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: load, measure, print the Markdown, write scale.md/.json/.png."""
+    """Entry point: load, measure, print the Markdown, write scale.md/.json/.png (after
+    every measured size, so a run stopped part way keeps what it measured)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -955,51 +1024,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.histories:
         print("bench scale: no history files", file=sys.stderr)
         return 1
-    began = time.perf_counter()
+    report = Report(args.out, command_line(argv), settings)
     try:
-        (rows, seconds, notes), uvloop_version = run_loop(
-            run(backends, settings, stores, args.max_size), not args.no_uvloop
-        )
+        text, _ = run_loop(run(backends, stores, args.max_size, report), not args.no_uvloop)
     except BenchError as e:
         print(f"bench scale: {e}", file=sys.stderr)
         return 1
-    m = machine()
-    m["line"] = (
-        f"{m['cpu']}, {m['cores']} cores, {m['python']}, "
-        f"{'uvloop ' + uvloop_version if uvloop_version else 'asyncio'} client"
-    )
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    before: dict[str, Any] = {}
-    with contextlib.suppress(ValueError, OSError):
-        before = json.loads((out / "scale.json").read_text())
-    commands = list(dict.fromkeys([*before.get("commands", []), command_line(argv)]))
-    results: dict[str, Any] = {
-        "updated": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        "commands": commands,
-        "machine": m,
-        "bridge_revision": revision(REPO),
-        "params": {
-            "seed": settings.seed,
-            "misses": settings.misses,
-            "warmup": settings.warmup,
-            "window": settings.window,
-            "generator": GENERATOR,
-            "zipf_s": ZIPF_S,
-            "histories": [str(h) for h in settings.histories],
-        },
-        "backend_seconds": {**before.get("backend_seconds", {}), **seconds},
-        "notes": list(dict.fromkeys([*before.get("notes", []), *notes])),
-        "rows": merge_rows(before.get("rows", []), rows),
-        "duration_s": round(time.perf_counter() - began, 1),
-    }
-    text = markdown(results)
-    (out / "scale.md").write_text(text, encoding="utf-8")
-    (out / "scale.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    plotted = plot(out / "scale.png", results["rows"])
     print(text)
-    wrote = ["scale.md", "scale.json"] + (["scale.png"] if plotted else [])
-    progress(f"scale: wrote {', '.join(str(out / w) for w in wrote)}")
+    progress(f"scale: wrote scale.md, scale.json and scale.png in {args.out}")
     return 0
 
 
