@@ -84,6 +84,9 @@ PROBE_SESSION: Final = "scale-probe"
 DEFAULT_OUT: Final = REPO / "docs"
 DEFAULT_STORE: Final = REPO / "bench" / "results" / "scale-store"
 META: Final = "scale-store.json"
+# Messages in flight while loading. Graphiti's FalkorDB driver answers "Too many
+# connections" with 64 (the bridge runs a store per message concurrently); 8 keeps it busy.
+WINDOW: Final = {"sqlite": 64, "graphiti": 8}
 
 WRITES: Final = (1, 2, 3, 4, 5, 6)  # file:writes per task ...
 WRITE_WEIGHTS: Final = (30, 25, 18, 12, 9, 6)  # ... and how often each count occurs
@@ -423,17 +426,30 @@ class Reply(msgspec.Struct):
 
 ENCODER: Final = msgspec.msgpack.Encoder()
 DECODER: Final = msgspec.msgpack.Decoder(Reply)
+MAX_RETRIES: Final = 100_000  # retryable errors tolerated in one load
+RETRY_DELAY: Final = 0.05  # seconds before an event is sent again
+
+
+def retryable(reply: Reply) -> bool:
+    """True when ``reply`` is an error the client should try again (``retryable``)."""
+    return not reply.ok and bool(reply.error and reply.error.get("retryable"))
+
+
 EXPECT: Final = {"chat:start": "context", "file:write": "ack", "error": "ack", "completion": "ack"}
 
 
 @dataclass
 class Loaded:
-    """What a load added: tasks, episodes, seconds, acks saying the episode was queued."""
+    """What a load added: tasks, episodes, seconds, acks saying the episode was queued,
+    events sent again after a retryable error, and chat:starts answered with one (not
+    sent again: a chat:start stores nothing, and a second one would open another task)."""
 
     tasks: int = 0
     episodes: int = 0
     seconds: float = 0.0
     queued: int = 0
+    retries: int = 0
+    failed_chats: int = 0
 
 
 class Client:
@@ -454,6 +470,7 @@ class Client:
         ``window`` messages unanswered at a time; return once every one is answered."""
         loaded = Loaded()
         pending: dict[int, dict[str, Any]] = {}
+        resends: set[asyncio.Task[None]] = set()
         room = asyncio.Semaphore(window)
         sending_done = asyncio.Event()
         began = time.perf_counter()
@@ -467,6 +484,19 @@ class Client:
                     sent = pending.pop(reply.id, None) if isinstance(reply.id, int) else None
                     if sent is None:
                         raise BenchError(f"a reply to nothing sent: {reply!r}")
+                    if retryable(reply) and sent["type"] == "chat:start":
+                        loaded.failed_chats += 1
+                        room.release()
+                        continue
+                    if retryable(reply) and loaded.retries < MAX_RETRIES:
+                        loaded.retries += 1  # its place in the window stays taken
+                        self.next_id += 1
+                        again = {**sent, "id": self.next_id}
+                        pending[self.next_id] = again
+                        resend = asyncio.create_task(self.send_later(again, RETRY_DELAY))
+                        resends.add(resend)
+                        resend.add_done_callback(resends.discard)
+                        continue
                     self.check(reply, sent)
                     loaded.queued += reply.queued
                     room.release()
@@ -495,12 +525,19 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         finally:
+            for resend in list(resends):
+                resend.cancel()
             if not reader.done():
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
         loaded.seconds = time.perf_counter() - began
         return loaded
+
+    async def send_later(self, message: dict[str, Any], delay: float) -> None:
+        """Send ``message`` after ``delay`` seconds."""
+        await asyncio.sleep(delay)
+        await self.ws.send(ENCODER.encode(message))
 
     async def miss(self, query: str) -> tuple[Reply, int]:
         """One chat:start, waited for: its reply and the round trip in µs."""
@@ -604,7 +641,7 @@ class Settings:
     seed: int = 0
     misses: int = 200
     warmup: int = 5
-    window: int = 64
+    window: int | None = None  # None: WINDOW of the backend
     timeout: float = 120.0
     histories: list[Path] = field(default_factory=history_paths)
 
@@ -649,7 +686,8 @@ async def run_backend(
                 added = Loaded()
                 if state.episodes < size:
                     progress(f"scale: {backend}: loading {state.episodes:,} -> {size:,} ...")
-                    added = await client.load(tasks, size - state.episodes, settings.window)
+                    window = settings.window or WINDOW[backend]
+                    added = await client.load(tasks, size - state.episodes, window)
                     state.tasks += added.tasks
                     state.episodes += added.episodes
                     state.load_seconds = round(state.load_seconds + added.seconds, 1)
@@ -670,6 +708,9 @@ async def run_backend(
                     if added.episodes and added.seconds
                     else None,
                     "queued_acks": added.queued,
+                    "retried_events": added.retries,
+                    "failed_chat_starts": added.failed_chats,
+                    "window": settings.window or WINDOW[backend],
                     **probe,
                     "probe_s": round(time.perf_counter() - began, 1),
                     "disk_mb": disk_mb(store / "data"),
@@ -737,7 +778,8 @@ store size, measures chat:start misses, disk and memory.
   the subject and the commit body as the summary ({nosummary:.0%} without). An episode is a
   stored event: file:write, error or completion. Seed {seed}.
 - **Ingest.** One WebSocket, MessagePack, at most {window} messages unanswered, every
-  reply checked; the rate is episodes acknowledged per second since the previous size
+  reply checked (an event answered with a retryable error is sent again after 50 ms; a
+  chat:start is not); the rate is episodes acknowledged per second since the previous size
   (it includes the tasks' own chat:starts, each a cache miss that reads memory). The
   bridge's per-connection rate limit is lifted for the load.
 - **Misses.** At each size the load pauses and {misses} distinct chat:starts are asked one
@@ -762,7 +804,7 @@ def markdown(results: dict[str, Any]) -> str:
             error=ERROR_SHARE,
             nosummary=NO_SUMMARY_SHARE,
             seed=p["seed"],
-            window=p["window"],
+            window=p["window"] or f"{WINDOW['sqlite']} (sqlite) or {WINDOW['graphiti']} (graphiti)",
             misses=p["misses"],
             warmup=p["warmup"],
         ),
@@ -780,6 +822,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"- {r['backend']} {r['episodes']:,} episodes: measured {r['measured']}, "
         f"{r['loaded_episodes']:,} episodes loaded in {r['load_s']:,} s, probe {r['probe_s']} s"
         + (f", {r['queued_acks']} acks queued in the outbox" if r.get("queued_acks") else "")
+        + (f", window {r['window']}" if r.get("window") else "")
+        + (
+            f", {r['retried_events']:,} events sent again after a retryable error"
+            if r.get("retried_events")
+            else ""
+        )
+        + (
+            f", {r['failed_chat_starts']:,} load chat:starts answered with a retryable error"
+            if r.get("failed_chat_starts")
+            else ""
+        )
         for r in sorted(rows, key=lambda r: (r["backend"], r["size"]))
         if not r.get("skipped")
     ]
@@ -881,7 +934,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="delete the kept store first")
     parser.add_argument("--misses", type=int, default=200, help="misses measured per size")
     parser.add_argument("--warmup", type=int, default=5, help="misses asked first, not counted")
-    parser.add_argument("--window", type=int, default=64, help="messages in flight when loading")
+    parser.add_argument(
+        "--window",
+        type=int,
+        help=f"messages in flight when loading (default {WINDOW['sqlite']}; graphiti "
+        f"{WINDOW['graphiti']})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument(
         "--history", nargs="+", type=Path, help="history files (default ../shared/data/*.jsonl)"
@@ -895,7 +953,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.size_list = parse_sizes(args.sizes)
     except ValueError as e:
         parser.error(f"--sizes: {e}")
-    if args.misses < 1 or args.window < 1 or args.warmup < 0:
+    if args.misses < 1 or (args.window is not None and args.window < 1) or args.warmup < 0:
         parser.error("--misses and --window must be at least 1, --warmup at least 0")
     return args
 
@@ -993,6 +1051,8 @@ async def run(
             if not kept:
                 continue
             mine = Settings(**{**asdict(settings), "sizes": kept})
+        if mine.window is None:
+            mine = Settings(**{**asdict(mine), "window": WINDOW[backend]})
         began = time.perf_counter()
         found = await run_backend(backend, mine, stores[backend], workload, report.add)
         report.rows += [r for r in found if r.get("skipped")]
