@@ -73,6 +73,7 @@ from bench.recall import (
     statsd_sink,
     usable,
 )
+from bridge.recall import HORIZON_TASKS
 
 log = logging.getLogger("bench.scale")
 
@@ -790,6 +791,9 @@ store size, measures chat:start misses, disk and memory.
 - **Disk** is the allocated size of the data dir (SQLite and WAL; for graphiti also
   FalkorDB's append-only file); **RSS** is VmRSS from /proc of the bridge process and of
   its valkey-server and FalkorDB children.
+- The embedded store's recall reads only the last {horizon:,} tasks of a project
+  (`HORIZON_TASKS` in bridge/recall.py); a store of fewer tasks (1k episodes is about 270
+  tasks, 10k about 2,600) is still inside that horizon.
 """
 
 
@@ -801,6 +805,7 @@ def markdown(results: dict[str, Any]) -> str:
         METHOD_TEXT.format(
             histories=", ".join(Path(h).name for h in p["histories"]),
             zipf=ZIPF_S,
+            horizon=HORIZON_TASKS,
             error=ERROR_SHARE,
             nosummary=NO_SUMMARY_SHARE,
             seed=p["seed"],
