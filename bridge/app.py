@@ -66,7 +66,10 @@ async def open_memory(config: Config) -> tuple[MemoryBackend, EmbeddedFalkorDB |
     graph_url = config.graph_url
     if graph_url is None:
         falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
-        await falkor.start()
+        try:
+            await falkor.start()
+        except (RuntimeError, OSError) as e:
+            raise StartupError(f"the private FalkorDB did not start: {e}") from e
         graph_url = falkor.url
     llm = None
     if config.uses_llm:

@@ -279,7 +279,9 @@ class EmbeddedFalkorDB(ChildServer):
         conf.write_text("".join(f"{key} {value}\n" for key, value in settings.items()))
         process = self._spawn([get_redis_server(), str(conf)])
         deadline = time.monotonic() + timeout
-        while not await asyncio.to_thread(self._answers_ping, port):
+        while (state := await asyncio.to_thread(self._answers_ping, port)) != "ready":
+            if state == "loading":  # replaying its data: alive, however long that takes
+                deadline = time.monotonic() + timeout
             if process.poll() is not None:
                 log = (self._dir / "falkordb.log").read_text(errors="replace")[-2000:]
                 self._process = None
@@ -291,7 +293,9 @@ class EmbeddedFalkorDB(ChildServer):
                 raise RuntimeError(f"falkordb did not answer within {timeout} s")
             await asyncio.sleep(0.02)
 
-    def _answers_ping(self, port: int) -> bool:
+    def _answers_ping(self, port: int) -> str:
+        """``ready`` once an authenticated PING is answered, ``loading`` while the server
+        is still reading its data from disk, else ``down``."""
         try:
             with socket.create_connection((self.host, port), timeout=0.5) as s:
                 s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
@@ -299,11 +303,13 @@ class EmbeddedFalkorDB(ChildServer):
                 while b"PONG" not in reply and b"-" not in reply:
                     chunk = s.recv(64)
                     if not chunk:
-                        return False
+                        return "down"
                     reply += chunk
-                return reply == b"+OK\r\n+PONG\r\n"
+                if reply == b"+OK\r\n+PONG\r\n":
+                    return "ready"
+                return "loading" if b"-LOADING" in reply else "down"
         except OSError:
-            return False
+            return "down"
 
 
 def sweep_stale_dirs() -> int:

@@ -54,13 +54,13 @@ RETURN c.uuid AS id, c.changes AS changes, c.tasks AS latest, c.task_words AS ta
 TASK_DOCS: Final = """CALL db.idx.fulltext.queryNodes('Task', $match) YIELD node, score
 WITH node AS t, score WHERE t.group_id = $group_id
 WITH t, score ORDER BY score DESC, t.seq DESC LIMIT $limit
-WITH string.join(collect(t.uuid + ' ' + toString(t.seq) + ' ' + t.doc), '\n') AS pool
+WITH collect(t.uuid) AS ids, collect(t.seq) AS seqs, collect(t.doc) AS docs
 CALL db.indexes() YIELD label, status WHERE label = 'Task'
-RETURN pool, status"""
+RETURN ids, seqs, docs, status"""
 FILE_DOCS: Final = """CALL db.idx.fulltext.queryNodes('File', $match) YIELD node, score
 WITH node AS f, score WHERE f.group_id = $group_id
 WITH f, score ORDER BY score DESC LIMIT $limit
-WITH collect(f.name) AS paths, string.join(collect(f.doc), '\n') AS docs
+WITH collect(f.name) AS paths, collect(f.doc) AS docs
 CALL db.indexes() YIELD label, status WHERE label = 'File'
 RETURN paths, docs, status"""
 READY: Final = "OPERATIONAL"
@@ -142,7 +142,8 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
         if pool["status"] != READY:
             raise MemoryUnavailable(f"the full-text indexes of {group} are being rebuilt")
     frequency = {(r["index"], r["term"].strip('"')): int(r["n"]) for r in counts}
-    lines = [line.split(" ", 2) for line in _lines(task_pool["pool"])]
+    # Lists, not one joined string: FalkorDB's string.join was seen to drop an element.
+    lines = list(zip(task_pool["ids"], task_pool["seqs"], task_pool["docs"], strict=True))
     task_scores = _bm25(
         [doc for *_, doc in lines], words, "task", frequency, latest, int(state["task_words"])
     )
@@ -151,7 +152,7 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
         reverse=True,
     )
     del best[TASK_CANDIDATES:]
-    docs, paths = _lines(file_pool["docs"]), file_pool["paths"]
+    docs, paths = file_pool["docs"], file_pool["paths"]
     file_words = int(state["file_words"])
     file_scores = _bm25(docs, words, "file", frequency, int(state["files"]), file_words)
     files = sorted(zip(file_scores, paths, strict=True), reverse=True)
@@ -167,10 +168,6 @@ async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Ca
         recent=window,
         latest_seq=latest,
     )
-
-
-def _lines(text: str) -> list[str]:
-    return text.split("\n") if text else []
 
 
 def _bm25(
