@@ -421,7 +421,8 @@ class ContextCache:
         self._on_unavailable()
         if self.outage.failed(time.monotonic()):
             log.warning("Valkey unreachable, serving from memory without cache: %s", error)
-        return CacheUnavailable(f"Valkey is unreachable: {error}")
+        why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        return CacheUnavailable(f"Valkey is unreachable: {why}")
 
     def _strain(self, why: str) -> CacheUnavailable:
         """Valkey answers but cannot take this operation now: not an outage; logged at most

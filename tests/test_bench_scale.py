@@ -127,13 +127,30 @@ def test_miss_queries_are_distinct_and_never_repeat_across_runs() -> None:
     assert not set(qs) & set(w.miss_queries(50, 100, "b2"))
 
 
-def test_the_real_histories_load_in_time_order() -> None:
-    paths = scale.history_paths()
-    assert paths, "the histories in ../shared/data are part of the bench"
+def write_histories(folder: Path) -> list[Path]:
+    """Two small history files whose commits interleave in time (the bench's input shape)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for h, name in enumerate(("alpha", "beta")):
+        rows = [
+            {"sha": f"{name}{n}", "at": 1_600_000_000 + 10 * n + h, "subject": f"fix {name} {n}",
+             "body": "", "files": [f"{name}/m{n % 5}.py", f"tests/test_{name}.py"]}
+            for n in range(150)
+        ]  # fmt: skip
+        path = folder / f"{name}-history.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths
+
+
+def test_histories_load_merged_in_time_order(tmp_path: Path) -> None:
+    paths = write_histories(tmp_path)
+    assert scale.history_paths(tmp_path) == paths
     commits = load_commits(paths)
-    assert len(commits) > 1000
+    assert len(commits) == 300
     ats = [c.at for c in commits if c.at is not None]
     assert ats == sorted(ats)
+    assert {c.sha[:4] for c in commits[:2]} == {"alph", "beta"}, "the files interleave"
 
 
 def test_helpers() -> None:
@@ -155,6 +172,7 @@ def test_a_short_run_through_a_real_sqlite_bridge(tmp_path: Path) -> None:
     out, store = tmp_path / "out", tmp_path / "store"
     argv = ["--sizes", "200,400", "--misses", "20", "--warmup", "2", "--window", "16"]
     argv += ["--store-dir", str(store), "--out", str(out), "--no-uvloop"]
+    argv += ["--history", *map(str, write_histories(tmp_path / "histories"))]
     assert scale.main(argv) == 0
     results = json.loads((out / "scale.json").read_text())
     rows = results["rows"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -150,11 +152,17 @@ asyncio.run(main())
 
 
 async def test_a_killed_owner_leaves_a_folder_the_next_start_removes(
-    valkey: EmbeddedValkey,
+    valkey: EmbeddedValkey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A temp folder of this test's own, so that no server started by a test running in
+    # parallel sweeps the stale folder before this test looks at it (short: it holds a
+    # unix socket path).
+    tmp_path = Path(tempfile.mkdtemp(prefix="gb-sweep-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     owner = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", OWNER, stdout=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-c", OWNER, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
     assert owner.stdout is not None
     try:
         line = await asyncio.wait_for(owner.stdout.readline(), 30)
@@ -162,6 +170,7 @@ async def test_a_killed_owner_leaves_a_folder_the_next_start_removes(
         owner.kill()
         await owner.wait()
     folder, child = Path(line.split()[0].decode()), int(line.split()[1])
+    assert folder.parent == tmp_path
     for _ in range(200):  # bounded: the child gets SIGTERM when its owner dies
         if not Path(f"/proc/{child}").exists():
             break
@@ -173,3 +182,4 @@ async def test_a_killed_owner_leaves_a_folder_the_next_start_removes(
         assert valkey.dir.is_dir() and fresh.dir.is_dir(), "a live owner's folder was removed"
     finally:
         await fresh.close()
+        shutil.rmtree(tmp_path, ignore_errors=True)
