@@ -50,13 +50,61 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class ChildServer:
-    """A server process owned by the bridge, with a private 0700 working directory."""
+    """A server process owned by the bridge, with a private 0700 working directory.
+
+    Once started it is supervised: whenever it exits without ``stop`` or ``kill`` it is
+    launched again (``_launch``), after a backoff that grows while restarts keep failing
+    or the server keeps dying young.
+    """
+
+    name = "server"
 
     def __init__(self, prefix: str) -> None:
         sweep_stale_dirs()
         self._dir = Path(tempfile.mkdtemp(prefix=prefix))
         (self._dir / _OWNER_FILE).write_text(_identity(os.getpid()))
         self._process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._supervisor: asyncio.Task[None] | None = None
+
+    async def _launch(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+        """Start the process and return it once it serves (subclasses)."""
+        raise NotImplementedError
+
+    def _watch(self, process: subprocess.Popen[bytes]) -> None:
+        self._supervisor = asyncio.create_task(self._supervise(process), name=f"{self.name}-watch")
+
+    def _unsupervise(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
+
+    async def _supervise(self, process: subprocess.Popen[bytes]) -> None:
+        failures = 0
+        while True:
+            started = time.monotonic()
+            await _exited(process)
+            if self._process is not process:
+                return  # stopped or killed on purpose
+            failures = failures + 1 if time.monotonic() - started < 30 else 1
+            while True:
+                delay = min(RESTART_CAP, RESTART_FIRST * 2 ** (failures - 1))
+                log.warning(
+                    "private %s exited with %s; restarting in %.1f s",
+                    self.name,
+                    process.returncode,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                try:
+                    process = await self._launch()
+                except RuntimeError as e:
+                    log.warning("private %s did not restart: %s", self.name, e)
+                    failures += 1
+                    continue
+                self.restarts += 1
+                log.warning("private %s restarted (pid %d)", self.name, process.pid)
+                break
 
     @property
     def dir(self) -> Path:
@@ -77,7 +125,8 @@ class ChildServer:
         return self._process
 
     def kill(self) -> None:
-        """SIGKILL the server (for fault tests); ``start`` may be called again afterwards."""
+        """SIGKILL the server, without a restart (for fault tests); ``start`` may follow."""
+        self._unsupervise()
         process, self._process = self._process, None
         if process and process.poll() is None:
             process.kill()
@@ -85,6 +134,11 @@ class ChildServer:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
+        self._unsupervise()
+        await self._terminate(timeout)
+
+    async def _terminate(self, timeout: float = 5.0) -> None:
+        """Stop the process, leaving supervision as it is."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -104,6 +158,8 @@ class ChildServer:
 class EmbeddedValkey(ChildServer):
     """A valkey-server child process on a private unix socket (and optionally a TCP port)."""
 
+    name = "valkey-server"
+
     def __init__(
         self, *, port: int = 0, host: str = "127.0.0.1", maxmemory: str = VALKEY_MAXMEMORY
     ) -> None:
@@ -112,8 +168,6 @@ class EmbeddedValkey(ChildServer):
         self.host = host
         self.maxmemory = maxmemory
         self.socket_path = self._dir / "valkey.sock"
-        self.restarts = 0
-        self._supervisor: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -125,51 +179,7 @@ class EmbeddedValkey(ChildServer):
     async def start(self, timeout: float = 10.0) -> None:
         """Start the server and return once it accepts connections; from then on it is
         restarted whenever it exits without ``stop`` or ``kill``."""
-        process = await self._launch(timeout)
-        self._supervisor = asyncio.create_task(self._supervise(process), name="valkey-watch")
-
-    def kill(self) -> None:
-        """SIGKILL the server, without a restart (for fault tests); ``start`` may follow."""
-        self._unsupervise()
-        super().kill()
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
-        self._unsupervise()
-        await super().stop(timeout)
-
-    def _unsupervise(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            self._supervisor = None
-
-    async def _supervise(self, process: subprocess.Popen[bytes]) -> None:
-        """Wait for the server to exit; unless it was stopped, start it again after a
-        backoff that grows while restarts keep failing or the server keeps dying young."""
-        failures = 0
-        while True:
-            started = time.monotonic()
-            await _exited(process)
-            if self._process is not process:
-                return  # stopped or killed on purpose
-            failures = failures + 1 if time.monotonic() - started < 30 else 1
-            while True:
-                delay = min(RESTART_CAP, RESTART_FIRST * 2 ** (failures - 1))
-                log.warning(
-                    "private valkey-server exited with %s; restarting in %.1f s",
-                    process.returncode,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                try:
-                    process = await self._launch()
-                except RuntimeError as e:
-                    log.warning("private valkey-server did not restart: %s", e)
-                    failures += 1
-                    continue
-                self.restarts += 1
-                log.warning("private valkey-server restarted (pid %d)", process.pid)
-                break
+        self._watch(await self._launch(timeout))
 
     async def _launch(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
         argv = [
@@ -195,7 +205,7 @@ class EmbeddedValkey(ChildServer):
                 tail = (self._dir / "valkey.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"valkey-server exited with {process.returncode}: {tail}")
             if time.monotonic() > deadline:
-                await ChildServer.stop(self)
+                await self._terminate()
                 raise RuntimeError(f"valkey-server did not answer within {timeout} s")
             await asyncio.sleep(0.02)
         return process
@@ -223,6 +233,8 @@ class EmbeddedFalkorDB(ChildServer):
     Like EmbeddedValkey it lives as long as its owner.
     """
 
+    name = "FalkorDB"
+
     def __init__(
         self, *, data_dir: Path | None = None, port: int = 0, host: str = "127.0.0.1"
     ) -> None:
@@ -248,7 +260,15 @@ class EmbeddedFalkorDB(ChildServer):
                     raise RuntimeError(f"falkordb: port {port} is in use") from None
                 continue
             self.port = port
+            assert self._process is not None
+            self._watch(self._process)
             return
+
+    async def _launch(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+        """Start again on the same port with the same password, so clients reconnect."""
+        await self._start_on(self.port, timeout)
+        assert self._process is not None
+        return self._process
 
     async def _start_on(self, port: int, timeout: float) -> None:
         try:
@@ -289,7 +309,7 @@ class EmbeddedFalkorDB(ChildServer):
                     raise _PortTaken
                 raise RuntimeError(f"falkordb exited: {log}")
             if time.monotonic() > deadline:
-                await self.stop()
+                await self._terminate()
                 raise RuntimeError(f"falkordb did not answer within {timeout} s")
             await asyncio.sleep(0.02)
 

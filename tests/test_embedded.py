@@ -1,5 +1,5 @@
-"""The private valkey-server: capped, supervised, and cleaned up after; readiness that
-covers it and the data folder."""
+"""The private valkey-server and FalkorDB: capped, supervised, and cleaned up after;
+readiness that covers them and the data folder."""
 
 from __future__ import annotations
 
@@ -183,3 +183,49 @@ async def test_a_killed_owner_leaves_a_folder_the_next_start_removes(
     finally:
         await fresh.close()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+async def test_a_killed_private_falkordb_comes_back_with_its_graph(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    """The graphiti backend's private FalkorDB is supervised too: SIGKILLed, it is started
+    again on its port with its password and its append-only file, and the same bridge
+    stores and recalls again, with what it held before."""
+    config = Config(
+        port=0,
+        data_dir=tmp_path / "data",
+        memory="graphiti",
+        llm="off",
+        statsd_host="127.0.0.1",
+        statsd_port=statsd.port,
+    )
+    app = App(config)
+    await app.start()
+    try:
+        assert app.falkor is not None and app.falkor.pid is not None
+        async with connect(ws_url(app, "/graph")) as ws:
+            before = {"type": "error", "id": 1, "message": "KeyError in src/ledger.py"}
+            assert (await ask(ws, before))["ok"]
+            first = app.falkor.pid
+            os.kill(first, signal.SIGKILL)
+            for _ in range(400):  # bounded: the supervisor restarts it within a few seconds
+                if app.falkor.restarts == 1 and app.falkor.pid not in (None, first):
+                    break
+                await asyncio.sleep(0.05)
+            assert app.falkor.restarts == 1 and app.falkor.pid != first
+            after = {"type": "error", "id": 2, "message": "ValueError in src/ledger.py"}
+            stored = None
+            for _ in range(100):  # bounded: the graph driver reconnects on its next call
+                stored = await ask(ws, after)
+                if stored["ok"] and not stored.get("queued"):
+                    break
+                await asyncio.sleep(0.1)
+            assert stored is not None and stored["ok"], stored
+            found = await ask(ws, {"type": "query", "id": 3, "query": "ledger", "limit": 10})
+            bodies = {e["body"] for e in found["episodes"]}
+            assert {
+                "Error: KeyError in src/ledger.py",
+                "Error: ValueError in src/ledger.py",
+            } <= bodies
+    finally:
+        await app.stop()
