@@ -245,6 +245,11 @@ class EmbeddedFalkorDB(ChildServer):
         super().__init__("graphiti-bridge-falkordb-")
 
     @property
+    def log_path(self) -> Path:
+        """Its log: kept with the data (it outlives a crash), else in its private folder."""
+        return (self.data_dir or self._dir) / "falkordb.log"
+
+    @property
     def url(self) -> str:
         """The graph URL of this server, password included, for GraphitiMemory."""
         return f"falkor://:{self.password}@{self.host}:{self.port}"
@@ -291,7 +296,7 @@ class EmbeddedFalkorDB(ChildServer):
             "appendonly": "yes" if persist else "no",
             "appendfsync": "always",
             "loglevel": "warning",
-            "logfile": str(self._dir / "falkordb.log"),
+            "logfile": str(self.log_path),
             "loadmodule": get_falkordb_module(),
         }
         conf = self._dir / "falkordb.conf"
@@ -303,7 +308,7 @@ class EmbeddedFalkorDB(ChildServer):
             if state == "loading":  # replaying its data: alive, however long that takes
                 deadline = time.monotonic() + timeout
             if process.poll() is not None:
-                log = (self._dir / "falkordb.log").read_text(errors="replace")[-2000:]
+                log = self.log_path.read_text(errors="replace")[-2000:]
                 self._process = None
                 if "Address already in use" in log:
                     raise _PortTaken
