@@ -284,6 +284,10 @@ class GraphitiMemory:
         self._clients: dict[str, Any] = {}
         self._graphs: dict[str, Graphiti] = {}
         self._recent: dict[str, graph_recall.RecentWork] = {}  # per group
+        # FalkorDB crashed (SIGSEGV in its full-text index reader, IR_Read) when a full-text
+        # search ran while an episode was written to the same graph, so the two never
+        # overlap on one graph: writes and full-text reads of a group take turns.
+        self._turns: dict[str, asyncio.Lock] = {}
         self._opening: dict[str, asyncio.Lock] = {}  # per group: opened once
         self._lanes: dict[str, asyncio.Queue[Episode]] = {}
         self._queued: dict[str, str] = {}  # uuid -> group of every episode not yet ingested
@@ -400,7 +404,8 @@ class GraphitiMemory:
         scope = None if isinstance(graph.driver, FalkorDriver) else [group]
         try:
             config = _search_config(limit, hybrid, episodes=episodes)
-            results = await _call(graph.search_, text, config=config, group_ids=scope)
+            async with self._turn(group):
+                results = await _call(graph.search_, text, config=config, group_ids=scope)
         except MemoryUnavailable as e:
             if not hybrid:
                 raise
@@ -426,7 +431,9 @@ class GraphitiMemory:
         if not self._structured:
             return candidates_from_recall(await self.recall(group_id, query, TASK_CANDIDATES))
         recent = self._recent.setdefault(group, graph_recall.RecentWork())
-        found = await graph_recall.candidates(await self._run(group), group, query, recent)
+        run = await self._run(group)
+        async with self._turn(group):
+            found = await graph_recall.candidates(run, group, query, recent)
         text = " ".join(WORD.findall(query)[:MAX_QUERY_WORDS])
         if self.llm is None or not text:
             return found
@@ -487,6 +494,10 @@ class GraphitiMemory:
         """True when the task model is kept as graph structure (FalkorDB)."""
         return isinstance(self._driver, FalkorDriver)
 
+    def _turn(self, group: str) -> asyncio.Lock:
+        """The lock that keeps a group's writes and full-text reads from overlapping."""
+        return self._turns.setdefault(group, asyncio.Lock())
+
     async def _run(self, group: str) -> graph_tasks.Run:
         return _runner((await self._graph(group)).driver)
 
@@ -511,7 +522,9 @@ class GraphitiMemory:
             fields = ("name", "source_description", "content")
             created = {"source": node.source.value} | {f: getattr(node, f) for f in fields}
             statement, params = graph_tasks.link_statement(episode, node.group_id, created)
-            return bool(await (await self._run(node.group_id))(statement, **params))
+            run = await self._run(node.group_id)
+            async with self._turn(node.group_id):
+                return bool(await run(statement, **params))
         if await self._exists(node):
             return False
         await _call(node.save, (await self._graph(node.group_id)).driver)
