@@ -31,6 +31,8 @@ from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from bench.process import BenchError as BenchError  # re-exported: one error for every part
+from bench.process import Reply as Reply
 from bridge.app import App
 from bridge.config import Config
 from bridge.memory.base import MemoryBackend
@@ -50,22 +52,6 @@ PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
 DEFAULT_OUT: Final = Path(__file__).resolve().parent / "results"
 
 log = logging.getLogger("bench")
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a reply was wrong or a part failed to start)."""
-
-
-class Reply(msgspec.Struct):
-    """The fields of a reply the client looks at (an echoed chat:start also fits)."""
-
-    type: str
-    id: int | str | None = None
-    hit: bool = False
-    ok: bool = True
-    queued: bool = False
-    inject: str | None = None
-    elapsed_us: int = -1
 
 
 msgpack_encoder: Final = msgspec.msgpack.Encoder()

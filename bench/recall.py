@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime as dt
 import json
 import logging
@@ -40,7 +39,6 @@ import math
 import os
 import platform
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,8 +51,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import msgspec
 from websockets.asyncio.client import ClientConnection, connect
+
+from bench.process import DECODER, ENCODER, BenchError, Reply, serve
 
 log = logging.getLogger("bench.recall")
 _T = TypeVar("_T")
@@ -114,10 +113,6 @@ TRAILING: Final = ".:"
 # BM25 words: runs of letters and digits, camelCase and acronyms split, lower-cased.
 WORD: Final = re.compile(r"[^\W_]+")
 CAMEL: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a reply was wrong or the bridge failed to start)."""
 
 
 # -- histories ----------------------------------------------------------------------------
@@ -310,23 +305,6 @@ class Turn:
     hit: bool
     rtt_us: int  # client-side round trip
     elapsed_us: int  # the bridge's own figure
-
-
-class Reply(msgspec.Struct):
-    """The fields of a reply the replay looks at."""
-
-    type: str
-    id: int | str | None = None
-    ok: bool = True
-    queued: bool = False
-    hit: bool = False
-    inject: str | None = None
-    elapsed_us: int = -1
-    error: dict[str, Any] | None = None
-
-
-ENCODER: Final = msgspec.msgpack.Encoder()
-DECODER: Final = msgspec.msgpack.Decoder(Reply)
 
 
 class Client:
@@ -551,61 +529,16 @@ def comparison(before: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str | 
 # -- the bridge as its own process --------------------------------------------------------
 
 
-LISTENING: Final = re.compile(rb"listening on (ws://[\d.]+:\d+)")
-STARTUP_TIMEOUT: Final = 120.0  # a first FalkorDB start can take a while
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @contextlib.asynccontextmanager
 async def bridge_server(
     backend: str, data_dir: Path, statsd_port: int, log_path: Path, source: Path | None = None
 ) -> AsyncIterator[str]:
-    """``python -m bridge serve --memory BACKEND`` on a free loopback port with a fresh
-    ``data_dir`` (its own valkey-server; for graphiti its own FalkorDB and ``--llm off``);
-    yields its URL. ``source`` runs the bridge package of another checkout (its folder)
-    instead of the installed one. Stopped with SIGTERM on the way out (SIGKILL past 30 s).
-    """
-    env = dict(os.environ)
-    env.update({"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(statsd_port)})
-    for name in ("BRIDGE_TOKEN", "BRIDGE_TOKEN_FILE", "OPENAI_API_KEY"):
-        env.pop(name, None)
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "bridge", "serve", "--port", "0", "--host", "127.0.0.1",
-            "--data-dir", str(data_dir), "--memory", backend, "--log-level", "warning"]  # fmt: skip
-    if backend == "graphiti":
-        argv += ["--llm", "off"]
-    with log_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            cwd=source,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        try:
-            assert process.stdout is not None
-            async with asyncio.timeout(STARTUP_TIMEOUT):
-                while not (match := LISTENING.search(line := await process.stdout.readline())):
-                    if not line:
-                        tail = (await asyncio.to_thread(log_path.read_bytes))[-2000:]
-                        text = tail.decode(errors="replace")
-                        raise BenchError(f"the bridge exited before listening: {text}")
-            yield match.group(1).decode()
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 30.0)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+    """A bridge (``bench.process.serve``) on ``--memory BACKEND`` with a fresh ``data_dir``
+    (its own valkey-server; for graphiti its own FalkorDB and ``--llm off``); yields its
+    URL. ``source`` runs the bridge package of another checkout (its folder)."""
+    args = ["--memory", backend, *(["--llm", "off"] if backend == "graphiti" else [])]
+    async with serve(args, data_dir, statsd_port, log_path, source=source) as bridge:
+        yield bridge.url
 
 
 @contextlib.contextmanager

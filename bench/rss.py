@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import os
-import re
 import resource
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -26,15 +21,9 @@ from typing import Any, Final
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench.common import BenchError, request
+from bench.process import RunningBridge, serve
 
-LISTENING: Final = re.compile(rb"listening on (ws://[\d.]+:\d+)")
-STARTUP_TIMEOUT: Final = 60.0
 BATCH: Final = 50  # connections opened at once
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -77,43 +66,12 @@ def raise_open_files(needed: int) -> int:
 @contextlib.asynccontextmanager
 async def bridge_process(
     data_dir: Path, statsd_port: int, max_connections: int
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """``python -m bridge serve`` on a free port; yields the process and its URL.
-
-    Stopped with SIGTERM on the way out (SIGKILL if it does not exit within 20 s).
-    """
-    env = dict(os.environ)
-    env.update({"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(statsd_port)})
-    env.pop("BRIDGE_TOKEN", None)
-    stderr = (data_dir.parent / "server.log").open("wb")
-    argv = [sys.executable, "-m", "bridge", "serve", "--port", "0", "--host", "127.0.0.1",
-            "--data-dir", str(data_dir), "--max-connections", str(max_connections),
-            "--log-level", "warning"]  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env=env,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(STARTUP_TIMEOUT):
-            while not (match := LISTENING.search(line := await process.stdout.readline())):
-                if not line:
-                    log = (data_dir.parent / "server.log").read_text(errors="replace")
-                    raise BenchError(f"the bridge exited before listening: {log[-2000:]}")
-        yield process, match.group(1).decode()
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20.0)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        stderr.close()
+) -> AsyncIterator[RunningBridge]:
+    """A bridge (``bench.process.serve``) that admits ``max_connections``."""
+    args = ["--max-connections", str(max_connections)]
+    log = data_dir.parent / "server.log"
+    async with serve(args, data_dir, statsd_port, log, stop_within=20.0) as bridge:
+        yield bridge
 
 
 async def open_idle(url: str, count: int) -> tuple[list[ClientConnection], float]:
@@ -154,8 +112,8 @@ async def idle_memory(count: int, statsd_port: int) -> dict[str, Any]:
     limit = raise_open_files(count + 256)
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         data_dir = Path(tmp) / "data"
-        async with bridge_process(data_dir, statsd_port, max(2000, count + 10)) as (server, url):
-            pid = server.pid
+        async with bridge_process(data_dir, statsd_port, max(2000, count + 10)) as bridge:
+            pid, url = bridge.pid, bridge.url
             await asyncio.sleep(0.5)  # let start-up work settle
             before = status_kb(pid, "VmRSS")
             connections, seconds = await open_idle(url + "/bench", count)

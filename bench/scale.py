@@ -43,7 +43,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -54,17 +53,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.process import DECODER, ENCODER, BenchError, Reply, RunningBridge, serve
 from bench.recall import (
     DATA,
-    LISTENING,
     REPO,
-    STARTUP_TIMEOUT,
-    BenchError,
     Commit,
-    _die_with_parent,
     load_history,
     machine,
     percentile,
@@ -304,62 +299,20 @@ def latency_figures(prefix: str, values_us: Sequence[float]) -> dict[str, float 
 # -- the bridge as its own process, keeping its data dir ----------------------------------
 
 
-@dataclass
-class Bridge:
-    """A running bridge process: its URL and pid."""
-
-    url: str
-    pid: int
-
-
-def bridge_argv(backend: str, data_dir: Path) -> list[str]:
-    """The bridge's command line: loopback, free port, the given data dir, rate limits
-    lifted (one connection loads the whole store), warnings only."""
-    argv = [sys.executable, "-m", "bridge", "serve", "--port", "0", "--host", "127.0.0.1",
-            "--data-dir", str(data_dir), "--memory", backend, "--log-level", "warning",
-            "--rate-limit", "1000000", "--rate-burst", "1000000"]  # fmt: skip
-    if backend == "graphiti":
-        argv += ["--llm", "off"]
-    return argv
+BRIDGE_ARGS: Final = ["--rate-limit", "1000000", "--rate-burst", "1000000"]  # one loader
 
 
 @contextlib.asynccontextmanager
 async def running_bridge(
     backend: str, data_dir: Path, statsd_port: int, log_path: Path
-) -> AsyncIterator[Bridge]:
-    """``python -m bridge serve`` (``bridge_argv``) as its own process until the block
-    ends; stopped with SIGTERM (SIGKILL past 60 s) so the store is closed cleanly."""
-    env = dict(os.environ)
-    env.update({"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(statsd_port)})
-    for name in ("BRIDGE_TOKEN", "BRIDGE_TOKEN_FILE", "OPENAI_API_KEY"):
-        env.pop(name, None)
-    with log_path.open("ab") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *bridge_argv(backend, data_dir),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        try:
-            assert process.stdout is not None
-            async with asyncio.timeout(STARTUP_TIMEOUT):
-                while not (match := LISTENING.search(line := await process.stdout.readline())):
-                    if not line:
-                        tail = (await asyncio.to_thread(log_path.read_bytes))[-2000:].decode(
-                            errors="replace"
-                        )
-                        raise BenchError(f"the bridge exited before listening: {tail}")
-            yield Bridge(match.group(1).decode(), process.pid)
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 60.0)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+) -> AsyncIterator[RunningBridge]:
+    """A bridge (``bench.process.serve``) on ``data_dir`` with its rate limits lifted (one
+    connection loads the whole store), stopped within 60 s so the store closes cleanly."""
+    args = ["--memory", backend, *BRIDGE_ARGS]
+    if backend == "graphiti":
+        args += ["--llm", "off"]
+    async with serve(args, data_dir, statsd_port, log_path, stop_within=60.0) as bridge:
+        yield bridge
 
 
 def rss_mb(pid: int) -> float | None:
@@ -412,21 +365,6 @@ def disk_mb(folder: Path) -> float:
 # -- the client ---------------------------------------------------------------------------
 
 
-class Reply(msgspec.Struct):
-    """The fields of a reply the client looks at."""
-
-    type: str
-    id: int | str | None = None
-    ok: bool = True
-    queued: bool = False
-    hit: bool = False
-    inject: str | None = None
-    elapsed_us: int = -1
-    error: dict[str, Any] | None = None
-
-
-ENCODER: Final = msgspec.msgpack.Encoder()
-DECODER: Final = msgspec.msgpack.Decoder(Reply)
 MAX_RETRIES: Final = 100_000  # retryable errors tolerated in one load
 RETRY_DELAY: Final = 0.05  # seconds before an event is sent again
 
