@@ -256,16 +256,6 @@ def context(
     return render(rank(found), budget, tasks=tasks)
 
 
-def paths_of(found: Candidates) -> set[str]:
-    """Every path the candidates name (a context built from them can only name these)."""
-    named = set(found.files)
-    for task in found.tasks:
-        named.update(task.files)
-    for recent in found.recent:
-        named.update(recent.files)
-    return named
-
-
 def search_words(text: str, limit: int = 32) -> Sequence[str]:
     """The distinct meaningful words of a query, at most ``limit``, for a full-text search."""
     return _unique(words(text))[:limit]
