@@ -16,7 +16,7 @@ the *candidates*; this module *fuses* them and *renders* the context:
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
-  budget is spent.
+  budget is spent; then an end line, so the context can be told apart from text after it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ TASKS_SHOWN: Final = 6
 TASK_FILES_SHOWN: Final = 6
 DEFAULT_BUDGET: Final = 2000
 PREAMBLE: Final = "From memory of earlier sessions in this project; not the user's words."
+# The first and last lines of every context. A context that comes back inside a client's
+# text is cut out from the one to the other before anything is stored (bridge/privacy.py
+# reads these same constants), so the end line is what tells it from the user's own words.
+CONTEXT_FIRST_LINE: Final = f"{CONTEXT_HEADER} {PREAMBLE}"
+CONTEXT_LAST_LINE: Final = "[/Memory Context]"
 
 _WORD = re.compile(r"[A-Z]?[a-z]+\d*|[A-Z]+\d*(?![a-z])|\d+")
 _STOPWORDS = """a an and are as at be but by can do does for from has have how i if in into is
@@ -210,11 +215,8 @@ def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_S
     """
     if not ranked.files and not ranked.tasks:
         return None
-    header = (
-        f"{CONTEXT_HEADER} From memory of earlier sessions in this project; not the user's words."
-    )
-    lines = [header]
-    used = len(header)
+    lines = [CONTEXT_FIRST_LINE]
+    used = len(CONTEXT_FIRST_LINE) + 1 + len(CONTEXT_LAST_LINE)
     numbers: dict[str, int] = {}
     if ranked.files:
         entries = [f"[{n}] {path}" for n, path in enumerate(ranked.files, start=1)]
@@ -244,7 +246,7 @@ def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_S
     if shown_lines:
         lines.append(title)
         lines.extend(shown_lines)
-    return "\n".join(lines) if len(lines) > 1 else None
+    return "\n".join([*lines, CONTEXT_LAST_LINE]) if len(lines) > 1 else None
 
 
 def context(

@@ -6,6 +6,7 @@ import re
 
 from bridge.recall import (
     CONTEXT_HEADER,
+    CONTEXT_LAST_LINE,
     Candidates,
     RecentTask,
     TaskHit,
@@ -89,6 +90,7 @@ def test_the_context_says_it_is_memory_and_names_each_path_once() -> None:
     assert text is not None
     lines = text.splitlines()
     assert lines[0].startswith(CONTEXT_HEADER) and "not the user's words" in lines[0]
+    assert lines[-1] == CONTEXT_LAST_LINE
     assert lines[1] == "Files likely involved: [1] bridge/export.py, [2] src/a.py, [3] docs/x.md"
     for path in ("bridge/export.py", "src/a.py"):
         assert text.count(path) == 1, f"{path} appears more than once"
@@ -105,8 +107,8 @@ def test_the_budget_keeps_the_most_useful_lines_first() -> None:
     assert len(small) <= 600 < len(full)
     assert small.splitlines()[:2] == full.splitlines()[:2], "header and files come first"
     assert "task number 0" in small and "task number 7" not in small
-    tiny = render(rank(found), budget=130)
-    assert tiny is not None and len(tiny) <= 130
+    tiny = render(rank(found), budget=150)  # the first and last lines take 105
+    assert tiny is not None and len(tiny) <= 150
     assert re.search(r"\[1\] src/f0\.py", tiny)
 
 
