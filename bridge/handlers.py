@@ -21,6 +21,7 @@ from bridge.memory.base import MemoryBackend
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery
 from bridge.paths import paths_in
+from bridge.privacy import scrub_episode
 from bridge.protocol import (
     Ack,
     ChatStart,
@@ -47,6 +48,12 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Reply], Awaitable[None]]
 _FlightKey = tuple[str, str, bytes | None, int]
 MAX_MENTIONS = 16  # paths in one error or task whose cached contexts are dropped
+
+
+def _episode(group_id: str, **fields: Any) -> Episode:
+    """The episode of a client's event, as memory may keep it: every episode is built here,
+    so none holds a private span, an injected context or a secret (bridge/privacy.py)."""
+    return scrub_episode(new_episode(group_id, **fields))
 
 
 def _happened(message: FileWrite | ErrorEvent | Completion) -> float:
@@ -286,7 +293,7 @@ class Handlers:
             await self._invalidate(project, message.path)
         finally:
             session.close_gate(gate)
-        episode = new_episode(
+        episode = _episode(
             project,
             name=f"file:write {message.path}",
             body=f"Modified: {message.path}",
@@ -338,7 +345,7 @@ class Handlers:
 
     async def _error(self, message: ErrorEvent, session: Session) -> Ack:
         project = session.project_of(message)
-        episode = new_episode(
+        episode = _episode(
             project,
             name="error",
             body=f"Error: {message.message}",
@@ -348,13 +355,14 @@ class Handlers:
             reference_time=_happened(message),
         )
         queued = await self._store(episode, "error")
-        self.metrics.opencode_error(message.message, project)  # only once it is stored
+        # Only once it is stored, and only as stored: the event leaves the machine.
+        self.metrics.opencode_error(episode.body.removeprefix("Error: "), project)
         await self._invalidate_mentions(project, message.message)
         return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
 
     async def _completion(self, message: Completion, session: Session) -> Ack:
         project = session.project_of(message)
-        episode = new_episode(
+        episode = _episode(
             project,
             name="completion",
             body=f"Completed: {message.task}",

@@ -4,8 +4,8 @@ A ``chat:start`` opens a task for its (project, session); every later ``file:wri
 ``error`` and ``completion`` of that session belongs to it, until the next ``chat:start``.
 The tracker only remembers the open task of each recent session (a bounded LRU map):
 nothing is written when a task opens, so a chat that changes nothing leaves no trace. The
-task's query travels in the metadata of each of its episodes, and the store builds the
-task from them.
+task's query, scrubbed (bridge/privacy.py), travels in the metadata of each of its
+episodes, and the store builds the task from them.
 
 An event of a session the tracker does not know (a bridge restarted mid-task, or a
 client that sends no chat:start) belongs to a task named after the session alone.
@@ -18,6 +18,8 @@ from collections import OrderedDict
 from typing import Any, Final
 
 import msgspec
+
+from bridge.privacy import scrub
 
 MAX_SESSIONS: Final = 10_000
 MAX_QUERY: Final = 1000  # characters of the opening query carried by each episode
@@ -42,7 +44,8 @@ class _Opened:
 
     def task(self) -> TaskRef:
         if self.ref is None:
-            self.ref = TaskRef(uuid.uuid4().hex, self.query[:MAX_QUERY])
+            # Scrubbed before it is clipped, so no clip can cut a secret or a context in two.
+            self.ref = TaskRef(uuid.uuid4().hex, scrub(self.query)[:MAX_QUERY])
         return self.ref
 
 

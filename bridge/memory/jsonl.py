@@ -16,6 +16,7 @@ import msgspec
 from bridge.episode import Episode
 from bridge.errors import BadRequest, BridgeError
 from bridge.memory.base import MemoryBackend
+from bridge.privacy import scrub_episode
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Episode).decode
@@ -65,17 +66,18 @@ async def import_jsonl(
     """Store every episode read from ``src`` (lines of JSON; blank lines are skipped).
 
     Each episode keeps its own project, unless ``group_id`` moves every one into that
-    project. An episode whose uuid the backend already holds is counted as skipped, not
-    stored; ``done`` (if given) keeps both counts as the import runs. Returns the number
-    of episodes newly stored. A line that is not an episode, or that the backend refuses,
-    raises ImportStopped naming its line number, after the lines before it were stored.
+    project. Each is scrubbed first, like a client's event (bridge/privacy.py). An episode
+    whose uuid the backend already holds is counted as skipped, not stored; ``done`` (if
+    given) keeps both counts as the import runs. Returns the number of episodes newly
+    stored. A line that is not an episode, or that the backend refuses, raises
+    ImportStopped naming its line number, after the lines before it were stored.
     """
     done = Imported() if done is None else done
     for number, line in enumerate(src, start=1):
         if not line.strip():
             continue
         try:
-            episode = _decode(line)
+            episode = scrub_episode(_decode(line))
         except msgspec.DecodeError as e:
             raise ImportStopped(number, f"is not an episode ({e})", done) from e
         if group_id is not None:
