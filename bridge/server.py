@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
@@ -61,6 +62,9 @@ MAX_QUEUE = 4
 SEND_DEADLINE = 30.0
 # An export chunk that encodes larger than this goes out as several smaller chunks.
 EXPORT_FRAME_BYTES = 1 << 20
+# Refused handshakes of one HTTP status are logged at most once per this many seconds; the
+# line after a quiet spell says how many went unlogged.
+REFUSAL_LOG_INTERVAL = 60.0
 
 Readiness = Callable[[], Awaitable[list[str]]]
 
@@ -105,6 +109,8 @@ class Server:
         self._idle.set()
         self._token = _digest(config.token.encode()) if config.token else None
         self.send_deadline = SEND_DEADLINE
+        self.refusal_log_interval = REFUSAL_LOG_INTERVAL
+        self._refusals: dict[int, tuple[float, int]] = {}  # status: (last logged, unlogged)
 
     async def start(self) -> None:
         """Listen; once this returns, ``port`` is the bound port (even if 0 was asked)."""
@@ -186,7 +192,22 @@ class Server:
         code: str = "bad_request",
     ) -> Response:
         self.metrics.error(code, "handshake")
+        self._log_refusal(connection, status, reason)
         return connection.respond(status, reason + "\n")
+
+    def _log_refusal(self, connection: ServerConnection, status: HTTPStatus, reason: str) -> None:
+        """One line per refused handshake, at most one per status and interval: the client's
+        address, the status and the reason, never a header (so never a token)."""
+        now = time.monotonic()
+        last = self._refusals.get(status)
+        if last is not None and now - last[0] < self.refusal_log_interval:
+            self._refusals[status] = (last[0], last[1] + 1)
+            return
+        unlogged = last[1] if last is not None else 0
+        self._refusals[status] = (now, 0)
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        more = f" ({unlogged} more since the last such line)" if unlogged else ""
+        log.warning("refused a handshake from %s: HTTP %d, %s%s", peer, status, reason, more)
 
     def _authorized(self, credentials: str) -> bool:
         """``Bearer <token>``, the scheme in any case (RFC 7235); the token in constant time."""
