@@ -127,8 +127,8 @@ def _assigned_literal(match: re.Match[str], value: str) -> bool:
         return False
     text, end = match.string, match.end()
     following = text[end : end + 1]
-    if following in ("(", "[") or _CODE_NAME.fullmatch(value):
-        return False  # a call, an index, an attribute, a variable or a type
+    if following in ("(", "[", "{") or _CODE_NAME.fullmatch(value):
+        return False  # a call, an index, a template (${{ … }}), an attribute, a variable
     if _IDENTIFIER.fullmatch(value) and following in (",", ")"):
         return False  # an argument passed on: f(password=pw)
     if "=" not in match.group("sep"):

@@ -1,0 +1,153 @@
+"""Privacy end to end: a real bridge (real Valkey, the embedded store on disk) and the real
+``import`` command. Whatever a client sends, no secret, private span or injected context
+reaches memory: not through ``query``, not through ``export``, not in any file on disk."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import connect
+
+from bridge.app import App
+from bridge.embedded import EmbeddedValkey
+from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE
+from tests.conftest import StatsdCollector, bridge_config, ws_url
+from tests.test_backends_cli import run_cli, said
+from tests.test_privacy import AWS_ID, BEARER, GITHUB_CLASSIC, OPENAI_PROJECT, SLACK_BOT, pem
+from tests.test_server import ask
+
+KEY = pem("RSA PRIVATE KEY", 300)
+KEY_LINE = KEY.splitlines()[1]
+NEVER_STORED = [
+    OPENAI_PROJECT, AWS_ID, BEARER, GITHUB_CLASSIC, SLACK_BOT, KEY_LINE, "hunter2",
+    "jane@example.com", "ticket 4411", CONTEXT_HEADER, CONTEXT_LAST_LINE,
+]  # fmt: skip
+
+
+def files_holding(folder: Path, needles: list[str]) -> dict[str, list[str]]:
+    """Every file under ``folder`` that holds one of ``needles``, read as raw bytes."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        held = [n for n in needles if n.encode() in data]
+        if held:
+            found[str(path.relative_to(folder))] = held
+    return found
+
+
+async def export_all(ws: Any, message_id: int) -> list[dict[str, Any]]:
+    """Every episode of the connection's project, through ``export``."""
+    await ws.send(msgspec.json.encode({"type": "export", "id": message_id}).decode())
+    episodes: list[dict[str, Any]] = []
+    while True:
+        reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+        if reply["type"] == "export:end":
+            return episodes
+        episodes.extend(reply["episodes"])
+
+
+async def test_no_secret_private_span_or_injected_context_reaches_memory(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    bridge = App(bridge_config(tmp_path, valkey, statsd.port))
+    await bridge.start()
+    try:
+        async with connect(ws_url(bridge, "/vault")) as ws:
+            session = {"session": "s1"}
+            first = {"type": "file:write", "id": 1, "path": "src/auth/login.py", **session}
+            assert (await ask(ws, first))["ok"]
+            recalled = await ask(ws, {"type": "chat:start", "id": 2, "query": "login", **session})
+            inject = recalled["inject"]
+            assert inject.startswith(CONTEXT_FIRST_LINE) and inject.endswith(CONTEXT_LAST_LINE)
+            # The client sends the context back inside the next prompt, with a private span
+            # and a key; the second time the context comes from the cache.
+            prompt = (
+                f"{inject}\nmake login retry <private>for jane@example.com</private>"
+                f"with {OPENAI_PROJECT}"
+            )
+            for n in (3, 4):
+                reply = await ask(ws, {"type": "chat:start", "id": n, "query": prompt, **session})
+                assert reply["type"] == "context"
+            assert reply["hit"] is True
+            events: list[dict[str, Any]] = [
+                {"type": "file:write", "id": 5, "path": f"config/{AWS_ID}.json"},
+                {"type": "error", "id": 6, "message": f"deploy: DB_PASSWORD=hunter2 no\n{KEY}"},
+                {
+                    "type": "completion",
+                    "id": 7,
+                    "task": "rotate keys <private>ticket 4411</private>",
+                    "summary": f"Done. Sent Authorization: Bearer {BEARER}, then {GITHUB_CLASSIC}.",
+                },
+                {"type": "error", "id": 8, "message": f"slack said invalid_auth for {SLACK_BOT}"},
+            ]
+            for event in events:
+                ack = await ask(ws, {**event, **session})
+                assert ack["ok"] and not ack.get("queued"), ack
+            found = await ask(ws, {"type": "query", "id": 9, "query": "deploy rotate slack"})
+            exported = await export_all(ws, 10)
+    finally:
+        await bridge.stop()
+
+    by_type = {(e["metadata"]["type"], e["body"]): e for e in exported}
+    written = by_type["file_edit", "Modified: config/[redacted:aws-access-key-id].json"]
+    assert written["name"] == "file:write config/[redacted:aws-access-key-id].json"
+    assert written["metadata"]["path"] == "config/[redacted:aws-access-key-id].json"
+    assert written["metadata"]["task_query"] == "make login retry with [redacted:openai-key]"
+    assert ("error", "Error: deploy: DB_PASSWORD=[redacted:password] no\n"
+            "[redacted:private-key]") in by_type  # fmt: skip
+    assert ("error", "Error: slack said invalid_auth for [redacted:slack-token]") in by_type
+    completed = by_type["success", "Completed: rotate keys "]
+    assert completed["metadata"]["summary"] == (
+        "Done. Sent Authorization: Bearer [redacted:bearer-token], then [redacted:github-token]."
+    )
+    assert by_type["file_edit", "Modified: src/auth/login.py"]["metadata"]["path"] == (
+        "src/auth/login.py"
+    ), "an ordinary path is kept as it is"
+    searched = msgspec.json.encode(found).decode()
+    assert "[redacted:password]" in searched and "[redacted:slack-token]" in searched
+    for needle in NEVER_STORED:
+        assert needle not in searched
+        assert needle not in msgspec.json.encode(exported).decode()
+    assert files_holding(tmp_path / "data", NEVER_STORED) == {}
+    # The Datadog event of an error leaves the machine: it carries the scrubbed text.
+    events_sent = await statsd.wait_for(lambda line: "invalid_auth" in line)
+    assert events_sent and all(SLACK_BOT not in line for line in statsd.lines)
+    assert "[redacted:slack-token]" in events_sent[0]
+
+
+async def test_import_scrubs_every_episode_it_reads(tmp_path: Path) -> None:
+    lines = [
+        {"body": f"Error: token={GITHUB_CLASSIC}", "metadata": {"type": "error"}},
+        {
+            "body": "Completed: ship it <private>ticket 4411</private>",
+            "metadata": {"type": "success", "summary": f"used {OPENAI_PROJECT}"},
+        },
+        {
+            "body": "Modified: src/app.py",
+            "metadata": {"type": "file_edit", "path": "src/app.py", "task_query":
+                         f"{CONTEXT_FIRST_LINE}\n- earlier task\n{CONTEXT_LAST_LINE}\nfix app"},
+        },
+    ]  # fmt: skip
+    jsonl = b"".join(
+        msgspec.json.encode(
+            {"uuid": f"e{n}", "group_id": "shop", "name": "event", "source_description": "x",
+             "reference_time": 1.0e9 + n, **line}
+        ) + b"\n"
+        for n, line in enumerate(lines)
+    )  # fmt: skip
+    data = tmp_path / "data"
+    assert await said("import", "--data-dir", str(data), stdin=jsonl) == (
+        "imported 3, skipped 0 already present"
+    )
+    out = await run_cli("export", "--data-dir", str(data), "--project", "shop")
+    episodes = [msgspec.json.decode(line) for line in out.splitlines()]
+    assert [(e["body"], e["metadata"]) for e in episodes] == [
+        ("Error: token=[redacted:github-token]", {"type": "error"}),
+        ("Completed: ship it ", {"type": "success", "summary": "used [redacted:openai-key]"}),
+        ("Modified: src/app.py", {"type": "file_edit", "path": "src/app.py",
+                                  "task_query": "fix app"}),
+    ]  # fmt: skip
+    assert files_holding(data, NEVER_STORED) == {}
