@@ -97,6 +97,7 @@ class Candidates(msgspec.Struct, frozen=True, kw_only=True):
     files: dict[str, float] = {}  # path -> text match with the query
     recent: list[RecentTask] = []  # the project's last tasks, any order
     latest_seq: int = 0  # the newest task's ordinal
+    window: Window | None = None  # what ``recent`` says, when the backend keeps it
 
     @property
     def empty(self) -> bool:
@@ -120,9 +121,45 @@ def _normalised(scores: dict[str, float]) -> dict[str, float]:
     return {k: v / top for k, v in scores.items()} if top > 0 else {}
 
 
+class Window:
+    """What a project's recent work says, computed once for a state of memory: each
+    file's recency-weighted frequency (the prior, at most 1) and which files changed
+    together. A backend that keeps its recent work in memory keeps one Window per state,
+    so queries between two writes share it."""
+
+    def __init__(self, recent: Sequence[RecentTask], latest_seq: int) -> None:
+        self.recent = recent
+        prior: dict[str, float] = defaultdict(float)
+        for task in recent:
+            share = _decay(latest_seq - task.seq) / math.sqrt(len(task.files) or 1)
+            for path in task.files:
+                prior[path] += share
+        self.prior = _normalised(prior)
+        self.by_prior = sorted(self.prior, key=lambda path: -self.prior[path])
+        self._together: dict[str, Counter[str]] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Window) and list(self.recent) == list(other.recent)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def together(self, paths: Iterable[str]) -> dict[str, Counter[str]]:
+        """For each path, how often each other file changed in the same recent task."""
+        wanted = {path for path in paths if path not in self._together}
+        if wanted:
+            found: dict[str, Counter[str]] = {path: Counter() for path in wanted}
+            for task in self.recent:
+                for path in task.files:
+                    if path in found:
+                        found[path].update(p for p in task.files if p != path)
+            self._together.update(found)
+        return {path: self._together[path] for path in paths}
+
+
 def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     """Fuse the candidates into a ranking of files and of tasks (see the module docstring)."""
     latest = found.latest_seq
+    window = found.window or Window(found.recent, latest)
     best = max((t.relevance for t in found.tasks), default=0.0) or 1.0
     weight = {t.uuid: t.relevance / best * _decay(latest - t.seq) for t in found.tasks}
 
@@ -130,41 +167,35 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     for task in found.tasks:
         for path in task.files:
             by_task[path] += weight[task.uuid] / math.sqrt(len(task.files))
-    prior: dict[str, float] = defaultdict(float)
-    for recent in found.recent:
-        share = _decay(latest - recent.seq) / math.sqrt(len(recent.files) or 1)
-        for path in recent.files:
-            prior[path] += share
-
     score: dict[str, float] = defaultdict(float)
-    for signal, weight_of_signal in (
-        (by_task, 1.0),
-        (found.files, FILE_TEXT_WEIGHT),
-        (prior, PRIOR_WEIGHT),
-    ):
+    for signal, weight_of_signal in ((by_task, 1.0), (found.files, FILE_TEXT_WEIGHT)):
         for path, value in _normalised(signal).items():
             score[path] += weight_of_signal * value
+    # The prior: a file it alone speaks for can be among the best only if it is among the
+    # prior's own best, so only those join; every other file gets its share below.
+    for path in window.by_prior[:files]:
+        score.setdefault(path, 0.0)
+    prior = window.prior
+    for path in score:
+        score[path] += PRIOR_WEIGHT * prior.get(path, 0.0)
     best_files = dict(sorted(score.items(), key=lambda item: -item[1])[:files])
-    for path, value in _spread(best_files, found.recent).items():
+    for path, value in _spread(best_files, window).items():
+        if path not in score:
+            score[path] = PRIOR_WEIGHT * prior.get(path, 0.0)
         score[path] += value
     ranked_files = sorted(score, key=lambda path: -score[path])[:files]
     ranked_tasks = sorted(found.tasks, key=lambda t: (-weight[t.uuid], -t.seq))
     return Ranked(files=ranked_files, tasks=ranked_tasks)
 
 
-def _spread(best: dict[str, float], recent: list[RecentTask]) -> dict[str, float]:
+def _spread(best: dict[str, float], window: Window) -> dict[str, float]:
     """Co-change: each of the best files passes a share of its score to the files that
     changed with it in recent tasks, in proportion to how often they did."""
-    together: dict[str, Counter[str]] = {path: Counter() for path in best}
-    for task in recent:
-        for path in task.files:
-            if path in together:
-                together[path].update(p for p in task.files if p != path)
     spread: dict[str, float] = defaultdict(float)
-    for path, value in best.items():
-        seen = sum(together[path].values()) or 1
-        for other, count in together[path].items():
-            spread[other] += COCHANGE_WEIGHT * value * count / seen
+    for path, together in window.together(best).items():
+        seen = sum(together.values()) or 1
+        for other, count in together.items():
+            spread[other] += COCHANGE_WEIGHT * best[path] * count / seen
     return spread
 
 

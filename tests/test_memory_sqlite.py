@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory.sqlite import SCHEMA_VERSION, SqliteMemory, fts_query
+from bridge.recall import WINDOW_TASKS
 
 DAY = 86400.0
 
@@ -377,7 +378,7 @@ async def test_a_store_of_schema_1_is_migrated_in_place_and_still_recalled(tmp_p
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 WRITER = """
@@ -406,8 +407,9 @@ asyncio.run(main())
 
 
 async def test_a_killed_writer_leaves_tasks_and_indexes_consistent(tmp_path: Path) -> None:
-    """The task tables and both full-text indexes are written in the episode's transaction:
-    after a SIGKILL at any moment they agree with the episodes, and FTS5 finds no fault."""
+    """The task tables and the episodes' full-text index are written in the episode's
+    transaction: after a SIGKILL at any moment they agree with the episodes, FTS5 finds no
+    fault, and the recall index, rebuilt from the store, holds every committed task."""
     path = tmp_path / "memory.sqlite3"
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE
@@ -423,16 +425,19 @@ async def test_a_killed_writer_leaves_tasks_and_indexes_consistent(tmp_path: Pat
     try:
         found = await store.candidates("proj", "module3")
         assert found.tasks and all(len(t.files) == 3 for t in found.tasks)
+        recent = {r.seq: r.files for r in found.recent}
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        for index in ("tasks_fts", "files_fts"):
-            conn.execute(f"INSERT INTO {index}({index}) VALUES ('integrity-check')")
+        conn.execute("INSERT INTO episodes_fts(episodes_fts) VALUES ('integrity-check')")
         tasks = conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
         assert tasks >= 200
-        assert conn.execute("SELECT COUNT(*) FROM tasks_fts").fetchone()[0] == tasks
-        files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
-        assert files == 9 == conn.execute("SELECT COUNT(*) FROM files_fts").fetchone()[0]
+        stored = conn.execute("SELECT seq, id FROM tasks ORDER BY seq").fetchall()
+        files_of = "SELECT path FROM task_files WHERE task_id = ? ORDER BY id"
+        assert recent == {
+            seq: [p for (p,) in conn.execute(files_of, (task_id,))]
+            for seq, task_id in stored[-WINDOW_TASKS:]
+        }
         linked = conn.execute("SELECT COUNT(*) FROM task_files").fetchone()[0]
         written = "SELECT COUNT(*) FROM episodes WHERE json_extract(metadata, '$.type') = ?"
         assert linked == conn.execute(written, ("file_edit",)).fetchone()[0]

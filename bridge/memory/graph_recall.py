@@ -25,7 +25,8 @@ from collections import Counter
 from typing import Any, Final
 
 from bridge.errors import MemoryUnavailable
-from bridge.memory.graph_tasks import Run, terms
+from bridge.memory.graph_tasks import Run
+from bridge.memory.terms import terms
 from bridge.recall import (
     FILE_CANDIDATES,
     TASK_CANDIDATES,

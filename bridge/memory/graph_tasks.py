@@ -40,15 +40,12 @@ edges above).
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import sqlite3
-import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from bridge.episode import Episode
-from bridge.recall import words
+from bridge.memory.terms import terms
 
 Run = Callable[..., Awaitable[list[dict[str, Any]]]]  # (cypher, **params) -> records
 
@@ -66,29 +63,6 @@ SCHEMA: Final = (
     "CREATE INDEX FOR (f:File) ON (f.uuid)",
     *(f"CALL db.idx.fulltext.createNodeIndex({_INDEX.format(x)})" for x in ("Task", "File")),
 )
-
-# The embedded store's stemmer (SQLite FTS5's porter tokenizer, in the standard library),
-# so both backends see the same terms: one in-memory table, one word at a time, cached.
-_STEMMER: Final = sqlite3.connect(":memory:", check_same_thread=False)
-_STEMMER.execute("CREATE VIRTUAL TABLE scratch USING fts5(word, tokenize='porter unicode61')")
-_STEMMER.execute("CREATE VIRTUAL TABLE stems USING fts5vocab(scratch, 'row')")
-_STEMMER_LOCK: Final = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def stem(word: str) -> str:
-    """The Porter stem of one lower-case word: ``connections`` and ``connected`` are
-    ``connect``; ``updates`` and ``updated`` are ``updat``."""
-    with _STEMMER_LOCK:
-        _STEMMER.execute("DELETE FROM scratch")
-        _STEMMER.execute("INSERT INTO scratch VALUES (?)", (word,))
-        row = _STEMMER.execute("SELECT term FROM stems").fetchone()
-    return str(row[0]) if row else word
-
-
-def terms(text: str) -> list[str]:
-    """The full-text terms of a text or a path: its meaningful words, stemmed, in order."""
-    return [stem(w) for w in words(text)]
 
 
 def _terms(text: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import math
 import queue
 import re
@@ -35,9 +36,12 @@ from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory import sqlite_tasks
 from bridge.memory.base import Recall
-from bridge.recall import Candidates
+from bridge.memory.index import RecallIndexes
+from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+log = logging.getLogger(__name__)
 READERS = 3
 MAX_QUERY_WORDS = 32
 CANDIDATES_PER_RESULT = 4
@@ -128,6 +132,8 @@ class SqliteMemory:
         self._reader_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._open = False
+        self.index = RecallIndexes()
+        self._loads: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         """Create the file and schema if needed, start the writer thread and reader pool."""
@@ -195,8 +201,34 @@ class SqliteMemory:
         return Recall(episodes=[_episode(row) for row in rows[:limit]])
 
     async def candidates(self, group_id: str, query: str) -> Candidates:
-        """Past tasks and files of ``group_id`` matching ``query``, and its recent work."""
-        return await self._run(lambda conn: sqlite_tasks.candidates(conn, group_id, query))
+        """Past tasks and files of ``group_id`` matching ``query``, and its recent work,
+        from the recall index (loaded from the store on the project's first query)."""
+        if not self._open:
+            raise MemoryUnavailable("sqlite memory is not open")
+        while (found := self.index.candidates(group_id, query)) is None:
+            await self._load(group_id)
+        return found
+
+    async def _load(self, group_id: str) -> None:
+        """Load a project's last tasks into the recall index, once for concurrent callers."""
+        if (loading := self._loads.get(group_id)) is not None:
+            return await asyncio.shield(loading)
+        loading = asyncio.get_running_loop().create_future()
+        self._loads[group_id] = loading
+        self.index.begin_load(group_id)
+        try:
+            tasks = await self._run(
+                lambda conn: sqlite_tasks.last_tasks(conn, group_id, HORIZON_TASKS)
+            )
+            await asyncio.to_thread(self.index.finish_load, group_id, tasks)
+        except BaseException as e:
+            self.index.abandon_load(group_id)
+            loading.set_exception(e)
+            raise
+        else:
+            loading.set_result(None)
+        finally:
+            del self._loads[group_id]
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Yield every episode of ``group_id`` by (reference_time, insertion), ``batch`` at a
@@ -274,12 +306,13 @@ class SqliteMemory:
         """
         error: MemoryUnavailable | None = None
         stored: list[bool] = []
+        changed: dict[int, str] = {}  # task id -> project
         try:
             conn.execute("BEGIN IMMEDIATE")
             for episode, row, _ in group:
                 stored.append(conn.execute(INSERT, row).rowcount == 1)
                 if stored[-1]:
-                    sqlite_tasks.link(conn, episode)
+                    changed[sqlite_tasks.link(conn, episode)] = episode.group_id
             conn.execute("COMMIT")
             self.transactions += 1
         except Exception as e:
@@ -291,9 +324,35 @@ class SqliteMemory:
                 return
             error = MemoryUnavailable(f"sqlite write failed: {e}")
             error.__cause__ = e
+        if changed:
+            self._apply(conn, changed)
         for (_, _, done), new in zip(group, stored or [False] * len(group), strict=True):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 done.get_loop().call_soon_threadsafe(_settle, done, error or new)
+
+    def _apply(self, conn: sqlite3.Connection, changed: dict[int, str]) -> None:
+        """Bring the recall index up to the commit, before anyone hears of it.
+
+        Projects are asked for after the commit: one that began loading before this
+        question collects the change, one that begins after it reads a snapshot that holds
+        the change already. A project whose change cannot be read is dropped from the
+        index, to be loaded again from the store.
+        """
+        wanted = [task_id for task_id, group_id in changed.items() if self.index.wants(group_id)]
+        if not wanted:
+            return
+        try:
+            records = sqlite_tasks.task_records(conn, wanted)
+        except sqlite3.Error:
+            log.exception("cannot read committed tasks back: their projects reload")
+            for group_id in set(changed.values()):
+                self.index.discard(group_id)
+            return
+        by_group: dict[str, list[TaskHit]] = {}
+        for group_id, task in records:
+            by_group.setdefault(group_id, []).append(task)
+        for group_id, tasks in by_group.items():
+            self.index.apply(group_id, tasks)
 
 
 def _settle(done: asyncio.Future[bool], outcome: BaseException | bool) -> None:
@@ -325,6 +384,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
             rows = conn.execute(f"SELECT {COLUMNS} FROM episodes e ORDER BY e.id")
             for row in rows.fetchall():
                 sqlite_tasks.link(conn, _episode(row))
+        elif version < 3:
+            for table in sqlite_tasks.DROPPED_IN_3:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -1,0 +1,315 @@
+"""The recall index: a project's recent tasks and files in memory, searched top-k.
+
+A chat:start miss needs the past tasks and files that best match its query, and the
+project's recent work. Reading those from the store at every miss costs milliseconds
+that grow with the store; this index keeps, per project, the last ``HORIZON_TASKS`` tasks
+(older ones weigh under a millionth in :func:`bridge.recall.rank`, so leaving them out
+changes no answer) and answers in a fraction of a millisecond, whatever the store's size.
+
+- :class:`Bm25Index` scores documents for a query with Okapi BM25 and returns the top k
+  without scoring every match: terms are taken rarest first, and once the k-th best score
+  so far beats what the remaining, more common terms could add to a document not seen
+  yet, those terms only complete the scores of documents already found (the "continue"
+  strategy of term-at-a-time MaxScore). The answer is the exact top k.
+- :class:`ProjectIndex` holds one project's tasks (as :class:`~bridge.recall.TaskHit`)
+  with a task index and a file index (a file's document: its path and the queries of its
+  last tasks), and turns a query into :class:`~bridge.recall.Candidates`.
+- :class:`RecallIndexes` holds the indexes of the most recently used projects. It is
+  derived state: a backend loads a project from its store on first use and applies every
+  change it commits, so after a restart or a crash the index is rebuilt from what the
+  store holds and cannot disagree with it.
+
+The index is plain code: backends call it from their own threads, under its lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Final, Generic, TypeVar
+
+import msgspec
+
+from bridge.memory.terms import stem, terms
+from bridge.recall import (
+    FILE_CANDIDATES,
+    HORIZON_TASKS,
+    TASK_CANDIDATES,
+    WINDOW_TASKS,
+    Candidates,
+    RecentTask,
+    TaskHit,
+    Window,
+    search_words,
+)
+
+K = TypeVar("K", bound=Hashable)
+
+K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
+B: Final = 0.75  # BM25's length normalisation
+FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last tasks
+PROJECTS: Final = 64  # projects whose index stays in memory (least recently used leave)
+
+
+class Bm25Index(Generic[K]):
+    """Documents (bags of terms) under keys, searched with BM25 for the top k."""
+
+    def __init__(self) -> None:
+        self._docs: dict[K, Counter[str]] = {}
+        self._length: dict[K, int] = {}
+        self._postings: dict[str, dict[K, int]] = defaultdict(dict)
+        self._total_length = 0
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._docs
+
+    def put(self, key: K, doc_terms: Iterable[str]) -> None:
+        """Index ``doc_terms`` under ``key``, replacing what was there."""
+        self.remove(key)
+        counts = Counter(doc_terms)
+        self._docs[key] = counts
+        self._length[key] = length = sum(counts.values())
+        self._total_length += length
+        for term, count in counts.items():
+            self._postings[term][key] = count
+
+    def remove(self, key: K) -> None:
+        """Forget the document under ``key``, if any."""
+        counts = self._docs.pop(key, None)
+        if counts is None:
+            return
+        self._total_length -= self._length.pop(key)
+        for term in counts:
+            posting = self._postings[term]
+            del posting[key]
+            if not posting:
+                del self._postings[term]
+
+    def top(self, query_terms: Iterable[str], k: int) -> list[tuple[K, float]]:
+        """The ``k`` best documents for the query, best first, with their BM25 scores."""
+        n = len(self._docs)
+        lists = [self._postings[t] for t in dict.fromkeys(query_terms) if t in self._postings]
+        if not lists or k < 1:
+            return []
+        average = self._total_length / n or 1.0
+        length = self._length
+        lists.sort(key=len)  # rarest first: the highest idf
+        idf = [math.log(1 + (n - len(p) + 0.5) / (len(p) + 0.5)) for p in lists]
+        # A term adds at most idf * (K1 + 1), whatever the document: what the terms not
+        # taken yet could add to a document that none of the terms so far matched.
+        still = [sum(i * (K1 + 1) for i in idf[j + 1 :]) for j in range(len(lists))]
+        scores: dict[K, float] = defaultdict(float)
+        complete_only = False
+        for posting, weight, rest in zip(lists, idf, still, strict=True):
+            keys: Iterable[K] = posting
+            if complete_only and len(scores) < len(posting):
+                keys = [key for key in scores if key in posting]
+            for key in keys:
+                if complete_only and key not in scores:
+                    continue
+                tf = posting[key]
+                norm = K1 * (1 - B + B * length[key] / average)
+                scores[key] += weight * tf * (K1 + 1) / (tf + norm)
+            if not complete_only and len(scores) >= k:
+                kth = heapq.nlargest(k, scores.values())[-1]
+                complete_only = kth > rest
+        return heapq.nlargest(k, scores.items(), key=lambda item: item[1])
+
+
+class ProjectIndex:
+    """One project's last tasks, their files and their documents, ready to be searched."""
+
+    def __init__(self, horizon: int = HORIZON_TASKS) -> None:
+        self.horizon = horizon
+        self._tasks: dict[str, TaskHit] = {}  # by uuid, in order of seq
+        self._query_terms: dict[str, list[str]] = {}
+        self._task_index: Bm25Index[str] = Bm25Index()
+        self._file_tasks: dict[str, list[str]] = {}  # path -> uuids of its tasks, by seq
+        self._file_index: Bm25Index[str] = Bm25Index()
+        self._window: Window | None = None  # the recent work, kept until a change
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def latest_seq(self) -> int:
+        """The newest task's ordinal, 0 when there is none."""
+        return next(reversed(self._tasks.values())).seq if self._tasks else 0
+
+    def put(self, task: TaskHit) -> None:
+        """Add a task, or replace it with its newer state; the oldest leave past the horizon."""
+        old = self._tasks.get(task.uuid)
+        if old is None and self._tasks and task.seq < self.latest_seq:
+            if len(self._tasks) >= self.horizon and task.seq < self._oldest_seq():
+                return  # older than everything kept: past the horizon already
+            self._insert_in_order(task)
+        else:
+            self._tasks[task.uuid] = task
+        self._window = None
+        self._query_terms[task.uuid] = terms(task.query)
+        document = [*self._query_terms[task.uuid], *_terms_of(task.summary, *task.errors)]
+        document.extend(t for path in task.files for t in terms(path))
+        self._task_index.put(task.uuid, document)
+        for path in set(task.files) - set(old.files if old else ()):
+            tasks = self._file_tasks.setdefault(path, [])
+            tasks.append(task.uuid)
+            if len(tasks) > 1 and self._tasks[tasks[-2]].seq > task.seq:
+                tasks.sort(key=lambda uuid: self._tasks[uuid].seq)
+        for path in task.files:
+            self._index_file(path)
+        while len(self._tasks) > self.horizon:
+            self._evict(next(iter(self._tasks)))
+
+    def _oldest_seq(self) -> int:
+        return next(iter(self._tasks.values())).seq
+
+    def _insert_in_order(self, task: TaskHit) -> None:
+        ordered = sorted([*self._tasks.values(), task], key=lambda t: t.seq)
+        self._tasks = {t.uuid: t for t in ordered}
+
+    def _index_file(self, path: str) -> None:
+        tasks = self._file_tasks.get(path)
+        if not tasks:
+            self._file_tasks.pop(path, None)
+            self._file_index.remove(path)
+            return
+        document = terms(path)
+        for uuid in tasks[-FILE_DOC_TASKS:]:
+            document.extend(self._query_terms[uuid])
+        self._file_index.put(path, document)
+
+    def _evict(self, uuid: str) -> None:
+        task = self._tasks.pop(uuid)
+        self._query_terms.pop(uuid, None)
+        self._task_index.remove(uuid)
+        for path in task.files:
+            tasks = self._file_tasks.get(path, [])
+            if uuid in tasks:
+                tasks.remove(uuid)
+            self._index_file(path)
+
+    def window(self) -> Window:
+        """The recent work: the files of the tasks of the last ``WINDOW_TASKS`` ordinals,
+        oldest first, and what they say (kept until the next change)."""
+        if self._window is None:
+            since = self.latest_seq - WINDOW_TASKS
+            newest_first = []
+            for task in reversed(self._tasks.values()):
+                if task.seq <= since:
+                    break
+                newest_first.append(RecentTask(task.seq, list(task.files)))
+            self._window = Window(newest_first[::-1], self.latest_seq)
+        return self._window
+
+    def candidates(self, query: str) -> Candidates:
+        """The best matching tasks and files for ``query``, and the recent work."""
+        if not self._tasks:
+            return Candidates()
+        query_terms = [stem(w) for w in search_words(query)]
+        tasks = [
+            msgspec.structs.replace(self._tasks[uuid], relevance=score)
+            for uuid, score in self._task_index.top(query_terms, TASK_CANDIDATES)
+        ]
+        files = dict(self._file_index.top(query_terms, FILE_CANDIDATES))
+        window = self.window()
+        return Candidates(
+            tasks=tasks,
+            files=files,
+            recent=list(window.recent),
+            latest_seq=self.latest_seq,
+            window=window,
+        )
+
+
+def _terms_of(*texts: str) -> list[str]:
+    return [t for text in texts for t in terms(text)]
+
+
+class RecallIndexes:
+    """The indexes of the most recently used projects, shared by a backend's threads.
+
+    A backend asks :meth:`candidates`; on None it reads the project's last tasks from its
+    store between :meth:`begin_load` and :meth:`finish_load`. After each commit it hands
+    the new state of every changed task to :meth:`apply`: changes committed while a
+    project loads are kept and replayed onto the loaded index, so none is missed.
+    """
+
+    def __init__(self, projects: int = PROJECTS, horizon: int = HORIZON_TASKS) -> None:
+        self.projects = projects
+        self.horizon = horizon
+        self._lock = threading.Lock()
+        self._indexes: OrderedDict[str, ProjectIndex] = OrderedDict()
+        self._loading: dict[str, tuple[list[int], list[TaskHit]]] = {}
+        self._stale: set[str] = set()  # discarded while loading: the load is not installed
+
+    def candidates(self, group_id: str, query: str) -> Candidates | None:
+        """The candidates for ``query``, or None when the project is not loaded."""
+        with self._lock:
+            index = self._indexes.get(group_id)
+            if index is None:
+                return None
+            self._indexes.move_to_end(group_id)
+            return index.candidates(query)
+
+    def wants(self, group_id: str) -> bool:
+        """True when changes to ``group_id`` must be applied (it is loaded or loading)."""
+        with self._lock:
+            return group_id in self._indexes or group_id in self._loading
+
+    def apply(self, group_id: str, tasks: Sequence[TaskHit]) -> None:
+        """Apply the committed state of changed tasks of ``group_id``."""
+        with self._lock:
+            if (loading := self._loading.get(group_id)) is not None:
+                loading[1].extend(tasks)
+            if (index := self._indexes.get(group_id)) is not None:
+                for task in tasks:
+                    index.put(task)
+
+    def discard(self, group_id: str) -> None:
+        """Drop a project's index: the next query loads it again from the store."""
+        with self._lock:
+            self._indexes.pop(group_id, None)
+            if group_id in self._loading:
+                self._stale.add(group_id)
+
+    def begin_load(self, group_id: str) -> None:
+        """Start collecting the changes to ``group_id``: call before reading the store."""
+        with self._lock:
+            loaders, _ = self._loading.setdefault(group_id, ([0], []))
+            loaders[0] += 1
+
+    def finish_load(self, group_id: str, tasks: Iterable[TaskHit]) -> None:
+        """Install the index built from ``tasks`` (read after :meth:`begin_load`, oldest
+        first) with the changes committed since; an index loaded meanwhile is kept."""
+        index = ProjectIndex(self.horizon)
+        for task in tasks:
+            index.put(task)
+        with self._lock:
+            _, changes = self._loading[group_id]
+            stale = group_id in self._stale
+            self._end_load(group_id)
+            if stale or group_id in self._indexes:
+                return
+            for task in changes:
+                index.put(task)
+            self._indexes[group_id] = index
+            while len(self._indexes) > self.projects:
+                self._indexes.popitem(last=False)
+
+    def abandon_load(self, group_id: str) -> None:
+        """End a load that failed."""
+        with self._lock:
+            self._end_load(group_id)
+
+    def _end_load(self, group_id: str) -> None:
+        loaders, _ = self._loading[group_id]
+        loaders[0] -= 1
+        if not loaders[0]:
+            del self._loading[group_id]
+            self._stale.discard(group_id)
