@@ -2,19 +2,25 @@
 # graphiti-bridge: build a virtualenv from the lock, then copy it into a slim runtime that
 # runs as a non-root user. Configure with BRIDGE_* variables; listening beyond loopback
 # needs a token: BRIDGE_TOKEN, or BRIDGE_TOKEN_FILE=/run/secrets/bridge_token.
+#
+# BASE_IMAGE is any Debian bookworm image with Python 3.11 and its venv module: the official
+# slim image by default (python at /usr/local/bin), or Debian's own python3 (/usr/bin).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/bridge
+RUN python3 -m venv /opt/bridge
 WORKDIR /src
 # Dependencies (with the graphiti extra) pinned by hash; this layer changes only with the lock.
 COPY requirements.lock ./
 RUN /opt/bridge/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
-RUN /opt/bridge/bin/pip install --no-cache-dir --no-deps .
+# The bridge itself, then out with the installers: nothing at run time installs anything.
+RUN /opt/bridge/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/bridge/bin/pip uninstall --yes pip setuptools
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 # The embedded FalkorDB (graphiti backend) links libgomp, which slim images leave out.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1=12.2.0-14+deb12u1 \
