@@ -381,6 +381,58 @@ async def test_a_store_of_schema_1_is_migrated_in_place_and_still_recalled(tmp_p
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
+async def test_a_store_of_schema_2_drops_its_full_text_tables_and_is_still_recalled(
+    tmp_path: Path,
+) -> None:
+    """Schema 2 kept full-text indexes of tasks and files in the store; the recall index
+    in memory replaced them: opening such a store drops them and recalls as before."""
+    path = tmp_path / "memory.sqlite3"
+    store = SqliteMemory(path)
+    await store.start()
+    try:
+        meta = {"type": "file_edit", "path": "src/cache.py", "task": "t1", "task_query": "cache"}
+        await store.store(episode("Modified: src/cache.py", metadata=meta))
+    finally:
+        await store.close()
+    with sqlite3.connect(path, isolation_level=None) as conn:  # as release 2 left it
+        conn.execute("CREATE VIRTUAL TABLE tasks_fts USING fts5(text)")
+        conn.execute("CREATE VIRTUAL TABLE files_fts USING fts5(text)")
+        conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, doc INTEGER)")
+        conn.execute("PRAGMA user_version = 2")
+    store = SqliteMemory(path)
+    await store.start()
+    try:
+        found = await store.candidates("proj", "cache")
+        assert [t.files for t in found.tasks] == [["src/cache.py"]]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        assert not tables & {"tasks_fts", "files_fts", "files"}
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+async def test_a_write_is_recalled_at_once_once_the_project_is_loaded(tmp_path: Path) -> None:
+    """The recall index is brought up to each commit before the store returns."""
+    store = SqliteMemory(tmp_path / "memory.sqlite3")
+    await store.start()
+    try:
+        assert (await store.candidates("proj", "anything")).empty  # loads the empty project
+        for n in range(5):
+            meta = {
+                "type": "file_edit",
+                "path": f"src/m{n}.py",
+                "task": f"t{n}",
+                "task_query": f"topic{n}",
+            }
+            await store.store(episode(f"Modified: src/m{n}.py", metadata=meta))
+            found = await store.candidates("proj", f"topic{n}")
+            assert [t.files for t in found.tasks] == [[f"src/m{n}.py"]]
+            assert found.latest_seq == n + 1
+    finally:
+        await store.close()
+
+
 WRITER = """
 import asyncio, sys, uuid
 from pathlib import Path

@@ -1,0 +1,227 @@
+"""The recall index (bridge/memory/index.py): plain code, tested without a store."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.memory.index import K1, B, Bm25Index, ProjectIndex, RecallIndexes
+from bridge.recall import WINDOW_TASKS, Candidates, TaskHit, Window, rank
+
+VOCABULARY = [f"w{n}" for n in range(30)]
+
+
+def brute_force(docs: dict[int, list[str]], query: list[str]) -> dict[int, float]:
+    """BM25 of every document, term by term, as the textbook writes it."""
+    n = len(docs)
+    average = sum(len(d) for d in docs.values()) / n
+    scores: dict[int, float] = {}
+    for key, doc in docs.items():
+        counts = Counter(doc)
+        score = 0.0
+        for term in dict.fromkeys(query):
+            df = sum(1 for d in docs.values() if term in d)
+            if not counts[term]:
+                continue
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            tf = counts[term]
+            score += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * len(doc) / average))
+        if score:
+            scores[key] = score
+    return scores
+
+
+# Zipf-like words: a few common ones in most documents, many rare ones, as in real text.
+words = st.sampled_from(VOCABULARY[:3]) | st.sampled_from(VOCABULARY)
+documents = st.dictionaries(
+    st.integers(0, 200), st.lists(words, min_size=1, max_size=12), min_size=1
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents, st.lists(words, min_size=1, max_size=6), st.integers(1, 12))
+def test_top_k_is_the_exact_top_k_of_bm25(
+    docs: dict[int, list[str]], query: list[str], k: int
+) -> None:
+    index: Bm25Index[int] = Bm25Index()
+    for key, doc in docs.items():
+        index.put(key, doc)
+    expected = brute_force(docs, query)
+    found = index.top(query, k)
+    assert len(found) == min(k, len(expected))
+    for key, score in found:
+        assert math.isclose(score, expected[key], rel_tol=1e-9)
+    # the k-th best score found is at least every score left out (ties may go either way)
+    if found:
+        left_out = [s for key, s in expected.items() if key not in dict(found)]
+        assert all(s <= found[-1][1] + 1e-9 for s in left_out)
+
+
+def test_replacing_and_removing_documents_keeps_the_statistics_right() -> None:
+    index: Bm25Index[str] = Bm25Index()
+    docs = {f"d{n}": [random.Random(n).choice(VOCABULARY) for _ in range(5)] for n in range(50)}
+    for key, doc in docs.items():
+        index.put(key, ["junk", *doc])
+    for key, doc in docs.items():  # replace every document, then drop a third
+        index.put(key, doc)
+    for key in list(docs)[::3]:
+        index.remove(key)
+        del docs[key]
+    index.remove("never-there")
+    assert len(index) == len(docs) and "junk" not in index.top(["junk"], 5)
+    by_key = {k: v for k, v in enumerate(docs.values())}
+    expected = brute_force(by_key, ["w1", "w7"])
+    names = list(docs)
+    found = {names[k]: s for k, s in expected.items()}
+    for key, score in index.top(["w1", "w7"], 100):
+        assert math.isclose(score, found[key], rel_tol=1e-9)
+
+
+def task(seq: int, query: str, files: list[str], **fields: object) -> TaskHit:
+    return TaskHit(uuid=f"t{seq}", seq=seq, query=query, files=files, **fields)  # type: ignore[arg-type]
+
+
+def test_a_project_index_finds_tasks_and_files_by_their_words() -> None:
+    index = ProjectIndex()
+    index.put(task(1, "fix the websocket ping", ["src/ws.py"], errors=["TimeoutError in ping"]))
+    index.put(task(2, "add a config flag", ["src/config.py", "docs/settings.md"]))
+    index.put(task(3, "refactor", ["src/parsing/headers.py"], summary="moved header parsing"))
+    found = index.candidates("websocket pings time out")
+    assert [t.uuid for t in found.tasks] == ["t1"]
+    assert found.tasks[0].relevance > 0 and found.tasks[0].errors == ["TimeoutError in ping"]
+    assert index.candidates("headers").tasks[0].uuid == "t3"  # path words and summary
+    assert "docs/settings.md" in index.candidates("config").files  # a file's own document
+    assert set(index.candidates("settings").files) == {"docs/settings.md"}
+    assert found.latest_seq == 3 and [r.seq for r in found.recent] == [1, 2, 3]
+
+
+def test_a_task_put_again_is_replaced_not_duplicated() -> None:
+    index = ProjectIndex()
+    index.put(task(1, "parse dates", ["a.py"]))
+    index.put(task(1, "parse dates", ["a.py", "b.py"], summary="done", outcome="completed"))
+    found = index.candidates("dates")
+    assert len(found.tasks) == 1 and found.tasks[0].files == ["a.py", "b.py"]
+    assert found.tasks[0].outcome == "completed" and len(index) == 1
+    assert set(index.candidates("dates").files) == {"a.py", "b.py"}
+
+
+def test_tasks_past_the_horizon_leave_with_their_files() -> None:
+    index = ProjectIndex(horizon=10)
+    for seq in range(1, 31):
+        index.put(task(seq, f"work on module{seq}", [f"m{seq}.py", "common.py"]))
+    assert len(index) == 10
+    assert not index.candidates("module5").tasks and "m5.py" not in index.candidates("m5").files
+    assert index.candidates("module25").tasks[0].seq == 25
+    assert index.candidates("common").files.keys() == {"common.py"}
+    index.put(task(3, "late arrival of an old task", ["old.py"]))  # older than all kept
+    assert len(index) == 10 and not index.candidates("arrival").tasks
+
+
+def test_an_out_of_order_task_takes_its_place_by_ordinal() -> None:
+    index = ProjectIndex()
+    index.put(task(1, "one", ["a.py"]))
+    index.put(task(3, "three", ["c.py"]))
+    index.put(task(2, "two", ["b.py"]))
+    assert [r.seq for r in index.candidates("x").recent] == [1, 2, 3]
+    assert index.latest_seq == 3
+
+
+def test_the_window_is_the_last_tasks_and_ranks_as_if_computed_afresh() -> None:
+    index = ProjectIndex()
+    rng = random.Random(7)
+    paths = [f"src/f{n}.py" for n in range(40)]
+    for seq in range(1, WINDOW_TASKS + 60):
+        index.put(task(seq, f"change {rng.choice(VOCABULARY)}", rng.sample(paths, 3)))
+    found = index.candidates("change w3 w4")
+    assert len(found.recent) == WINDOW_TASKS and found.window is not None
+    assert found.recent[0].seq == index.latest_seq - WINDOW_TASKS + 1
+    fresh = Candidates(
+        tasks=found.tasks, files=found.files, recent=found.recent, latest_seq=found.latest_seq
+    )
+    assert rank(found) == rank(fresh)  # the kept window says what a new one would
+    assert found.window == Window(found.recent, found.latest_seq)
+
+
+def test_changes_committed_while_a_project_loads_are_not_lost() -> None:
+    indexes = RecallIndexes()
+    assert indexes.candidates("p", "x") is None and not indexes.wants("p")
+    indexes.begin_load("p")
+    assert indexes.wants("p")
+    snapshot = [task(1, "old work", ["a.py"])]  # read from the store before task 2 committed
+    indexes.apply("p", [task(2, "new work", ["b.py"])])
+    indexes.finish_load("p", snapshot)
+    found = indexes.candidates("p", "work")
+    assert found is not None and {t.uuid for t in found.tasks} == {"t1", "t2"}
+    indexes.apply("p", [task(3, "later work", ["c.py"])])
+    found = indexes.candidates("p", "later")
+    assert found is not None and found.tasks[0].uuid == "t3"
+
+
+def test_an_index_discarded_while_loading_is_not_installed() -> None:
+    indexes = RecallIndexes()
+    indexes.begin_load("p")
+    indexes.discard("p")  # a change could not be read back: the load may miss it
+    indexes.finish_load("p", [task(1, "work", ["a.py"])])
+    assert indexes.candidates("p", "work") is None and not indexes.wants("p")
+    indexes.begin_load("p")
+    indexes.finish_load("p", [task(1, "work", ["a.py"])])
+    assert indexes.candidates("p", "work") is not None
+
+
+def test_a_failed_load_leaves_nothing_behind_and_two_loads_install_one() -> None:
+    indexes = RecallIndexes()
+    indexes.begin_load("p")
+    indexes.abandon_load("p")
+    assert not indexes.wants("p")
+    indexes.begin_load("p")
+    indexes.begin_load("p")
+    indexes.finish_load("p", [task(1, "first", ["a.py"])])
+    indexes.apply("p", [task(2, "second", ["b.py"])])
+    indexes.finish_load("p", [task(1, "first", ["a.py"])])  # late: the installed one stays
+    found = indexes.candidates("p", "second")
+    assert found is not None and found.tasks[0].uuid == "t2"
+
+
+def test_the_least_recently_used_projects_leave_memory() -> None:
+    indexes = RecallIndexes(projects=3)
+    for name in "abcd":
+        indexes.begin_load(name)
+        indexes.finish_load(name, [task(1, "work", ["a.py"])])
+        indexes.candidates("a", "work")  # a stays in use
+    assert indexes.candidates("b", "work") is None
+    assert all(indexes.candidates(name, "work") is not None for name in "acd")
+
+
+def test_threads_applying_and_querying_at_once_see_a_consistent_index() -> None:
+    indexes = RecallIndexes()
+    indexes.begin_load("p")
+    indexes.finish_load("p", [])
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        for seq in range(1, 3001):
+            indexes.apply("p", [task(seq, f"task about topic{seq % 50}", [f"f{seq % 80}.py"])])
+
+    def read() -> None:
+        try:
+            for n in range(2000):
+                found = indexes.candidates("p", f"topic{n % 50}")
+                assert found is not None
+                assert all(t.files for t in found.tasks)
+                assert [r.seq for r in found.recent] == sorted(r.seq for r in found.recent)
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    found = indexes.candidates("p", "topic7")
+    assert found is not None and found.latest_seq == 3000 and len(found.tasks) > 0
