@@ -1,13 +1,21 @@
 /**
  * graphiti-memory: the OpenCode plugin of graphiti-bridge.
  *
- * One WebSocket to the bridge, opened at start-up and kept open; every message is a
- * MessagePack map in a binary frame (docs/protocol.md). OpenCode's hooks map onto the
- * bridge's events, each with the OpenCode session it belongs to (`session`):
+ * One WebSocket to the bridge (lib/client.ts), opened at start-up and kept open. OpenCode's
+ * hooks map onto the bridge's events, each with the OpenCode session it belongs to
+ * (`session`):
  *
- *   chat.message (the user's text)     -> chat:start; the reply's `inject` is added to the
- *                                          message as a synthetic text part. The prompt
- *                                          opens a turn of its session.
+ *   chat.message (the user's text)     -> chat:start. The prompt opens a turn of its
+ *                                          session; the first prompt of a session (and the
+ *                                          first after a compaction) waits for the reply,
+ *                                          whose `inject` becomes the session's memory
+ *   experimental.chat.messages.transform
+ *                                       -> the session's memory is added to each chat
+ *                                          request, never to title or compaction requests
+ *                                          (lib/session-memory.ts)
+ *   experimental.session.compacting,
+ *   event session.compacted            -> the compaction request goes without memory; the
+ *                                          requests after it carry it again
  *   event file.edited                  -> file:write, in the session whose tool call wrote
  *                                          the file (see sessionOfFile)
  *   event session.error                -> error
@@ -21,25 +29,36 @@
  *                                          only for a turn that wrote a file or hit an
  *                                          error (a question answered is no task)
  *
- * The chat hook waits for the bridge at most GRAPHITI_BRIDGE_DEADLINE_MS and then lets the
- * chat go on without memory. Events are sent one at a time, each after the previous one's
- * ack (the bridge handles a connection's messages concurrently, so this is what keeps them
- * in order); while the bridge is unreachable they wait in a bounded queue. No hook ever
- * throws into OpenCode: failures are logged with the prefix "Memory plugin error".
+ * The chat hook waits for the bridge at most GRAPHITI_BRIDGE_DEADLINE_MS, and not at all
+ * while the bridge is known to be down, then lets the chat go on without memory. Events are
+ * sent one at a time, in order; until acknowledged they wait in a bounded queue kept on disk
+ * (lib/durable-queue.ts), so they outlive a restart of OpenCode. No hook ever throws into
+ * OpenCode: failures are logged with the prefix "Memory plugin error".
  *
  * Environment:
  *   GRAPHITI_BRIDGE_URL          bridge URL (default ws://127.0.0.1:8765)
  *   GRAPHITI_BRIDGE_TOKEN        sent as "Authorization: Bearer <token>" on the handshake
  *   GRAPHITI_BRIDGE_DEADLINE_MS  longest wait for memory in a chat (default 300)
- *   GRAPHITI_BRIDGE_QUEUE        most events held while disconnected (default 1000)
+ *   GRAPHITI_BRIDGE_QUEUE        most events held until the bridge has them (default 1000)
+ *   GRAPHITI_BRIDGE_QUEUE_DIR    folder of the queue files (default: under the user's state
+ *                                directory, one folder per project directory)
  *   GRAPHITI_BRIDGE_PROJECT      project name (default: the worktree's folder name)
+ *
+ * The modules under lib/ are not plugins themselves: they sit in a folder of their own so
+ * that OpenCode, which loads every file of a plugins folder, never takes them for one.
  */
-import { decode, encode } from "@msgpack/msgpack"
 import type { Hooks, Plugin, PluginInput, PluginModule } from "@opencode-ai/plugin"
 import type { AssistantMessage, Event, Part, TextPart, ToolPart } from "@opencode-ai/sdk"
 import { basename, relative, resolve } from "node:path"
+import { BridgeClient, type ClientOptions, type Reply } from "./lib/client.ts"
+import { defaultQueueDir, QueueFile } from "./lib/durable-queue.ts"
+import { describe, ERROR_PREFIX, type Logger, safeLogger } from "./lib/log.ts"
+import { Memo } from "./lib/memo.ts"
+import { SessionMemory } from "./lib/session-memory.ts"
 
-export const ERROR_PREFIX = "Memory plugin error"
+export { backoffDelay, BridgeClient, MAX_REFUSALS, type Outgoing, type Reply } from "./lib/client.ts"
+export { describe, ERROR_PREFIX, type Logger, type LogLevel, safeLogger } from "./lib/log.ts"
+
 export const SERVICE = "graphiti-memory"
 
 export const DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -59,9 +78,6 @@ const MEMO_SIZE = 1000
 /** Longest wait for acknowledgements when OpenCode disposes of the plugin. */
 const DISPOSE_DRAIN_MS = 500
 
-export type LogLevel = "debug" | "info" | "warn" | "error"
-export type Logger = (level: LogLevel, message: string) => void
-
 // ---------------------------------------------------------------------------------------
 // Settings
 // ---------------------------------------------------------------------------------------
@@ -71,6 +87,8 @@ export interface Settings {
   token?: string
   deadlineMs: number
   maxQueue: number
+  /** Folder of the event queue files; undefined: the default for the project directory. */
+  queueDir?: string
   project?: string
 }
 
@@ -105,460 +123,8 @@ export function settingsFromEnv(env: Record<string, string | undefined>, log: Lo
     token: env.GRAPHITI_BRIDGE_TOKEN?.trim() || undefined,
     deadlineMs: intSetting(env, "GRAPHITI_BRIDGE_DEADLINE_MS", DEFAULT_DEADLINE_MS, log),
     maxQueue: intSetting(env, "GRAPHITI_BRIDGE_QUEUE", DEFAULT_QUEUE, log),
+    queueDir: env.GRAPHITI_BRIDGE_QUEUE_DIR?.trim() || undefined,
     project: env.GRAPHITI_BRIDGE_PROJECT?.trim() || undefined,
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// The client: one socket, a bounded event queue, request/reply by id with a deadline
-// ---------------------------------------------------------------------------------------
-
-/** A message to the bridge (the client adds `id`). */
-export type Outgoing = { type: string } & Record<string, unknown>
-/** A reply from the bridge. */
-export type Reply = { type: string; id?: unknown } & Record<string, unknown>
-
-export interface ClientOptions {
-  url: string
-  token?: string
-  /** Most events held at once, queued or sent and not yet acknowledged. */
-  maxQueue: number
-  log: Logger
-  /** First reconnect delay; doubles per failed attempt up to backoffMaxMs, with jitter. */
-  backoffInitialMs?: number
-  backoffMaxMs?: number
-  /** A handshake that takes longer than this is abandoned and retried. */
-  connectTimeoutMs?: number
-  /** Idle ping period; a ping unanswered after heartbeatTimeoutMs drops the connection. */
-  heartbeatMs?: number
-  heartbeatTimeoutMs?: number
-}
-
-export interface ClientStats {
-  /** Events handed to the socket (a resend after a reconnect counts again). */
-  sent: number
-  /** Events the bridge acknowledged as stored. */
-  acked: number
-  /** Events the bridge refused for good (ack with ok:false, not retryable or out of tries). */
-  refused: number
-  /** Resends after a retryable refusal (overloaded, memory_unavailable). */
-  retried: number
-  /** Events dropped because the queue was full. */
-  dropped: number
-  /** Connections opened, the first one included. */
-  connects: number
-}
-
-type State = "idle" | "connecting" | "open" | "closed"
-type Queued = { message: Outgoing; refusals: number }
-
-/** Refusals an event may get for a retryable reason before it is given up. */
-export const MAX_REFUSALS = 6
-
-/** Reconnect delay for a 0-based attempt: capped exponential, with jitter in [d/2, d]. */
-export function backoffDelay(attempt: number, initialMs: number, maxMs: number): number {
-  const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(attempt, 30))
-  return Math.round(ceiling / 2 + (Math.random() * ceiling) / 2)
-}
-
-function unref(timer: ReturnType<typeof setTimeout>): void {
-  // A pending reconnect or heartbeat must never keep OpenCode's process alive.
-  ;(timer as { unref?: () => void }).unref?.()
-}
-
-/** A logger that never throws (a failing logger must not reach OpenCode either). */
-export function safeLogger(log: Logger): Logger {
-  return (level, message) => {
-    try {
-      log(level, message)
-    } catch {
-      // nowhere left to report it
-    }
-  }
-}
-
-/** Text of an error, for logs. */
-export function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`
-  try {
-    return typeof error === "string" ? error : JSON.stringify(error)
-  } catch {
-    return String(error)
-  }
-}
-
-export class BridgeClient {
-  readonly stats: ClientStats = { sent: 0, acked: 0, refused: 0, retried: 0, dropped: 0, connects: 0 }
-
-  private readonly opts: Required<Omit<ClientOptions, "token">> & { token?: string }
-  private state: State = "idle"
-  private ws: WebSocket | null = null
-  private nextId = 1
-  private attempt = 0
-  private reconnectTimer: ReturnType<typeof setTimeout> | null = null
-  private connectTimer: ReturnType<typeof setTimeout> | null = null
-  private heartbeat: ReturnType<typeof setInterval> | null = null
-  private pingSentAt: number | null = null
-  private droppedThisOutage = 0
-  /** Events waiting to be sent, oldest first, with the refusals each has had. */
-  private queue: Queued[] = []
-  /** The event sent on the current socket and not yet acknowledged, with its id. */
-  private inflight: (Queued & { id: number }) | null = null
-  /** After a retryable refusal, nothing is sent before this time (ms since the epoch). */
-  private holdUntil = 0
-  private retryTimer: ReturnType<typeof setTimeout> | null = null
-  /** Requests waiting for their reply, by id. */
-  private waiting = new Map<number, (reply: Reply | undefined) => void>()
-  private openWaiters = new Set<() => void>()
-  private drainWaiters = new Set<() => void>()
-
-  constructor(options: ClientOptions) {
-    this.opts = {
-      backoffInitialMs: 250,
-      backoffMaxMs: 30_000,
-      connectTimeoutMs: 5_000,
-      heartbeatMs: 15_000,
-      heartbeatTimeoutMs: 10_000,
-      ...options,
-      log: safeLogger(options.log),
-    }
-  }
-
-  /** True while the socket is open. */
-  get connected(): boolean {
-    return this.state === "open"
-  }
-
-  /** Events queued or sent and not yet acknowledged. */
-  get backlog(): number {
-    return this.queue.length + (this.inflight ? 1 : 0)
-  }
-
-  /** Open the connection (and keep it open until close()). Never throws. */
-  start(): void {
-    if (this.state !== "idle") return
-    this.connect()
-    this.heartbeat = setInterval(() => this.beat(), this.opts.heartbeatMs)
-    unref(this.heartbeat)
-  }
-
-  /** Close the connection for good; queued events are discarded. */
-  close(): void {
-    if (this.state === "closed") return
-    this.state = "closed"
-    for (const timer of [this.reconnectTimer, this.connectTimer, this.retryTimer])
-      if (timer) clearTimeout(timer)
-    if (this.heartbeat) clearInterval(this.heartbeat)
-    const ws = this.ws
-    this.ws = null
-    try {
-      ws?.close(1000, "plugin closed")
-    } catch (error) {
-      this.opts.log("debug", `closing the socket: ${describe(error)}`)
-    }
-    this.failWaiting()
-    for (const wake of this.openWaiters) wake()
-    this.openWaiters.clear()
-    for (const wake of this.drainWaiters) wake()
-    this.drainWaiters.clear()
-  }
-
-  /**
-   * Send an event that the bridge acknowledges (file:write, error, completion). Events go
-   * out one at a time in the order given, each once the previous one is acknowledged, so
-   * the bridge stores them in that order; an event whose socket died before its ack is
-   * resent first after the reconnect. Never throws; a full queue drops the new event and
-   * counts it.
-   */
-  send(message: Outgoing): void {
-    if (this.state === "closed") {
-      this.stats.dropped++
-      return
-    }
-    if (this.backlog >= this.opts.maxQueue) {
-      this.stats.dropped++
-      this.droppedThisOutage++
-      if (this.droppedThisOutage === 1) {
-        this.opts.log(
-          "warn",
-          `event queue full (${this.opts.maxQueue}); dropping ${message.type} events until the bridge catches up`,
-        )
-      }
-      return
-    }
-    // Stamped now: a replay after a reconnect keeps the event's own time, and its id makes
-    // a resend of an event whose ack was lost harmless (the bridge stores an id once).
-    const stamped = { at: Date.now() / 1000, episode_id: crypto.randomUUID(), ...message }
-    this.queue.push({ message: stamped, refusals: 0 })
-    this.pump()
-  }
-
-  /**
-   * Send a request and wait for its reply at most `deadlineMs`, counting the time spent
-   * waiting for the connection to open. Undefined when the deadline passed, the bridge is
-   * unreachable or the connection dropped meanwhile. Requests are never queued.
-   */
-  async request(message: Outgoing, deadlineMs: number): Promise<Reply | undefined> {
-    if (this.state === "closed" || this.state === "idle" || deadlineMs <= 0) return undefined
-    const deadline = Date.now() + deadlineMs
-    if (this.state !== "open") {
-      await this.waitFor(this.openWaiters, deadlineMs)
-      if (!this.connected) return undefined
-    }
-    const id = this.nextId++
-    return await new Promise<Reply | undefined>((resolve) => {
-      const timer = setTimeout(() => finish(undefined), Math.max(0, deadline - Date.now()))
-      const finish = (reply: Reply | undefined): void => {
-        clearTimeout(timer)
-        this.waiting.delete(id)
-        resolve(reply)
-      }
-      this.waiting.set(id, finish)
-      if (!this.write({ ...message, id })) finish(undefined)
-    })
-  }
-
-  /** Wait (at most timeoutMs) until every event was acknowledged; true if it was. */
-  async drained(timeoutMs: number): Promise<boolean> {
-    if (this.backlog === 0) return true
-    await this.waitFor(this.drainWaiters, timeoutMs)
-    return this.backlog === 0
-  }
-
-  /** Wait (at most timeoutMs) until the socket is open; true if it is. */
-  async opened(timeoutMs: number): Promise<boolean> {
-    if (this.state === "open") return true
-    await this.waitFor(this.openWaiters, timeoutMs)
-    return this.connected
-  }
-
-  // -- internals ----------------------------------------------------------------------
-
-  private async waitFor(waiters: Set<() => void>, timeoutMs: number): Promise<void> {
-    await new Promise<void>((resolve) => {
-      const wake = (): void => {
-        clearTimeout(timer)
-        waiters.delete(wake)
-        resolve()
-      }
-      const timer = setTimeout(wake, Math.max(0, timeoutMs))
-      waiters.add(wake)
-    })
-  }
-
-  private connect(): void {
-    if (this.state === "closed") return
-    this.state = "connecting"
-    let ws: WebSocket
-    try {
-      const headers: Record<string, string> = {}
-      if (this.opts.token) headers.Authorization = `Bearer ${this.opts.token}`
-      // Bun's WebSocket takes handshake headers as a second argument; the token never
-      // goes into the URL.
-      ws = new WebSocket(this.opts.url, { headers })
-      ws.binaryType = "arraybuffer"
-    } catch (error) {
-      this.opts.log("error", `${ERROR_PREFIX}: cannot open ${this.opts.url}: ${describe(error)}`)
-      this.scheduleReconnect()
-      return
-    }
-    this.ws = ws
-    this.connectTimer = setTimeout(() => {
-      if (this.ws === ws && this.state === "connecting") {
-        this.opts.log("warn", `no handshake from ${this.opts.url} in ${this.opts.connectTimeoutMs} ms`)
-        this.lost(ws)
-      }
-    }, this.opts.connectTimeoutMs)
-    unref(this.connectTimer)
-    ws.addEventListener("open", () => {
-      if (this.ws !== ws) return
-      if (this.connectTimer) clearTimeout(this.connectTimer)
-      this.state = "open"
-      this.attempt = 0
-      this.pingSentAt = null
-      this.stats.connects++
-      this.opts.log(
-        "info",
-        `connected to ${this.opts.url}${this.queue.length ? `; sending ${this.queue.length} queued events` : ""}`,
-      )
-      if (this.droppedThisOutage) {
-        this.opts.log("warn", `${this.droppedThisOutage} events were dropped while the queue was full`)
-        this.droppedThisOutage = 0
-      }
-      this.pump()
-      for (const wake of this.openWaiters) wake()
-      this.openWaiters.clear()
-    })
-    ws.addEventListener("message", (event: MessageEvent) => {
-      if (this.ws === ws) this.receive(event.data)
-    })
-    ws.addEventListener("error", () => {
-      // A "close" event always follows; it does the work.
-      if (this.ws === ws && this.state === "connecting") this.lost(ws)
-    })
-    ws.addEventListener("close", (event: CloseEvent) => {
-      if (this.ws !== ws) return
-      if (this.state === "open") {
-        this.opts.log("warn", `connection to the bridge closed (code ${event.code}); reconnecting`)
-      }
-      this.lost(ws)
-    })
-  }
-
-  /** The socket is gone (or given up on): requeue what it did not confirm, then retry. */
-  private lost(ws: WebSocket): void {
-    if (this.ws !== ws || this.state === "closed") return
-    if (this.state === "connecting" && this.attempt === 0) {
-      this.opts.log(
-        "warn",
-        `cannot connect to the bridge at ${this.opts.url} (not running, or it refused the handshake: ` +
-          "check GRAPHITI_BRIDGE_TOKEN); chats go on without memory and events wait in the queue while it retries",
-      )
-    }
-    this.ws = null
-    if (this.connectTimer) clearTimeout(this.connectTimer)
-    try {
-      ws.close()
-    } catch {
-      // already closing
-    }
-    if (this.inflight) {
-      const { message, refusals } = this.inflight
-      this.queue.unshift({ message, refusals })
-      this.inflight = null
-    }
-    this.failWaiting()
-    this.scheduleReconnect()
-  }
-
-  private scheduleReconnect(): void {
-    if (this.state === "closed") return
-    this.state = "connecting"
-    const delay = backoffDelay(this.attempt++, this.opts.backoffInitialMs, this.opts.backoffMaxMs)
-    this.reconnectTimer = setTimeout(() => {
-      this.reconnectTimer = null
-      this.connect()
-    }, delay)
-    unref(this.reconnectTimer)
-  }
-
-  private failWaiting(): void {
-    const pending = [...this.waiting.values()]
-    this.waiting.clear()
-    for (const finish of pending) finish(undefined)
-  }
-
-  /** Send the next queued event if none is waiting for its ack. */
-  private pump(): void {
-    if (this.state !== "open" || this.inflight || !this.queue.length) return
-    const wait = this.holdUntil - Date.now()
-    if (wait > 0) {
-      if (!this.retryTimer) {
-        this.retryTimer = setTimeout(() => {
-          this.retryTimer = null
-          this.pump()
-        }, wait)
-        unref(this.retryTimer)
-      }
-      return
-    }
-    const next = this.queue.shift()!
-    const id = this.nextId++
-    const message = next.message
-    this.inflight = { ...next, id }
-    this.stats.sent++
-    // On failure the event stays in flight and is resent after the reconnect.
-    this.write({ ...message, id })
-  }
-
-  private write(message: Record<string, unknown>): boolean {
-    const ws = this.ws
-    if (!ws || this.state !== "open") return false
-    try {
-      ws.send(encode(message))
-      return true
-    } catch (error) {
-      this.opts.log("error", `${ERROR_PREFIX}: sending ${String(message.type)}: ${describe(error)}`)
-      this.lost(ws)
-      return false
-    }
-  }
-
-  private receive(data: unknown): void {
-    let reply: Reply
-    try {
-      const bytes =
-        data instanceof ArrayBuffer
-          ? new Uint8Array(data)
-          : typeof data === "string"
-            ? null
-            : (data as Uint8Array)
-      const decoded = bytes ? decode(bytes) : JSON.parse(data as string)
-      if (!decoded || typeof decoded !== "object" || typeof (decoded as Reply).type !== "string") {
-        throw new Error("not a message")
-      }
-      reply = decoded as Reply
-    } catch (error) {
-      this.opts.log("error", `${ERROR_PREFIX}: unreadable frame from the bridge: ${describe(error)}`)
-      return
-    }
-    const id = typeof reply.id === "number" ? reply.id : null
-    if (reply.type === "pong" && id === null) return
-    if (id === null) {
-      if (reply.type === "ack" && reply.ok === false) {
-        this.opts.log("error", `${ERROR_PREFIX}: the bridge refused a message: ${describe(reply.error)}`)
-      }
-      return
-    }
-    if (reply.type === "pong") this.pingSentAt = null
-    const waiter = this.waiting.get(id)
-    if (waiter) {
-      waiter(reply)
-      return
-    }
-    const event = this.inflight?.id === id ? this.inflight : undefined
-    if (event && reply.type === "ack") {
-      this.inflight = null
-      const error = reply.error as { retryable?: unknown } | undefined
-      if (reply.ok === false && error?.retryable === true && event.refusals + 1 < MAX_REFUSALS) {
-        // Overloaded or memory briefly unavailable: the same event goes again first, later.
-        this.stats.retried++
-        this.queue.unshift({ message: event.message, refusals: event.refusals + 1 })
-        this.holdUntil =
-          Date.now() + backoffDelay(event.refusals, this.opts.backoffInitialMs, this.opts.backoffMaxMs)
-      } else if (reply.ok === false) {
-        this.stats.refused++
-        this.opts.log(
-          "error",
-          `${ERROR_PREFIX}: the bridge did not store a ${event.message.type} event: ${describe(reply.error)}`,
-        )
-      } else {
-        this.stats.acked++
-      }
-      if (this.backlog === 0) {
-        for (const wake of this.drainWaiters) wake()
-        this.drainWaiters.clear()
-      }
-      this.pump()
-    }
-  }
-
-  /** Heartbeat: ping when idle; drop a connection whose ping went unanswered. */
-  private beat(): void {
-    const ws = this.ws
-    if (!ws || this.state !== "open") return
-    if (this.pingSentAt !== null) {
-      if (Date.now() - this.pingSentAt > this.opts.heartbeatTimeoutMs) {
-        this.opts.log(
-          "warn",
-          `the bridge did not answer a ping in ${this.opts.heartbeatTimeoutMs} ms; reconnecting`,
-        )
-        this.lost(ws)
-      }
-      return
-    }
-    this.pingSentAt = Date.now()
-    this.write({ type: "ping", id: this.nextId++ })
   }
 }
 
@@ -589,50 +155,6 @@ export function userText(parts: readonly Part[]): string {
     .map((part) => part.text)
     .join("\n")
     .trim()
-}
-
-let partCounter = 0
-/**
- * An id for the injected part. OpenCode orders a message's parts by id, so the memory
- * part takes a proper prefix of the first part's id: it sorts right before the person's
- * text (the model reads the context first) and can equal no id OpenCode generates (those
- * all have one length). Without such a part, a fresh id in OpenCode's form.
- */
-export function memoryPartId(parts: readonly Part[]): string {
-  const first = parts[0]?.id
-  if (typeof first === "string" && first.startsWith("prt_") && first.length > 8) return first.slice(0, -1)
-  return newPartId()
-}
-
-/** A part id in OpenCode's form ("prt_" + time + counter + random). */
-export function newPartId(): string {
-  partCounter = (partCounter + 1) % 0x1000
-  const time = (Date.now() * 0x1000 + partCounter).toString(16).padStart(12, "0").slice(-12)
-  const random = Math.random().toString(36).slice(2, 12).padEnd(10, "0")
-  return `prt_${time}${random}`
-}
-
-/** A Map that forgets its oldest entries past `limit`. */
-class Memo<V> {
-  private readonly map = new Map<string, V>()
-  constructor(private readonly limit: number) {}
-  get(key: string): V | undefined {
-    return this.map.get(key)
-  }
-  has(key: string): boolean {
-    return this.map.has(key)
-  }
-  delete(key: string): void {
-    this.map.delete(key)
-  }
-  set(key: string, value: V): void {
-    this.map.delete(key)
-    this.map.set(key, value)
-    if (this.map.size > this.limit) this.map.delete(this.map.keys().next().value as string)
-  }
-  entries(): IterableIterator<[string, V]> {
-    return this.map.entries()
-  }
 }
 
 function clip(text: string, limit: number): string {
@@ -740,13 +262,19 @@ export function createHooks(
   const log = safeLogger(options.log)
   const project = projectName(input, options.project)
   const base = input.directory || input.worktree || process.cwd()
+  // Without a queue folder (the tests' default) events wait in memory only.
+  const store = options.queueDir
+    ? new QueueFile(options.queueDir, { maxEvents: options.maxQueue, log })
+    : undefined
   const client = new BridgeClient({
     url: options.url,
     token: options.token,
     maxQueue: options.maxQueue,
     log,
+    store,
     ...options.client,
   })
+  const memory = new SessionMemory(MEMO_SIZE)
 
   /** Open turns by key (the prompt's message id), and each session's current turn key. */
   const turns = new Memo<Turn>(MEMO_SIZE)
@@ -985,6 +513,16 @@ export function createHooks(
     })
   }
 
+  /** The context in a chat:start reply: its text, null for none, undefined for no answer. */
+  const contextOf = (reply: Reply | undefined): string | null | undefined => {
+    if (!reply) return undefined
+    if (reply.type !== "context") {
+      log("error", `${ERROR_PREFIX} in chat.message: the bridge answered ${describe(reply)}`)
+      return undefined
+    }
+    return typeof reply.inject === "string" && reply.inject ? reply.inject : null
+  }
+
   const hooks: Hooks = {
     "chat.message": async (hookInput, output) => {
       try {
@@ -1008,27 +546,36 @@ export function createHooks(
         // The bridge files each event under the latest chat:start of its session, so the
         // events of earlier turns still queued go first (waiting at most half the deadline).
         if (client.connected && client.backlog) await client.drained(options.deadlineMs / 2)
-        const reply = await client.request(
+        const asked = client.request(
           { type: "chat:start", query: clip(text, MAX_TEXT), project, session: sessionID },
           deadline - Date.now(),
         )
-        if (!reply) return
-        if (reply.type !== "context") {
-          log("error", `${ERROR_PREFIX} in chat.message: the bridge answered ${describe(reply)}`)
+        // Only a session's first prompt (and the first after a compaction) waits for memory;
+        // the chat:start of any other still opens its turn's task at the bridge.
+        if (!memory.wanted(sessionID)) {
+          void asked.then(contextOf)
           return
         }
-        if (typeof reply.inject !== "string" || !reply.inject) return
-        const part: TextPart = {
-          id: memoryPartId(output.parts),
-          sessionID,
-          messageID: messageID ?? "",
-          type: "text",
-          text: reply.inject,
-          synthetic: true,
-        }
-        output.parts.unshift(part)
+        const context = contextOf(await asked)
+        if (context !== undefined) memory.remember(sessionID, context)
       } catch (error) {
         fail("chat.message", error)
+      }
+    },
+
+    "experimental.chat.messages.transform": async (_hookInput, output) => {
+      try {
+        if (Array.isArray(output?.messages)) memory.inject(output.messages)
+      } catch (error) {
+        fail("experimental.chat.messages.transform", error)
+      }
+    },
+
+    "experimental.session.compacting": async (hookInput) => {
+      try {
+        if (typeof hookInput?.sessionID === "string") memory.compactionStarts(hookInput.sessionID)
+      } catch (error) {
+        fail("experimental.session.compacting", error)
       }
     },
 
@@ -1101,6 +648,11 @@ export function createHooks(
             if (typeof sessionID === "string") busy.delete(sessionID)
             return
           }
+          case "session.compacted": {
+            const sessionID = event.properties?.sessionID
+            if (typeof sessionID === "string") memory.compacted(sessionID)
+            return
+          }
           case "session.created":
           case "session.updated": {
             const info = event.properties?.info
@@ -1120,7 +672,7 @@ export function createHooks(
     dispose: async () => {
       try {
         // Give events already sent a moment to be acknowledged (bounded; skipped when the
-        // bridge is unreachable), then close.
+        // bridge is unreachable), then close; what is left waits on disk for the next start.
         if (client.connected && client.backlog) await client.drained(DISPOSE_DRAIN_MS)
         client.close()
       } catch (error) {
@@ -1153,7 +705,10 @@ function openCodeLogger(input: PluginInput): Logger {
 export const GraphitiMemoryPlugin: Plugin = async (input) => {
   const log = openCodeLogger(input)
   try {
-    return createHooks(input, { ...settingsFromEnv(process.env, log), log }).hooks
+    const settings = settingsFromEnv(process.env, log)
+    const directory = input.directory || input.worktree || process.cwd()
+    const queueDir = settings.queueDir ?? defaultQueueDir(process.env, directory)
+    return createHooks(input, { ...settings, queueDir, log }).hooks
   } catch (error) {
     log("error", `${ERROR_PREFIX} at start-up: ${describe(error)}`)
     return {}
