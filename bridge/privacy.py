@@ -89,8 +89,14 @@ def cut_contexts(text: str) -> str:
 
 
 def scrub(text: str) -> str:
-    """``text`` as memory may keep it: private spans, injected contexts and secrets out."""
-    return redact_secrets(cut_contexts(drop_private(text)))
+    """``text`` as memory may keep it: private spans, injected contexts and secrets out.
+
+    Cutting can join what was apart into a new tag or context start (``<priv`` + a private
+    span + ``ate>``), so the cuts repeat until nothing changes; each one shortens the text.
+    """
+    while (cut := cut_contexts(drop_private(text))) != text:
+        text = cut
+    return redact_secrets(text)
 
 
 def _scrub_value(value: Any) -> Any:

@@ -278,6 +278,11 @@ def test_private_spans_are_dropped(text: str, expected: str) -> None:
     assert scrub(text) == expected
 
 
+def test_cutting_that_joins_a_new_tag_or_header_cuts_again() -> None:
+    assert scrub("<priv<private>x</private>ate>hidden") == ""
+    assert scrub(f"[Memory Context]{CONTEXT_FIRST_LINE}\n- a task") == ""
+
+
 def test_a_secret_in_a_private_span_leaves_no_marker_either() -> None:
     assert scrub(f"deploy <private>{GITHUB_CLASSIC}</private> done") == "deploy  done"
 
