@@ -52,6 +52,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge.coalesce import Coalescer
 from bridge.errors import CacheUnavailable
 from bridge.paths import path_suffixes
 from bridge.tracking import InvalidationListener, LocalContexts, is_missing
@@ -198,6 +199,7 @@ class ContextCache:
         self._pending: dict[str, set[str]] = {}
         self._pending_overflow = False
         self._replay_lock = asyncio.Lock()
+        self._invalidations: Coalescer[str, str, int] = Coalescer(self._invalidate_batch)
         self.pool_size = client.connection_pool.max_connections
         self._slots = asyncio.Semaphore(self.pool_size)  # one per pooled connection
         self._strain_logged: dict[str, float] = {}  # when each kind of strain was last logged
@@ -337,14 +339,20 @@ class ContextCache:
         """Drop every cached context of ``project`` that mentions ``path``.
 
         A context mentioning any trailing part of the path (``a.py`` or ``src/a.py`` for
-        ``/repo/src/a.py``) counts as mentioning it. Returns how many contexts were dropped.
-        If Valkey is unreachable the invalidation is kept and replayed before the next
-        lookup is served, and CacheUnavailable is raised.
+        ``/repo/src/a.py``) counts as mentioning it. Returns how many contexts were dropped
+        (invalidations asked for while one is on its way to Valkey share the next round
+        trip, and its count). If Valkey is unreachable the invalidation is kept and
+        replayed before the next lookup is served, and CacheUnavailable is raised.
         """
+        return await self._invalidations.submit(project, path)
+
+    async def _invalidate_batch(self, project: str, paths: set[str]) -> int:
+        """One round trip for the paths whose invalidations queued up meanwhile."""
         try:
-            return await self._call(lambda: self._apply_invalidation(project, [path]))
+            return await self._call(lambda: self._apply_invalidation(project, paths))
         except CacheUnavailable:
-            self._remember_pending(project, path)
+            for path in paths:
+                self._remember_pending(project, path)
             raise
 
     async def _apply_invalidation(self, project: str, paths: Iterable[str]) -> int:

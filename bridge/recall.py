@@ -22,6 +22,7 @@ the *candidates*; this module *fuses* them and *renders* the context:
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import math
 import re
 from collections import Counter, defaultdict
@@ -127,7 +128,7 @@ class Window:
     together. A backend that keeps its recent work in memory keeps one Window per state,
     so queries between two writes share it."""
 
-    def __init__(self, recent: Sequence[RecentTask], latest_seq: int) -> None:
+    def __init__(self, recent: list[RecentTask], latest_seq: int) -> None:
         self.recent = recent
         prior: dict[str, float] = defaultdict(float)
         for task in recent:
@@ -135,13 +136,19 @@ class Window:
             for path in task.files:
                 prior[path] += share
         self.prior = _normalised(prior)
-        self.by_prior = sorted(self.prior, key=lambda path: -self.prior[path])
+        self._best: list[str] = []
         self._together: dict[str, Counter[str]] = {}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Window) and list(self.recent) == list(other.recent)
 
     __hash__ = None  # type: ignore[assignment]
+
+    def best(self, count: int) -> list[str]:
+        """The ``count`` files of highest prior, highest first."""
+        if len(self._best) < count <= len(self.prior) or not self._best:
+            self._best = heapq.nlargest(count, self.prior, key=self.prior.__getitem__)
+        return self._best[:count]
 
     def together(self, paths: Iterable[str]) -> dict[str, Counter[str]]:
         """For each path, how often each other file changed in the same recent task."""
@@ -173,7 +180,7 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
             score[path] += weight_of_signal * value
     # The prior: a file it alone speaks for can be among the best only if it is among the
     # prior's own best, so only those join; every other file gets its share below.
-    for path in window.by_prior[:files]:
+    for path in window.best(files):
         score.setdefault(path, 0.0)
     prior = window.prior
     for path in score:

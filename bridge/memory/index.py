@@ -221,7 +221,7 @@ class ProjectIndex:
         return Candidates(
             tasks=tasks,
             files=files,
-            recent=list(window.recent),
+            recent=window.recent,
             latest_seq=self.latest_seq,
             window=window,
         )
