@@ -21,7 +21,7 @@ from bridge.memory.base import MemoryBackend
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery
 from bridge.paths import paths_in
-from bridge.privacy import scrub_episode
+from bridge.privacy import scrub, scrub_episode
 from bridge.protocol import (
     Ack,
     ChatStart,
@@ -255,7 +255,9 @@ class Handlers:
         self, asked: tuple[str, str], query: str, epoch: bytes | None
     ) -> str | None:
         project = asked[0]
-        found = await self.memory.candidates(project, query)
+        # Memory is searched with the scrubbed query too: a backend may send it on (an
+        # embedding API, a script's arguments), and it then matches the scrubbed episodes.
+        found = await self.memory.candidates(project, scrub(query))
         inject = context(found, self.context_chars, tasks=self.recall_limit)
         # An empty answer is not cached: the next episode may be the one it lacked, and an
         # empty recall is cheap. The answer need not wait for the cache to take it.
@@ -386,7 +388,8 @@ class Handlers:
     # -- reads ----------------------------------------------------------------------------
 
     async def _query(self, message: Query, session: Session) -> QueryResult:
-        recall = await self.memory.recall(session.project_of(message), message.query, message.limit)
+        project = session.project_of(message)
+        recall = await self.memory.recall(project, scrub(message.query), message.limit)
         return QueryResult(id=message.id, episodes=recall.episodes)
 
     async def _export(self, message: Export, session: Session, emit: Emit) -> ExportEnd:

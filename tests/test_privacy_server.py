@@ -1,6 +1,7 @@
 """Privacy end to end: a real bridge (real Valkey, the embedded store on disk) and the real
 ``import`` command. Whatever a client sends, no secret, private span or injected context
-reaches memory: not through ``query``, not through ``export``, not in any file on disk."""
+reaches memory: not through ``query``, not through ``export``, not in any file on disk,
+not even as a search."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import msgspec
 from websockets.asyncio.client import connect
 
 from bridge.app import App
+from bridge.cache import ContextCache
 from bridge.embedded import EmbeddedValkey
-from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE
+from bridge.handlers import Handlers, Session
+from bridge.memory.base import Recall
+from bridge.memory.sqlite import SqliteMemory
+from bridge.metrics import Metrics
+from bridge.protocol import ChatStart, Context, Query, QueryResult, Reply
+from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE, Candidates
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_backends_cli import run_cli, said
 from tests.test_privacy import AWS_ID, BEARER, GITHUB_CLASSIC, OPENAI_PROJECT, SLACK_BOT, pem
@@ -151,3 +158,46 @@ async def test_import_scrubs_every_episode_it_reads(tmp_path: Path) -> None:
                                   "task_query": "fix app"}),
     ]  # fmt: skip
     assert files_holding(data, NEVER_STORED) == {}
+
+
+class SearchedMemory(SqliteMemory):
+    """The real embedded store, keeping the text of every search it is asked."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.searched: list[str] = []
+
+    async def recall(self, group_id: str, query: str, limit: int) -> Recall:
+        self.searched.append(query)
+        return await super().recall(group_id, query, limit)
+
+    async def candidates(self, group_id: str, query: str) -> Candidates:
+        self.searched.append(query)
+        return await super().candidates(group_id, query)
+
+
+async def test_memory_is_searched_with_the_scrubbed_query(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    memory = SearchedMemory(tmp_path / "memory.sqlite3")
+    await memory.start()
+    cache = ContextCache.from_url(valkey.url, ttl=60)
+    metrics = Metrics("127.0.0.1", statsd.port, buffered=False)
+    handlers = Handlers(memory, cache, metrics)
+
+    async def emit(reply: Reply) -> None:
+        raise AssertionError(f"unexpected intermediate reply {reply}")
+
+    asked = "why does deploy fail <private>for jane</private>with DB_PASSWORD=hunter2"
+    try:
+        session = Session("vault")
+        chat = await handlers.begin(ChatStart(id=1, query=asked), session, emit)
+        search = await handlers.begin(Query(id=2, query=asked), session, emit)
+        assert isinstance(chat, Context) and isinstance(search, QueryResult)
+        await handlers.drain()
+    finally:
+        await cache.close()
+        await metrics.close()
+        await memory.close()
+    scrubbed = "why does deploy fail with DB_PASSWORD=[redacted:password]"
+    assert memory.searched == [scrubbed, scrubbed]
