@@ -28,8 +28,8 @@ import heapq
 import math
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Hashable, Iterable, Sequence
-from typing import Final, Generic, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Final
 
 import msgspec
 
@@ -46,21 +46,19 @@ from bridge.recall import (
     search_words,
 )
 
-K = TypeVar("K", bound=Hashable)
-
 K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
 B: Final = 0.75  # BM25's length normalisation
 FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last tasks
 PROJECTS: Final = 64  # projects whose index stays in memory (least recently used leave)
 
 
-class Bm25Index(Generic[K]):
-    """Documents (bags of terms) under keys, searched with BM25 for the top k."""
+class Bm25Index:
+    """Documents (bags of terms) under string keys, searched with BM25 for the top k."""
 
     def __init__(self) -> None:
-        self._docs: dict[K, Counter[str]] = {}
-        self._length: dict[K, int] = {}
-        self._postings: dict[str, dict[K, int]] = defaultdict(dict)
+        self._docs: dict[str, Counter[str]] = {}
+        self._length: dict[str, int] = {}
+        self._postings: dict[str, dict[str, int]] = defaultdict(dict)
         self._total_length = 0
 
     def __len__(self) -> int:
@@ -69,7 +67,7 @@ class Bm25Index(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._docs
 
-    def put(self, key: K, doc_terms: Iterable[str]) -> None:
+    def put(self, key: str, doc_terms: Iterable[str]) -> None:
         """Index ``doc_terms`` under ``key``, replacing what was there."""
         self.remove(key)
         counts = Counter(doc_terms)
@@ -79,7 +77,7 @@ class Bm25Index(Generic[K]):
         for term, count in counts.items():
             self._postings[term][key] = count
 
-    def remove(self, key: K) -> None:
+    def remove(self, key: str) -> None:
         """Forget the document under ``key``, if any."""
         counts = self._docs.pop(key, None)
         if counts is None:
@@ -91,7 +89,7 @@ class Bm25Index(Generic[K]):
             if not posting:
                 del self._postings[term]
 
-    def top(self, query_terms: Iterable[str], k: int) -> list[tuple[K, float]]:
+    def top(self, query_terms: Iterable[str], k: int) -> list[tuple[str, float]]:
         """The ``k`` best documents for the query, best first, with their BM25 scores."""
         n = len(self._docs)
         lists = [self._postings[t] for t in dict.fromkeys(query_terms) if t in self._postings]
@@ -104,10 +102,10 @@ class Bm25Index(Generic[K]):
         # A term adds at most idf * (K1 + 1), whatever the document: what the terms not
         # taken yet could add to a document that none of the terms so far matched.
         still = [sum(i * (K1 + 1) for i in idf[j + 1 :]) for j in range(len(lists))]
-        scores: dict[K, float] = defaultdict(float)
+        scores: dict[str, float] = defaultdict(float)
         complete_only = False
         for posting, weight, rest in zip(lists, idf, still, strict=True):
-            keys: Iterable[K] = posting
+            keys: Iterable[str] = posting
             if complete_only and len(scores) < len(posting):
                 keys = [key for key in scores if key in posting]
             for key in keys:
@@ -119,7 +117,9 @@ class Bm25Index(Generic[K]):
             if not complete_only and len(scores) >= k:
                 kth = heapq.nlargest(k, scores.values())[-1]
                 complete_only = kth > rest
-        return heapq.nlargest(k, scores.items(), key=lambda item: item[1])
+        # Ties go to the smaller key, so the answer does not depend on history.
+        best = heapq.nsmallest(k, scores.items(), key=lambda item: (-item[1], item[0]))
+        return best
 
 
 class ProjectIndex:
@@ -129,9 +129,9 @@ class ProjectIndex:
         self.horizon = horizon
         self._tasks: dict[str, TaskHit] = {}  # by uuid, in order of seq
         self._query_terms: dict[str, list[str]] = {}
-        self._task_index: Bm25Index[str] = Bm25Index()
+        self._task_index: Bm25Index = Bm25Index()
         self._file_tasks: dict[str, list[str]] = {}  # path -> uuids of its tasks, by seq
-        self._file_index: Bm25Index[str] = Bm25Index()
+        self._file_index: Bm25Index = Bm25Index()
         self._window: Window | None = None  # the recent work, kept until a change
 
     def __len__(self) -> int:
@@ -151,17 +151,24 @@ class ProjectIndex:
             self._insert_in_order(task)
         else:
             self._tasks[task.uuid] = task
-        self._window = None
-        self._query_terms[task.uuid] = terms(task.query)
+        before = old.files if old is not None else []
+        if old is None or before != task.files:
+            self._window = None  # the recent work changed
+        query_changed = old is None or old.query != task.query
+        if query_changed:
+            self._query_terms[task.uuid] = terms(task.query)
         document = [*self._query_terms[task.uuid], *_terms_of(task.summary, *task.errors)]
         document.extend(t for path in task.files for t in terms(path))
         self._task_index.put(task.uuid, document)
-        for path in set(task.files) - set(old.files if old else ()):
+        added = set(task.files) - set(before)
+        for path in added:
             tasks = self._file_tasks.setdefault(path, [])
             tasks.append(task.uuid)
             if len(tasks) > 1 and self._tasks[tasks[-2]].seq > task.seq:
                 tasks.sort(key=lambda uuid: self._tasks[uuid].seq)
-        for path in task.files:
+        # A file's document holds its last tasks' queries: it changes when the file gains
+        # a task, or when the query of one of those tasks changes.
+        for path in task.files if query_changed else added:
             self._index_file(path)
         while len(self._tasks) > self.horizon:
             self._evict(next(iter(self._tasks)))
@@ -188,11 +195,14 @@ class ProjectIndex:
         task = self._tasks.pop(uuid)
         self._query_terms.pop(uuid, None)
         self._task_index.remove(uuid)
+        self._window = None
         for path in task.files:
             tasks = self._file_tasks.get(path, [])
+            shown = uuid in tasks[-FILE_DOC_TASKS:]  # the file's document holds its query
             if uuid in tasks:
                 tasks.remove(uuid)
-            self._index_file(path)
+            if shown or not tasks:
+                self._index_file(path)
 
     def window(self) -> Window:
         """The recent work: the files of the tasks of the last ``WINDOW_TASKS`` ordinals,
