@@ -24,6 +24,7 @@ FROM ${BASE_IMAGE}
 # The embedded FalkorDB (graphiti backend) links libgomp, which slim images leave out.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1=12.2.0-14+deb12u1 \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 bridge \
     && mkdir /data \
