@@ -24,6 +24,7 @@ The index is plain code: backends call it from their own threads, under its lock
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import threading
@@ -142,7 +143,14 @@ class ProjectIndex:
         """The newest task's ordinal, 0 when there is none."""
         return next(reversed(self._tasks.values())).seq if self._tasks else 0
 
-    def put(self, task: TaskHit) -> None:
+    def load(self, tasks: Iterable[TaskHit]) -> None:
+        """Add many tasks, oldest first: as many puts, with each file indexed once."""
+        for task in tasks:
+            self.put(task, index_files=False)
+        for path in list(self._file_tasks):
+            self._index_file(path)
+
+    def put(self, task: TaskHit, *, index_files: bool = True) -> None:
         """Add a task, or replace it with its newer state; the oldest leave past the horizon."""
         old = self._tasks.get(task.uuid)
         if old is None and self._tasks and task.seq < self.latest_seq:
@@ -158,7 +166,7 @@ class ProjectIndex:
         if query_changed:
             self._query_terms[task.uuid] = terms(task.query)
         document = [*self._query_terms[task.uuid], *_terms_of(task.summary, *task.errors)]
-        document.extend(t for path in task.files for t in terms(path))
+        document.extend(t for path in task.files for t in _path_terms(path))
         self._task_index.put(task.uuid, document)
         added = set(task.files) - set(before)
         for path in added:
@@ -168,10 +176,11 @@ class ProjectIndex:
                 tasks.sort(key=lambda uuid: self._tasks[uuid].seq)
         # A file's document holds its last tasks' queries: it changes when the file gains
         # a task, or when the query of one of those tasks changes.
-        for path in task.files if query_changed else added:
-            self._index_file(path)
+        if index_files:
+            for path in task.files if query_changed else added:
+                self._index_file(path)
         while len(self._tasks) > self.horizon:
-            self._evict(next(iter(self._tasks)))
+            self._evict(next(iter(self._tasks)), index_files=index_files)
 
     def _oldest_seq(self) -> int:
         return next(iter(self._tasks.values())).seq
@@ -186,12 +195,12 @@ class ProjectIndex:
             self._file_tasks.pop(path, None)
             self._file_index.remove(path)
             return
-        document = terms(path)
+        document = list(_path_terms(path))
         for uuid in tasks[-FILE_DOC_TASKS:]:
             document.extend(self._query_terms[uuid])
         self._file_index.put(path, document)
 
-    def _evict(self, uuid: str) -> None:
+    def _evict(self, uuid: str, *, index_files: bool = True) -> None:
         task = self._tasks.pop(uuid)
         self._query_terms.pop(uuid, None)
         self._task_index.remove(uuid)
@@ -201,8 +210,11 @@ class ProjectIndex:
             shown = uuid in tasks[-FILE_DOC_TASKS:]  # the file's document holds its query
             if uuid in tasks:
                 tasks.remove(uuid)
-            if shown or not tasks:
+            if index_files and (shown or not tasks):
                 self._index_file(path)
+            elif not tasks:
+                del self._file_tasks[path]
+                self._file_index.remove(path)
 
     def window(self) -> Window:
         """The recent work: the files of the tasks of the last ``WINDOW_TASKS`` ordinals,
@@ -235,6 +247,11 @@ class ProjectIndex:
             latest_seq=self.latest_seq,
             window=window,
         )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _path_terms(path: str) -> tuple[str, ...]:
+    return tuple(terms(path))
 
 
 def _terms_of(*texts: str) -> list[str]:
@@ -298,8 +315,7 @@ class RecallIndexes:
         """Install the index built from ``tasks`` (read after :meth:`begin_load`, oldest
         first) with the changes committed since; an index loaded meanwhile is kept."""
         index = ProjectIndex(self.horizon)
-        for task in tasks:
-            index.put(task)
+        index.load(tasks)
         with self._lock:
             _, changes = self._loading[group_id]
             stale = group_id in self._stale
