@@ -174,6 +174,12 @@ def user_texts(message: dict[str, Any]) -> list[str]:
     return [str(p.get("text", "")) for p in content or [] if p.get("type") == "text"]
 
 
+def is_memory(message: dict[str, Any]) -> bool:
+    """A memory context the agent added as a message of its own (not the user's turn)."""
+    texts = user_texts(message)
+    return bool(texts) and all(text.startswith("[Memory Context]") for text in texts)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -264,7 +270,7 @@ class OpenAIStandin:
     def _step(self, body: dict[str, Any]) -> Step:
         """The scripted answer to an agent's chat request."""
         messages = body.get("messages") or []
-        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user" and not is_memory(m)]
         if not body.get("tools") or not users:
             return DEFAULT_STEP
         last = users[-1]

@@ -249,7 +249,11 @@ export class BridgeClient {
     const deadline = Date.now() + deadlineMs
     if (this.state !== "open") {
       await this.waitFor(this.attemptWaiters, deadlineMs)
-      if (!this.connected) return undefined
+      if (!this.connected) {
+        // The attempt under way failed: nothing, without waiting out the deadline.
+        if (this.down) this.fastFail(message.type)
+        return undefined
+      }
     }
     const id = this.nextId++
     return await new Promise<Reply | undefined>((resolve) => {
