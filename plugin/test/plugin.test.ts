@@ -24,6 +24,7 @@ import {
   SUMMARY_CHARS,
 } from "../graphiti-memory.ts"
 import plugin from "../graphiti-memory.ts"
+import { defaultQueueDir } from "../lib/durable-queue.ts"
 import type { WithParts } from "../lib/session-memory.ts"
 import { readdirSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
@@ -240,9 +241,25 @@ describe("settings", () => {
         GRAPHITI_BRIDGE_TOKEN: "tok",
         GRAPHITI_BRIDGE_DEADLINE_MS: "150",
         GRAPHITI_BRIDGE_QUEUE: "7",
+        GRAPHITI_BRIDGE_QUEUE_DIR: "/var/tmp/queue",
         GRAPHITI_BRIDGE_PROJECT: "shop",
       }),
-    ).toEqual({ url: "ws://127.0.0.1:9999/x", token: "tok", deadlineMs: 150, maxQueue: 7, project: "shop" })
+    ).toEqual({
+      url: "ws://127.0.0.1:9999/x",
+      token: "tok",
+      deadlineMs: 150,
+      maxQueue: 7,
+      queueDir: "/var/tmp/queue",
+      project: "shop",
+    })
+    // The queue's default folder: one per project directory, under the user's state folder.
+    expect(defaultQueueDir({ XDG_STATE_HOME: "/st" }, "/home/me/shop")).toMatch(
+      /^\/st\/opencode-graphiti-memory\/shop-[0-9a-f]{12}$/,
+    )
+    expect(defaultQueueDir({ HOME: "/home/me" }, "/home/me/shop")).toStartWith(
+      "/home/me/.local/state/opencode-graphiti-memory/shop-",
+    )
+    expect(defaultQueueDir({}, "/a/shop")).not.toBe(defaultQueueDir({}, "/b/shop"))
     const { log, lines } = capture()
     const bad = settingsFromEnv(
       { GRAPHITI_BRIDGE_URL: "http://x", GRAPHITI_BRIDGE_DEADLINE_MS: "soon", GRAPHITI_BRIDGE_QUEUE: "-1" },
