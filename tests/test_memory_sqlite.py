@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import random
 import sqlite3
 import sys
@@ -429,6 +430,31 @@ async def test_a_write_is_recalled_at_once_once_the_project_is_loaded(tmp_path: 
             found = await store.candidates("proj", f"topic{n}")
             assert [t.files for t in found.tasks] == [[f"src/m{n}.py"]]
             assert found.latest_seq == n + 1
+    finally:
+        await store.close()
+
+
+async def test_the_most_recent_projects_are_loaded_into_the_recall_index_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a restart the first chat of a recently active project finds its index ready."""
+    path = tmp_path / "memory.sqlite3"
+    store = SqliteMemory(path)
+    await store.start()
+    try:
+        for project in ("old", "recent"):
+            meta = {"type": "file_edit", "path": "a.py", "task": f"t-{project}", "task_query": "x"}
+            await store.store(episode("Modified: a.py", metadata=meta, group=project))
+    finally:
+        await store.close()
+    store = SqliteMemory(path)
+    store.index.projects = 1  # room for one project: the one with the newest task
+    caplog.set_level(logging.INFO, logger="bridge.memory.sqlite")
+    await store.start()
+    try:
+        await asyncio.wait_for(store._preload, 30)  # type: ignore[arg-type]
+        assert store.index.wants("recent") and not store.index.wants("old")
+        assert "recall index: 1 projects loaded from the store in" in caplog.text
     finally:
         await store.close()
 

@@ -42,6 +42,9 @@ from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
 SCHEMA_VERSION = 3
 
 log = logging.getLogger(__name__)
+
+# The projects with the newest tasks, newest first (a task's id grows with time).
+RECENT_PROJECTS = """SELECT group_id FROM tasks GROUP BY group_id ORDER BY MAX(id) DESC LIMIT ?"""
 READERS = 3
 MAX_QUERY_WORDS = 32
 CANDIDATES_PER_RESULT = 4
@@ -133,7 +136,8 @@ class SqliteMemory:
         self._lock = threading.Lock()
         self._open = False
         self.index = RecallIndexes()
-        self._loads: dict[str, asyncio.Future[None]] = {}
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        self._preload: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Create the file and schema if needed, start the writer thread and reader pool."""
@@ -148,12 +152,36 @@ class SqliteMemory:
             raise MemoryUnavailable(f"cannot open {self.path}: {e}") from e
         self._readers = concurrent.futures.ThreadPoolExecutor(READERS, "sqlite-reader")
         self._open = True
+        self._preload = asyncio.create_task(self._load_recent_projects(), name="recall-preload")
+
+    async def _load_recent_projects(self) -> None:
+        """Load the recall index of the most recently active projects, so the first chat
+        after a start does not wait for it; the time it took is logged."""
+        started = time.perf_counter()
+        try:
+            groups = await self._read(RECENT_PROJECTS, (self.index.projects,))
+            for (group_id,) in groups:
+                await self._load(group_id)
+        except MemoryUnavailable as e:
+            log.warning("recall index: preloading stopped: %s", e)
+            return
+        log.info(
+            "recall index: %d projects loaded from the store in %.2f s",
+            len(groups),
+            time.perf_counter() - started,
+        )
 
     async def close(self) -> None:
         """Commit every queued write, then stop the threads and close all connections."""
         if not self._open:
             return
         self._open = False
+        if self._preload is not None:
+            self._preload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._preload
+        if self._loads:
+            await asyncio.wait(list(self._loads.values()))
         self._queue.put(None)  # after every queued write: they drain first
         assert self._readers is not None and self._writer is not None
         await asyncio.to_thread(self._readers.shutdown)
@@ -210,25 +238,32 @@ class SqliteMemory:
         return found
 
     async def _load(self, group_id: str) -> None:
-        """Load a project's last tasks into the recall index, once for concurrent callers."""
-        if (loading := self._loads.get(group_id)) is not None:
-            return await asyncio.shield(loading)
-        loading = asyncio.get_running_loop().create_future()
-        self._loads[group_id] = loading
+        """Load a project's last tasks into the recall index, once for concurrent callers
+        (a caller that gives up does not stop the load for the others)."""
+        loading = self._loads.get(group_id)
+        if loading is None:
+            loading = asyncio.create_task(self._read_project(group_id), name="recall-load")
+            self._loads[group_id] = loading
+            loading.add_done_callback(lambda done: self._loaded(group_id, done))
+        await asyncio.shield(loading)
+
+    def _loaded(self, group_id: str, done: asyncio.Task[None]) -> None:
+        if self._loads.get(group_id) is done:
+            del self._loads[group_id]
+        if not done.cancelled():
+            done.exception()  # retrieved: its callers, if any are left, have it raised
+
+    async def _read_project(self, group_id: str) -> None:
         self.index.begin_load(group_id)
         try:
             tasks = await self._run(
                 lambda conn: sqlite_tasks.last_tasks(conn, group_id, HORIZON_TASKS)
             )
-            await asyncio.to_thread(self.index.finish_load, group_id, tasks)
-        except BaseException as e:
+        except BaseException:
             self.index.abandon_load(group_id)
-            loading.set_exception(e)
             raise
-        else:
-            loading.set_result(None)
-        finally:
-            del self._loads[group_id]
+        # Once begun, finishing is the thread's: it ends the load even if this is cancelled.
+        await asyncio.to_thread(self.index.finish_load, group_id, tasks)
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Yield every episode of ``group_id`` by (reference_time, insertion), ``batch`` at a
