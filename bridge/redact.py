@@ -269,15 +269,7 @@ SHAPES: Final[tuple[Shape, ...]] = (
         _header_literal,
     ),
     _assignment(
-        "password",
-        ("pass", "pwd"),
-        _caseless("pass")
-        + "(?:"
-        + _caseless("word")
-        + "|"
-        + _caseless("wd")
-        + ")|"
-        + _caseless("pwd"),
+        "password", ("pass", "pwd"), "|".join(map(_caseless, ("password", "passwd", "pwd")))
     ),
     _assignment(
         "api-key",
