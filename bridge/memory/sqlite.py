@@ -1,16 +1,19 @@
-"""The embedded memory store: SQLite with an FTS5 index, in WAL mode.
+"""The embedded memory store: SQLite in WAL mode, with an in-memory recall index.
 
 Writes go through one writer thread that commits in groups: every ``store`` queued while a
 transaction commits joins the next one, so many episodes share one fsync. Each ``store``
 returns only after its transaction committed (``synchronous=FULL``), so it is durable.
 Reads run on a small pool of read-only connections, concurrently with writes (WAL).
 
-User text never reaches FTS5 query syntax: recall extracts words and quotes each one, so
-``"``, ``NEAR``, ``*``, ``AND`` and the like are searched as plain words.
-
 Episodes are also folded into tasks (see ``sqlite_tasks``) in the transaction that stores
-them, so the task model and its indexes are exactly as durable as the episodes. A store
-written by an older release is migrated in place when it is opened (``PRAGMA
+them, so the task model is exactly as durable as the episodes. ``chat:start`` recalls
+from the recall index (``bridge.memory.index``): loaded from the task tables on a
+project's first query (and for the most recent projects at start), and brought up to each
+commit before the commit's episodes are acknowledged. ``query`` searches the episodes'
+FTS5 index; user text never reaches FTS5 query syntax: recall extracts words and quotes
+each one, so ``"``, ``NEAR``, ``*``, ``AND`` and the like are searched as plain words.
+
+A store written by an older release is migrated in place when it is opened (``PRAGMA
 user_version`` is the schema version).
 """
 
