@@ -544,8 +544,9 @@ export function createHooks(
         if (!text) return
         const deadline = Date.now() + options.deadlineMs
         // The bridge files each event under the latest chat:start of its session, so the
-        // events of earlier turns still queued go first (waiting at most half the deadline).
-        if (client.connected && client.backlog) await client.drained(options.deadlineMs / 2)
+        // events still queued (of earlier turns, or of an earlier run) go first: waiting at
+        // most half the deadline, and not at all while the bridge is known to be down.
+        if (client.backlog) await client.drained(options.deadlineMs / 2, true)
         const asked = client.request(
           { type: "chat:start", query: clip(text, MAX_TEXT), project, session: sessionID },
           deadline - Date.now(),

@@ -156,6 +156,8 @@ export class BridgeClient {
   /** Requests waiting for the connection: woken when it opens and when an attempt fails. */
   private attemptWaiters = new Set<() => void>()
   private drainWaiters = new Set<() => void>()
+  /** Waiters that give up when the connection is lost or an attempt fails. */
+  private lostWaiters = new Set<() => void>()
 
   constructor(options: ClientOptions) {
     const { store, ...rest } = options
@@ -210,6 +212,7 @@ export class BridgeClient {
     this.wake(this.openWaiters)
     this.wake(this.attemptWaiters)
     this.wake(this.drainWaiters)
+    this.wake(this.lostWaiters)
   }
 
   /**
@@ -248,7 +251,7 @@ export class BridgeClient {
     }
     const deadline = Date.now() + deadlineMs
     if (this.state !== "open") {
-      await this.waitFor(this.attemptWaiters, deadlineMs)
+      await this.waitFor([this.attemptWaiters], deadlineMs)
       if (!this.connected) {
         // The attempt under way failed: nothing, without waiting out the deadline.
         if (this.down) this.fastFail(message.type)
@@ -268,31 +271,39 @@ export class BridgeClient {
     })
   }
 
-  /** Wait (at most timeoutMs) until every event was acknowledged; true if it was. */
-  async drained(timeoutMs: number): Promise<boolean> {
+  /**
+   * Wait (at most timeoutMs) until every event was acknowledged; true if it was. With
+   * `whileReachable`, give up at once when the bridge is (or becomes) known to be down.
+   */
+  async drained(timeoutMs: number, whileReachable = false): Promise<boolean> {
     if (this.backlog === 0) return true
-    await this.waitFor(this.drainWaiters, timeoutMs)
+    if (whileReachable && this.down) return false
+    await this.waitFor(
+      whileReachable ? [this.drainWaiters, this.lostWaiters] : [this.drainWaiters],
+      timeoutMs,
+    )
     return this.backlog === 0
   }
 
   /** Wait (at most timeoutMs) until the socket is open; true if it is. */
   async opened(timeoutMs: number): Promise<boolean> {
     if (this.state === "open") return true
-    await this.waitFor(this.openWaiters, timeoutMs)
+    await this.waitFor([this.openWaiters], timeoutMs)
     return this.connected
   }
 
   // -- internals ----------------------------------------------------------------------
 
-  private async waitFor(waiters: Set<() => void>, timeoutMs: number): Promise<void> {
+  /** Wait until any of the sets is woken, or timeoutMs passed. */
+  private async waitFor(sets: Set<() => void>[], timeoutMs: number): Promise<void> {
     await new Promise<void>((resolve) => {
       const wake = (): void => {
         clearTimeout(timer)
-        waiters.delete(wake)
+        for (const waiters of sets) waiters.delete(wake)
         resolve()
       }
       const timer = setTimeout(wake, Math.max(0, timeoutMs))
-      waiters.add(wake)
+      for (const waiters of sets) waiters.add(wake)
     })
   }
 
@@ -387,6 +398,7 @@ export class BridgeClient {
     }
     this.failWaiting()
     this.wake(this.attemptWaiters) // requests waiting for the connection give up now
+    this.wake(this.lostWaiters)
     this.scheduleReconnect()
     if (handshakeFailed) void this.diagnose()
   }

@@ -987,11 +987,15 @@ describe("without a working bridge", () => {
     const copy = readFileSync(join(queueDir, file!), "utf8")
     expect(copy.trim().split("\n").length).toBe(files.length)
 
-    // The bridge starts, OpenCode again: the events go out first, as they were stamped.
+    // The bridge starts, OpenCode again: the events go out first, as they were stamped,
+    // before the first chat asks (which comes while the plugin is still connecting).
     const bridge = await startBridge({ port })
-    const after = hooksFor(url, { queueDir })
+    const after = hooksFor(url, { queueDir, deadlineMs: 10_000 })
     expect(after.client.stats.recovered).toBe(files.length)
-    expect(await after.client.drained(10_000)).toBe(true)
+    expect(after.client.connected).toBe(false)
+    const turn = await chat(after.hooks, "ses_2", "what changed in src/c.ts?")
+    expect(after.client.backlog).toBe(0)
+    expect(await memoryAfter(after.hooks, turn)).toContain("/work/shop/src/c.ts")
     const episodes = await exportEpisodes(bridge.url, "shop")
     expect(episodes.map((e) => e.body)).toEqual(files.map((path) => `Modified: ${path}`))
     const stamped = copy
