@@ -27,7 +27,6 @@ from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.handlers import Handlers, Session
-from bridge.memory.graph_recall import RecentWork
 from bridge.memory.graphiti import (
     GraphitiMemory,
     LlmSettings,
@@ -555,6 +554,7 @@ async def test_a_task_links_its_files_errors_and_outcome_as_graphiti_entities_an
     assert found.files["src/login.py"] > found.files["src/urls.py"]
     assert by_seq(found.recent) == [
         RecentTask(1, ["src/login.py", "src/urls.py"]),
+        RecentTask(2, []),
         RecentTask(3, ["web/cache.css"]),
     ]
     cache = await memory.candidates("my-app", "cache")
@@ -697,7 +697,7 @@ async def test_episodes_of_the_previous_release_are_linked_when_their_graph_open
         assert by_seq[1].files == ["src/db.py"] and by_seq[1].outcome == "unfinished"
         assert by_seq[2].errors == ["database is locked"] and by_seq[2].outcome == "failed"
         assert by_seq[3].query == "unlock the database" and by_seq[3].outcome == "completed"
-        assert found.recent == [RecentTask(1, ["src/db.py"])]
+        assert found.recent == [RecentTask(1, ["src/db.py"]), RecentTask(2, []), RecentTask(3, [])]
         await store_all(memory, turn("my-app", "t", "new work", files=("src/new.py",)))
         counts = await graph_counts(memory, "my-app")
     finally:
@@ -794,30 +794,6 @@ async def test_the_graph_names_the_same_files_as_the_embedded_store(
             assert len(set(graph) & set(sqlite)) >= 6, (query, graph, sqlite)
     finally:
         await embedded.close()
-
-
-def test_recent_work_folds_in_changes_and_notices_a_new_graph() -> None:
-    recent = RecentWork()
-
-    def state(counter: str, changes: int, latest: int, *changed: tuple[int, list[str]]) -> dict:
-        return {"id": counter, "changes": changes, "latest": latest, "changed": list(changed)}
-
-    assert recent.update(state("g1", 2, 2, (1, ["a"]), (2, ["b"])), since=0) == [
-        RecentTask(1, ["a"]),
-        RecentTask(2, ["b"]),
-    ]
-    assert recent.changes == 2
-    window = recent.update(state("g1", 4, 3, (1, ["a", "c"]), (3, ["d"])), since=2)
-    assert window == [RecentTask(1, ["a", "c"]), RecentTask(2, ["b"]), RecentTask(3, ["d"])]
-    # An answer read before the last one (fewer files) does not undo it.
-    window = recent.update(state("g1", 3, 3, (1, ["a"])), since=2)
-    assert window is not None and RecentTask(1, ["a", "c"]) in window
-    older = WINDOW_TASKS + 2  # task 1 and 2 leave the window
-    window = recent.update(state("g1", 5, older, (older, ["z"])), since=4)
-    assert window == [RecentTask(3, ["d"]), RecentTask(older, ["z"])]
-    # Another graph (recreated, or another counter): read it whole.
-    assert recent.update(state("g2", 9, 1, (1, ["x"])), since=5) is None
-    assert recent.update(state("g2", 9, 1, (1, ["x"])), since=0) == [RecentTask(1, ["x"])]
 
 
 async def test_after_a_restart_recall_waits_for_the_full_text_indexes(tmp_path: Path) -> None:

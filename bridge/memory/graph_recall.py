@@ -1,209 +1,189 @@
-"""Candidates read through the graph's task structure (see ``graph_tasks``), on FalkorDB.
+"""Recall on the graph: the recall index (``bridge.memory.index``) kept in step with the
+task structure ``graph_tasks`` writes, on FalkorDB.
 
-- **Tasks and files by text.** FalkorDB's full-text index finds the task and file
-  documents holding any term of the query and ranks them by its own TF-IDF, whose IDF
-  comes in whole steps; the best few times as many as wanted are then ranked by BM25,
-  as SQLite's FTS5 does and with the same stemmer, from their documents, each term's
-  document frequency (counted by the same index) and the average document length kept by
-  the ``BridgeTasks`` node. The best tasks are then read with their files, through their
-  ``TOUCHED`` edges in write order, their errors and outcome.
-- **Recent work.** The files of the project's last ``WINDOW_TASKS`` tasks. A reader keeps
-  them (``RecentWork``) and asks the graph only for the tasks whose files changed since
-  its last read (an index range scan on ``Task.changed``), so a miss does not carry
-  hundreds of tasks' paths over the wire.
+The graph is the durable truth; a chat's candidates come from a ``RecallIndexes`` beside
+it, the same index (and so the same candidates) as the embedded store's, so a miss costs
+no full-text search and no more as the graph grows.
 
-The first four reads run concurrently, the fifth (the best tasks' details) after them;
-each pushes its limit into the database, and each checks ``group_id`` as well as reading
-the project's own graph.
+- **Load.** A project's index is built on its first query from its last
+  ``HORIZON_TASKS`` task nodes (each holds its query, summary, outcome, errors and files),
+  read in one query together with the graph's count of changes: the index is then up to
+  date with the graph to that change.
+- **Writes of this process.** Each write statement returns the new state of the tasks it
+  changed with the number of each change, and ``written`` applies them as soon as it
+  commits.
+- **Writes of other processes.** Another bridge may write to the same graph, so every
+  query first catches up: one read of the counter and of the tasks changed since the
+  change the index is up to date with (a range scan on ``Task.changed``), usually none.
+
+Every task state carries the change that produced it, and a state is applied only when it
+is newer than the one held, so reads and writes that finish in any order leave the newest
+state. A project is up to date to change N once a read returned every task changed up to
+N, or once a write of this process, whose changes follow one another without a gap,
+continued from it. A graph whose counter is not the one the index was loaded from (deleted
+and created again) is loaded again; so is a project the index let go of.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections import Counter
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from bridge.errors import MemoryUnavailable
 from bridge.memory.graph_tasks import Run
-from bridge.memory.terms import terms
-from bridge.recall import (
-    FILE_CANDIDATES,
-    TASK_CANDIDATES,
-    WINDOW_TASKS,
-    Candidates,
-    RecentTask,
-    TaskHit,
+from bridge.memory.index import RecallIndexes
+from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
+
+ATTEMPTS: Final = 4  # loads and catch-ups before a query gives up (the index let go of it)
+# A task as a list: change, then the TaskHit fields (the write statement returns the same).
+TASK: Final = (
+    "[t.changed, t.task, t.seq, t.query, t.task_summary, t.outcome, t.at, t.errors, t.paths]"
 )
-
-TASK_POOL: Final = 3  # documents ranked by BM25 per candidate wanted (files: longer ones)
-FILE_POOL: Final = 2
-MAX_TERMS: Final = 32
-K1: Final = 1.2  # BM25's parameters, as FTS5's bm25()
-B: Final = 0.75
-
-STATE: Final = """MATCH (c:BridgeTasks {group_id: $group_id})
+LOAD: Final = f"""MATCH (c:BridgeTasks) WHERE c.group_id = $group_id
+OPTIONAL MATCH (t:Task) WHERE t.seq > c.tasks - $horizon AND t.group_id = $group_id
+WITH c, t ORDER BY t.seq
+RETURN c.uuid AS counter, c.changes AS changes, collect({TASK}) AS tasks"""
+CHANGES: Final = f"""MATCH (c:BridgeTasks) WHERE c.group_id = $group_id
 OPTIONAL MATCH (t:Task)
-WHERE t.changed > $since AND t.seq > c.tasks - $window AND t.group_id = $group_id
-RETURN c.uuid AS id, c.changes AS changes, c.tasks AS latest, c.task_words AS task_words,
-  c.files AS files, c.file_words AS file_words, collect([t.seq, t.paths]) AS changed"""
-# The pools come back as few values: the client decodes results a value at a time, in
-# Python, so 180 documents joined into one string cost a 180th of 180 strings. A task's
-# line is its uuid, ordinal and document (terms and uuids hold no space or newline).
-# Each pool also says whether its index is whole: FalkorDB rebuilds full-text indexes in
-# the background after a restart, and a search meanwhile finds nothing or a part.
-TASK_DOCS: Final = """CALL db.idx.fulltext.queryNodes('Task', $match) YIELD node, score
-WITH node AS t, score WHERE t.group_id = $group_id
-WITH t, score ORDER BY score DESC, t.seq DESC LIMIT $limit
-WITH collect(t.uuid) AS ids, collect(t.seq) AS seqs, collect(t.doc) AS docs
-CALL db.indexes() YIELD label, status WHERE label = 'Task'
-RETURN ids, seqs, docs, status"""
-FILE_DOCS: Final = """CALL db.idx.fulltext.queryNodes('File', $match) YIELD node, score
-WITH node AS f, score WHERE f.group_id = $group_id
-WITH f, score ORDER BY score DESC LIMIT $limit
-WITH collect(f.name) AS paths, collect(f.doc) AS docs
-CALL db.indexes() YIELD label, status WHERE label = 'File'
-RETURN paths, docs, status"""
-READY: Final = "OPERATIONAL"
-FREQUENCIES: Final = """UNWIND $terms AS term
-CALL db.idx.fulltext.queryNodes('Task', term) YIELD node
-RETURN 'task' AS index, term, count(node) AS n
-UNION ALL
-UNWIND $terms AS term
-CALL db.idx.fulltext.queryNodes('File', term) YIELD node
-RETURN 'file' AS index, term, count(node) AS n"""
-TASKS: Final = """UNWIND $ids AS id
-MATCH (t:Task {uuid: id}) WHERE t.group_id = $group_id
-OPTIONAL MATCH (t)-[r:RELATES_TO]->(f:File)
-WITH t, r, f ORDER BY r.n
-WITH t, collect(CASE WHEN r.name = 'TOUCHED' THEN f.name END) AS files
-RETURN t.task AS uuid, t.seq AS seq, t.query AS query, t.task_summary AS summary,
-  t.outcome AS outcome, t.at AS at, t.errors AS errors, files"""
+WHERE t.changed > $since AND t.seq > c.tasks - $horizon AND t.group_id = $group_id
+WITH c, t ORDER BY t.seq
+RETURN c.uuid AS counter, c.changes AS changes, collect({TASK}) AS tasks"""
 
 
-class RecentWork:
-    """One project's recent work as last read from the graph, brought up to date by
-    ``candidates``: the files of each recent task, by ordinal."""
+@dataclass
+class Synced:
+    """How far a project's index is up to date with its graph."""
 
-    def __init__(self) -> None:
-        self.counter: str | None = None  # the BridgeTasks node this was read from
-        self.changes = 0
-        self.files: dict[int, list[str]] = {}
-
-    def update(self, state: dict[str, Any], since: int) -> list[RecentTask] | None:
-        """Fold in the tasks changed after ``since`` (as read with it); the tasks of the
-        window, or None when the graph is not the one read before and must be read whole.
-        An answer older than the last one folded in (concurrent reads) only adds files."""
-        if state["id"] != self.counter:  # another graph (its counter is new): start over
-            self.counter, self.changes, self.files = state["id"], 0, {}
-            if since > 0:
-                return None
-        for seq, paths in state["changed"]:
-            if seq is not None and len(paths) >= len(self.files.get(seq, ())):
-                self.files[seq] = list(paths)  # files are only ever added to a task
-        self.changes = max(self.changes, int(state["changes"]))
-        oldest = int(state["latest"]) - WINDOW_TASKS
-        self.files = {seq: paths for seq, paths in self.files.items() if seq > oldest}
-        return [RecentTask(seq, paths) for seq, paths in self.files.items()]
+    counter: str | None  # the graph's BridgeTasks node (None: the graph had none)
+    applied: int = 0  # every change up to this one is in the index
+    versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # uuid: change, seq
 
 
-def _quoted(found: list[str]) -> list[str]:
-    """Terms as exact full-text terms: letters and digits in quotes, so nothing is read as
-    query syntax and the index does not stem them again."""
-    return [f'"{term}"' for term in found]
+def task_of(row: list[Any]) -> tuple[int, TaskHit]:
+    """A task read as ``TASK`` lists it: the change that made this state, and the task."""
+    changed, uuid, seq, query, summary, outcome, at, errors, files = row
+    task = TaskHit(
+        uuid=uuid,
+        seq=int(seq),
+        query=query or "",
+        summary=summary or "",
+        outcome=outcome or "unfinished",
+        at=float(at or 0.0),
+        files=list(files or ()),
+        errors=list(errors or ()),
+    )
+    return int(changed or 0), task
 
 
-async def candidates(run: Run, group: str, query: str, recent: RecentWork) -> Candidates:
-    """Past tasks and files of ``group`` matching ``query``, and its recent work."""
-    words = list(dict.fromkeys(terms(query)))[:MAX_TERMS]
-    found = _quoted(words)
-    since = recent.changes
-    reads = [run(STATE, group_id=group, since=since, window=WINDOW_TASKS)]
-    if found:
-        match = {"match": "|".join(found), "group_id": group}
-        reads.append(run(TASK_DOCS, **match, limit=TASK_POOL * TASK_CANDIDATES))
-        reads.append(run(FILE_DOCS, **match, limit=FILE_POOL * FILE_CANDIDATES))
-        reads.append(run(FREQUENCIES, terms=found))
-    rows, *text = await asyncio.gather(*reads)
-    if not rows:
-        return Candidates()
-    state = rows[0]
-    window = recent.update(state, since)
-    if window is None:
-        rows = await run(STATE, group_id=group, since=0, window=WINDOW_TASKS)
+class GraphRecall:
+    """The recall indexes of one backend's graphs, each kept up to date with its graph."""
+
+    def __init__(self, index: RecallIndexes | None = None, horizon: int = HORIZON_TASKS) -> None:
+        self.index = index or RecallIndexes(horizon=horizon)
+        self.horizon = horizon
+        self.reads = 0  # catch-up reads that found changes (to observe them)
+        self._synced: dict[str, Synced] = {}
+        self._loads: dict[str, asyncio.Future[None]] = {}
+
+    async def candidates(self, run: Run, group: str, query: str) -> Candidates:
+        """Past tasks and files of ``group`` matching ``query``, and its recent work, from
+        the index, once it holds every change the graph has."""
+        for _ in range(ATTEMPTS):
+            synced = self._synced.get(group)
+            if synced is None or not self.index.wants(group):
+                await self._load(run, group)  # then catch up: a load others waited for
+                continue  # may have read the graph before their writes
+            await self._catch_up(run, group, synced)
+            if (found := self.index.candidates(group, query)) is not None:
+                return found
+        raise MemoryUnavailable(f"the recall index of {group} was let go of while loading")
+
+    def written(self, group: str, counter: str, rows: list[list[Any]]) -> None:
+        """Apply what one write statement of this process returned: the graph's counter
+        and the tasks it changed (as ``TASK`` lists them, by change)."""
+        synced = self._synced.get(group)
+        if synced is None or not rows or not self.index.wants(group):
+            return  # loading, or not loaded: the next read catches up from the graph
+        if counter != synced.counter:
+            self.forget(group)  # a graph the index was not loaded from
+            return
+        self._fold(group, synced, rows)
+        changes = [int(row[0]) for row in rows]
+        following = changes == list(range(changes[0], changes[0] + len(changes)))
+        if following and synced.applied >= changes[0] - 1:
+            synced.applied = max(synced.applied, changes[-1])
+
+    def forget(self, group: str) -> None:
+        """Drop a project's index: its next query loads it from the graph."""
+        self._synced.pop(group, None)
+        self.index.discard(group)
+
+    async def _catch_up(self, run: Run, group: str, synced: Synced) -> None:
+        rows = await run(CHANGES, group_id=group, since=synced.applied, horizon=self.horizon)
+        if self._synced.get(group) is not synced:
+            return  # loaded again meanwhile
+        counter = rows[0]["counter"] if rows else None
+        if counter != synced.counter:
+            self.forget(group)
+            return
         if not rows:
-            return Candidates()
-        state = rows[0]
-        window = recent.update(state, 0) or []
-    latest = int(state["latest"])
-    if not text:
-        return Candidates(recent=window, latest_seq=latest)
-    (task_pool,), (file_pool,), counts = text  # an aggregation: one row, even when empty
-    for pool in (task_pool, file_pool):
-        if pool["status"] != READY:
-            raise MemoryUnavailable(f"the full-text indexes of {group} are being rebuilt")
-    frequency = {(r["index"], r["term"].strip('"')): int(r["n"]) for r in counts}
-    # Lists, not one joined string: FalkorDB's string.join was seen to drop an element.
-    lines = list(zip(task_pool["ids"], task_pool["seqs"], task_pool["docs"], strict=True))
-    task_scores = _bm25(
-        [doc for *_, doc in lines], words, "task", frequency, latest, int(state["task_words"])
-    )
-    best = sorted(
-        ((score, int(seq), id) for score, (id, seq, _) in zip(task_scores, lines, strict=True)),
-        reverse=True,
-    )
-    del best[TASK_CANDIDATES:]
-    docs, paths = file_pool["docs"], file_pool["paths"]
-    file_words = int(state["file_words"])
-    file_scores = _bm25(docs, words, "file", frequency, int(state["files"]), file_words)
-    files = sorted(zip(file_scores, paths, strict=True), reverse=True)
-    relevance = {seq: score for score, seq, _ in best}
-    details = await run(TASKS, ids=[id for *_, id in best], group_id=group) if best else []
-    hits = sorted(
-        (_task_hit(row, relevance[int(row["seq"])]) for row in details),
-        key=lambda hit: (-hit.relevance, -hit.seq),
-    )
-    return Candidates(
-        tasks=hits,
-        files={path: score for score, path in files[:FILE_CANDIDATES]},
-        recent=window,
-        latest_seq=latest,
-    )
+            return
+        if rows[0]["tasks"]:
+            self.reads += 1
+            self._fold(group, synced, rows[0]["tasks"])
+        synced.applied = max(synced.applied, int(rows[0]["changes"]))
+
+    def _fold(self, group: str, synced: Synced, rows: list[list[Any]]) -> None:
+        """Apply the task states newer than those held."""
+        fresh = []
+        for row in rows:
+            if row[1] is None:  # no task (an optional match that found none)
+                continue
+            changed, task = task_of(row)
+            known = synced.versions.get(task.uuid)
+            if known is not None and known[0] >= changed:
+                continue
+            synced.versions[task.uuid] = (changed, task.seq)
+            fresh.append(task)
+        if fresh:
+            self.index.apply(group, fresh)
+        if len(synced.versions) > 2 * self.horizon:  # forget the versions past the horizon
+            oldest = max(seq for _, seq in synced.versions.values()) - self.horizon
+            synced.versions = {u: v for u, v in synced.versions.items() if v[1] > oldest}
+
+    async def _load(self, run: Run, group: str) -> None:
+        """Load a project's last tasks into the index, once for concurrent callers."""
+        if (loading := self._loads.get(group)) is not None:
+            return await asyncio.shield(loading)
+        loading = asyncio.get_running_loop().create_future()
+        loading.add_done_callback(_retrieve)
+        self._loads[group] = loading
+        self._synced.pop(group, None)
+        self.index.begin_load(group)
+        try:
+            rows = await run(LOAD, group_id=group, horizon=self.horizon)
+            synced = Synced(rows[0]["counter"] if rows else None)
+            tasks = []
+            for row in rows[0]["tasks"] if rows else ():
+                if row[1] is not None:
+                    changed, task = task_of(row)
+                    synced.versions[task.uuid] = (changed, task.seq)
+                    tasks.append(task)
+            synced.applied = int(rows[0]["changes"]) if rows else 0
+            await asyncio.to_thread(self.index.finish_load, group, tasks)
+            self._synced[group] = synced
+        except BaseException as e:
+            self.index.abandon_load(group)
+            loading.set_exception(e)
+            raise
+        else:
+            loading.set_result(None)
+        finally:
+            del self._loads[group]
 
 
-def _bm25(
-    docs: list[str],
-    words: list[str],
-    index: str,
-    frequency: dict[tuple[str, str], int],
-    count: int,
-    total: int,
-) -> list[float]:
-    """Okapi BM25 of each document for ``words``, as FTS5 computes it: ``frequency`` says
-    how many of the index's ``count`` documents hold each word, ``total`` their length."""
-    average = total / count if count > 0 and total > 0 else 1.0
-    idf = {}
-    for word in words:
-        n = frequency.get((index, word), 0)
-        idf[word] = max(math.log((count - n + 0.5) / (n + 0.5)), 1e-6) if count > n else 1e-6
-    scores = []
-    for doc in docs:
-        tokens = doc.split()
-        tf = Counter(tokens)
-        norm = K1 * (1 - B + B * len(tokens) / average)
-        scores.append(sum(idf[w] * tf[w] * (K1 + 1) / (tf[w] + norm) for w in words if tf[w]))
-    return scores
-
-
-def _task_hit(row: dict[str, Any], relevance: float) -> TaskHit:
-    return TaskHit(
-        uuid=row["uuid"],
-        seq=int(row["seq"]),
-        query=row["query"],
-        summary=row["summary"],
-        outcome=row["outcome"],
-        at=float(row["at"]),
-        files=list(row["files"]),
-        errors=list(row["errors"]),
-        relevance=relevance,
-    )
+def _retrieve(done: asyncio.Future[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        done.exception()

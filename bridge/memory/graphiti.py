@@ -3,9 +3,11 @@
 Every episode becomes a Graphiti episodic node in the project's ``group_id``, with the
 episode's uuid as node uuid (so storing twice is a no-op). On FalkorDB the same write
 links it into the task model, as graph structure (``graph_tasks``: task and file entities,
-MENTIONS and TOUCHED edges, two full-text indexes), and ``candidates`` recalls through
-that structure in both modes; on Neo4j episodes are stored alone and candidates are the
-recalled episodes, each a task of its own.
+MENTIONS and TOUCHED edges); writes are group-committed, the episodes that arrive while a
+batch is written going together into the next statement (``group_commit``), and
+``candidates`` answers in both modes from a recall index kept in step with that structure
+(``graph_recall``). On Neo4j episodes are stored
+alone and candidates are the recalled episodes, each a task of its own.
 
 Graphiti persists no free-form metadata on episodic nodes, so the bridge keeps it in the
 field made for describing the source: ``source_description`` is the episode's description,
@@ -51,8 +53,10 @@ import msgspec
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
-from bridge.memory import graph_recall, graph_tasks
+from bridge.memory import graph_tasks
 from bridge.memory.base import Recall, candidates_from_recall
+from bridge.memory.graph_recall import GraphRecall
+from bridge.memory.group_commit import GroupCommit
 from bridge.recall import TASK_CANDIDATES, Candidates, TaskHit
 
 os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # before graphiti_core loads
@@ -283,10 +287,12 @@ class GraphitiMemory:
         self._driver: GraphDriver | None = None
         self._clients: dict[str, Any] = {}
         self._graphs: dict[str, Graphiti] = {}
-        self._recent: dict[str, graph_recall.RecentWork] = {}  # per group
+        self.tasks = GraphRecall()  # the recall index of the task model (FalkorDB)
+        self._commits: dict[str, GroupCommit[Episode, bool]] = {}  # per group (FalkorDB)
         # FalkorDB crashed (SIGSEGV in its full-text index reader, IR_Read) when a full-text
         # search ran while an episode was written to the same graph, so the two never
-        # overlap on one graph: writes and full-text reads of a group take turns.
+        # overlap on one graph: writes and full-text reads (Graphiti's search) of a group
+        # take turns.
         self._turns: dict[str, asyncio.Lock] = {}
         self._opening: dict[str, asyncio.Lock] = {}  # per group: opened once
         self._lanes: dict[str, asyncio.Queue[Episode]] = {}
@@ -332,6 +338,8 @@ class GraphitiMemory:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        for commit in self._commits.values():  # what was sent is answered
+            await commit.close()
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -423,17 +431,14 @@ class GraphitiMemory:
         return results.episodes, facts
 
     async def candidates(self, group_id: str, query: str) -> Candidates:
-        """Past tasks and files matching ``query``, and the project's recent work, read
-        through the graph's task structure (see ``graph_tasks``); with an LLM, the best
-        extracted facts first. Without that structure (Neo4j), the recalled facts and
+        """Past tasks and files matching ``query``, and the project's recent work, from the
+        recall index of the graph's task structure (see ``graph_recall``); with an LLM, the
+        best extracted facts first. Without that structure (Neo4j), the recalled facts and
         episodes, each a task of its own."""
         group = graph_group(group_id)
         if not self._structured:
             return candidates_from_recall(await self.recall(group_id, query, TASK_CANDIDATES))
-        recent = self._recent.setdefault(group, graph_recall.RecentWork())
-        run = await self._run(group)
-        async with self._turn(group):
-            found = await graph_recall.candidates(run, group, query, recent)
+        found = await self.tasks.candidates(await self._run(group), group, query)
         text = " ".join(WORD.findall(query)[:MAX_QUERY_WORDS])
         if self.llm is None or not text:
             return found
@@ -480,14 +485,46 @@ class GraphitiMemory:
                 driver = self._driver.clone(database=group)
                 await _call(_indexed, driver)
                 if self._structured:
-                    run = _runner(driver)
-                    for statement in graph_tasks.SCHEMA:
-                        await run(statement)
-                    linked = await graph_tasks.backfill(run, group, self._reader(driver, group))
-                    if linked:
-                        log.info("graph %s: %d earlier episodes linked into tasks", group, linked)
+                    await self._open_tasks(driver, group)
                 self._graphs[group] = Graphiti(graph_driver=driver, **self._clients)
             return self._graphs[group]
+
+    async def _open_tasks(self, driver: GraphDriver, group: str) -> None:
+        """Index the task model, migrate what an earlier release kept, link the episodes
+        it did not link, and start the group's writer."""
+        run = _runner(driver)
+        for statement in graph_tasks.SCHEMA:
+            await run(statement)
+        if await graph_tasks.migrate(run):
+            log.info("graph %s: full-text task search migrated to the recall index", group)
+        linked = await graph_tasks.backfill(run, group, self._reader(driver, group))
+        if linked:
+            log.info("graph %s: %d earlier episodes linked into tasks", group, linked)
+
+        async def send(episodes: list[Episode]) -> list[bool]:
+            return await self._write(run, group, episodes)
+
+        self._commits[group] = GroupCommit(send)
+
+    async def _write(self, run: graph_tasks.Run, group: str, episodes: list[Episode]) -> list[bool]:
+        """Store and link a batch of episodes in one statement, and apply the tasks it
+        changed to the recall index; for each episode, True if it was new (a uuid given
+        twice is new once at most)."""
+        distinct = list({episode.uuid: episode for episode in reversed(episodes)}.values())[::-1]
+        nodes = [_node(episode) for episode in distinct]
+        fields = [{f: getattr(n, f) for f in graph_tasks.NODE_FIELDS} for n in nodes]
+        for created in fields:
+            created["source"] = EpisodeType.text.value
+        statement, params = graph_tasks.link_batch(distinct, group, fields)
+        async with self._turn(group):
+            (row,) = await run(statement, **params)
+        self.tasks.written(group, row["counter"], row["tasks"])
+        new = set(row["new"])
+        stored = []
+        for episode in episodes:
+            stored.append(episode.uuid in new)
+            new.discard(episode.uuid)
+        return stored
 
     @property
     def _structured(self) -> bool:
@@ -519,12 +556,8 @@ class GraphitiMemory:
         it into its task in the same query; True if it was new."""
         node = _node(episode)
         if self._structured:
-            fields = ("name", "source_description", "content")
-            created = {"source": node.source.value} | {f: getattr(node, f) for f in fields}
-            statement, params = graph_tasks.link_statement(episode, node.group_id, created)
-            run = await self._run(node.group_id)
-            async with self._turn(node.group_id):
-                return bool(await run(statement, **params))
+            await self._graph(node.group_id)  # opened: its writer exists
+            return await self._commits[node.group_id].write(episode)
         if await self._exists(node):
             return False
         await _call(node.save, (await self._graph(node.group_id)).driver)
