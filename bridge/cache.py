@@ -4,13 +4,16 @@ Layout in Valkey, under a configurable prefix (``gb:`` by default)::
 
     {prefix}ctx:{sha256(project, normalised query)}   the context text ("" = memory had none)
     {prefix}tag:{project id}:{path}                   SET of ctx keys whose context names path
+    {prefix}all:{project id}                          ZSET of the project's ctx keys by expiry
     {prefix}epoch:{project id}                        bumped by every invalidation
 
 A context is stored only if the project's epoch has not moved since the lookup that missed,
 so a memory query that raced a file write can never cache what the write made stale.
 Invalidation runs as one Lua script in Valkey, so it holds for every bridge process that
-shares the Valkey. Both scripts touch several keys: the cache needs a single Valkey node
-(or one hash slot), not a cluster.
+shares the Valkey. Forgetting drops every context of the project at once, through the set
+of all of them; a store trims that set's expired members, so it holds live contexts only.
+The scripts touch several keys: the cache needs a single Valkey node (or one hash slot),
+not a cluster.
 
 Memory stays bounded without ever serving a stale context: a context naming more than
 MAX_TAGS paths is not cached, and Valkey must not evict (the private one runs with
@@ -68,12 +71,18 @@ MAX_TAGS: Final = 64
 DIGEST_MEMO_BYTES: Final = 4 << 20
 STRAIN_LOG_INTERVAL: Final = 60.0
 
-# KEYS: epoch, ctx, tag... ; ARGV: expected epoch, value, ttl
+# KEYS: epoch, ctx, all, tag... ; ARGV: expected epoch, value, ttl. The project's set of
+# contexts is scored by expiry (Valkey's clock), so each store trims the expired ones.
 _PUT: Final = """
 local current = redis.call('GET', KEYS[1]) or '0'
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-for i = 3, #KEYS do
+local ttl = tonumber(ARGV[3])
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZADD', KEYS[3], now + ttl, KEYS[2])
+if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[2])
   redis.call('EXPIRE', KEYS[i], ARGV[3])
 end
@@ -91,6 +100,17 @@ for i = 2, #KEYS do
   end
   redis.call('DEL', KEYS[i])
 end
+redis.call('INCR', KEYS[1])
+return dropped
+"""
+
+# KEYS: epoch, all ; every context of the project, deletes first as above.
+_INVALIDATE_ALL: Final = """
+local dropped = {}
+for _, key in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if redis.call('DEL', key) == 1 then table.insert(dropped, key) end
+end
+redis.call('DEL', KEYS[2])
 redis.call('INCR', KEYS[1])
 return dropped
 """
@@ -194,10 +214,12 @@ class ContextCache:
         self.ttl = ttl
         self._put = client.register_script(_PUT)
         self._invalidate = client.register_script(_INVALIDATE)
+        self._invalidate_all = client.register_script(_INVALIDATE_ALL)
         self.outage = Outage(outage_backoff or ExponentialWithJitterBackoff(cap=5.0, base=0.05))
         self._on_unavailable = on_unavailable
         self._pending: dict[str, set[str]] = {}
         self._pending_overflow = False
+        self._pending_projects: set[str] = set()  # every context of these to drop
         self._replay_lock = asyncio.Lock()
         self._invalidations: Coalescer[str, str, int] = Coalescer(self._invalidate_batch)
         self.pool_size = client.connection_pool.max_connections
@@ -285,6 +307,10 @@ class ContextCache:
         """The set of context keys that mention ``path`` (already normalised)."""
         return f"{self._prefix}tag:{self._project_id(project)}:{path}"
 
+    def project_key(self, project: str) -> str:
+        """The project's contexts, scored by when they expire."""
+        return f"{self._prefix}all:{self._project_id(project)}"
+
     def epoch_key(self, project: str) -> str:
         """The project's invalidation counter."""
         return f"{self._prefix}epoch:{self._project_id(project)}"
@@ -296,7 +322,7 @@ class ContextCache:
         return self._local(self.context_key(project, query))
 
     def _local(self, key: str) -> Lookup | None:
-        if self.local is None or self._pending or self._pending_overflow:
+        if self.local is None or self._behind:
             return None
         inject = self.local.get(key)
         return None if is_missing(inject) else Lookup(hit=True, inject=inject, epoch=b"")
@@ -328,7 +354,12 @@ class ContextCache:
         tags = sorted({self.tag_key(project, p) for p in paths})
         if len(tags) > MAX_TAGS:
             return False
-        keys = [self.epoch_key(project), self.context_key(project, query), *tags]
+        keys = [
+            self.epoch_key(project),
+            self.context_key(project, query),
+            self.project_key(project),
+            *tags,
+        ]
 
         async def run() -> bool:
             return bool(await self._put(keys=keys, args=[epoch, inject or "", self.ttl]))
@@ -365,6 +396,29 @@ class ContextCache:
             self.local.invalidate(dropped)
         return len(dropped)
 
+    async def invalidate_project(self, project: str) -> int:
+        """Drop every cached context of ``project`` (memory forgot part of it) and move its
+        epoch, so no fill begun before can cache what memory no longer holds. Returns how
+        many contexts were dropped. If Valkey is unreachable the invalidation is kept and
+        replayed before the next lookup is served, and CacheUnavailable is raised."""
+        try:
+            return await self._call(lambda: self._drop_project(project))
+        except CacheUnavailable:
+            self._pending_projects.add(project)
+            raise
+
+    async def _drop_project(self, project: str) -> int:
+        keys = [self.epoch_key(project), self.project_key(project)]
+        dropped = await self._invalidate_all(keys=keys)
+        if self.local is not None:
+            self.local.invalidate(dropped)  # at once, as for a path
+        return len(dropped)
+
+    @property
+    def _behind(self) -> bool:
+        """True while invalidations missed during an outage wait to be replayed."""
+        return bool(self._pending or self._pending_overflow or self._pending_projects)
+
     def _remember_pending(self, project: str, path: str) -> None:
         pending = self._pending.setdefault(project, set())
         if sum(len(p) for p in self._pending.values()) >= MAX_PENDING_PATHS:
@@ -375,7 +429,7 @@ class ContextCache:
     async def _replay_pending(self) -> None:
         """Apply invalidations that failed during an outage (all contexts, on overflow)."""
         async with self._replay_lock:  # concurrent callers wait, then find nothing to do
-            if not self._pending and not self._pending_overflow:
+            if not self._behind:
                 return
             if self.local is not None:
                 self.local.invalidate(None)
@@ -383,6 +437,13 @@ class ContextCache:
                 async for key in self._client.scan_iter(match=f"{self._prefix}ctx:*", count=1000):
                     await self._client.delete(key)
                 self._pending_overflow = False
+            while self._pending_projects:
+                project = self._pending_projects.pop()
+                try:
+                    await self._drop_project(project)
+                except BaseException:
+                    self._pending_projects.add(project)
+                    raise
             while self._pending:
                 project, paths = self._pending.popitem()
                 try:
@@ -403,7 +464,7 @@ class ContextCache:
             async with asyncio.timeout(self.timeout):
                 await self._slots.acquire()
                 slot = True
-            if self._pending or self._pending_overflow:
+            if self._behind:
                 async with asyncio.timeout(self.timeout * 10):
                     await self._replay_pending()
             async with asyncio.timeout(self.timeout):

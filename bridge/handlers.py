@@ -16,8 +16,8 @@ from typing import Any
 
 from bridge.cache import ContextCache, normalise_query
 from bridge.episode import Episode, episode_uuid, new_episode
-from bridge.errors import BridgeError, CacheUnavailable
-from bridge.memory.base import MemoryBackend
+from bridge.errors import BridgeError, CacheUnavailable, MemoryUnavailable
+from bridge.memory.base import MemoryBackend, Selector
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery
 from bridge.paths import paths_in
@@ -27,12 +27,15 @@ from bridge.protocol import (
     ChatStart,
     Completion,
     Context,
+    EpisodeMessage,
     ErrorEvent,
     Export,
     ExportChunk,
     ExportEnd,
     FileWrite,
+    Forget,
     Message,
+    Note,
     Ping,
     Pong,
     Query,
@@ -40,7 +43,7 @@ from bridge.protocol import (
     Reply,
     error_ack,
 )
-from bridge.recall import DEFAULT_BUDGET, TASKS_SHOWN, context
+from bridge.recall import DEFAULT_BUDGET, TASKS_SHOWN, Ranked, TaskHit, context, rank
 from bridge.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ def _episode(group_id: str, **fields: Any) -> Episode:
     return scrub_episode(new_episode(group_id, **fields))
 
 
-def _happened(message: FileWrite | ErrorEvent | Completion) -> float:
+def _happened(message: EpisodeMessage) -> float:
     """When the event happened: the client's ``at``, never later than now."""
     now = time.time()
     return now if message.at is None else min(message.at, now)
@@ -176,6 +179,10 @@ class Handlers:
                 work = self._export(message, session, emit)
             case Ping():
                 work = self._ping(message)
+            case Note():
+                work = self._note(message, session)
+            case Forget():
+                work = self._forget(message, session, session.open_gate())
         return self._guarded(message, work)
 
     async def _guarded(self, message: Message, work: Awaitable[Reply]) -> Reply:
@@ -338,7 +345,7 @@ class Handlers:
         return self.tasks.metadata(project, session.session_of(message), message.session)
 
     @staticmethod
-    def _episode_id(project: str, message: FileWrite | ErrorEvent | Completion) -> str | None:
+    def _episode_id(project: str, message: EpisodeMessage) -> str | None:
         return episode_uuid(project, message.episode_id) if message.episode_id else None
 
     async def _invalidate(self, project: str, path: str) -> None:
@@ -385,7 +392,79 @@ class Handlers:
             self.metrics.tokens_used(message.tokens, project)
         return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
 
+    async def _note(self, message: Note, session: Session) -> Ack:
+        project = session.project_of(message)
+        links = {"session": message.session} if message.session is not None else {}
+        episode = _episode(
+            project,
+            name="note",
+            body=f"Note: {message.text}",
+            source_description="OpenCode note",
+            # a task of its own: a note neither ends nor is ended by the session's turn
+            metadata={"type": "note", **links},
+            episode_id=self._episode_id(project, message),
+            reference_time=_happened(message),
+        )
+        queued = await self._store(episode, "note")
+        # Saved on purpose, so the next chat recalls it: every cached context goes.
+        await self._invalidate_project(project)
+        return Ack(id=message.id, ok=True, episode=episode.uuid, queued=queued)
+
+    # -- forget ---------------------------------------------------------------------------
+
+    async def _forget(self, message: Forget, session: Session, gate: asyncio.Future[None]) -> Ack:
+        kind, value = message.selector
+        try:
+            forgotten = await self.forget(session.project_of(message), Selector(kind, value))
+        finally:
+            session.close_gate(gate)  # a later chat:start of the connection waited for it
+        return Ack(id=message.id, ok=True, forgotten=forgotten)
+
+    async def forget(self, project: str, selector: Selector) -> int:
+        """Forget what ``selector`` names in ``project``; return how many episodes went.
+
+        Once this returns, no recall, query, export or cached context of any bridge on the
+        same Valkey holds them. Episodes still waiting in the outbox are delivered first
+        (up to the store timeout), so none comes back after its forget.
+        """
+        await self._outbox_delivered()
+        # A session or task forgotten while open: its next events start afresh.
+        if selector.kind == "session":
+            self.tasks.drop(project, session=selector.value)
+        elif selector.kind == "task":
+            self.tasks.drop(project, task=selector.value)
+        forgotten = await self.memory.forget(project, selector)
+        self._stored += 1  # memory changed: a flight begun before must not answer after
+        await self._invalidate_project(project)
+        return forgotten
+
+    async def _outbox_delivered(self) -> None:
+        if self.delivery is None or not self.delivery.outbox.pending:
+            return
+        if not await self.delivery.flush(self.delivery.store_timeout):
+            waiting = self.delivery.outbox.pending
+            raise MemoryUnavailable(
+                f"{waiting} acknowledged episodes still wait in the outbox for memory; "
+                "forget once they are delivered"
+            )
+
+    async def _invalidate_project(self, project: str) -> None:
+        with contextlib.suppress(CacheUnavailable):  # kept and replayed by the cache
+            await self.cache.invalidate_project(project)
+
     # -- reads ----------------------------------------------------------------------------
+
+    async def search(self, project: str, query: str) -> Ranked:
+        """Files and past tasks for ``query``, ranked as a chat:start's context ranks them."""
+        return rank(await self.memory.candidates(project, scrub(query)))
+
+    async def list_tasks(self, project: str, limit: int, before_seq: int | None) -> list[TaskHit]:
+        """The project's tasks, newest first (a page of ``limit``, older than ``before_seq``)."""
+        return await self.memory.tasks(project, limit, before_seq)
+
+    async def projects(self) -> list[str]:
+        """The projects memory holds, most recently active first."""
+        return await self.memory.projects()
 
     async def _query(self, message: Query, session: Session) -> QueryResult:
         project = session.project_of(message)

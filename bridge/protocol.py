@@ -13,7 +13,7 @@ See docs/protocol.md for the contract with examples.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Union, cast
+from typing import Annotated, Any, Final, Literal, Union, cast
 
 import msgspec
 
@@ -105,7 +105,44 @@ class Ping(ClientMessage, tag="ping", frozen=True):
     """Liveness check; answered with ``pong``."""
 
 
-Message = ChatStart | FileWrite | ErrorEvent | Completion | Query | Export | Ping
+class Note(EpisodeMessage, tag="note", frozen=True):
+    """A memory saved on purpose (by the agent's tool or a person): a task of its own."""
+
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
+
+
+SelectorName = Literal["episode", "path", "session", "task"]
+FORGET_SELECTORS: Final[tuple[SelectorName, ...]] = ("episode", "path", "session", "task")
+
+
+class Forget(ClientMessage, tag="forget", frozen=True):
+    """Forget memory of the project: one episode, every episode and link of a file, every
+    task of a session, or one task. Exactly one selector; ``session`` is one of them here,
+    not the message's session."""
+
+    episode: Name | None = None
+    path: Path | None = None
+    task: Name | None = None
+
+    def __post_init__(self) -> None:
+        given = [f"`{name}`" for name in FORGET_SELECTORS if getattr(self, name) is not None]
+        if len(given) != 1:
+            which = " and ".join(given) if given else "none"
+            raise ValueError(
+                f"forget needs exactly one of `episode`, `path`, `session` or `task`; got {which}"
+            )
+
+    @property
+    def selector(self) -> tuple[SelectorName, str]:
+        """The selector given: its name and value."""
+        for name in FORGET_SELECTORS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        raise AssertionError("a Forget always has one selector")  # __post_init__ saw to it
+
+
+Message = ChatStart | FileWrite | ErrorEvent | Completion | Query | Export | Ping | Note | Forget
 
 
 # -- server -> client -------------------------------------------------------------------
@@ -135,11 +172,13 @@ class ErrorInfo(msgspec.Struct):
 
 class Ack(Reply, tag="ack", omit_defaults=True):
     """Outcome of an event. On success ``episode`` is the stored episode's id, and
-    ``queued`` is true when it is durable in the outbox, not yet in memory."""
+    ``queued`` is true when it is durable in the outbox, not yet in memory; a forget's
+    ``forgotten`` is how many episodes memory let go of."""
 
     ok: bool
     episode: str | None = None
     queued: bool = False
+    forgotten: int | None = None
     error: ErrorInfo | None = None
 
 
@@ -224,17 +263,25 @@ def _limited(base: type[ClientMessage], limits: Limits) -> type[ClientMessage]:
         return Annotated[str, msgspec.Meta(min_length=min_length, max_length=limit)]
 
     name = bounded(limits.name, 1)
-    redefined: dict[str, tuple[Any, Any]] = {
-        "id": (int | bounded(limits.name) | None, None),
-        "project": (name | None, None),
-        "session": (name | None, None),
-        "episode_id": (name | None, None),
-        "query": (bounded(limits.text), msgspec.NODEFAULT),
-        "message": (bounded(limits.text, 1), msgspec.NODEFAULT),
-        "task": (bounded(limits.text, 1), msgspec.NODEFAULT),
-        "path": (bounded(limits.path, 1), msgspec.NODEFAULT),
+    redefined: dict[str, Any] = {
+        "id": int | bounded(limits.name),
+        "project": name,
+        "session": name,
+        "episode_id": name,
+        "episode": name,
+        "query": bounded(limits.text),
+        "message": bounded(limits.text, 1),
+        "text": bounded(limits.text, 1),
+        # a completion's task is its text; a forget's names a task
+        "task": name if base is Forget else bounded(limits.text, 1),
+        "path": bounded(limits.path, 1),
     }
-    fields = [(f, *redefined[f]) for f in base.__struct_fields__ if f in redefined]
+    fields = []
+    for field in msgspec.structs.fields(base):
+        if field.name in redefined:  # an optional field stays optional
+            kind = redefined[field.name]
+            optional = field.required is False
+            fields.append((field.name, kind | None if optional else kind, field.default))
     limited = msgspec.defstruct(
         base.__name__,
         fields,

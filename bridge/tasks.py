@@ -82,5 +82,15 @@ class TaskTracker:
             links["session"] = client_session
         return links
 
+    def drop(self, project: str, *, session: str | None = None, task: str | None = None) -> None:
+        """Forget the open task of a session, or the session whose open task is ``task``:
+        memory forgot it, so later events must not link to it (nor carry its query)."""
+        if session is not None:
+            self._open.pop((project, session), None)
+        if task is not None:
+            for key, opened in list(self._open.items()):
+                if key[0] == project and opened.ref is not None and opened.ref.uuid == task:
+                    del self._open[key]
+
     def __len__(self) -> int:
         return len(self._open)

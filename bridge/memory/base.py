@@ -9,12 +9,28 @@ store returns episodes only.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
 from bridge.episode import Episode
+from bridge.errors import BadRequest
 from bridge.recall import Candidates, TaskHit
+
+PROJECTS_LISTED = 1000  # projects a store lists, most recently active first
+
+
+class Selector(msgspec.Struct, frozen=True):
+    """What to forget in a project: one episode (by uuid), every episode and link of a
+    file (by path, as written), every task of a client's session, or one task (by uuid)."""
+
+    kind: Literal["episode", "path", "session", "task"]
+    value: str
+
+
+class Unsupported(BadRequest):
+    """A request this backend cannot serve (forgetting, listing its tasks): the message
+    names the backend and what it cannot do."""
 
 
 class Recall(msgspec.Struct, frozen=True):
@@ -66,6 +82,28 @@ class MemoryBackend(Protocol):
 
     def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Yield every episode of ``group_id`` in reference-time order, ``batch`` at a time."""
+        ...
+
+    async def forget(self, group_id: str, selector: Selector) -> int:
+        """Forget what ``selector`` names in ``group_id``; return how many episodes went.
+
+        When this returns, no later ``recall``, ``candidates``, ``export`` or ``tasks``
+        holds them: tasks lose the files, errors and outcomes those episodes gave them,
+        and a task left with nothing is removed. Raises Unsupported when the backend
+        cannot, MemoryUnavailable when it fails (then nothing, or all, was forgotten).
+        """
+        ...
+
+    async def tasks(
+        self, group_id: str, limit: int, before_seq: int | None = None
+    ) -> list[TaskHit]:
+        """Up to ``limit`` tasks of ``group_id``, newest first, each with its files and
+        errors; only those older than ``before_seq`` when it is given (the next page).
+        Raises Unsupported when the backend cannot list them."""
+        ...
+
+    async def projects(self) -> list[str]:
+        """The projects memory holds, most recently active first (at most PROJECTS_LISTED)."""
         ...
 
 

@@ -47,8 +47,8 @@ import msgspec
 
 from bridge.episode import Episode
 from bridge.errors import BadRequest, MemoryUnavailable
-from bridge.memory.base import Recall, candidates_from_recall
-from bridge.recall import Candidates
+from bridge.memory.base import Recall, Selector, Unsupported, candidates_from_recall
+from bridge.recall import Candidates, TaskHit
 
 STDERR_TAIL = 2000  # characters of stderr quoted in an error
 LINE_LIMIT = 16 * 1024 * 1024  # longest export line read
@@ -198,6 +198,28 @@ class ScriptMemory:
                 await _reap(process)
                 stderr.cancel()
                 self._running.discard(process)
+
+    async def forget(self, group_id: str, selector: Selector) -> int:
+        """Refused: the script's contract has no command to forget with."""
+        raise Unsupported(
+            f"the script memory backend cannot forget: {self.script.name} has only "
+            "store, query and export"
+        )
+
+    async def tasks(
+        self, group_id: str, limit: int, before_seq: int | None = None
+    ) -> list[TaskHit]:
+        """Refused: the script keeps episodes only, no tasks to list."""
+        raise Unsupported(
+            f"the script memory backend cannot list tasks: {self.script.name} keeps no tasks"
+        )
+
+    async def projects(self) -> list[str]:
+        """Refused: the script's contract cannot list the projects it holds."""
+        raise Unsupported(
+            f"the script memory backend cannot list projects: {self.script.name} has no "
+            "such command"
+        )
 
     async def _run(self, args: list[str], **options: str) -> bytes:
         """Run the script with ``args`` (and options) and return its stdout."""

