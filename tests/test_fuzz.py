@@ -244,6 +244,8 @@ EDGES: dict[str, list[Any]] = {
     "project": string_edges(MAX_NAME),
     "session": string_edges(MAX_NAME),
     "episode_id": string_edges(MAX_NAME),
+    "episode": string_edges(MAX_NAME),
+    "text": string_edges(MAX_TEXT),
     "query": string_edges(MAX_TEXT),
     "message": string_edges(MAX_TEXT),
     "task": string_edges(MAX_TEXT),
@@ -271,7 +273,9 @@ EXTREMES = {
     field: st.sampled_from([*values, *WRONG_TYPES, MISSING]) | MORE.get(field, st.nothing())
     for field, values in EDGES.items()
 }
-CARRIER = {"file:write": "path", "error": "message", "completion": "task"}
+CARRIER = {"file:write": "path", "error": "message", "completion": "task", "note": "text"}
+# Forgets go to a project of their own: the run checks that nothing acknowledged is lost.
+FORGETTING = "forgetting"
 
 
 def marker(n: int) -> str:
@@ -290,6 +294,8 @@ def normal(kind: str, n: int) -> dict[str, Any]:
         "completion": {"task": f"fix {word}", "tokens": 12, "duration_ms": 3.5},
         "query": {"query": f"{word} parser", "limit": 5},
         "export": {"chunk_size": 50, "project": "few"},  # the final check exports them all
+        "note": {"text": f"remember the parser {word}"},
+        "forget": {"task": f"no such task {word}"},
     }
     return {"type": kind, "id": n, **fields.get(kind, {})}
 
@@ -423,6 +429,8 @@ class ExtremesRun:
         """One fuzzed message: exactly one reply (an export: its chunks, then its end)."""
         if binary:  # MessagePack integers stop at 64 bits: the nearest one instead
             message = {k: clamp_int(v) for k, v in message.items()}
+        if message.get("type") == "forget":
+            message = {**message, "project": FORGETTING}
         replies = await self.request(message, binary)
         final = replies[-1]
         sent = {k: v.means[binary] if isinstance(v, Raw) else v for k, v in message.items()}
@@ -432,7 +440,9 @@ class ExtremesRun:
             chunks = replies[:-1]
             assert [c["seq"] for c in chunks] == list(range(len(chunks)))
             assert final["count"] == sum(len(c["episodes"]) for c in chunks)
-        if final["type"] == "ack" and final["ok"]:
+        if final["type"] == "ack" and final["ok"] and "forgotten" in final:
+            assert sent.get("project") == FORGETTING, "a forget outside its own project"
+        elif final["type"] == "ack" and final["ok"]:
             project = sent.get("project") or self.DEFAULT_PROJECT
             assert isinstance(project, str)
             uuids = self.acked.setdefault(project, set())
