@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Reply], Awaitable[None]]
 _FlightKey = tuple[str, str, bytes | None, int]
 MAX_MENTIONS = 16  # paths in one error or task whose cached contexts are dropped
+FILL_DELAY_S = 0.001  # a cache fill waits this long, so the miss's reply goes out first
 
 
 def _episode(group_id: str, **fields: Any) -> Episode:
@@ -282,6 +283,10 @@ class Handlers:
     async def _fill(
         self, project: str, query: str, inject: str | None, tags: set[str], epoch: bytes
     ) -> None:
+        # The fill was made in the flight, before the asker even had the answer: let the
+        # reply go out first (it is a few loop turns away) rather than put a round trip to
+        # Valkey ahead of it. Identical questions meanwhile wait for the fill (see above).
+        await asyncio.sleep(FILL_DELAY_S)
         with contextlib.suppress(CacheUnavailable):  # counted by the cache
             await self.cache.put(project, query, inject, tags, epoch)
 
