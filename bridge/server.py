@@ -29,6 +29,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -36,6 +37,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import msgspec
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
@@ -47,6 +49,7 @@ from bridge.handlers import Emit, Handlers, Session
 from bridge.limits import TokenBucket
 from bridge.metrics import Metrics
 from bridge.protocol import Codec, Export, ExportChunk, Limits, Reply, encode, error_ack
+from bridge.web.page import MemoryPage, is_page_path
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +101,21 @@ class Server:
         self.metrics = metrics
         self.readiness = readiness
         self.port = config.port
-        self.codec = Codec(
-            config.max_frame,
-            Limits(text=config.max_text, path=config.max_path, name=config.max_name),
-        )
+        limits = Limits(text=config.max_text, path=config.max_path, name=config.max_name)
+        self.codec = Codec(config.max_frame, limits)
         self.connections = 0
         self._server: WsServer | None = None
         self._inflight = 0  # handler tasks running, all connections
         self._idle = asyncio.Event()
         self._idle.set()
         self._token = _digest(config.token.encode()) if config.token else None
+        self.page = MemoryPage(
+            handlers,
+            default_project=config.project,
+            limits=limits,
+            authorized=self._authorized if self._token is not None else None,
+            loopback=config.loopback_only,
+        )
         self.send_deadline = SEND_DEADLINE
         self.refusal_log_interval = REFUSAL_LOG_INTERVAL
         self._refusals: dict[int, tuple[float, int]] = {}  # status: (last logged, unlogged)
@@ -163,6 +171,8 @@ class Server:
             if problems:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "\n".join(problems))
             return connection.respond(HTTPStatus.OK, "ready\n")
+        if is_page_path(target.path):  # the page checks the token of its own API calls
+            return await self._serve_page(request, target)
         if self._token is not None:
             given = request.headers.get_all("Authorization")
             if len(given) > 1:
@@ -183,6 +193,22 @@ class Server:
                 "too_many_connections",
             )
         return None
+
+    async def _serve_page(self, request: Request, target: SplitResult) -> Response:
+        """The memory page's answer to a plain HTTP request (see bridge/web/page.py)."""
+        reply = await self.page.handle(
+            request.method, target.path, target.query, request.headers.get_all
+        )
+        headers = Headers(
+            [
+                ("Date", formatdate(usegmt=True)),
+                ("Connection", "close"),
+                ("Content-Length", str(len(reply.body))),
+                ("Content-Type", reply.content_type),
+                *reply.headers.items(),
+            ]
+        )
+        return Response(reply.status, HTTPStatus(reply.status).phrase, headers, reply.body)
 
     def _refuse(
         self,
