@@ -473,8 +473,12 @@ class Handlers:
 
     async def _query(self, message: Query, session: Session) -> QueryResult:
         project = session.project_of(message)
-        recall = await self.memory.recall(project, scrub(message.query), message.limit)
-        return QueryResult(id=message.id, episodes=recall.episodes)
+        query = scrub(message.query)
+        recall = await self.memory.recall(project, query, message.limit)
+        # Rendered as a chat:start miss renders it, but neither cached nor opening a task.
+        found = await self.memory.candidates(project, query)
+        inject = context(found, self.context_chars, tasks=self.recall_limit)
+        return QueryResult(id=message.id, episodes=recall.episodes, context=inject)
 
     async def _export(self, message: Export, session: Session, emit: Emit) -> ExportEnd:
         count = 0

@@ -183,9 +183,12 @@ class Ack(Reply, tag="ack", omit_defaults=True):
 
 
 class QueryResult(Reply, tag="result"):
-    """Answer to query: the matching episodes, best first."""
+    """Answer to query: the matching episodes, best first, and ``context``: the memory
+    context a chat:start with the same query would get from memory (null: memory has
+    nothing for it)."""
 
     episodes: list[Episode]
+    context: str | None = None
 
 
 class ExportChunk(Reply, tag="export:chunk"):
