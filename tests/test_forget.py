@@ -332,3 +332,39 @@ async def test_the_script_backend_says_it_cannot_forget(script_bridge: App) -> N
         assert "script memory backend cannot forget" in reply["error"]["message"]
         assert [e["body"] for e in await exported(ws)] == ["Error: kept by the script"]
         assert (await ask(ws, {"type": "note", "text": "notes work on any backend"}))["ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_forget_on_one_bridge_is_read_by_another_sharing_its_valkey(
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    valkey: EmbeddedValkey,
+    statsd: StatsdCollector,
+) -> None:
+    """Two bridges on one Valkey (and, for graphiti, one graph, so the second serves the
+    first's cached context and recalls from its own index): after the first forgets, the
+    second answers with nothing it forgot, neither from the cache nor from its index."""
+    settings = backend_settings(backend, request)
+    one = App(bridge_config(tmp_path / "one", valkey, statsd.port, **settings))
+    two = App(bridge_config(tmp_path / "two", valkey, statsd.port, **settings))
+    await one.start()
+    await two.start()
+    try:
+        async with connect(ws_url(one, "/shop")) as ws_one, connect(ws_url(two, "/shop")) as ws_two:
+            uuid = await stored(ws_one, {"type": "error", "message": "ValueError in pricing rules"})
+            question = "what about the ValueError in pricing?"
+            _, inject = await context(ws_one, question)
+            assert "ValueError in pricing rules" in inject
+            seen = await context(ws_two, question)
+            if backend == "graphiti":  # one graph: one memory, its contexts shared
+                assert seen == (True, inject), "the first bridge's context was not shared"
+                # and the second bridge's own recall index holds the episode too
+                assert "ValueError" in (await context(ws_two, "pricing rules ValueError"))[1]
+            assert await forget(ws_one, episode=uuid) == 1
+            for query in (question, "pricing rules ValueError"):
+                hit, after = await context(ws_two, query)
+                assert not hit and "ValueError" not in after, (query, after)
+    finally:
+        await two.stop()
+        await one.stop()
