@@ -465,7 +465,7 @@ class Handlers:
 
     async def list_tasks(self, project: str, limit: int, before_seq: int | None) -> list[TaskHit]:
         """The project's tasks, newest first (a page of ``limit``, older than ``before_seq``)."""
-        return await self.memory.tasks(project, limit, before_seq)
+        return await self.memory.newest_tasks(project, limit, before_seq)
 
     async def projects(self) -> list[str]:
         """The projects memory holds, most recently active first."""

@@ -87,14 +87,14 @@ class MemoryBackend(Protocol):
     async def forget(self, group_id: str, selector: Selector) -> int:
         """Forget what ``selector`` names in ``group_id``; return how many episodes went.
 
-        When this returns, no later ``recall``, ``candidates``, ``export`` or ``tasks``
+        When this returns, no later ``recall``, ``candidates``, ``export`` or ``newest_tasks``
         holds them: tasks lose the files, errors and outcomes those episodes gave them,
         and a task left with nothing is removed. Raises Unsupported when the backend
-        cannot, MemoryUnavailable when it fails (then nothing, or all, was forgotten).
+        cannot, MemoryUnavailable when it fails (the same forget again finishes it).
         """
         ...
 
-    async def tasks(
+    async def newest_tasks(
         self, group_id: str, limit: int, before_seq: int | None = None
     ) -> list[TaskHit]:
         """Up to ``limit`` tasks of ``group_id``, newest first, each with its files and

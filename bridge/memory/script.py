@@ -206,7 +206,7 @@ class ScriptMemory:
             "store, query and export"
         )
 
-    async def tasks(
+    async def newest_tasks(
         self, group_id: str, limit: int, before_seq: int | None = None
     ) -> list[TaskHit]:
         """Refused: the script keeps episodes only, no tasks to list."""

@@ -231,7 +231,7 @@ class SqliteMemory:
         self._queue.put(Forgetting(group_id, selector, done))
         return await done
 
-    async def tasks(
+    async def newest_tasks(
         self, group_id: str, limit: int, before_seq: int | None = None
     ) -> list[TaskHit]:
         """The project's tasks newest first, from the task tables."""

@@ -210,6 +210,24 @@ def rebuild(conn: sqlite3.Connection, group_id: str, task_uuids: Iterable[str]) 
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
 
 
+def fold(episodes: Iterable[Episode]) -> TaskHit | None:
+    """The task ``episodes`` (one task's, in the order they were stored) make, folded as
+    :func:`link` folds them, on a connection of its own in memory; None for none. Other
+    backends rebuild a task with it, so every backend's task is the same fold."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(TASK_SCHEMA)
+        task_id = None
+        for episode in episodes:
+            task_id = link(conn, episode)
+        if task_id is None:
+            return None
+        ((_, task),) = task_records(conn, [task_id])
+        return task
+    finally:
+        conn.close()
+
+
 def _json_list(values: list[str]) -> str:
     return _encode(values).decode()
 
