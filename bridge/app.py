@@ -28,7 +28,7 @@ from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.errors import MemoryUnavailable
 from bridge.handlers import Handlers
-from bridge.health import data_dir_problem
+from bridge.health import ReadinessReport, data_dir_problem
 from bridge.memory.base import MemoryBackend
 from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_jsonl
 from bridge.memory.script import ScriptMemory
@@ -36,6 +36,8 @@ from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery
 from bridge.server import Server
+from bridge.store_identity import cache_blind_to_other_writers, memory_identity
+from bridge.valkey import ValkeyUrlError
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +114,7 @@ class App:
             self.valkey = EmbeddedValkey()
             await self.valkey.start()
             valkey_url = self.valkey.url
-        self.cache = ContextCache.from_url(
-            valkey_url,
-            prefix=config.cache_prefix,
-            ttl=config.cache_ttl,
-            on_unavailable=self.metrics.cache_unavailable,
-            # Every request in flight may need Valkey at once; more wait for a connection.
-            pool_size=max(64, config.max_inflight),
-        )
-        await self.cache.start()
+        self.cache = await open_cache(config, valkey_url, self.metrics)
         if self._memory is None:
             self._memory, self.falkor = await open_memory(config)
         await start_memory(self._memory)
@@ -154,20 +148,28 @@ class App:
         assert self._memory is not None, "App.start has not run"
         return self._memory
 
-    async def readiness(self) -> list[str]:
-        """What keeps the bridge from serving fully right now (empty when ready)."""
-        problems = []
-        valkey = "not started" if self.cache is None else await self.cache.problem()
-        if valkey is not None:
-            problems.append(f"valkey: {valkey} (chat:start answers from memory, uncached)")
+    async def readiness(self) -> ReadinessReport:
+        """What keeps the bridge from serving right now, and what from serving fully (the
+        cache: every message is still answered without it, so it only degrades)."""
+        report = ReadinessReport()
+        if self.cache is None:
+            report.problems.append("cache: not started")
+        else:
+            valkey = await self.cache.problem()
+            if valkey is not None:
+                report.degraded.append(
+                    f"cache: degraded (valkey: {valkey}; chat:start answers from memory, uncached)"
+                )
+            if (local := self.cache.local_problem()) is not None:
+                report.degraded.append(f"cache: degraded ({local}; hits are read from Valkey)")
         disk = await asyncio.to_thread(data_dir_problem, self.config.data_dir)
         if disk is not None:
-            problems.append(f"data dir: {disk}")
+            report.problems.append(f"data dir: {disk}")
         try:
             await asyncio.wait_for(self.memory.recall("readyz", "ready", 1), 2.0)
         except Exception as e:
-            problems.append(f"memory: {type(e).__name__}: {e}")
-        return problems
+            report.problems.append(f"memory: {type(e).__name__}: {e}")
+        return report
 
     async def stop(self) -> None:
         """Stop every part in reverse order of start. Safe to call after a failed start."""
@@ -194,6 +196,36 @@ class App:
             await self.valkey.close()
         await self.metrics.close()
         self.data_dir.release()
+
+
+async def open_cache(config: Config, url: str, metrics: Metrics) -> ContextCache:
+    """The context cache on ``url`` (one server, Sentinel or cluster: asked, not
+    configured), started, its keys in the namespace of the configured memory."""
+    try:
+        namespace = memory_identity(config)
+    except OSError as e:
+        raise StartupError(f"cannot keep the store id in {config.data_dir}: {e}") from e
+    if cache_blind_to_other_writers(config):
+        log.warning(
+            "graphiti on a shared graph with a private Valkey: this bridge's cache cannot "
+            "see the other bridges' writes, so it may serve a context they made stale for "
+            "up to --cache-ttl (%d s); give every bridge of this graph the same --valkey-url",
+            config.cache_ttl,
+        )
+    try:
+        cache = await ContextCache.connect(
+            url,
+            prefix=config.cache_prefix,
+            ttl=config.cache_ttl,
+            on_unavailable=metrics.cache_unavailable,
+            # Every request in flight may need Valkey at once; more wait for a connection.
+            pool_size=max(64, config.max_inflight),
+            namespace=namespace,
+        )
+    except ValkeyUrlError as e:
+        raise ConfigError(f"--valkey-url: {e}") from e
+    await cache.start()
+    return cache
 
 
 async def start_memory(memory: MemoryBackend) -> None:

@@ -2,18 +2,22 @@
 
 Layout in Valkey, under a configurable prefix (``gb:`` by default)::
 
-    {prefix}ctx:{sha256(project, normalised query)}   the context text ("" = memory had none)
-    {prefix}tag:{project id}:{path}                   SET of ctx keys whose context names path
-    {prefix}all:{project id}                          ZSET of the project's ctx keys by expiry
-    {prefix}epoch:{project id}                        bumped by every invalidation
+    {prefix}ctx:{{project id}}:{sha256(project, query)}  the context ("" = memory had none)
+    {prefix}tag:{{project id}}:{path}                    SET of ctx keys naming path
+    {prefix}all:{{project id}}                           ZSET of the project's ctx keys
+    {prefix}epoch:{{project id}}                         bumped by every invalidation
+
+The project id is a hash of the project and of the memory behind the cache (its
+``namespace``: which backend and which store), so bridges on different stores never share
+contexts, and it is the keys' hash tag: every key of a project lies in one cluster slot.
 
 A context is stored only if the project's epoch has not moved since the lookup that missed,
 so a memory query that raced a file write can never cache what the write made stale.
 Invalidation runs as one Lua script in Valkey, so it holds for every bridge process that
 shares the Valkey. Forgetting drops every context of the project at once, through the set
 of all of them; a store trims that set's expired members, so it holds live contexts only.
-The scripts touch several keys: the cache needs a single Valkey node (or one hash slot),
-not a cluster.
+The scripts touch several keys, all of one project, so they run on a Valkey Cluster too
+(see ``bridge.valkey`` for the kinds of Valkey and how a cluster is recognised).
 
 Memory stays bounded without ever serving a stale context: a context naming more than
 MAX_TAGS paths is not cached, and Valkey must not evict (the private one runs with
@@ -31,7 +35,9 @@ by pushing every change to a context key; only copies not yet made go over the n
 
 When Valkey cannot be reached, every call raises CacheUnavailable at once (no waiting on a
 dead server) until a backoff schedule allows one probe; invalidations that could not be
-applied are replayed before the next lookup is served.
+applied are replayed before the next lookup is served. Any other refusal (MOVED, CROSSSLOT,
+a script error) is a cache failure too: logged, counted, and reported by ``problem`` until
+an operation succeeds again.
 """
 
 from __future__ import annotations
@@ -48,28 +54,42 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar, cast
 
 import msgspec
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    OutOfMemoryError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.coalesce import Coalescer
 from bridge.errors import CacheUnavailable
+from bridge.following import Follower
 from bridge.paths import path_suffixes
-from bridge.tracking import InvalidationListener, LocalContexts, is_missing
+from bridge.tracking import LocalContexts, is_missing
+from bridge.valkey import Valkey, ValkeyUrlError, detect, open_valkey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+# Failures that mean Valkey (or part of a cluster) cannot be reached right now.
+_TRANSIENT: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    RedisClusterException,
+)
 MAX_PENDING_PATHS: Final = 10_000
 # A context naming more paths than this is not cached: its tags would cost more than it saves.
 MAX_TAGS: Final = 64
 # Bytes of queries kept with their digests, so a repeated query skips NFKC and SHA-256.
 DIGEST_MEMO_BYTES: Final = 4 << 20
 STRAIN_LOG_INTERVAL: Final = 60.0
+PROJECT_IDS: Final = 4096  # project ids kept computed (the hash tag of every key)
 
 # KEYS: epoch, ctx, all, tag... ; ARGV: expected epoch, value, ttl. The project's set of
 # contexts is scored by expiry (Valkey's clock), so each store trims the expired ones.
@@ -199,7 +219,7 @@ class ContextCache:
 
     def __init__(
         self,
-        client: redis.Redis,
+        valkey: Valkey,
         *,
         prefix: str = "gb:",
         ttl: int = 300,
@@ -207,14 +227,13 @@ class ContextCache:
         timeout: float = 0.5,
         on_unavailable: Callable[[], None] = lambda: None,
         local: LocalContexts | None = None,
+        namespace: str = "",
+        url: str | None = None,
     ) -> None:
-        self._client = client
         self.timeout = timeout
         self._prefix = prefix
+        self.namespace = namespace
         self.ttl = ttl
-        self._put = client.register_script(_PUT)
-        self._invalidate = client.register_script(_INVALIDATE)
-        self._invalidate_all = client.register_script(_INVALIDATE_ALL)
         self.outage = Outage(outage_backoff or ExponentialWithJitterBackoff(cap=5.0, base=0.05))
         self._on_unavailable = on_unavailable
         self._pending: dict[str, set[str]] = {}
@@ -222,18 +241,38 @@ class ContextCache:
         self._pending_projects: set[str] = set()  # every context of these to drop
         self._replay_lock = asyncio.Lock()
         self._invalidations: Coalescer[str, str, int] = Coalescer(self._invalidate_batch)
-        self.pool_size = client.connection_pool.max_connections
+        self.pool_size = valkey.pool_size
         self._slots = asyncio.Semaphore(self.pool_size)  # one per pooled connection
         self._strain_logged: dict[str, float] = {}  # when each kind of strain was last logged
+        self.failing: str | None = None  # why the last operation failed, until one succeeds
+        self._project_ids: dict[str, str] = {}
         self.local = local
-        self._listener: InvalidationListener | None = None
-        if local is not None:
-            kwargs = client.connection_pool.connection_kwargs
-            if client.connection_pool.connection_class.__name__.startswith("SSL"):
-                log.warning("no local context cache over TLS: every hit asks Valkey")
-                self.local = None
-            else:
-                self._listener = InvalidationListener(local, kwargs, prefix)
+        self.follower: Follower | None = None
+        self._url = url  # to ask again what kind of Valkey it is, when start could not
+        self._detecting: asyncio.Task[None] | None = None
+        self._attach(valkey)
+
+    def _attach(self, valkey: Valkey) -> None:
+        """Use ``valkey`` from now on: its client, its scripts, its primaries to follow."""
+        self.valkey = valkey
+        self._client = valkey.client
+        self._put = valkey.client.register_script(_PUT)
+        self._invalidate = valkey.client.register_script(_INVALIDATE)
+        self._invalidate_all = valkey.client.register_script(_INVALIDATE_ALL)
+        if self.local is None:
+            return
+        if valkey.tls:
+            log.warning("no local context cache over TLS: every hit asks Valkey")
+            self.local = None
+            return
+        topology = valkey.topology()
+        self.follower = Follower(
+            self.local,
+            self._prefix,
+            valkey.credentials(),
+            topology=topology,
+            discover=valkey.discover if topology is None else None,
+        )
 
     @classmethod
     def from_url(
@@ -245,39 +284,89 @@ class ContextCache:
         pool_size: int = 256,
         **kwargs: Any,
     ) -> ContextCache:
-        """A cache on a new client for ``url`` (redis://, rediss:// or unix://).
+        """A cache on a new client for ``url`` (redis://, rediss://, unix:// or
+        redis+sentinel://), without asking the server anything: ``connect`` also finds out
+        whether it is a cluster.
 
         The client retries once on a broken connection (a pooled socket that died with a
         restarted server); an operation that takes longer than ``timeout`` fails (one
         deadline per operation, not one per socket read: that costs a task per command).
         ``local_entries`` bounds the in-process copy of contexts (0 turns it off);
         ``pool_size`` how many operations use Valkey at once (more wait for a connection).
+        Raises ValkeyUrlError (a ValueError) for a URL that cannot be used.
         """
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=None,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=0,
-            max_connections=pool_size,
-        )
+        valkey = open_valkey(url, timeout=timeout, pool_size=pool_size)
         if local_entries:
             kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", 300))
-        return cls(client, timeout=timeout, **kwargs)
+        return cls(valkey, timeout=timeout, url=url, **kwargs)
+
+    @classmethod
+    async def connect(cls, url: str, *, timeout: float = 0.5, **kwargs: Any) -> ContextCache:
+        """A cache for ``url`` as ``from_url`` makes it, with a cluster client when the server
+        is a cluster node. When the server does not answer, ``start`` keeps asking."""
+        cache = cls.from_url(url, timeout=timeout, **kwargs)
+        try:
+            async with asyncio.timeout(timeout * 4):
+                await cache._detect()
+        except (TimeoutError, RedisError, OSError) as e:
+            log.warning("Valkey did not say what it is (%s); asking again in the background", e)
+        else:
+            cache._url = None
+        return cache
+
+    async def _detect(self) -> bool:
+        """Ask the server whether it is a cluster node; True if the client was replaced."""
+        found = await detect(
+            self._url or "", self.valkey, timeout=self.timeout, pool_size=self.pool_size
+        )
+        if found is self.valkey:
+            return False
+        log.info("Valkey is a cluster: using the cluster client")
+        old = self.follower
+        self._attach(found)
+        if old is not None:
+            await old.stop()
+        return True
+
+    async def _detect_until_known(self) -> None:
+        """Ask what kind of Valkey this is until it answers (then follow its primaries)."""
+        backoff = ExponentialWithJitterBackoff(cap=5.0, base=0.05)
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout * 4):
+                    switched = await self._detect()
+            except (TimeoutError, RedisError, OSError):
+                failures += 1
+                await asyncio.sleep(backoff.compute(failures))
+                continue
+            except ValkeyUrlError as e:
+                self._url = None
+                log.error("%s: the cache stays degraded until the URL is fixed", e)
+                self.failing = str(e)
+                return
+            self._url = None
+            if switched and self.follower is not None:
+                self.follower.start()
+            return
 
     async def start(self, wait: float = 1.0) -> None:
         """Start following Valkey's invalidations; wait up to ``wait`` s for the stream."""
-        if self._listener is not None:
-            self._listener.start()
+        if self._url is not None and self.valkey.kind == "server":
+            self._detecting = asyncio.create_task(self._detect_until_known(), name="valkey-kind")
+        if self.follower is not None:
+            self.follower.start()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._listener.connected.wait(), wait)
+                await asyncio.wait_for(self.follower.connected.wait(), wait)
 
     async def problem(self) -> str | None:
-        """Why Valkey cannot serve the cache right now, or None when it answers."""
+        """Why Valkey cannot serve the cache right now, or None when it works: Valkey is
+        asked (every primary, on a cluster), then the last operation must not have failed
+        since one last succeeded."""
         try:
             async with asyncio.timeout(self.timeout):
                 async with self._slots:
-                    await self._client.ping()
+                    found = await self.valkey.problem()
         except TimeoutError:
             if self._slots.locked():
                 return f"all {self.pool_size} connections busy"
@@ -286,34 +375,53 @@ class ContextCache:
             return f"all {self.pool_size} connections busy"
         except (RedisError, OSError) as e:
             return f"unreachable ({type(e).__name__}: {e})"
-        return None
+        return found or self.failing
+
+    def local_problem(self) -> str | None:
+        """Why the in-process copy is not serving hits (it follows not every primary), or
+        None: when it serves, or when it is off by configuration."""
+        if self.local is None or self.follower is None:
+            return None
+        return self.follower.problem()
 
     async def close(self) -> None:
         """Stop the invalidation stream, close the client and its connections."""
-        if self._listener is not None:
-            await self._listener.stop()
-        await self._client.aclose()
+        if self._detecting is not None:
+            self._detecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._detecting
+        if self.follower is not None:
+            await self.follower.stop()
+        await self.valkey.aclose()
 
     # -- keys -----------------------------------------------------------------------------
 
     def _project_id(self, project: str) -> str:
-        return hashlib.sha256(project.encode()).hexdigest()[:16]
+        """The hash tag of every key of ``project`` in this cache's memory (one slot)."""
+        found = self._project_ids.get(project)
+        if found is None:
+            if len(self._project_ids) >= PROJECT_IDS:
+                self._project_ids.clear()
+            named = f"{self.namespace}\0{project}".encode()
+            found = self._project_ids[project] = hashlib.sha256(named).hexdigest()[:32]
+        return found
 
     def context_key(self, project: str, query: str) -> str:
         """Full-length hash of project and normalised query: no prefix collisions."""
-        return f"{self._prefix}ctx:{_digests.digest(project, query)}"
+        digest = _digests.digest(project, query)
+        return f"{self._prefix}ctx:{{{self._project_id(project)}}}:{digest}"
 
     def tag_key(self, project: str, path: str) -> str:
         """The set of context keys that mention ``path`` (already normalised)."""
-        return f"{self._prefix}tag:{self._project_id(project)}:{path}"
+        return f"{self._prefix}tag:{{{self._project_id(project)}}}:{path}"
 
     def project_key(self, project: str) -> str:
         """The project's contexts, scored by when they expire."""
-        return f"{self._prefix}all:{self._project_id(project)}"
+        return f"{self._prefix}all:{{{self._project_id(project)}}}"
 
     def epoch_key(self, project: str) -> str:
         """The project's invalidation counter."""
-        return f"{self._prefix}epoch:{self._project_id(project)}"
+        return f"{self._prefix}epoch:{{{self._project_id(project)}}}"
 
     # -- operations -----------------------------------------------------------------------
 
@@ -335,16 +443,25 @@ class ContextCache:
 
         async def run() -> Lookup:
             generation = self.local.generation if self.local is not None else 0
-            found = await self._client.mget(key, self.epoch_key(project))
+            found = await self._client.execute_command("MGET", key, self.epoch_key(project))
             value, epoch = cast(list[bytes | None], found)
             if value is None:
                 return Lookup(hit=False, inject=None, epoch=epoch or b"0")
             inject = value.decode() or None
-            if self.local is not None:
+            if self.local is not None and self._may_copy():
                 self.local.put(key, inject, generation)
             return Lookup(hit=True, inject=inject, epoch=epoch or b"0")
 
         return await self._call(run)
+
+    def _may_copy(self) -> bool:
+        """Whether a value just read may be copied in: every primary the client knows (it
+        may have read from any) is followed. If not, the follower looks again at once."""
+        primaries = self.valkey.known_primaries()
+        if not primaries or self.follower is None or self.follower.follows(primaries):
+            return True
+        self.follower.refresh()
+        return False
 
     async def put(
         self, project: str, query: str, inject: str | None, paths: Iterable[str], epoch: bytes
@@ -477,28 +594,34 @@ class ContextCache:
             raise self._unreachable(e) from e
         except OutOfMemoryError as e:
             raise self._strain("Valkey is full (maxmemory): nothing more is cached") from e
-        except RedisError as e:
-            raise CacheUnavailable(f"Valkey error: {e}") from e
+        except RedisError as e:  # MOVED, ASK, CROSSSLOT, a script error: the cache is degraded
+            why = f"Valkey refused an operation ({type(e).__name__}: {e})"
+            raise self._strain(f"{why}; chat:start answers from memory, uncached") from e
         finally:
             if slot:
                 self._slots.release()
+        self.failing = None
         if (failed := self.outage.succeeded()) is not None:
             log.warning("Valkey reachable again after %d failed operations", failed)
         return result
 
     def _unreachable(self, error: Exception) -> CacheUnavailable:
         self._on_unavailable()
-        if self.outage.failed(time.monotonic()):
-            log.warning("Valkey unreachable, serving from memory without cache: %s", error)
         why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.failing = f"unreachable ({why})"
+        if self.outage.failed(time.monotonic()):
+            log.warning("Valkey unreachable, serving from memory without cache: %s", why)
         return CacheUnavailable(f"Valkey is unreachable: {why}")
 
     def _strain(self, why: str) -> CacheUnavailable:
         """Valkey answers but cannot take this operation now: not an outage; logged at most
-        once a minute."""
+        once a minute for each reason."""
         self._on_unavailable()
+        self.failing = why
         now = time.monotonic()
         if now - self._strain_logged.get(why, -STRAIN_LOG_INTERVAL) >= STRAIN_LOG_INTERVAL:
             log.warning("%s", why)
             self._strain_logged[why] = now
+            if len(self._strain_logged) > 64:  # reasons quote errors: keep the map small
+                self._strain_logged = {why: now}
         return CacheUnavailable(why)

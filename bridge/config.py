@@ -354,6 +354,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def check(config: Config) -> None:
     """Refuse configurations that would be unsafe or cannot work (raises ConfigError)."""
+    if "{" in config.cache_prefix or "}" in config.cache_prefix:
+        raise ConfigError(
+            f"--cache-prefix {config.cache_prefix!r} must not contain {{ or }}: each "
+            "project's keys carry a {hash tag} of their own, so they share a cluster slot"
+        )
     if config.llm == "on" and not config.llm_api_key:
         raise ConfigError("--llm on needs OPENAI_API_KEY (any value for a local server)")
     if not config.loopback_only and not config.token:

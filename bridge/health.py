@@ -1,12 +1,19 @@
-"""Readiness checks that belong to no single part: can the data folder take writes?
+"""Readiness: what ``GET /readyz`` answers, and the check of the data folder.
 
 An episode is acknowledged only once it is durable, in memory or in the outbox, both under
-the data folder; a full disk turns every event into an error. Readiness says so first.
+the data folder; a full disk turns every event into an error, and so does a memory that
+cannot search. Those make the bridge unready: 503, one line per problem. A cache that does
+not work (Valkey unreachable, a cluster down, a local copy that is not sure it follows
+every primary) does not: the bridge still answers every message, from memory, so it stays
+ready (200) and says ``cache: degraded`` with the reason on the lines after ``ready``. A
+load balancer keeps sending it traffic; a person or a monitor reads the body.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Final
 
@@ -37,3 +44,23 @@ def data_dir_problem(path: Path, min_free: int = MIN_FREE_BYTES) -> str | None:
     finally:
         probe.unlink(missing_ok=True)
     return None
+
+
+@dataclass
+class ReadinessReport:
+    """What keeps the bridge from serving (``problems``) or from serving fully
+    (``degraded``: each a line saying what works less well and why)."""
+
+    problems: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> HTTPStatus:
+        """503 while anything keeps the bridge from serving, else 200."""
+        return HTTPStatus.SERVICE_UNAVAILABLE if self.problems else HTTPStatus.OK
+
+    def body(self) -> str:
+        """The problems, one a line; or ``ready`` and then what is degraded, one a line."""
+        if self.problems:
+            return "\n".join(self.problems)
+        return "".join(f"{line}\n" for line in ["ready", *self.degraded])

@@ -46,6 +46,7 @@ from bridge.config import Config
 from bridge.episode import Episode
 from bridge.errors import BadRequest, RateLimited
 from bridge.handlers import Emit, Handlers, Session
+from bridge.health import ReadinessReport
 from bridge.limits import TokenBucket
 from bridge.metrics import Metrics
 from bridge.protocol import Codec, Export, ExportChunk, Limits, Reply, encode, error_ack
@@ -69,7 +70,7 @@ EXPORT_FRAME_BYTES = 1 << 20
 # line after a quiet spell says how many went unlogged.
 REFUSAL_LOG_INTERVAL = 60.0
 
-Readiness = Callable[[], Awaitable[list[str]]]
+Readiness = Callable[[], Awaitable[ReadinessReport]]
 
 
 class _RedactCredentials(logging.Filter):
@@ -167,10 +168,8 @@ class Server:
         if target.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if target.path == "/readyz":
-            problems = await self.readiness()
-            if problems:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "\n".join(problems))
-            return connection.respond(HTTPStatus.OK, "ready\n")
+            readiness = await self.readiness()
+            return connection.respond(readiness.status, readiness.body())
         if is_page_path(target.path):  # the page checks the token of its own API calls
             return await self._serve_page(request, target)
         if self._token is not None:

@@ -1,10 +1,12 @@
 """The in-process copy of cached contexts (L1), kept honest by Valkey itself.
 
-A dedicated connection asks Valkey for server-assisted client-side caching in broadcast
-mode (``CLIENT TRACKING ON REDIRECT <self> BCAST PREFIX <prefix>ctx:``) and subscribes to
-``__redis__:invalidate``: from then on Valkey pushes the name of every context key that
-any client changes, deletes or lets expire. Entries are served from memory only while
-that connection is up; when it drops, the copy is emptied and bypassed until it is back.
+A dedicated connection per Valkey primary asks for server-assisted client-side caching in
+broadcast mode (``CLIENT TRACKING ON REDIRECT <self> BCAST PREFIX <prefix>ctx:``) and
+subscribes to ``__redis__:invalidate``: from then on that primary pushes the name of every
+context key that any client changes, deletes or lets expire on it. Which primaries there
+are, and whether every one of them is heard, is ``bridge.following``'s business: entries
+are served from memory only while it is sure; when it is not, the copy is emptied and
+bypassed until it is again.
 
 A value read from Valkey is copied in only if no invalidation arrived while it was being
 read (``generation`` did not move), so a late reader can never resurrect a dropped key.
@@ -18,6 +20,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Final
 
 import hiredis
@@ -105,7 +108,10 @@ def is_missing(value: object) -> bool:
 
 
 class InvalidationListener:
-    """Keeps the tracking connection up and feeds its invalidations to a LocalContexts."""
+    """Keeps the tracking connection to one Valkey server up and feeds its invalidations to
+    a LocalContexts. ``on_change`` runs whenever the stream comes up or is lost (``up``
+    says which); the copy is emptied at both moments, as anything in it may have missed an
+    invalidation."""
 
     def __init__(
         self,
@@ -113,40 +119,59 @@ class InvalidationListener:
         connection: dict[str, Any],
         prefix: str,
         *,
+        on_change: Callable[[], None],
         backoff: AbstractBackoff | None = None,
         ping_interval: float = 5.0,
     ) -> None:
         self.contexts = contexts
         self._connection = connection
         self._prefix = prefix
+        self._on_change = on_change
         self._backoff = backoff or ExponentialWithJitterBackoff(cap=2.0, base=0.05)
         self._ping_interval = ping_interval
         self._task: asyncio.Task[None] | None = None
+        self.up = False
+        self.error: str | None = None  # why the stream is down, once it has failed
         self.connected = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """The server this listener follows, for logs and health."""
+        c = self._connection
+        return f"unix:{c['path']}" if c.get("path") else f"{c.get('host')}:{c.get('port')}"
 
     def start(self) -> None:
         """Run the listener in the background until ``stop``."""
-        self._task = asyncio.create_task(self._run(), name="valkey-invalidations")
+        self._task = asyncio.create_task(self._run(), name=f"invalidations {self.address}")
 
     async def stop(self) -> None:
-        """Close the connection and stop serving from the local copy."""
+        """Close the connection (the caller decides what the copy does next)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, 2.0)
             self._task = None
-        self.contexts.suspend()
+        self.up = False
+        self.connected.clear()
 
     async def _run(self) -> None:
         failures = 0
         while True:
             try:
                 await self._listen()
-            except (OSError, EOFError, TimeoutError, hiredis.ProtocolError, ValueError) as e:
-                if self.contexts.live or failures == 0:
-                    log.warning("Valkey invalidation stream lost, local cache off: %s", e)
-            self.contexts.suspend()
-            self.connected.clear()
+            except Exception as e:  # any failure: the stream can no longer be trusted
+                self.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if self.up or failures == 0:
+                    log.warning(
+                        "Valkey invalidation stream from %s lost, local cache off: %s",
+                        self.address,
+                        self.error,
+                    )
+            if self.up:
+                self.up = False
+                self.contexts.invalidate(None)
+                self.connected.clear()
+                self._on_change()
             failures += 1
             await asyncio.sleep(self._backoff.compute(failures))
 
@@ -180,8 +205,10 @@ class InvalidationListener:
                        "BCAST", "PREFIX", f"{self._prefix}ctx:")  # fmt: skip
             await call("SUBSCRIBE", INVALIDATE_CHANNEL.decode())
             self.contexts.invalidate(None)  # anything older may have missed an invalidation
-            self.contexts.live = True
+            self.up = True
+            self.error = None
             self.connected.set()
+            self._on_change()
             self._backoff.reset()  # type: ignore[no-untyped-call]
             await self._pump(reader, writer, parser)
         finally:
