@@ -28,6 +28,8 @@
  *                                          and duration summed over the turn's steps;
  *                                          only for a turn that wrote a file or hit an
  *                                          error (a question answered is no task)
+ *   the `memory` tool (search, save,
+ *         forget)                      -> query, note, forget (lib/memory-tool.ts)
  *
  * The chat hook waits for the bridge at most GRAPHITI_BRIDGE_DEADLINE_MS, and not at all
  * while the bridge is known to be down, then lets the chat go on without memory. Events are
@@ -54,10 +56,12 @@ import { BridgeClient, type ClientOptions, type Reply } from "./lib/client.ts"
 import { defaultQueueDir, QueueFile } from "./lib/durable-queue.ts"
 import { describe, ERROR_PREFIX, type Logger, safeLogger } from "./lib/log.ts"
 import { Memo } from "./lib/memo.ts"
+import { MEMORY_TOOL, memoryTool } from "./lib/memory-tool.ts"
 import { SessionMemory } from "./lib/session-memory.ts"
 
 export { backoffDelay, BridgeClient, MAX_REFUSALS, type Outgoing, type Reply } from "./lib/client.ts"
 export { describe, ERROR_PREFIX, type Logger, type LogLevel, safeLogger } from "./lib/log.ts"
+export { MEMORY_TOOL } from "./lib/memory-tool.ts"
 
 export const SERVICE = "graphiti-memory"
 
@@ -417,7 +421,8 @@ export function createHooks(
     error: string,
   ): void => {
     const key = callKey(sessionID, callID)
-    if (reported.has(key) || !error.trim()) return
+    // The memory tool's own failures are the bridge's: the model reads them, memory need not.
+    if (tool === MEMORY_TOOL || reported.has(key) || !error.trim()) return
     reported.set(key, true)
     if (NOT_FAILURES.some((phrase) => error.includes(phrase))) return
     mark(sessionID, "failed")
@@ -524,6 +529,17 @@ export function createHooks(
   }
 
   const hooks: Hooks = {
+    tool: {
+      [MEMORY_TOOL]: memoryTool({
+        client,
+        project,
+        url: options.url,
+        directory: base,
+        // The turn's files and errors so far are forgotten: its completion would name them.
+        onSessionForgotten: (sessionID) => Object.assign(turnOf(sessionID), { changed: 0, failed: 0 }),
+      }),
+    },
+
     "chat.message": async (hookInput, output) => {
       try {
         const sessionID = hookInput.sessionID

@@ -71,7 +71,10 @@ export interface ClientStats {
 export type Outage = "down" | "token" | `http ${number}`
 
 type State = "idle" | "connecting" | "open" | "closed"
-type Queued = { message: Stamped; refusals: number }
+/** Told how an event ended: the bridge's ack (stored, or refused for good), or undefined
+ * when it was dropped from a full queue. */
+export type Settled = (reply: Reply | undefined) => void
+type Queued = { message: Stamped; refusals: number; onSettled?: Settled }
 
 /** Refusals an event may get for a retryable reason before it is given up. */
 export const MAX_REFUSALS = 6
@@ -82,6 +85,15 @@ const NUDGE_MS = 1_000
 export function backoffDelay(attempt: number, initialMs: number, maxMs: number): number {
   const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(attempt, 30))
   return Math.round(ceiling / 2 + (Math.random() * ceiling) / 2)
+}
+
+/** Call an event's listener; what it throws is no concern of the queue. */
+function tell(listener: Settled | undefined, reply: Reply | undefined): void {
+  try {
+    listener?.(reply)
+  } catch {
+    // the listener's own failure
+  }
 }
 
 function unref(timer: ReturnType<typeof setTimeout>): void {
@@ -180,6 +192,11 @@ export class BridgeClient {
     return this.state === "open"
   }
 
+  /** True while the bridge is known to be down: the last attempt failed, none opened since. */
+  get unreachable(): boolean {
+    return this.down
+  }
+
   /** Events queued or sent and not yet acknowledged. */
   get backlog(): number {
     return this.queue.length + (this.inflight ? 1 : 0)
@@ -220,11 +237,13 @@ export class BridgeClient {
    * out one at a time in the order given, each once the previous one is acknowledged, so
    * the bridge stores them in that order; an event whose socket died before its ack is
    * resent first after the reconnect. Never throws; a full queue drops its oldest waiting
-   * event, counts it and warns once per outage.
+   * event, counts it and warns once per outage. `onSettled` hears how this run of the
+   * plugin saw the event end (an event replayed after a restart tells no one).
    */
-  send(message: Outgoing): void {
+  send(message: Outgoing, onSettled?: Settled): void {
     if (this.state === "closed" || this.opts.maxQueue <= 0) {
       this.stats.dropped++
+      tell(onSettled, undefined)
       return
     }
     // Stamped now: a replay keeps the event's own time, and its id makes a resend of an
@@ -232,7 +251,7 @@ export class BridgeClient {
     const stamped: Stamped = { at: Date.now() / 1000, episode_id: crypto.randomUUID(), ...message }
     while (this.backlog >= this.opts.maxQueue && this.queue.length) this.drop(this.queue.shift()!)
     this.store?.add(stamped)
-    this.queue.push({ message: stamped, refusals: 0 })
+    this.queue.push({ message: stamped, refusals: 0, onSettled })
     this.pump()
   }
 
@@ -392,8 +411,8 @@ export class BridgeClient {
       // already closing
     }
     if (this.inflight) {
-      const { message, refusals } = this.inflight
-      this.queue.unshift({ message, refusals })
+      const { message, refusals, onSettled } = this.inflight
+      this.queue.unshift({ message, refusals, onSettled })
       this.inflight = null
     }
     this.failWaiting()
@@ -484,6 +503,7 @@ export class BridgeClient {
     this.stats.dropped++
     this.droppedThisOutage++
     this.store?.done(event.message.episode_id)
+    tell(event.onSettled, undefined)
     if (this.droppedThisOutage === 1) {
       this.opts.log(
         "warn",
@@ -493,8 +513,9 @@ export class BridgeClient {
   }
 
   /** The bridge settled an event (stored it, or refused it for good). */
-  private settled(event: Queued): void {
+  private settled(event: Queued, reply: Reply): void {
     this.store?.done(event.message.episode_id)
+    tell(event.onSettled, reply)
   }
 
   /** Send the next queued event if none is waiting for its ack. */
@@ -571,19 +592,20 @@ export class BridgeClient {
       if (reply.ok === false && error?.retryable === true && event.refusals + 1 < MAX_REFUSALS) {
         // Overloaded or memory briefly unavailable: the same event goes again first, later.
         this.stats.retried++
-        this.queue.unshift({ message: event.message, refusals: event.refusals + 1 })
+        const { message, refusals, onSettled } = event
+        this.queue.unshift({ message, refusals: refusals + 1, onSettled })
         this.holdUntil =
           Date.now() + backoffDelay(event.refusals, this.opts.backoffInitialMs, this.opts.backoffMaxMs)
       } else if (reply.ok === false) {
         this.stats.refused++
-        this.settled(event)
+        this.settled(event, reply)
         this.opts.log(
           "error",
           `${ERROR_PREFIX}: the bridge did not store a ${event.message.type} event: ${describe(reply.error)}`,
         )
       } else {
         this.stats.acked++
-        this.settled(event)
+        this.settled(event, reply)
       }
       if (this.backlog === 0) this.wake(this.drainWaiters)
       this.pump()
