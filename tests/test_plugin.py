@@ -484,3 +484,83 @@ async def test_opencode_events_outlive_opencode_while_the_bridge_is_down(tmp_pat
     # Each stored under the time it happened, not when it arrived.
     assert [at for _, _, at in stored] == [e["at"] for e in queued]
     assert of_session1(again) == stored, again
+
+
+def last_tool_output(request: dict[str, Any]) -> str:
+    """The text of the last tool result a model request carries (what the tool returned)."""
+    results = [m for m in request.get("messages") or [] if m.get("role") == "tool"]
+    assert results, request
+    content = results[-1].get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(str(part.get("text", "")) for part in content or [])
+
+
+@pytest.mark.timeout(300)
+async def test_opencode_model_searches_saves_and_forgets_with_the_memory_tool(
+    tmp_path: Path,
+) -> None:
+    """The model calls the plugin's ``memory`` tool in the real OpenCode, one call a step:
+    a search (its result, the memory context for the query with the matching episodes, is in
+    the next request the stand-in model gets), a save of a note, a forget of a file's path,
+    and a forget without a selector (its error text reaches the model; no error is stored).
+    The next session's chat recalls the note and no longer names the forgotten file. Real
+    bridge, real OpenCode, the stand-in model of tests/openai_standin.py."""
+    opencode = node_binary("opencode")
+    first = "tidy up what memory knows about the coolant pump"
+    second = "how do I prime the coolant pump?"
+    note = "Prime the coolant pump with the intake valve half open."
+    with standin_model() as model:
+        async with bridge_process("--data-dir", str(tmp_path / "data")) as bridge:
+            where = await scratch(tmp_path, "plant", model, bridge.url)
+            old = str(where.project / "src" / "legacy" / "oldpump.py")
+            kept = str(where.project / "src" / "pump" / "prime.py")
+            seed = {"project": "plant", "session": "seed"}
+            for i, message in enumerate(
+                [
+                    {"type": "chat:start", "query": "prime the coolant pump"},
+                    {"type": "file:write", "path": old},
+                    {"type": "file:write", "path": kept},
+                    {"type": "completion", "task": "prime the coolant pump", "summary": "Done."},
+                ]
+            ):
+                reply = await bridge_ask(bridge.url, {**message, **seed, "id": i})
+                assert reply["type"] == "context" or reply["ok"], reply
+            model.script(
+                first,
+                Step(calls=(ToolCall("memory", {"action": "search", "query": "coolant pump"}),)),
+                Step(calls=(ToolCall("memory", {"action": "save", "text": note}),)),
+                Step(calls=(ToolCall("memory", {"action": "forget", "path": old}),)),
+                Step(calls=(ToolCall("memory", {"action": "forget"}),)),
+                Step(text="Saved how to prime it and forgot the old pump file."),
+            )
+            model.script(second, Step(text="With the intake valve half open."))
+
+            session1, log1 = await opencode_run(opencode, where, first)
+            steps = [c for c in model.chats() if any(says(first)(m) for m in c["messages"])]
+            assert len(steps) == 5, (model.chats(), log1)
+            found = last_tool_output(steps[1])
+            assert found.startswith(MEMORY), found
+            assert old in found and kept in found, found
+            assert "Matching episodes, best first" in found, found
+            assert last_tool_output(steps[2]).startswith("Saved to memory as episode "), steps[2]
+            assert last_tool_output(steps[3]) == (
+                f"Forgot 1 episode of path {old}; no later search or chat recalls it."
+            )
+            refused = last_tool_output(steps[4])
+            assert "forget needs exactly one of `episode`" in refused, refused
+
+            await opencode_run(opencode, where, second)
+            memory2 = memory_after(chat_for(model, second), says(second))
+            assert note in memory2, memory2
+            assert kept in memory2, memory2
+            assert old not in memory2 and "oldpump" not in memory2, memory2
+            episodes = await bridge_export(bridge.url, "plant")
+
+    notes = [e for e in episodes if e["metadata"]["type"] == "note"]
+    assert [(e["body"], e["metadata"].get("session")) for e in notes] == [
+        (f"Note: {note}", session1)
+    ], episodes
+    assert not any(old in json.dumps(e) for e in episodes), episodes
+    # The tool's own refusal is the model's to read, not an error episode.
+    assert not any(e["metadata"]["type"] == "error" for e in episodes), episodes

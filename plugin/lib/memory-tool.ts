@@ -90,6 +90,15 @@ export function searchOutput(query: string, reply: Reply): string {
   return lines.join("\n")
 }
 
+/** What a forget did, as the model reads it. */
+export function forgetOutput(kind: string, value: string, forgotten: number, sessionID: string): string {
+  const what = kind === "session" && value === sessionID ? "this session" : `${kind} ${value}`
+  if (!forgotten) return `Memory held nothing for ${what}; nothing was forgotten.`
+  const gone = `no later search or chat recalls ${forgotten === 1 ? "it" : "them"}`
+  if (kind === "episode") return `Forgot episode ${value}; ${gone}.`
+  return `Forgot ${plural(forgotten, "episode")} of ${what}; ${gone}.`
+}
+
 /** The one forget selector the call gives, or an error naming what is wrong. */
 export function forgetSelector(args: Args, sessionID: string): { kind: string; value: string } {
   const given = (["episode", "path", "session"] as const)
@@ -176,7 +185,10 @@ export function memoryTool(options: MemoryToolOptions): ToolDefinition {
     if (outcome.ok === false) throw new Error(`the memory bridge did not save the note: ${refusal(outcome)}`)
     return {
       title,
-      output: `Saved to memory as episode ${String(outcome.episode)}: "${clip(text, 200)}". Later chats in this project recall it.`,
+      output:
+        `Saved to memory as episode ${String(outcome.episode)}; later chats in this project recall it` +
+        `${outcome.queued === true ? " (the bridge keeps it in its outbox until its store takes it)" : ""}: ` +
+        `"${clip(text, 200)}"`,
     }
   }
 
@@ -200,23 +212,15 @@ export function memoryTool(options: MemoryToolOptions): ToolDefinition {
     let forgotten = 0
     for (const one of values) {
       const undone = forgotten
-        ? `${plural(forgotten, "episode")} were forgotten before it`
+        ? `only the ${plural(forgotten, "episode")} of ${values[0]} ${forgotten === 1 ? "was" : "were"} forgotten`
         : "nothing was forgotten"
       const reply = await ask({ type: "forget", [kind]: one, project }, undone)
       forgotten += typeof reply.forgotten === "number" ? reply.forgotten : 0
     }
     if (kind === "session") options.onSessionForgotten?.(value)
-    const what =
-      kind === "session"
-        ? value === context.sessionID
-          ? "this session"
-          : `session ${value}`
-        : `${kind} ${values.at(-1)}`
     return {
       title: `forget: ${kind} ${clip(value, 60)}`,
-      output: forgotten
-        ? `Forgot ${plural(forgotten, "episode")} of ${what}; no later search or chat recalls them.`
-        : `Memory held nothing for ${what}; nothing was forgotten.`,
+      output: forgetOutput(kind, values.at(-1)!, forgotten, context.sessionID),
     }
   }
 

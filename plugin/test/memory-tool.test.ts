@@ -177,7 +177,9 @@ describe("the memory tool", () => {
     const note = "The coolant pump must be primed with the valve half open."
 
     const saved = await memory(made, "ses_n", { action: "save", text: note })
-    const id = /^Saved to memory as episode ([0-9a-f]{32}): /.exec(saved)?.[1]
+    const id = /^Saved to memory as episode ([0-9a-f]{32}); later chats in this project recall it: "/.exec(
+      saved,
+    )?.[1]
     expect(id).toBeDefined()
     expect(saved).toContain(note)
     let episodes = await exportEpisodes(bridge.url, "shop")
@@ -188,7 +190,7 @@ describe("the memory tool", () => {
     expect(recalled).toContain(note)
 
     expect(await memory(made, "ses_n", { action: "forget", episode: id! })).toBe(
-      `Forgot 1 episode of episode ${id}; no later search or chat recalls them.`,
+      `Forgot episode ${id}; no later search or chat recalls it.`,
     )
     expect(await exportEpisodes(bridge.url, "shop")).toEqual([])
 
@@ -196,7 +198,7 @@ describe("the memory tool", () => {
     // A relative path is the file of the session's folder, as OpenCode names it.
     await writes(made, "ses_m", `${SHOP}/src/valve.py`)
     expect(await memory(made, "ses_m", { action: "forget", path: "src/valve.py" })).toBe(
-      `Forgot 1 episode of path ${SHOP}/src/valve.py; no later search or chat recalls them.`,
+      `Forgot 1 episode of path ${SHOP}/src/valve.py; no later search or chat recalls it.`,
     )
     expect(await memory(made, "ses_m", { action: "forget", path: "src/valve.py" })).toBe(
       `Memory held nothing for path ${SHOP}/src/valve.py; nothing was forgotten.`,
