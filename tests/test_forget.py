@@ -153,6 +153,22 @@ async def test_forget_an_episode_takes_it_out_of_recall_query_export_and_the_cac
         assert await forget(ws, episode=uuids["error"]) == 0, "forgotten twice"
 
 
+async def test_a_task_whose_completion_is_forgotten_is_what_its_other_episodes_make_it(
+    bridge: App,
+) -> None:
+    async with connect(ws_url(bridge, "/shop")) as ws:
+        uuids = await two_sessions(ws)
+        question = "tokenizer crash lookahead"
+        _, before = await context(ws, question)
+        assert "completed" in before and "lookahead bounded" in before
+        assert await forget(ws, episode=uuids["done1"]) == 1
+        _, after = await context(ws, question)
+        line = next(line for line in after.splitlines() if "tokenizer" in line)
+        assert line.split(":")[0].endswith("failed"), line  # its error fails it again
+        assert "lookahead bounded" not in after
+        assert "IndexError in tokenizer lookahead" in line and "[" in line
+
+
 async def test_forget_a_path_removes_the_file_from_every_task(bridge: App) -> None:
     async with connect(ws_url(bridge, "/shop")) as ws:
         await two_sessions(ws)
