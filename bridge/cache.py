@@ -36,8 +36,8 @@ by pushing every change to a context key; only copies not yet made go over the n
 When Valkey cannot be reached, every call raises CacheUnavailable at once (no waiting on a
 dead server) until a backoff schedule allows one probe; invalidations that could not be
 applied are replayed before the next lookup is served. Any other refusal (MOVED, CROSSSLOT,
-a script error) is a cache failure too: logged, counted, and reported by ``problem`` until
-an operation succeeds again.
+a script error, a failure of the client itself) is a cache failure too: logged, counted,
+and reported by ``problem`` for FAILING_FOR seconds after the last one.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ from typing import Any, Final, TypeVar, cast
 import msgspec
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     MaxConnectionsError,
+    MovedError,
     OutOfMemoryError,
     RedisClusterException,
     RedisError,
@@ -89,6 +91,7 @@ MAX_TAGS: Final = 64
 # Bytes of queries kept with their digests, so a repeated query skips NFKC and SHA-256.
 DIGEST_MEMO_BYTES: Final = 4 << 20
 STRAIN_LOG_INTERVAL: Final = 60.0
+FAILING_FOR: Final = 10.0  # seconds a failed operation keeps the cache reported degraded
 PROJECT_IDS: Final = 4096  # project ids kept computed (the hash tag of every key)
 
 # KEYS: epoch, ctx, all, tag... ; ARGV: expected epoch, value, ttl. The project's set of
@@ -244,7 +247,7 @@ class ContextCache:
         self.pool_size = valkey.pool_size
         self._slots = asyncio.Semaphore(self.pool_size)  # one per pooled connection
         self._strain_logged: dict[str, float] = {}  # when each kind of strain was last logged
-        self.failing: str | None = None  # why the last operation failed, until one succeeds
+        self._failing: tuple[float, str] | None = None  # when and why one last failed
         self._project_ids: dict[str, str] = {}
         self.local = local
         self.follower: Follower | None = None
@@ -343,7 +346,7 @@ class ContextCache:
             except ValkeyUrlError as e:
                 self._url = None
                 log.error("%s: the cache stays degraded until the URL is fixed", e)
-                self.failing = str(e)
+                self._failed(str(e))
                 return
             self._url = None
             if switched and self.follower is not None:
@@ -376,6 +379,19 @@ class ContextCache:
         except (RedisError, OSError) as e:
             return f"unreachable ({type(e).__name__}: {e})"
         return found or self.failing
+
+    @property
+    def failing(self) -> str | None:
+        """Why the last failed operation failed, if that was less than FAILING_FOR seconds
+        ago (others may have succeeded since: a cluster may fail for some slots only)."""
+        if self._failing is None:
+            return None
+        when, why = self._failing
+        age = time.monotonic() - when
+        return None if age > FAILING_FOR else f"{why}, {age:.0f} s ago"
+
+    def _failed(self, why: str) -> None:
+        self._failing = (time.monotonic(), why)
 
     def local_problem(self) -> str | None:
         """Why the in-process copy is not serving hits (it follows not every primary), or
@@ -595,12 +611,14 @@ class ContextCache:
         except OutOfMemoryError as e:
             raise self._strain("Valkey is full (maxmemory): nothing more is cached") from e
         except RedisError as e:  # MOVED, ASK, CROSSSLOT, a script error: the cache is degraded
-            why = f"Valkey refused an operation ({type(e).__name__}: {e})"
-            raise self._strain(f"{why}; chat:start answers from memory, uncached") from e
+            raise self._strain(refusal(e), kind=type(e).__name__) from e
+        except Exception as e:  # the client itself failed: still only the cache is degraded
+            log.exception("Valkey client error")
+            why = f"Valkey client error ({type(e).__name__}: {e}); chat:start answers from memory"
+            raise self._strain(why, kind=type(e).__name__) from e
         finally:
             if slot:
                 self._slots.release()
-        self.failing = None
         if (failed := self.outage.succeeded()) is not None:
             log.warning("Valkey reachable again after %d failed operations", failed)
         return result
@@ -608,20 +626,30 @@ class ContextCache:
     def _unreachable(self, error: Exception) -> CacheUnavailable:
         self._on_unavailable()
         why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.failing = f"unreachable ({why})"
+        self._failed(f"unreachable ({why})")
         if self.outage.failed(time.monotonic()):
             log.warning("Valkey unreachable, serving from memory without cache: %s", why)
         return CacheUnavailable(f"Valkey is unreachable: {why}")
 
-    def _strain(self, why: str) -> CacheUnavailable:
+    def _strain(self, why: str, kind: str | None = None) -> CacheUnavailable:
         """Valkey answers but cannot take this operation now: not an outage; logged at most
-        once a minute for each reason."""
+        once a minute for each kind of reason."""
         self._on_unavailable()
-        self.failing = why
+        self._failed(why)
         now = time.monotonic()
-        if now - self._strain_logged.get(why, -STRAIN_LOG_INTERVAL) >= STRAIN_LOG_INTERVAL:
+        kind = kind or why
+        if now - self._strain_logged.get(kind, -STRAIN_LOG_INTERVAL) >= STRAIN_LOG_INTERVAL:
             log.warning("%s", why)
-            self._strain_logged[why] = now
-            if len(self._strain_logged) > 64:  # reasons quote errors: keep the map small
-                self._strain_logged = {why: now}
+            self._strain_logged[kind] = now
         return CacheUnavailable(why)
+
+
+def refusal(error: RedisError) -> str:
+    """What a Valkey error reply means for the cache, naming the reply (MOVED, ASK, ...)."""
+    if isinstance(error, MovedError):
+        what = f"MOVED {error.slot_id} {error.host}:{error.port}"
+    elif isinstance(error, AskError):
+        what = f"ASK {error.slot_id} {error.host}:{error.port}"
+    else:
+        what = f"{type(error).__name__}: {error}"
+    return f"Valkey refused an operation ({what}); chat:start answers from memory, uncached"

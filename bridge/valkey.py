@@ -40,6 +40,10 @@ class ValkeyUrlError(ValueError):
     """A --valkey-url that cannot be used; the message says which part and why."""
 
 
+class ClusterNotReady(RedisError):
+    """A cluster node that is not part of a formed cluster yet."""
+
+
 @dataclass(frozen=True)
 class SentinelUrl:
     """The parts of a ``redis+sentinel://`` URL."""
@@ -163,9 +167,16 @@ class Valkey:
         return None
 
     async def is_cluster(self) -> bool:
-        """Whether the server is a Valkey Cluster node (``INFO cluster``)."""
+        """Whether the server is a Valkey Cluster node (``INFO cluster``). A node that
+        serves no slot yet (a cluster being formed) raises ClusterNotReady: what it will
+        be part of cannot be known yet."""
         info = await self.client.info("cluster")
-        return int(info.get("cluster_enabled", 0)) == 1
+        if int(info.get("cluster_enabled", 0)) != 1:
+            return False
+        state = await self.client.execute_command("CLUSTER INFO")
+        if cluster_info(state, "cluster_slots_assigned") in ("0", ""):
+            raise ClusterNotReady("the Valkey Cluster node serves no slot yet")
+        return True
 
     async def aclose(self) -> None:
         """Close the client and its connections."""
@@ -225,6 +236,7 @@ class Cluster(Valkey):
     async def discover(self) -> Topology:
         """Every primary (serving slots or not, so a node that takes slots over is followed
         before it has any) as the first node that answers CLUSTER NODES sees them."""
+        await self.client.initialize()
         nodes = self.client.get_primaries() + self.client.get_replicas()
         random.shuffle(nodes)
         error: Exception = RedisClusterException("no Valkey Cluster node is known")
@@ -258,14 +270,21 @@ class Cluster(Valkey):
 
 
 async def _cluster_state(client: RedisCluster, node: ClusterNode) -> str:
-    info = await client.execute_command("CLUSTER INFO", target_nodes=node)
-    if isinstance(info, dict):
-        return str(info.get("cluster_state", "unknown"))
-    text = info.decode() if isinstance(info, bytes) else str(info)
+    reply = await client.execute_command("CLUSTER INFO", target_nodes=node)
+    return cluster_info(reply, "cluster_state") or "unknown"
+
+
+def cluster_info(reply: object, field: str) -> str:
+    """One field of a CLUSTER INFO reply, parsed (a dict) or not (text); "" if absent."""
+    if isinstance(reply, dict):
+        value = reply.get(field, reply.get(field.encode(), ""))
+        return value.decode() if isinstance(value, bytes) else str(value)
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
     for line in text.splitlines():
-        if line.startswith("cluster_state:"):
-            return line.partition(":")[2].strip()
-    return "unknown"
+        name, _, value = line.partition(":")
+        if name == field:
+            return value.strip()
+    return ""
 
 
 def cluster_topology(view: dict[str, dict[str, Any]]) -> Topology:
@@ -307,8 +326,10 @@ def as_cluster(url: str, *, timeout: float, pool_size: int) -> Cluster:
             "redis:// or rediss:// URLs (host and port)"
         )
     try:
+        # A partial slot map would fail the keys of the missing slots and never be read
+        # again; with full coverage required, an incomplete one is read again next time.
         client = RedisCluster.from_url(
-            url, require_full_coverage=False, **client_settings(timeout, pool_size)
+            url, require_full_coverage=True, **client_settings(timeout, pool_size)
         )
     except (RedisClusterException, ValueError) as e:
         raise ValkeyUrlError(f"cannot use the Valkey Cluster URL: {e}") from e

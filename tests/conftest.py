@@ -17,6 +17,7 @@ from bridge.embedded import EmbeddedValkey, sweep_stale_dirs
 from bridge.memory.base import Recall
 from bridge.memory.sqlite import SqliteMemory
 from bridge.recall import Candidates
+from tests.valkey_deployments import ValkeyCluster, ValkeySentinel
 
 if TYPE_CHECKING:
     from bridge.app import App
@@ -146,3 +147,26 @@ def ws_url(app: App, path: str = "/") -> str:
     """The WebSocket URL of a running in-process bridge."""
     assert app.server is not None
     return f"ws://127.0.0.1:{app.server.port}{path}"
+
+
+@pytest.fixture
+async def valkey_cluster() -> AsyncIterator[ValkeyCluster]:
+    """A real Valkey Cluster on loopback: three primaries, each with a replica (free ports;
+    see tests/valkey_deployments.py)."""
+    cluster = ValkeyCluster(primaries=3, replicas=1)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+@pytest.fixture
+async def valkey_sentinel() -> AsyncIterator[ValkeySentinel]:
+    """A real primary, its replica and a Sentinel watching them, on loopback."""
+    deployment = ValkeySentinel()
+    try:
+        await deployment.start()
+        yield deployment
+    finally:
+        await deployment.close()

@@ -232,11 +232,10 @@ class ValkeyCluster:
                     return next(n for n in self.nodes if n.port == port)
         raise LookupError(f"slot {slot} is not served")
 
-    async def kill_and_fail_over(self, victim: Node) -> Node:
-        """SIGKILL ``victim`` (a primary) and wait until its replica has taken over its
-        slots and the cluster is ok again; return the new primary."""
-        slot = await self._some_slot_of(victim)
-        victim.kill()
+    async def wait_for_failover(self, victim: Node, slot: int) -> Node:
+        """Once ``victim`` (a primary serving ``slot``) is down: wait until a replica has
+        taken its slots over and every running node says the cluster is ok; return the
+        new primary."""
 
         async def moved() -> bool:
             return (await self.node_of_slot(slot)) is not victim
@@ -244,11 +243,6 @@ class ValkeyCluster:
         await wait_until(moved, f"a replica takes over from {victim.address}")
         await self.wait_until_ok()
         return await self.node_of_slot(slot)
-
-    async def _some_slot_of(self, node: Node) -> int:
-        view = await self.view(node)
-        first = next(v for v in view.values() if "myself" in v["flags"])["slots"][0]
-        return int(first.split("-")[0])
 
     async def move_slot(self, slot: int, target: Node) -> int:
         """Reshard one slot to ``target`` as redis-cli --cluster reshard does: IMPORTING on
