@@ -22,13 +22,14 @@ on the same graph recalls nothing that was forgotten either.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import msgspec
 
 from bridge.episode import Episode
 from bridge.memory import sqlite_tasks
+from bridge.memory.base import PROJECTS_LISTED
 from bridge.memory.graph_recall import TASK, task_of
 from bridge.memory.graph_tasks import MAX_NAME, Run
 from bridge.recall import TaskHit
@@ -89,9 +90,9 @@ MAX_SEQ: Final = 2**62
 _encode = msgspec.json.Encoder().encode
 
 
-async def forget(run: Run, read: Read, group: str, kind: str, value: str) -> int:
+async def forget(run: Run, read: Read, group: str, kind: str, value: str) -> list[str]:
     """Forget what ``kind`` and ``value`` select in the graph of ``group`` (see the module
-    docstring); return how many episodes went."""
+    docstring); return the uuids of the episodes that went."""
     doomed = await _selected(run, read, group, kind, value)
     tasks = await _uuids(run, TASKS_OF, uuids=doomed)
     if kind in TASKS_WHERE:
@@ -107,7 +108,7 @@ async def forget(run: Run, read: Read, group: str, kind: str, value: str) -> int
     if files:
         await run(DROP_LONE_FILES, files=sorted(files))
     await run(NEW_COUNTER, counter=str(uuid.uuid4()))
-    return len(doomed)
+    return doomed
 
 
 async def _selected(run: Run, read: Read, group: str, kind: str, value: str) -> list[str]:
@@ -175,13 +176,26 @@ async def newest_tasks(run: Run, limit: int, before_seq: int | None = None) -> l
     return [task_of(row["task"])[1] for row in rows]
 
 
-async def latest_activity(run: Run) -> float | None:
-    """When a graph's newest task last changed, or None when it holds no task."""
-    rows = await run(LATEST)
-    return float(rows[0]["at"]) if rows and rows[0]["tasks"] else None
+async def projects(client: Any, limit: int = PROJECTS_LISTED) -> list[str]:
+    """The projects whose graphs on a FalkorDB (``client``: the falkordb client) hold
+    tasks, most recently active first."""
+    active = []
+    for name in await client.list_graphs():
+        try:
+            found = await client.select_graph(name).ro_query(LATEST)
+        except Exception:  # a graph of another tool, or one that cannot be read now
+            continue
+        ((at, tasks),) = found.result_set or [(None, 0)]
+        if tasks:
+            active.append((-float(at), project_of(name)))
+    return [project for _, project in sorted(active)[:limit]]
 
 
-def by_activity(latest: Iterable[tuple[str, float | None]]) -> list[str]:
-    """The projects that hold tasks, most recently active first."""
-    active = [(at, project) for project, at in latest if at is not None]
-    return [project for _, project in sorted(active, key=lambda pair: (-pair[0], pair[1]))]
+def project_of(group: str) -> str:
+    """The project of a Graphiti group id (the inverse of ``graphiti.graph_group``)."""
+    if group.startswith("_x"):
+        try:
+            return bytes.fromhex(group[2:]).decode()
+        except ValueError:
+            return group
+    return group
