@@ -4,8 +4,10 @@ Does a chat:start miss stay fast as memory grows? This loads a realistic mix of 
 into one project of a real bridge, per backend, and at each store size (1k, 10k, 100k
 episodes by default; ``--sizes 1000,10000,100000,1000000`` adds 1M) pauses to measure:
 
-- the ingest rate since the previous size (episodes/s acknowledged, pipelined over one
-  WebSocket with a bounded window of requests in flight);
+- the ingest rate since the previous size (episodes/s stored in memory, pipelined over one
+  WebSocket with a bounded window of requests in flight: the load ends once every
+  episode is acknowledged and the bridge's outbox, where an acknowledged episode waits when
+  memory is slow to take it, is empty);
 - chat:start cache misses: distinct queries asked one at a time, each a real commit subject
   plus a word of its own so it never hits the cache; p50/p99 of the client's round trip
   and of the reply's ``elapsed_us``, and the share answered ``inject: null`` (the memory
@@ -43,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import sys
 import time
 import uuid
@@ -80,9 +83,10 @@ PROBE_SESSION: Final = "scale-probe"
 DEFAULT_OUT: Final = REPO / "docs"
 DEFAULT_STORE: Final = REPO / "bench" / "results" / "scale-store"
 META: Final = "scale-store.json"
-# Messages in flight while loading. Graphiti's FalkorDB driver answers "Too many
-# connections" with 64 (the bridge runs a store per message concurrently); 8 keeps it busy.
-WINDOW: Final = {"sqlite": 64, "graphiti": 8}
+# Messages in flight while loading.
+WINDOW: Final = {"sqlite": 64, "graphiti": 64}
+OUTBOX: Final = "outbox.sqlite3"  # the bridge's outbox in its data dir (bridge.config)
+DRAIN_POLL: Final = 0.05  # seconds between two looks at the outbox
 
 WRITES: Final = (1, 2, 3, 4, 5, 6)  # file:writes per task ...
 WRITE_WEIGHTS: Final = (30, 25, 18, 12, 9, 6)  # ... and how often each count occurs
@@ -389,6 +393,7 @@ class Loaded:
     queued: int = 0
     retries: int = 0
     failed_chats: int = 0
+    drain_seconds: float = 0.0  # waiting for the outbox to empty, after the last ack
 
 
 class Client:
@@ -520,6 +525,38 @@ async def probe_misses(client: Client, queries: Sequence[str], warmup: int) -> d
     }
 
 
+def outbox_pending(data_dir: Path) -> int:
+    """Episodes waiting in the bridge's outbox (acknowledged, not yet in memory), read from
+    its file in ``data_dir`` (0 when there is none)."""
+    path = data_dir / OUTBOX
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # created, not yet set up
+            return 0
+        raise
+    finally:
+        conn.close()
+
+
+async def drain(data_dir: Path, timeout: float) -> float:
+    """Wait until the bridge's outbox is empty; the seconds it took. BenchError past
+    ``timeout`` seconds (memory is not taking what the bridge acknowledged)."""
+    began = time.perf_counter()
+    deadline = began + timeout
+    while (left := await asyncio.to_thread(outbox_pending, data_dir)) > 0:
+        if time.perf_counter() > deadline:
+            raise BenchError(
+                f"{left:,} acknowledged episodes still in the outbox after {timeout} s"
+            )
+        await asyncio.sleep(DRAIN_POLL)
+    return time.perf_counter() - began
+
+
 # -- the kept store -----------------------------------------------------------------------
 
 
@@ -582,6 +619,7 @@ class Settings:
     warmup: int = 5
     window: int | None = None  # None: WINDOW of the backend
     timeout: float = 120.0
+    drain_timeout: float = 3600.0  # for the outbox to empty after a load
     histories: list[Path] = field(default_factory=history_paths)
 
 
@@ -627,6 +665,8 @@ async def run_backend(
                     progress(f"scale: {backend}: loading {state.episodes:,} -> {size:,} ...")
                     window = settings.window or WINDOW[backend]
                     added = await client.load(tasks, size - state.episodes, window)
+                    added.drain_seconds = await drain(store / "data", settings.drain_timeout)
+                    added.seconds += added.drain_seconds
                     state.tasks += added.tasks
                     state.episodes += added.episodes
                     state.load_seconds = round(state.load_seconds + added.seconds, 1)
@@ -647,6 +687,7 @@ async def run_backend(
                     if added.episodes and added.seconds
                     else None,
                     "queued_acks": added.queued,
+                    "drain_s": round(added.drain_seconds, 1),
                     "retried_events": added.retries,
                     "failed_chat_starts": added.failed_chats,
                     "window": settings.window or WINDOW[backend],
@@ -718,9 +759,12 @@ store size, measures chat:start misses, disk and memory.
   stored event: file:write, error or completion. Seed {seed}.
 - **Ingest.** One WebSocket, MessagePack, at most {window} messages unanswered, every
   reply checked (an event answered with a retryable error is sent again after 50 ms; a
-  chat:start is not); the rate is episodes acknowledged per second since the previous size
-  (it includes the tasks' own chat:starts, each a cache miss that reads memory). The
-  bridge's per-connection rate limit is lifted for the load.
+  chat:start is not); the rate is episodes stored per second since the previous size: the
+  load ends once every episode is acknowledged and the bridge's outbox (where an
+  acknowledged episode waits when memory does not take it within 2 s) is empty, so every
+  episode is in memory when misses are measured. It includes the tasks' own chat:starts,
+  each a cache miss that reads memory. The bridge's per-connection rate limit is lifted
+  for the load.
 - **Misses.** At each size the load pauses and {misses} distinct chat:starts are asked one
   at a time (after {warmup} not counted), each a loaded task's subject plus a word of its
   own so the cache never answers: client round trip and the reply's `elapsed_us`
@@ -735,6 +779,13 @@ store size, measures chat:start misses, disk and memory.
 """
 
 
+def window_text() -> str:
+    """The default window of each backend, in words."""
+    if len(set(WINDOW.values())) == 1:
+        return str(WINDOW["sqlite"])
+    return " or ".join(f"{n} ({backend})" for backend, n in WINDOW.items())
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The report: the method, the command, the table, the runs."""
     p = results["params"]
@@ -747,7 +798,7 @@ def markdown(results: dict[str, Any]) -> str:
             error=ERROR_SHARE,
             nosummary=NO_SUMMARY_SHARE,
             seed=p["seed"],
-            window=p["window"] or f"{WINDOW['sqlite']} (sqlite) or {WINDOW['graphiti']} (graphiti)",
+            window=p["window"] or window_text(),
             misses=p["misses"],
             warmup=p["warmup"],
         ),
@@ -764,7 +815,8 @@ def markdown(results: dict[str, Any]) -> str:
     runs = [
         f"- {r['backend']} {r['episodes']:,} episodes: measured {r['measured']}, "
         f"{r['loaded_episodes']:,} episodes loaded in {r['load_s']:,} s, probe {r['probe_s']} s"
-        + (f", {r['queued_acks']} acks queued in the outbox" if r.get("queued_acks") else "")
+        + (f", {r['queued_acks']:,} acks queued in the outbox" if r.get("queued_acks") else "")
+        + (f", outbox emptied in {r['drain_s']} s" if r.get("drain_s") else "")
         + (f", window {r['window']}" if r.get("window") else "")
         + (
             f", {r['retried_events']:,} events sent again after a retryable error"
@@ -880,8 +932,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--window",
         type=int,
-        help=f"messages in flight when loading (default {WINDOW['sqlite']}; graphiti "
-        f"{WINDOW['graphiti']})",
+        help=f"messages in flight when loading (default {window_text()})",
     )
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument(

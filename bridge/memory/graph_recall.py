@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,6 +36,8 @@ from bridge.errors import MemoryUnavailable
 from bridge.memory.graph_tasks import Run
 from bridge.memory.index import RecallIndexes
 from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
+
+log = logging.getLogger(__name__)
 
 ATTEMPTS: Final = 4  # loads and catch-ups before a query gives up (the index let go of it)
 # A task as a list: change, then the TaskHit fields (the write statement returns the same).
@@ -77,6 +80,14 @@ def task_of(row: list[Any]) -> tuple[int, TaskHit]:
     return int(changed or 0), task
 
 
+@dataclass
+class Rounds:
+    """A group's catch-up read in flight, and the one its latecomers wait for."""
+
+    current: asyncio.Task[None] | None = None
+    next: asyncio.Task[None] | None = None
+
+
 class GraphRecall:
     """The recall indexes of one backend's graphs, each kept up to date with its graph."""
 
@@ -86,6 +97,7 @@ class GraphRecall:
         self.reads = 0  # catch-up reads that found changes (to observe them)
         self._synced: dict[str, Synced] = {}
         self._loads: dict[str, asyncio.Future[None]] = {}
+        self._rounds: dict[str, Rounds] = {}  # catch-up reads per group
 
     async def candidates(self, run: Run, group: str, query: str) -> Candidates:
         """Past tasks and files of ``group`` matching ``query``, and its recent work, from
@@ -95,7 +107,9 @@ class GraphRecall:
             if synced is None or not self.index.wants(group):
                 await self._load(run, group)  # then catch up: a load others waited for
                 continue  # may have read the graph before their writes
-            await self._catch_up(run, group, synced)
+            await self._round(run, group)
+            if self._synced.get(group) is not synced:
+                continue  # loaded again meanwhile: catch up with that
             if (found := self.index.candidates(group, query)) is not None:
                 return found
         raise MemoryUnavailable(f"the recall index of {group} was let go of while loading")
@@ -109,7 +123,12 @@ class GraphRecall:
         if counter != synced.counter:
             self.forget(group)  # a graph the index was not loaded from
             return
-        self._fold(group, synced, rows)
+        try:
+            self._fold(group, synced, rows)
+        except Exception:  # the graph has the writes: the next query loads them from it
+            log.exception("cannot apply written tasks of %s: its index is loaded again", group)
+            self.forget(group)
+            return
         changes = [int(row[0]) for row in rows]
         following = changes == list(range(changes[0], changes[0] + len(changes)))
         if following and synced.applied >= changes[0] - 1:
@@ -119,6 +138,30 @@ class GraphRecall:
         """Drop a project's index: its next query loads it from the graph."""
         self._synced.pop(group, None)
         self.index.discard(group)
+
+    async def _round(self, run: Run, group: str) -> None:
+        """Catch up once for all the callers that came while the last read was out.
+
+        One catch-up read per group at a time: a caller that comes while one is out waits
+        for it and then shares the next one with everyone who came meanwhile; each read
+        starts after its callers came, so it sees every write acknowledged before them.
+        A round is a task of its own, so a caller that stops waiting does not stop it.
+        """
+        rounds = self._rounds.setdefault(group, Rounds())
+        if rounds.next is None:
+            rounds.next = asyncio.create_task(self._next_round(rounds, run, group))
+            rounds.next.add_done_callback(_retrieve)
+        await asyncio.shield(rounds.next)
+
+    async def _next_round(self, rounds: Rounds, run: Run, group: str) -> None:
+        if rounds.current is not None:
+            await asyncio.wait([rounds.current])
+        rounds.current, rounds.next = rounds.next, None
+        try:
+            if (synced := self._synced.get(group)) is not None:
+                await self._catch_up(run, group, synced)
+        finally:
+            rounds.current = None
 
     async def _catch_up(self, run: Run, group: str, synced: Synced) -> None:
         rows = await run(CHANGES, group_id=group, since=synced.applied, horizon=self.horizon)
@@ -132,7 +175,11 @@ class GraphRecall:
             return
         if rows[0]["tasks"]:
             self.reads += 1
-            self._fold(group, synced, rows[0]["tasks"])
+            try:
+                self._fold(group, synced, rows[0]["tasks"])
+            except Exception as e:
+                self.forget(group)
+                raise MemoryUnavailable(f"cannot apply the changes of {group}: {e}") from e
         synced.applied = max(synced.applied, int(rows[0]["changes"]))
 
     def _fold(self, group: str, synced: Synced, rows: list[list[Any]]) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -53,7 +54,7 @@ import msgspec
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
-from bridge.memory import graph_tasks
+from bridge.memory import falkor, graph_tasks
 from bridge.memory.base import Recall, candidates_from_recall
 from bridge.memory.graph_recall import GraphRecall
 from bridge.memory.group_commit import GroupCommit
@@ -120,6 +121,7 @@ class LlmSettings:
     embedding_dim: int = 1024
 
 
+@functools.lru_cache(maxsize=1024)
 def graph_group(project: str) -> str:
     """The Graphiti group id of a project: itself if Graphiti accepts it, else ``_x`` + hex.
 
@@ -169,21 +171,36 @@ def _runner(driver: GraphDriver) -> graph_tasks.Run:
     return run
 
 
+def _description(episode: Episode) -> str:
+    """The node's ``source_description``: the episode's, a newline, its metadata."""
+    return f"{episode.source_description}\n{_encode(episode.metadata).decode()}"
+
+
 def _node(episode: Episode) -> EpisodicNode:
     """The Graphiti episodic node of an episode; MemoryUnavailable if it cannot be one."""
     try:
-        metadata = _encode(episode.metadata).decode()
         return EpisodicNode(
             uuid=episode.uuid,
             name=episode.name,
             group_id=graph_group(episode.group_id),
             source=EpisodeType.text,
-            source_description=f"{episode.source_description}\n{metadata}",
+            source_description=_description(episode),
             content=episode.body,
             valid_at=dt.datetime.fromtimestamp(episode.reference_time, dt.UTC),
         )
     except (ValueError, OverflowError, TypeError, msgspec.EncodeError) as e:
         raise MemoryUnavailable(f"cannot store episode {episode.uuid}: {e}") from e
+
+
+def _node_fields(episode: Episode) -> dict[str, str]:
+    """What the task model's batch writes into an episode's node (as ``_node`` would),
+    for an episode ``_node`` accepted."""
+    return {
+        "name": episode.name,
+        "source_description": _description(episode),
+        "source": EpisodeType.text.value,
+        "content": episode.body,
+    }
 
 
 def _episode(node: EpisodicNode, group_id: str) -> Episode:
@@ -289,6 +306,7 @@ class GraphitiMemory:
         self._graphs: dict[str, Graphiti] = {}
         self.tasks = GraphRecall()  # the recall index of the task model (FalkorDB)
         self._commits: dict[str, GroupCommit[Episode, bool]] = {}  # per group (FalkorDB)
+        self._task_runs: dict[str, graph_tasks.Run] = {}  # per group (FalkorDB)
         # FalkorDB crashed (SIGSEGV in its full-text index reader, IR_Read) when a full-text
         # search ran while an episode was written to the same graph, so the two never
         # overlap on one graph: writes and full-text reads (Graphiti's search) of a group
@@ -492,9 +510,9 @@ class GraphitiMemory:
     async def _open_tasks(self, driver: GraphDriver, group: str) -> None:
         """Index the task model, migrate what an earlier release kept, link the episodes
         it did not link, and start the group's writer."""
-        run = _runner(driver)
         for statement in graph_tasks.SCHEMA:
-            await run(statement)
+            await _runner(driver)(statement)
+        run = self._task_runs[group] = falkor.runner(driver.client.select_graph(group))  # type: ignore[attr-defined]
         if await graph_tasks.migrate(run):
             log.info("graph %s: full-text task search migrated to the recall index", group)
         linked = await graph_tasks.backfill(run, group, self._reader(driver, group))
@@ -511,10 +529,7 @@ class GraphitiMemory:
         changed to the recall index; for each episode, True if it was new (a uuid given
         twice is new once at most)."""
         distinct = list({episode.uuid: episode for episode in reversed(episodes)}.values())[::-1]
-        nodes = [_node(episode) for episode in distinct]
-        fields = [{f: getattr(n, f) for f in graph_tasks.NODE_FIELDS} for n in nodes]
-        for created in fields:
-            created["source"] = EpisodeType.text.value
+        fields = [_node_fields(episode) for episode in distinct]
         statement, params = graph_tasks.link_batch(distinct, group, fields)
         async with self._turn(group):
             (row,) = await run(statement, **params)
@@ -536,7 +551,9 @@ class GraphitiMemory:
         return self._turns.setdefault(group, asyncio.Lock())
 
     async def _run(self, group: str) -> graph_tasks.Run:
-        return _runner((await self._graph(group)).driver)
+        """The runner of a group's task-model statements (the group opened first)."""
+        await self._graph(group)
+        return self._task_runs[group]
 
     @staticmethod
     def _reader(driver: GraphDriver, group_id: str) -> Callable[[list[str]], Any]:
@@ -554,10 +571,11 @@ class GraphitiMemory:
     async def _save(self, episode: Episode) -> bool:
         """Save the episode's node unless a node with its uuid exists, and (FalkorDB) link
         it into its task in the same query; True if it was new."""
+        if self._structured:  # the episode was checked by _node when it was stored
+            group = graph_group(episode.group_id)
+            await self._graph(group)  # opened: its writer exists
+            return await self._commits[group].write(episode)
         node = _node(episode)
-        if self._structured:
-            await self._graph(node.group_id)  # opened: its writer exists
-            return await self._commits[node.group_id].write(episode)
         if await self._exists(node):
             return False
         await _call(node.save, (await self._graph(node.group_id)).driver)
