@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -211,7 +211,13 @@ class SentinelPrimary(Valkey):
         return None
 
     async def discover(self) -> Topology:
-        host, port = await self.sentinel.discover_master(self.service)
+        """The primary the Sentinels name now. The client's pool is pointed at it too: its
+        idle connections to a former primary close, and busy ones close when released
+        (redis-py only asks again when it opens a connection)."""
+        assert isinstance(self.client, redis.Redis)
+        pool = self.client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
         return Topology(frozenset({f"{host}:{port}"}))
 
     async def aclose(self) -> None:

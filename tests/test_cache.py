@@ -233,7 +233,8 @@ async def test_an_exhausted_pool_is_reported_as_busy_not_unreachable(
         assert await small.problem() is not None
         await asyncio.gather(*blocked)
         assert not (await small.lookup("p", "q")).hit
-        assert await small.problem() is None
+        # Valkey answers again; the recent failure is still reported (FAILING_FOR seconds).
+        assert "busy" in (await small.problem() or ""), "a recent failure went unreported"
     finally:
         await small.close()
 

@@ -73,8 +73,12 @@ async def test_a_cluster_is_recognised_and_every_primary_serves_hits(
     owners = {(await valkey_cluster.node_of_slot(slot_of(cache, p))).port for p in PROJECTS}
     assert len(owners) == 3, "the projects do not spread over the three primaries"
     for project in PROJECTS:
-        keys = [cache.epoch_key(project), cache.context_key(project, "q"), cache.project_key(project),
-                cache.tag_key(project, "src/a.py")]  # fmt: skip
+        keys = [
+            cache.epoch_key(project),
+            cache.context_key(project, "q"),
+            cache.project_key(project),
+            cache.tag_key(project, "src/a.py"),
+        ]
         assert len({key_slot(k.encode()) for k in keys}) == 1, "a project's keys span slots"
         await cached(cache, project, "how does login work", ["src/login.py"])
     for project in PROJECTS:
@@ -181,12 +185,14 @@ async def test_a_resharded_slot_is_followed(
         slot = slot_of(cache, project)
         source = await valkey_cluster.node_of_slot(slot)
         target = next(n for n in await valkey_cluster.primary_nodes() if n is not source)
-        changes = cache.follower.changes if cache.follower else 0
+        changes = cache.follower.changes if cache.follower else 0  # layout changes seen
         assert await valkey_cluster.move_slot(slot, target) >= 4  # contexts, tags, set of all
 
         assert (await cache.lookup(project, "about a")).hit, "MOVED was not followed"
         assert (await valkey_cluster.node_of_slot(slot)) is target
-        assert await eventually(lambda: cache.follower is not None and cache.follower.changes > changes)
+        follower = cache.follower
+        assert follower is not None
+        assert await eventually(lambda: follower.changes > changes), "no change was seen"
         assert await eventually(lambda: cache.local_problem() is None)
         await copied(cache, project, "about a")
         await copied(cache, project, "about b")
@@ -227,7 +233,8 @@ async def test_a_killed_primary_is_reported_and_its_replica_takes_over(
     assert await http_get(app, "/readyz") == (200, b"ready\n")
     query = {"type": "chat:start", "id": 2, "query": "what broke in parser.ts"}
     async with connect(ws_url(app, "/shop")) as ws:
-        assert (await ask(ws, {"type": "error", "id": 1, "message": "TypeError in parser.ts"}))["ok"]
+        remembered = {"type": "error", "id": 1, "message": "TypeError in parser.ts"}
+        assert (await ask(ws, remembered))["ok"]
         assert not (await ask(ws, query))["hit"]
         assert (await ask(ws, query))["hit"]
 

@@ -53,6 +53,11 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
+def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start a server process (it writes to its log file, not to ours)."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
 class Node:
     """One valkey-server process: start, kill, start again on the same port and files."""
 
@@ -80,7 +85,7 @@ class Node:
             "--save", "", "--appendonly", "no", "--loglevel", "warning",
             "--logfile", str(self.folder / "valkey.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.process = spawn(argv)
 
         async def answers() -> bool:
             assert self.process is not None
@@ -121,17 +126,15 @@ class ValkeyCluster:
         for i in range(primaries * (1 + replicas)):
             bus = free_port()
             self.bus_ports.append(bus)
-            self.nodes.append(
-                Node(
-                    self.folder / f"node{i}",
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                    "--cluster-port", str(bus),
-                    "--cluster-replica-validity-factor", "0",
-                    "--repl-diskless-sync-delay", "0",
-                )  # fmt: skip
-            )
+            settings = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--cluster-port", str(bus),
+                "--cluster-replica-validity-factor", "0",
+                "--repl-diskless-sync-delay", "0",
+            ]  # fmt: skip
+            self.nodes.append(Node(self.folder / f"node{i}", *settings))
         self.primaries = primaries
         self.replicas = replicas
 
@@ -203,7 +206,9 @@ class ValkeyCluster:
         return [
             by_address[a]
             for a, v in view.items()
-            if "master" in v["flags"] and "fail" not in v["flags"] and v["slots"]
+            if "master" in v["flags"]
+            and "fail" not in v["flags"]
+            and v["slots"]
             and a in by_address
         ]
 
@@ -253,8 +258,9 @@ class ValkeyCluster:
             return 0
         moved = 0
         async with source.client() as src, target.client() as dst:
-            await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[source.address])
-            await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[target.address])
+            source_id, target_id = self.ids[source.address], self.ids[target.address]
+            await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
             while keys := await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
                 await src.execute_command(
                     "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
@@ -262,9 +268,7 @@ class ValkeyCluster:
                 moved += len(keys)
             for node in await self.primary_nodes():
                 async with node.client() as c:
-                    await c.execute_command(
-                        "CLUSTER", "SETSLOT", slot, "NODE", self.ids[target.address]
-                    )
+                    await c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
         await self.wait_until_ok()
         return moved
 
@@ -312,31 +316,28 @@ class ValkeySentinel:
             f"sentinel down-after-milliseconds {self.service} 1000\n"
             f"sentinel failover-timeout {self.service} 5000\n"
         )
-        self.sentinel = subprocess.Popen(
-            [str(get_binary_path()), str(config), "--sentinel"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
+        self.sentinel = spawn([str(get_binary_path()), str(config), "--sentinel"])
 
-        async def watching() -> bool:
-            async with redis.Redis(port=self.sentinel_port, socket_timeout=5) as s:
-                masters = await s.execute_command("SENTINEL", "MASTERS")
-                return bool(masters)
+        await wait_until(self._knows_the_replica, "the Sentinel knows the replica")
 
-        await wait_until(watching, "the Sentinel watches the primary")
+    async def _knows_the_replica(self) -> bool:
+        """Whether the Sentinel has found a replica it could promote (it learns of replicas
+        from the primary's INFO, every few seconds)."""
+        async with redis.Redis(port=self.sentinel_port, socket_timeout=5) as s:
+            replicas = await s.sentinel_slaves(self.service)
+        return any(r.get("master-link-status") == "ok" and not r.get("is_sdown") for r in replicas)
 
     async def current_primary(self) -> int:
         """The port of the primary the Sentinel names."""
         async with redis.Redis(port=self.sentinel_port, socket_timeout=5) as s:
-            _, port = await s.execute_command(
-                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
-            )
+            _, port = await s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
         return int(port)
 
     async def fail_over(self) -> int:
         """Make the Sentinel promote the replica (SENTINEL FAILOVER); return the new
         primary's port once it serves writes."""
         before = await self.current_primary()
+        await wait_until(self._knows_the_replica, "the Sentinel knows a replica to promote")
         async with redis.Redis(port=self.sentinel_port, socket_timeout=5) as s:
             await s.execute_command("SENTINEL", "FAILOVER", self.service)
 
