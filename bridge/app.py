@@ -283,6 +283,9 @@ async def serve(config: Config) -> None:
         await app.start()
         assert app.server is not None
         valkey = redact_url(config.valkey_url) if config.valkey_url else "a private valkey-server"
+        assert app.cache is not None
+        if app.cache.valkey.kind != "server":
+            valkey += f", {app.cache.valkey.label}"
         print(
             f"graphiti-bridge listening on ws://{config.host}:{app.server.port} "
             f"(cache: {valkey}; memory: {config.describe_memory()})",

@@ -125,6 +125,7 @@ class Valkey:
     """A client of one Valkey server (the base of the other kinds)."""
 
     kind = "server"
+    label = "one server"
 
     def __init__(self, client: Client, pool_size: int) -> None:
         self.client = client
@@ -187,6 +188,7 @@ class SentinelPrimary(Valkey):
     """The primary a set of Sentinels names for a service."""
 
     kind = "sentinel"
+    label = "the primary Sentinel names"
 
     def __init__(self, target: SentinelUrl, timeout: float, pool_size: int) -> None:
         settings = client_settings(timeout, pool_size)
@@ -229,6 +231,7 @@ class Cluster(Valkey):
     """A Valkey Cluster through redis-py's cluster client."""
 
     kind = "cluster"
+    label = "a Valkey Cluster"
     client: RedisCluster
 
     @property
