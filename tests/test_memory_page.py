@@ -68,11 +68,11 @@ async def shop(
     request: pytest.FixtureRequest, tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     """A bridge on each backend whose default project is "shop"."""
-    settings = backend_settings(request.param, request)
-    app = App(bridge_config(tmp_path, valkey, statsd.port, project="shop", **settings))
-    await app.start()
-    yield app
-    await app.stop()
+    async with backend_settings(request.param) as settings:
+        app = App(bridge_config(tmp_path, valkey, statsd.port, project="shop", **settings))
+        await app.start()
+        yield app
+        await app.stop()
 
 
 async def test_the_page_and_its_files_are_served_without_a_token(app: App) -> None:

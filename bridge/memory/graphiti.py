@@ -54,8 +54,8 @@ import msgspec
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
-from bridge.memory import falkor, graph_tasks
-from bridge.memory.base import Recall, candidates_from_recall
+from bridge.memory import falkor, graph_forget, graph_tasks
+from bridge.memory.base import Recall, Selector, Unsupported, candidates_from_recall
 from bridge.memory.graph_recall import GraphRecall
 from bridge.memory.group_commit import GroupCommit
 from bridge.recall import TASK_CANDIDATES, Candidates, TaskHit
@@ -487,6 +487,38 @@ class GraphitiMemory:
             if len(records) < size:
                 return
 
+    async def forget(self, group_id: str, selector: Selector) -> int:
+        """Forget what ``selector`` names (``graph_forget``), taking turns with the group's
+        writes; what waited for extraction leaves the queue, and the index reloads."""
+        group = graph_group(group_id)
+        driver = (await self._graph(group)).driver
+        async with self._turn(group):
+            read = self._reader(driver, group_id)
+            gone = await graph_forget.forget(
+                _runner(driver), read, group, selector.kind, selector.value
+            )
+        for uuid in gone:
+            if self._queued.pop(uuid, None) is not None:
+                await self.queue.remove(uuid)
+        self.tasks.forget(group)
+        return len(gone)
+
+    async def newest_tasks(
+        self, group_id: str, limit: int, before_seq: int | None = None
+    ) -> list[TaskHit]:
+        """The project's tasks newest first, from the graph's task nodes (FalkorDB)."""
+        if not self._structured:
+            raise Unsupported("graphiti on Neo4j keeps no task structure to list tasks from")
+        run = await self._run(graph_group(group_id))
+        return await graph_forget.newest_tasks(run, limit, before_seq)
+
+    async def projects(self) -> list[str]:
+        """The projects whose graphs hold tasks (FalkorDB), most recently active first."""
+        if not self._structured:
+            raise Unsupported("graphiti on Neo4j keeps no task structure to list projects by")
+        projects: list[str] = await _call(graph_forget.projects, self._driver.client)  # type: ignore[union-attr]
+        return projects
+
     async def _graph(self, group: str) -> Graphiti:
         """The Graphiti instance of one group, on that group's driver (its graph on Falkor).
 
@@ -596,6 +628,8 @@ class GraphitiMemory:
         """Feed one group's queued episodes to add_episode, in order, one at a time."""
         while True:
             episode = await lane.get()
+            if episode.uuid not in self._queued:
+                continue  # forgotten while it waited
             await self._ingest(episode)
             try:
                 await self.queue.remove(episode.uuid)
