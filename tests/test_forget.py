@@ -17,7 +17,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from bridge.app import App
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.episode import Episode
 from bridge.memory.script import ScriptMemory
+from bridge.memory.sqlite import SqliteMemory
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_memory_script import MEMORY_MANAGER
 
@@ -396,3 +398,46 @@ async def forget_on_one_read_on_two(backend: str, one: App, two: App) -> None:
         for query in (question, "pricing rules ValueError"):
             hit, after = await context(ws_two, query)
             assert not hit and "ValueError" not in after, (query, after)
+
+
+class SlowFirstStores(SqliteMemory):
+    """The real embedded store, whose first stores take longer than the bridge waits."""
+
+    def __init__(self, path: Path, slow: int) -> None:
+        super().__init__(path)
+        self.slow = slow
+
+    async def store(self, episode: Episode) -> bool:
+        if self.slow:
+            self.slow -= 1
+            await asyncio.sleep(5.0)  # cut short by the store timeout
+        return await super().store(episode)
+
+
+async def test_a_forget_waits_for_what_the_outbox_holds_so_it_never_comes_back(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
+) -> None:
+    """The write's store and the outbox's first deliveries time out: a forget sent
+    meanwhile says the outbox still holds episodes (retryable) and forgets nothing; once
+    the outbox is delivered, the same forget takes the episode, and it stays gone."""
+    config = bridge_config(tmp_path, valkey, statsd.port, store_timeout_ms=50)
+    app = App(config, memory=SlowFirstStores(config.memory_path, slow=4))
+    await app.start()
+    try:
+        async with connect(ws_url(app, "/shop")) as ws:
+            ack = await ask(ws, {"type": "file:write", "path": "src/late.py", "session": "s"})
+            assert ack["ok"] and ack["queued"], "the episode did not wait in the outbox"
+            early = await ask(ws, {"type": "forget", "path": "src/late.py"})
+            assert early["ok"] is False and early["error"]["retryable"] is True
+            assert early["error"]["code"] == "memory_unavailable"
+            assert "wait in the outbox" in early["error"]["message"]
+            for _ in range(200):  # bounded: the outbox's next delivery succeeds
+                reply = await ask(ws, {"type": "forget", "path": "src/late.py"})
+                if reply["ok"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert reply["forgotten"] == 1
+            assert app.delivery is not None and app.delivery.outbox.pending == 0
+            assert await exported(ws) == []
+    finally:
+        await app.stop()
