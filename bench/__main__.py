@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
+from bench.cluster import cluster
 from bench.common import (
     DEFAULT_OUT,
     BenchError,
@@ -51,7 +52,7 @@ from bench.suite import (
     writes,
 )
 
-SECTIONS: Final = ("hits", "misses", "writes", "original", "head_of_line", "rss")
+SECTIONS: Final = ("hits", "misses", "writes", "original", "head_of_line", "cluster", "rss")
 NOISY: Final = ("graphiti_core", "neo4j", "falkordb", "httpx", "openai", "websockets")
 
 
@@ -119,6 +120,7 @@ async def suite(params: Params, chosen: list[str]) -> tuple[list[Section], dict[
                 ("writes", lambda: writes(run)),
                 ("original", lambda: original(run, sqlite_miss(done))),
                 ("head_of_line", lambda: head_of_line(run)),
+                ("cluster", lambda: cluster(run)),
             ]
             for key, step in steps:
                 if key in chosen:
