@@ -379,7 +379,7 @@ async def test_a_store_of_schema_1_is_migrated_in_place_and_still_recalled(tmp_p
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 async def test_a_store_of_schema_2_drops_its_full_text_tables_and_is_still_recalled(
@@ -410,7 +410,7 @@ async def test_a_store_of_schema_2_drops_its_full_text_tables_and_is_still_recal
     with sqlite3.connect(path) as conn:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         assert not tables & {"tasks_fts", "files_fts", "files"}
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 async def test_a_write_is_recalled_at_once_once_the_project_is_loaded(tmp_path: Path) -> None:

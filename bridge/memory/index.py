@@ -29,7 +29,7 @@ import heapq
 import math
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 import msgspec
@@ -134,6 +134,7 @@ class ProjectIndex:
         self._file_tasks: dict[str, list[str]] = {}  # path -> uuids of its tasks, by seq
         self._file_index: Bm25Index = Bm25Index()
         self._window: Window | None = None  # the recent work, kept until a change
+        self._changed: dict[str, int] = {}  # uuid -> the store's change that made its state
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -143,18 +144,28 @@ class ProjectIndex:
         """The newest task's ordinal, 0 when there is none."""
         return next(reversed(self._tasks.values())).seq if self._tasks else 0
 
-    def load(self, tasks: Iterable[TaskHit]) -> None:
+    def load(self, tasks: Iterable[TaskHit], changed: Sequence[int] | None = None) -> None:
         """Add many tasks, oldest first: as many puts, with each file indexed once."""
-        for task in tasks:
-            self.put(task, index_files=False)
+        for task, change in _states(tasks, changed):
+            self.put(task, index_files=False, changed=change)
         for path in list(self._file_tasks):
             self._index_file(path)
 
-    def put(self, task: TaskHit, *, index_files: bool = True) -> None:
-        """Add a task, or replace it with its newer state; the oldest leave past the horizon."""
+    def put(self, task: TaskHit, *, index_files: bool = True, changed: int | None = None) -> None:
+        """Add a task, or replace it with its newer state; the oldest leave past the horizon.
+
+        With ``changed`` (the store's change that produced this state) a state no newer
+        than the one held is ignored, so states read and written in any order leave the
+        newest.
+        """
+        if changed is not None:
+            if self._changed.get(task.uuid, -1) >= changed:
+                return
+            self._changed[task.uuid] = changed
         old = self._tasks.get(task.uuid)
         if old is None and self._tasks and task.seq < self.latest_seq:
             if len(self._tasks) >= self.horizon and task.seq < self._oldest_seq():
+                self._changed.pop(task.uuid, None)
                 return  # older than everything kept: past the horizon already
             self._insert_in_order(task)
         else:
@@ -202,6 +213,7 @@ class ProjectIndex:
 
     def _evict(self, uuid: str, *, index_files: bool = True) -> None:
         task = self._tasks.pop(uuid)
+        self._changed.pop(uuid, None)
         self._query_terms.pop(uuid, None)
         self._task_index.remove(uuid)
         self._window = None
@@ -249,6 +261,15 @@ class ProjectIndex:
         )
 
 
+def _states(
+    tasks: Iterable[TaskHit], changed: Sequence[int] | None
+) -> Iterator[tuple[TaskHit, int | None]]:
+    """Each task with the change that made it (None when the caller numbers none)."""
+    if changed is None:
+        return ((task, None) for task in tasks)
+    return zip(tasks, changed, strict=True)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _path_terms(path: str) -> tuple[str, ...]:
     return tuple(terms(path))
@@ -264,7 +285,9 @@ class RecallIndexes:
     A backend asks :meth:`candidates`; on None it reads the project's last tasks from its
     store between :meth:`begin_load` and :meth:`finish_load`. After each commit it hands
     the new state of every changed task to :meth:`apply`: changes committed while a
-    project loads are kept and replayed onto the loaded index, so none is missed.
+    project loads are kept and replayed onto the loaded index, so none is missed. A
+    backend whose store numbers its changes passes each state's number (``changed``), and
+    an older state never replaces a newer one.
     """
 
     def __init__(self, projects: int = PROJECTS, horizon: int = HORIZON_TASKS) -> None:
@@ -272,7 +295,7 @@ class RecallIndexes:
         self.horizon = horizon
         self._lock = threading.Lock()
         self._indexes: OrderedDict[str, ProjectIndex] = OrderedDict()
-        self._loading: dict[str, tuple[list[int], list[TaskHit]]] = {}
+        self._loading: dict[str, tuple[list[int], list[tuple[TaskHit, int | None]]]] = {}
         self._stale: set[str] = set()  # discarded while loading: the load is not installed
 
     def candidates(self, group_id: str, query: str) -> Candidates | None:
@@ -289,14 +312,24 @@ class RecallIndexes:
         with self._lock:
             return group_id in self._indexes or group_id in self._loading
 
-    def apply(self, group_id: str, tasks: Sequence[TaskHit]) -> None:
-        """Apply the committed state of changed tasks of ``group_id``."""
+    def apply(
+        self, group_id: str, tasks: Sequence[TaskHit], changed: Sequence[int] | None = None
+    ) -> None:
+        """Apply the committed state of changed tasks of ``group_id`` (with the change that
+        produced each, when the store numbers them)."""
+        states = list(_states(tasks, changed))
         with self._lock:
             if (loading := self._loading.get(group_id)) is not None:
-                loading[1].extend(tasks)
+                loading[1].extend(states)
             if (index := self._indexes.get(group_id)) is not None:
-                for task in tasks:
-                    index.put(task)
+                for task, change in states:
+                    index.put(task, changed=change)
+
+    def discard_all(self) -> None:
+        """Drop every project's index (another process forgot something)."""
+        with self._lock:
+            self._indexes.clear()
+            self._stale.update(self._loading)
 
     def discard(self, group_id: str) -> None:
         """Drop a project's index: the next query loads it again from the store."""
@@ -311,19 +344,21 @@ class RecallIndexes:
             loaders, _ = self._loading.setdefault(group_id, ([0], []))
             loaders[0] += 1
 
-    def finish_load(self, group_id: str, tasks: Iterable[TaskHit]) -> None:
+    def finish_load(
+        self, group_id: str, tasks: Iterable[TaskHit], changed: Sequence[int] | None = None
+    ) -> None:
         """Install the index built from ``tasks`` (read after :meth:`begin_load`, oldest
         first) with the changes committed since; an index loaded meanwhile is kept."""
         index = ProjectIndex(self.horizon)
-        index.load(tasks)
+        index.load(tasks, changed)
         with self._lock:
             _, changes = self._loading[group_id]
             stale = group_id in self._stale
             self._end_load(group_id)
             if stale or group_id in self._indexes:
                 return
-            for task in changes:
-                index.put(task)
+            for task, change in changes:
+                index.put(task, changed=change)
             self._indexes[group_id] = index
             while len(self._indexes) > self.projects:
                 self._indexes.popitem(last=False)

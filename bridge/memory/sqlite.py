@@ -9,7 +9,9 @@ Episodes are also folded into tasks (see ``sqlite_tasks``) in the transaction th
 them, so the task model is exactly as durable as the episodes. ``chat:start`` recalls
 from the recall index (``bridge.memory.index``): loaded from the task tables on a
 project's first query (and for the most recent projects at start), and brought up to each
-commit before the commit's episodes are acknowledged. ``query`` searches the episodes'
+commit before the commit's episodes are acknowledged. Other processes may share the file
+(``serve --workers N``): before a query the index catches up with their commits, see
+``sqlite_changes``. ``query`` searches the episodes'
 FTS5 index; user text never reaches FTS5 query syntax: recall extracts words and quotes
 each one, so ``"``, ``NEAR``, ``*``, ``AND`` and the like are searched as plain words.
 
@@ -38,12 +40,13 @@ import msgspec
 
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable
-from bridge.memory import sqlite_tasks
+from bridge.memory import sqlite_changes, sqlite_tasks
 from bridge.memory.base import PROJECTS_LISTED, Recall, Selector
 from bridge.memory.index import RecallIndexes
+from bridge.memory.sqlite_changes import Follower
 from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,8 @@ class SqliteMemory:
         self._lock = threading.Lock()
         self._open = False
         self.index = RecallIndexes()
+        self.follower = Follower(self.index)
+        self._peek: sqlite3.Connection | None = None  # reads the counters on the event loop
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._preload: asyncio.Task[None] | None = None
 
@@ -166,6 +171,12 @@ class SqliteMemory:
             await asyncio.wrap_future(ready)
         except (OSError, sqlite3.Error) as e:
             raise MemoryUnavailable(f"cannot open {self.path}: {e}") from e
+        try:
+            self._peek = self._connect_read_only()
+            self.follower.start(self._peek)
+        except sqlite3.Error as e:
+            self._queue.put(None)  # the writer thread ends
+            raise MemoryUnavailable(f"cannot read {self.path}: {e}") from e
         self._readers = concurrent.futures.ThreadPoolExecutor(READERS, "sqlite-reader")
         self._open = True
         self._preload = asyncio.create_task(self._load_recent_projects(), name="recall-preload")
@@ -203,6 +214,8 @@ class SqliteMemory:
         await asyncio.to_thread(self._readers.shutdown)
         for conn in self._reader_conns:
             conn.close()
+        if self._peek is not None:
+            self._peek.close()
         await asyncio.to_thread(self._writer.join)  # the writer closes last: it checkpoints
 
     async def store(self, episode: Episode) -> bool:
@@ -271,9 +284,21 @@ class SqliteMemory:
         from the recall index (loaded from the store on the project's first query)."""
         if not self._open:
             raise MemoryUnavailable("sqlite memory is not open")
+        if self._behind():
+            await self._run(self.follower.follow)
         while (found := self.index.candidates(group_id, query)) is None:
             await self._load(group_id)
         return found
+
+    def _behind(self) -> bool:
+        """Whether other processes committed since the index last caught up: one read of
+        the counters, on the event loop (a few microseconds; a WAL reader never waits for
+        the writer)."""
+        assert self._peek is not None
+        try:
+            return self.follower.behind(sqlite_changes.read_counters(self._peek))
+        except sqlite3.Error:
+            return True  # the catch-up on a reader thread says what is wrong
 
     async def _load(self, group_id: str) -> None:
         """Load a project's last tasks into the recall index, once for concurrent callers
@@ -294,14 +319,15 @@ class SqliteMemory:
     async def _read_project(self, group_id: str) -> None:
         self.index.begin_load(group_id)
         try:
-            tasks = await self._run(
-                lambda conn: sqlite_tasks.last_tasks(conn, group_id, HORIZON_TASKS)
+            states = await self._run(
+                lambda conn: sqlite_tasks.last_task_states(conn, group_id, HORIZON_TASKS)
             )
         except BaseException:
             self.index.abandon_load(group_id)
             raise
+        tasks, changed = [s.task for s in states], [s.changed for s in states]
         # Once begun, finishing is the thread's: it ends the load even if this is cancelled.
-        await asyncio.to_thread(self.index.finish_load, group_id, tasks)
+        await asyncio.to_thread(self.index.finish_load, group_id, tasks, changed)
 
     async def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:
         """Yield every episode of ``group_id`` by (reference_time, insertion), ``batch`` at a
@@ -333,12 +359,16 @@ class SqliteMemory:
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn = self._connect_read_only()
             self._local.conn = conn
             with self._lock:
                 self._reader_conns.append(conn)
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
         return conn
 
     def _write_loop(self, ready: concurrent.futures.Future[None]) -> None:
@@ -388,12 +418,16 @@ class SqliteMemory:
         error: MemoryUnavailable | None = None
         stored: list[bool] = []
         changed: dict[int, str] = {}  # task id -> project
+        change = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             for episode, row, _ in group:
                 stored.append(conn.execute(INSERT, row).rowcount == 1)
                 if stored[-1]:
                     changed[sqlite_tasks.link(conn, episode)] = episode.group_id
+            if changed:
+                change = sqlite_changes.bump(conn, "changes")
+                sqlite_changes.mark(conn, list(changed), change)
             conn.execute("COMMIT")
             self.transactions += 1
         except Exception as e:
@@ -406,7 +440,7 @@ class SqliteMemory:
             error = MemoryUnavailable(f"sqlite write failed: {e}")
             error.__cause__ = e
         if changed:
-            self._apply(conn, changed)
+            self.follower.committed(conn, change, changed)
         for (_, _, done), new in zip(group, stored or [False] * len(group), strict=True):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 done.get_loop().call_soon_threadsafe(_settle, done, error or new)
@@ -419,6 +453,7 @@ class SqliteMemory:
         try:
             conn.execute("BEGIN IMMEDIATE")
             outcome = sqlite_tasks.forget(conn, forgetting.group_id, kind, value)
+            number = sqlite_changes.bump(conn, "forgets")
             conn.execute("COMMIT")
             self.transactions += 1
         except Exception as e:
@@ -427,34 +462,10 @@ class SqliteMemory:
             outcome = MemoryUnavailable(f"sqlite forget failed: {e}")
             outcome.__cause__ = e
         else:
-            self.index.discard(forgetting.group_id)
+            self.follower.forgot(forgetting.group_id, number)
         done = forgetting.done
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             done.get_loop().call_soon_threadsafe(_settle, done, outcome)
-
-    def _apply(self, conn: sqlite3.Connection, changed: dict[int, str]) -> None:
-        """Bring the recall index up to the commit, before anyone hears of it.
-
-        Projects are asked for after the commit: one that began loading before this
-        question collects the change, one that begins after it reads a snapshot that holds
-        the change already. A project whose change cannot be read is dropped from the
-        index, to be loaded again from the store.
-        """
-        wanted = [task_id for task_id, group_id in changed.items() if self.index.wants(group_id)]
-        if not wanted:
-            return
-        try:
-            records = sqlite_tasks.task_records(conn, wanted)
-        except sqlite3.Error:
-            log.exception("cannot read committed tasks back: their projects reload")
-            for group_id in set(changed.values()):
-                self.index.discard(group_id)
-            return
-        by_group: dict[str, list[TaskHit]] = {}
-        for group_id, task in records:
-            by_group.setdefault(group_id, []).append(task)
-        for group_id, tasks in by_group.items():
-            self.index.apply(group_id, tasks)
 
 
 def _settle(done: asyncio.Future[T], outcome: BaseException | T) -> None:
@@ -466,11 +477,26 @@ def _settle(done: asyncio.Future[T], outcome: BaseException | T) -> None:
         done.set_result(outcome)
 
 
+def prepare(path: Path) -> None:
+    """Create the store at ``path``, or migrate it, and close it again: a process that
+    starts several others on one store does this first, so none of them waits for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        _migrate(conn)
+    finally:
+        conn.close()
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Create the schema, or bring an older one up to SCHEMA_VERSION, in one transaction.
 
     Version 1 held episodes only: version 2 adds the task model, and every stored episode
     is folded into it in insertion order (an episode of version 1 is a task of its own).
+    Version 3 dropped version 2's full-text tables; version 4 numbers the store's changes
+    (``sqlite_changes``): tasks stored before count as change 0.
     """
     conn.execute("BEGIN IMMEDIATE")  # two processes starting at once: the second waits
     try:
@@ -486,9 +512,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
             rows = conn.execute(f"SELECT {COLUMNS} FROM episodes e ORDER BY e.id")
             for row in rows.fetchall():
                 sqlite_tasks.link(conn, _episode(row))
-        elif version < 3:
-            for table in sqlite_tasks.DROPPED_IN_3:
-                conn.execute(f"DROP TABLE IF EXISTS {table}")
+        else:
+            if version < 3:
+                for table in sqlite_tasks.DROPPED_IN_3:
+                    conn.execute(f"DROP TABLE IF EXISTS {table}")
+            if version < 4:
+                sqlite_tasks.add_changed_column(conn)
+        if version < 4:
+            _execute_script(conn, sqlite_changes.COUNTERS_SCHEMA)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -6,8 +6,10 @@ opened it, the files it wrote, the errors it hit, its outcome and summary. Every
 here runs on one connection inside the caller's transaction.
 
 The tables are the durable truth; searching them is the recall index's job
-(:mod:`bridge.memory.index`), which is loaded from :func:`last_tasks` and kept current
-with :func:`task_records` after each commit.
+(:mod:`bridge.memory.index`), which is loaded from :func:`last_task_states` and kept
+current with :func:`task_states` after each commit, and with :func:`states_changed_since`
+after other processes' commits. Each task records the store's change that last touched it
+(``changed``, see :mod:`bridge.memory.sqlite_changes`).
 
 Forgetting (:func:`forget`) deletes episodes and then rebuilds each task they belonged to
 from the episodes it has left, folded in again in the order they were stored, so a task
@@ -19,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -41,10 +43,12 @@ CREATE TABLE tasks (
     query TEXT NOT NULL DEFAULT '',
     summary TEXT NOT NULL DEFAULT '',
     outcome TEXT NOT NULL DEFAULT 'unfinished',
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    changed INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX tasks_group_seq ON tasks (group_id, seq);
 CREATE INDEX tasks_session ON tasks (group_id, session);
+CREATE INDEX tasks_changed ON tasks (changed);
 CREATE TABLE task_files (
     id INTEGER PRIMARY KEY,
     task_id INTEGER NOT NULL REFERENCES tasks (id),
@@ -63,6 +67,15 @@ CREATE INDEX task_errors_task ON task_errors (task_id);
 # Version 2 kept full-text indexes of tasks and files in the store; the recall index in
 # memory replaced them.
 DROPPED_IN_3: Final = ("tasks_fts", "files_fts", "files")
+
+
+def add_changed_column(conn: sqlite3.Connection) -> None:
+    """Version 4 numbers the store's changes, so processes sharing it follow each other's:
+    add ``tasks.changed`` (0 for the tasks there are) and its index, unless there."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+    if "changed" not in columns:
+        conn.execute("ALTER TABLE tasks ADD COLUMN changed INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX IF NOT EXISTS tasks_changed ON tasks (changed)")
 
 OUTCOME: Final = {"success": "completed", "error": "failed", "note": "note"}
 
@@ -222,7 +235,7 @@ def fold(episodes: Iterable[Episode]) -> TaskHit | None:
             task_id = link(conn, episode)
         if task_id is None:
             return None
-        ((_, task),) = task_records(conn, [task_id])
+        ((_, _, task),) = task_states(conn, [task_id])
         return task
     finally:
         conn.close()
@@ -241,16 +254,36 @@ def _stored_episode(row: tuple[Any, ...]) -> Episode:
 # -- reads ----------------------------------------------------------------------------------
 
 MAX_SEQ: Final = 2**63 - 1
-TASK_COLUMNS: Final = "t.id, t.group_id, t.uuid, t.seq, t.query, t.summary, t.outcome, t.at"
+TASK_COLUMNS: Final = (
+    "t.id, t.group_id, t.changed, t.uuid, t.seq, t.query, t.summary, t.outcome, t.at"
+)
 
 
-def last_tasks(conn: sqlite3.Connection, group_id: str, count: int) -> list[TaskHit]:
+class TaskState(NamedTuple):
+    """A task as stored, with its project and the store's change that made this state."""
+
+    group_id: str
+    changed: int
+    task: TaskHit
+
+
+def last_task_states(conn: sqlite3.Connection, group_id: str, count: int) -> list[TaskState]:
     """The last ``count`` tasks of ``group_id``, oldest first, with their files and errors."""
     rows = conn.execute(
         f"SELECT {TASK_COLUMNS} FROM tasks t WHERE t.group_id = ? ORDER BY t.seq DESC LIMIT ?",
         (group_id, count),
     ).fetchall()
-    return [task for _, task in _records(conn, rows[::-1])]
+    return _records(conn, rows[::-1])
+
+
+def states_changed_since(conn: sqlite3.Connection, change: int, limit: int) -> list[TaskState]:
+    """Up to ``limit`` tasks of any project whose last change is after ``change``, in the
+    order of their changes."""
+    rows = conn.execute(
+        f"SELECT {TASK_COLUMNS} FROM tasks t WHERE t.changed > ? ORDER BY t.changed LIMIT ?",
+        (change, limit),
+    ).fetchall()
+    return _records(conn, rows)
 
 
 def newest_tasks(
@@ -263,10 +296,10 @@ def newest_tasks(
         "ORDER BY t.seq DESC LIMIT ?",
         (group_id, MAX_SEQ if before_seq is None else before_seq, limit),
     ).fetchall()
-    return [task for _, task in _records(conn, rows)]
+    return [state.task for state in _records(conn, rows)]
 
 
-def task_records(conn: sqlite3.Connection, task_ids: Iterable[int]) -> list[tuple[str, TaskHit]]:
+def task_states(conn: sqlite3.Connection, task_ids: Iterable[int]) -> list[TaskState]:
     """The current state of each task, with its project, in the order given."""
     ids = list(dict.fromkeys(task_ids))
     marks = ", ".join("?" * len(ids))
@@ -275,7 +308,7 @@ def task_records(conn: sqlite3.Connection, task_ids: Iterable[int]) -> list[tupl
     return _records(conn, [by_id[i] for i in ids if i in by_id])
 
 
-def _records(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[str, TaskHit]]:
+def _records(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[TaskState]:
     if not rows:
         return []
     ids = [row[0] for row in rows]
@@ -291,8 +324,9 @@ def _records(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tupl
     ):
         errors[task_id].append(text)
     return [
-        (
+        TaskState(
             group_id,
+            changed,
             TaskHit(
                 uuid=uuid,
                 seq=seq,
@@ -304,5 +338,5 @@ def _records(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tupl
                 errors=errors[task_id],
             ),
         )
-        for task_id, group_id, uuid, seq, query, summary, outcome, at in rows
+        for task_id, group_id, changed, uuid, seq, query, summary, outcome, at in rows
     ]
