@@ -77,6 +77,7 @@ def add_changed_column(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE tasks ADD COLUMN changed INTEGER NOT NULL DEFAULT 0")
     conn.execute("CREATE INDEX IF NOT EXISTS tasks_changed ON tasks (changed)")
 
+
 OUTCOME: Final = {"success": "completed", "error": "failed", "note": "note"}
 
 
