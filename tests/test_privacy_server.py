@@ -113,7 +113,8 @@ async def test_no_secret_private_span_or_injected_context_reaches_memory(
     assert by_type["file_edit", "Modified: src/auth/login.py"]["metadata"]["path"] == (
         "src/auth/login.py"
     ), "an ordinary path is kept as it is"
-    searched = msgspec.json.encode(found).decode()
+    # The episodes found (the reply's context is memory's own text, made to be injected).
+    searched = msgspec.json.encode(found["episodes"]).decode()
     assert "[redacted:password]" in searched and "[redacted:slack-token]" in searched
     for needle in NEVER_STORED:
         assert needle not in searched
@@ -200,4 +201,5 @@ async def test_memory_is_searched_with_the_scrubbed_query(
         await metrics.close()
         await memory.close()
     scrubbed = "why does deploy fail with DB_PASSWORD=[redacted:password]"
-    assert memory.searched == [scrubbed, scrubbed]
+    # chat:start's candidates, then query's episodes and its context's candidates
+    assert memory.searched == [scrubbed, scrubbed, scrubbed]
