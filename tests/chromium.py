@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -112,7 +114,7 @@ class Chromium:
         try:
             await asyncio.wait_for(self.process.wait(), 10)
         except TimeoutError:
-            self.process.kill()
+            _kill(self.process)
             await self.process.wait()
 
 
@@ -136,13 +138,14 @@ async def chromium() -> AsyncIterator[Chromium]:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its helper processes in its own group, killed with it
         )
         assert process.stderr is not None
         try:
             url = await asyncio.wait_for(_devtools_url(process.stderr), 60)
             ws = await connect(url, max_size=None, open_timeout=30)
         except BaseException:
-            process.kill()
+            _kill(process)
             await process.wait()
             raise
         drain = asyncio.create_task(_drain(process.stderr))
@@ -153,6 +156,12 @@ async def chromium() -> AsyncIterator[Chromium]:
         finally:
             await browser.close()
             drain.cancel()
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL chromium's process group (the browser and its helpers)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 async def _devtools_url(stderr: asyncio.StreamReader) -> str:
