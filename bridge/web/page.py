@@ -150,6 +150,9 @@ class MemoryPage:
             if status == 500:
                 log.exception("memory page: %s failed", path)
             return _error(status, str(e) if status != 500 else "internal error")
+        except Exception:  # a bug: said in the log, not to the page
+            log.exception("memory page: %s failed unexpectedly", path)
+            return _error(500, "internal error")
         return HttpReply(200, _encode(answer), headers=SECURITY_HEADERS)
 
     # -- access ---------------------------------------------------------------------------
