@@ -96,8 +96,8 @@ class Bm25Index:
         lists = [self._postings[t] for t in dict.fromkeys(query_terms) if t in self._postings]
         if not lists or k < 1:
             return []
-        average = self._total_length / n or 1.0
         length = self._length
+        base, per_unit = K1 * (1 - B), K1 * B / (self._total_length / n or 1.0)
         lists.sort(key=len)  # rarest first: the highest idf
         idf = [math.log(1 + (n - len(p) + 0.5) / (len(p) + 0.5)) for p in lists]
         # A term adds at most idf * (K1 + 1), whatever the document: what the terms not
@@ -106,21 +106,24 @@ class Bm25Index:
         scores: dict[str, float] = defaultdict(float)
         complete_only = False
         for posting, weight, rest in zip(lists, idf, still, strict=True):
-            keys: Iterable[str] = posting
-            if complete_only and len(scores) < len(posting):
-                keys = [key for key in scores if key in posting]
-            for key in keys:
-                if complete_only and key not in scores:
-                    continue
-                tf = posting[key]
-                norm = K1 * (1 - B + B * length[key] / average)
-                scores[key] += weight * tf * (K1 + 1) / (tf + norm)
-            if not complete_only and len(scores) >= k:
-                kth = heapq.nlargest(k, scores.values())[-1]
-                complete_only = kth > rest
+            gain = weight * (K1 + 1)
+            if complete_only:  # only documents already found can still reach the top k
+                found = scores if len(scores) < len(posting) else posting
+                for key in [key for key in found if key in posting and key in scores]:
+                    tf = posting[key]
+                    scores[key] += gain * tf / (tf + base + per_unit * length[key])
+                continue
+            for key, tf in posting.items():
+                scores[key] += gain * tf / (tf + base + per_unit * length[key])
+            if len(scores) >= k and rest < max(scores.values()):
+                complete_only = heapq.nlargest(k, scores.values())[-1] > rest
         # Ties go to the smaller key, so the answer does not depend on history.
-        best = heapq.nsmallest(k, scores.items(), key=lambda item: (-item[1], item[0]))
-        return best
+        if len(scores) <= k:
+            return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        kth = heapq.nlargest(k, scores.values())[-1]
+        best = [item for item in scores.items() if item[1] >= kth]
+        best.sort(key=lambda item: (-item[1], item[0]))
+        return best[:k]
 
 
 class ProjectIndex:
