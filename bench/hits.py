@@ -152,7 +152,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         valkey = redis.Redis.from_url(app.valkey.url)
         stack.push_async_callback(valkey.aclose)
         keys = [app.cache.context_key(PROJECT, QUERY), app.cache.epoch_key(PROJECT)]
-        cache = ContextCache.from_url(app.valkey.url, prefix=app.config.cache_prefix)
+        cache = ContextCache.from_url(
+            app.valkey.url, prefix=app.config.cache_prefix, namespace=app.cache.namespace
+        )
         stack.push_async_callback(cache.close)
 
         raw = await raw_valkey_trip(stack, app.valkey.socket_path, keys)
