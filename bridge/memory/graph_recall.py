@@ -18,10 +18,11 @@ no full-text search and no more as the graph grows.
 
 Every task state carries the change that produced it, and a state is applied only when it
 is newer than the one held, so reads and writes that finish in any order leave the newest
-state. A project is up to date to change N once a read returned every task changed up to
-N, or once a write of this process, whose changes follow one another without a gap,
-continued from it. A graph whose counter is not the one the index was loaded from (deleted
-and created again) is loaded again; so is a project the index let go of.
+state. A project is up to date to change N once every change up to N was returned by
+a read (every task changed since a change it was up to date with) or by a write of this
+process (whose changes follow one another without a gap): reads and writes that overlap
+leave no change to read twice. A graph whose counter is not the one the index was loaded
+from (deleted and created again) is loaded again; so is a project the index let go of.
 """
 
 from __future__ import annotations
@@ -62,6 +63,23 @@ class Synced:
     counter: str | None  # the graph's BridgeTasks node (None: the graph had none)
     applied: int = 0  # every change up to this one is in the index
     versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # uuid: change, seq
+    ahead: dict[int, int] = field(default_factory=dict)  # changes first..last applied past it
+
+    def through(self, last: int) -> None:
+        """Every change up to ``last`` is in the index (a read returned them)."""
+        self.applied = max(self.applied, last)
+        self._advance()
+
+    def span(self, first: int, last: int) -> None:
+        """Changes ``first`` to ``last`` are in the index (a write returned them)."""
+        self.ahead[first] = max(self.ahead.get(first, last), last)
+        self._advance()
+
+    def _advance(self) -> None:
+        for first in sorted(self.ahead):
+            if first > self.applied + 1:
+                break
+            self.applied = max(self.applied, self.ahead.pop(first))
 
 
 def task_of(row: list[Any]) -> tuple[int, TaskHit]:
@@ -130,9 +148,8 @@ class GraphRecall:
             self.forget(group)
             return
         changes = [int(row[0]) for row in rows]
-        following = changes == list(range(changes[0], changes[0] + len(changes)))
-        if following and synced.applied >= changes[0] - 1:
-            synced.applied = max(synced.applied, changes[-1])
+        if changes == list(range(changes[0], changes[0] + len(changes))):
+            synced.span(changes[0], changes[-1])
 
     def forget(self, group: str) -> None:
         """Drop a project's index: its next query loads it from the graph."""
@@ -173,21 +190,19 @@ class GraphRecall:
             return
         if not rows:
             return
-        if rows[0]["tasks"]:
+        if changed := [task for task in rows[0]["tasks"] if task[1] is not None]:
             self.reads += 1
             try:
-                self._fold(group, synced, rows[0]["tasks"])
+                self._fold(group, synced, changed)
             except Exception as e:
                 self.forget(group)
                 raise MemoryUnavailable(f"cannot apply the changes of {group}: {e}") from e
-        synced.applied = max(synced.applied, int(rows[0]["changes"]))
+        synced.through(int(rows[0]["changes"]))
 
     def _fold(self, group: str, synced: Synced, rows: list[list[Any]]) -> None:
         """Apply the task states newer than those held."""
         fresh = []
         for row in rows:
-            if row[1] is None:  # no task (an optional match that found none)
-                continue
             changed, task = task_of(row)
             known = synced.versions.get(task.uuid)
             if known is not None and known[0] >= changed:
@@ -214,7 +229,7 @@ class GraphRecall:
             synced = Synced(rows[0]["counter"] if rows else None)
             tasks = []
             for row in rows[0]["tasks"] if rows else ():
-                if row[1] is not None:
+                if row[1] is not None:  # none: an optional match that found no task
                     changed, task = task_of(row)
                     synced.versions[task.uuid] = (changed, task.seq)
                     tasks.append(task)
