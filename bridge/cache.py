@@ -231,7 +231,6 @@ class ContextCache:
         on_unavailable: Callable[[], None] = lambda: None,
         local: LocalContexts | None = None,
         namespace: str = "",
-        url: str | None = None,
     ) -> None:
         self.timeout = timeout
         self._prefix = prefix
@@ -251,7 +250,7 @@ class ContextCache:
         self._project_ids: dict[str, str] = {}
         self.local = local
         self.follower: Follower | None = None
-        self._url = url  # to ask again what kind of Valkey it is, when start could not
+        self._url: str | None = None  # set while what kind of Valkey it is is not known
         self._detecting: asyncio.Task[None] | None = None
         self._attach(valkey)
 
@@ -301,13 +300,14 @@ class ContextCache:
         valkey = open_valkey(url, timeout=timeout, pool_size=pool_size)
         if local_entries:
             kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", 300))
-        return cls(valkey, timeout=timeout, url=url, **kwargs)
+        return cls(valkey, timeout=timeout, **kwargs)
 
     @classmethod
     async def connect(cls, url: str, *, timeout: float = 0.5, **kwargs: Any) -> ContextCache:
         """A cache for ``url`` as ``from_url`` makes it, with a cluster client when the server
         is a cluster node. When the server does not answer, ``start`` keeps asking."""
         cache = cls.from_url(url, timeout=timeout, **kwargs)
+        cache._url = url
         try:
             async with asyncio.timeout(timeout * 4):
                 await cache._detect()
@@ -319,9 +319,8 @@ class ContextCache:
 
     async def _detect(self) -> bool:
         """Ask the server whether it is a cluster node; True if the client was replaced."""
-        found = await detect(
-            self._url or "", self.valkey, timeout=self.timeout, pool_size=self.pool_size
-        )
+        assert self._url is not None
+        found = await detect(self._url, self.valkey, timeout=self.timeout, pool_size=self.pool_size)
         if found is self.valkey:
             return False
         log.info("Valkey is a cluster: using the cluster client")
@@ -364,8 +363,8 @@ class ContextCache:
 
     async def problem(self) -> str | None:
         """Why Valkey cannot serve the cache right now, or None when it works: Valkey is
-        asked (every primary, on a cluster), then the last operation must not have failed
-        since one last succeeded."""
+        asked (every primary, on a cluster), and no operation may have failed in the last
+        FAILING_FOR seconds."""
         try:
             async with asyncio.timeout(self.timeout):
                 async with self._slots:
