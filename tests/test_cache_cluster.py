@@ -135,7 +135,7 @@ async def test_bridges_on_different_memories_share_no_contexts(
 
 
 async def test_a_client_that_ignores_the_cluster_reports_moved_as_degraded(
-    valkey_cluster: ValkeyCluster,
+    valkey_cluster: ValkeyCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     """from_url asks nothing: its plain client gets MOVED for slots of other primaries.
     Every such refusal is a cache failure, logged and reported, never silence."""
@@ -149,6 +149,7 @@ async def test_a_client_that_ignores_the_cluster_reports_moved_as_degraded(
                 refused.append(str(e))
         assert refused and all("MOVED" in r for r in refused), refused
         assert "MOVED" in (await plain.problem() or "")
+        assert "Valkey refused an operation (MOVED" in caplog.text
     finally:
         await plain.close()
 
@@ -239,7 +240,19 @@ async def test_a_killed_primary_is_reported_and_its_replica_takes_over(
         assert (await ask(ws, query))["hit"]
 
         victim = await valkey_cluster.node_of_slot(slot_of(app.cache, "shop"))
+        elsewhere = PROJECTS[0]
+        for project in PROJECTS:  # a project served by another primary
+            if await valkey_cluster.node_of_slot(slot_of(app.cache, project)) is not victim:
+                elsewhere = project
+                break
+        await cached(app.cache, elsewhere, "on a primary that stays", [])
         victim.kill()
+        local = app.cache.local
+        assert local is not None
+        assert await eventually(lambda: not local.live)
+        assert app.cache.lookup_local(elsewhere, "on a primary that stays") is None, (
+            "the local copy served while it did not follow every primary"
+        )
         status, body = await http_get(app, "/readyz")
         assert status == 200 and body.startswith(b"ready\n"), body
         assert b"cache: degraded (valkey: cluster primary " + victim.address.encode() in body
