@@ -7,7 +7,8 @@ from the embedded store to Graphiti::
     graphiti-bridge import --memory graphiti shop.jsonl
 
 They hold the data folder like a server does, so they refuse to run while a server uses
-the same ``--data-dir``. Whatever keeps a command from starting or finishing (a bad flag
+the same ``--data-dir``. ``worker`` is not for users: ``serve --workers N`` runs it, once
+per worker (see ``bridge.workers``). Whatever keeps a command from starting or finishing (a bad flag
 or environment value, a port in use, a busy data folder, an unreadable file) is one line
 on stderr, ``graphiti-bridge: <what was wrong>``, and exit status 2.
 """
@@ -20,7 +21,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from bridge import __version__
 from bridge.config import (
@@ -29,7 +30,11 @@ from bridge.config import (
     add_serve_arguments,
     config_from_args,
     environment,
+    worker_config,
 )
+
+if TYPE_CHECKING:
+    from bridge.workers import Report
 
 IMPORT_PROJECT_HELP = (
     "move every episode into this project (default: each keeps the project it was exported from)"
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="graphiti-bridge", description="Memory bridge between OpenCode and Graphiti."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,export,import}")
     add_serve_arguments(commands.add_parser("serve", help="run the WebSocket server"), env)
     export = commands.add_parser("export", help="write a project's episodes as JSON Lines")
     export.add_argument("--out", default="-", help="file to write (default: standard output)")
@@ -51,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("import", help="store episodes from JSON Lines")
     load.add_argument("file", nargs="?", default="-", help="file to read (default: stdin)")
     add_serve_arguments(load, env, project_help=IMPORT_PROJECT_HELP)
+    worker = commands.add_parser("worker")  # run by serve --workers N, not listed
+    worker.add_argument("number", type=int, help="which worker this is (1..N)")
+    worker.add_argument("report_fd", type=int, help="pipe to the parent: ready, or why not")
     return parser
 
 
@@ -66,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _command(args: argparse.Namespace) -> None:
     """Run the parsed command (raises StartupError when it cannot start or finish)."""
+    if args.command == "worker":
+        from bridge.workers import Report
+
+        _worker(args.number, Report(args.report_fd))
+        return
     move_to: str | None = args.project if args.command == "import" else None
     config = config_from_args(args)
     _configure_logging(config)
@@ -82,6 +95,23 @@ def _command(args: argparse.Namespace) -> None:
             done = _run(app.import_project(config, move_to, src))
         where = f"into {move_to}: " if move_to is not None else ""
         print(f"{where}{done}", file=sys.stderr)
+
+
+def _worker(number: int, report: Report) -> None:
+    """Run one worker of ``serve --workers N`` with the Config its parent put in its
+    environment; whatever keeps it from starting is also reported to the parent."""
+    try:
+        config = worker_config(environment())
+        if config.worker != number:
+            raise StartupError(f"worker {number} was given the configuration of {config.worker}")
+        _configure_logging(config)
+        from bridge import app
+
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(app.serve(config, ready=report.ready))
+    except StartupError as e:
+        report.failed(str(e))
+        raise
 
 
 def _configure_logging(config: Config) -> None:

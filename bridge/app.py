@@ -34,10 +34,11 @@ from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_js
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.outbox import Delivery
+from bridge.outbox import Delivery, orphaned_outboxes
 from bridge.server import Server
 from bridge.store_identity import cache_blind_to_other_writers, memory_identity
 from bridge.valkey import ValkeyUrlError
+from bridge.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class App:
     async def start(self) -> None:
         """Start every part; the server listens once everything behind it is ready."""
         config = self.config
-        self.data_dir.acquire()
+        if not config.worker:  # a worker's parent holds the data folder for all of them
+            self.data_dir.acquire()
         self.metrics.start()
         valkey_url = config.valkey_url
         if valkey_url is None:
@@ -134,7 +136,7 @@ class App:
             max_text=config.max_text,
         )
         self.delivery.on_delivered = self.handlers.episode_delivered
-        await self.delivery.start()
+        await self.delivery.start(orphaned_outboxes(config.data_dir, config.worker, config.workers))
         self.server = Server(config, self.handlers, self.metrics, self.readiness)
         try:
             await self.server.start()
@@ -272,27 +274,39 @@ async def import_project(config: Config, project: str | None, lines: Iterable[by
         return done
 
 
-async def serve(config: Config) -> None:
-    """Run the bridge until SIGINT or SIGTERM."""
-    app = App(config)
+async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
+    """Run the bridge until SIGINT or SIGTERM: this process alone, the parent of
+    ``--workers N`` (``bridge.workers``), or one of its workers, which calls ``ready``
+    once it listens instead of printing where."""
+    app = Workers(config) if config.workers > 1 and not config.worker else App(config)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     try:
         await app.start()
-        assert app.server is not None
-        valkey = redact_url(config.valkey_url) if config.valkey_url else "a private valkey-server"
-        assert app.cache is not None
-        if app.cache.valkey.kind != "server":
-            valkey += f", {app.cache.valkey.label}"
-        print(
-            f"graphiti-bridge listening on ws://{config.host}:{app.server.port} "
-            f"(cache: {valkey}; memory: {config.describe_memory()})",
-            flush=True,
-        )
+        if ready is not None:
+            ready()
+            log.info("worker %d of %d (pid %d) serving", config.worker, config.workers, os.getpid())
+        else:
+            print(f"graphiti-bridge listening on {_listening(config, app)}", flush=True)
         await stopping.wait()
         log.info("shutting down")
     finally:
         await app.stop()
-    print("graphiti-bridge stopped", file=sys.stderr, flush=True)
+    if ready is None:
+        print("graphiti-bridge stopped", file=sys.stderr, flush=True)
+
+
+def _listening(config: Config, app: App | Workers) -> str:
+    """Where the bridge listens and what stands behind it, for the start-up line."""
+    valkey = redact_url(config.valkey_url) if config.valkey_url else "a private valkey-server"
+    if isinstance(app, App):
+        assert app.server is not None and app.cache is not None
+        port, workers = app.server.port, ""
+        if app.cache.valkey.kind != "server":
+            valkey += f", {app.cache.valkey.label}"
+    else:
+        port, workers = app.port, f"{config.workers} workers; "
+    memory = config.describe_memory()
+    return f"ws://{config.host}:{port} ({workers}cache: {valkey}; memory: {memory})"

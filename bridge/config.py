@@ -8,6 +8,7 @@ no flag overrides it; the DogStatsD address uses Datadog's standard variables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import platformdirs
+
+MAX_WORKERS = 256
+# The environment variable that carries a worker process's resolved Config.
+WORKER_CONFIG = "BRIDGE_WORKER_CONFIG"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +68,8 @@ class Config:
     statsd_host: str = "localhost"
     statsd_port: int = 8125
     log_level: str = "info"
+    workers: int = 1
+    worker: int = 0  # which worker this process is (1..workers); 0: the only process
 
     @property
     def loopback_only(self) -> bool:
@@ -94,7 +102,10 @@ class Config:
 
     @property
     def outbox_path(self) -> Path:
-        """Where acknowledged episodes wait while memory cannot take them."""
+        """Where acknowledged episodes wait while memory cannot take them: one file per
+        worker (``outbox-<worker>.sqlite3``), so a restarted worker takes over its own."""
+        if self.worker:
+            return self.data_dir / f"outbox-{self.worker}.sqlite3"
         return self.data_dir / "outbox.sqlite3"
 
 
@@ -255,6 +266,8 @@ def add_serve_arguments(
            "at once", type=_positive_int)  # fmt: skip
     option("--log-level", d.log_level, "debug, info, warning or error",
            choices=["debug", "info", "warning", "error"])  # fmt: skip
+    option("--workers", d.workers, "processes serving the port together (SO_REUSEPORT), "
+           "sharing one Valkey and one store", type=_positive_int)  # fmt: skip
     parser.set_defaults(
         token=env.get("BRIDGE_TOKEN") or None,
         llm_api_key=env.get("OPENAI_API_KEY") or None,
@@ -347,6 +360,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         statsd_host=args.statsd_host,
         statsd_port=args.statsd_port,
         log_level=args.log_level,
+        workers=args.workers,
     )
     check(config)
     return config
@@ -359,6 +373,8 @@ def check(config: Config) -> None:
             f"--cache-prefix {config.cache_prefix!r} must not contain {{ or }}: each "
             "project's keys carry a {hash tag} of their own, so they share a cluster slot"
         )
+    if config.workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {config.workers} is more than {MAX_WORKERS}")
     if config.llm == "on" and not config.llm_api_key:
         raise ConfigError("--llm on needs OPENAI_API_KEY (any value for a local server)")
     if not config.loopback_only and not config.token:
@@ -367,6 +383,32 @@ def check(config: Config) -> None:
             "could read and write this memory. Set BRIDGE_TOKEN or BRIDGE_TOKEN_FILE "
             "(--token-file), or listen on 127.0.0.1."
         )
+
+
+def worker_environment(config: Config, worker: int) -> dict[str, str]:
+    """What a worker process of ``config`` needs in its environment to be worker number
+    ``worker``: its whole resolved Config, secrets included (an environment is private to
+    the process, a command line is not)."""
+    resolved = dataclasses.replace(config, worker=worker)
+    return {WORKER_CONFIG: msgspec.json.encode(resolved, enc_hook=str).decode()}
+
+
+def worker_config(env: Mapping[str, str]) -> Config:
+    """The Config a worker process was started with (see ``worker_environment``)."""
+    text = env.get(WORKER_CONFIG, "")
+    try:
+        config = msgspec.json.decode(text, type=Config, dec_hook=_decode_path)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{WORKER_CONFIG}: not a worker's configuration ({e})") from e
+    if not 1 <= config.worker <= config.workers:
+        raise ConfigError(f"{WORKER_CONFIG}: worker {config.worker} of {config.workers}")
+    return config
+
+
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError(kind)
 
 
 def environment() -> Mapping[str, str]:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 VALKEY_MAXMEMORY = "256mb"
 _OWNER_FILE = "owner"
-_PREFIXES = ("graphiti-bridge-valkey-", "graphiti-bridge-falkordb-")
+_PREFIXES = ("graphiti-bridge-valkey-", "graphiti-bridge-falkordb-", "graphiti-bridge-worker-")
 # Restart backoff for a private server that exited on its own: first wait, longest wait.
 RESTART_FIRST = 0.1
 RESTART_CAP = 5.0

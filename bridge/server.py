@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -118,6 +119,8 @@ class Server:
             loopback=config.loopback_only,
         )
         self.send_deadline = SEND_DEADLINE
+        worker = f" (worker {config.worker}, pid {os.getpid()})" if config.worker else ""
+        self._alive = f"ok{worker}\n"  # /healthz: which worker answered, when there are several
         self.refusal_log_interval = REFUSAL_LOG_INTERVAL
         self._refusals: dict[int, tuple[float, int]] = {}  # status: (last logged, unlogged)
 
@@ -136,6 +139,9 @@ class Server:
             write_limit=WRITE_LIMIT,
             max_queue=MAX_QUEUE,
             logger=_ws_log,
+            # The workers of ``serve --workers N`` share the port; the kernel spreads
+            # connections over them.
+            reuse_port=self.config.workers > 1,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -166,7 +172,7 @@ class Server:
         if target is None:
             return self._refuse(connection, HTTPStatus.BAD_REQUEST, "malformed request path")
         if target.path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
+            return connection.respond(HTTPStatus.OK, self._alive)
         if target.path == "/readyz":
             readiness = await self.readiness()
             return connection.respond(readiness.status, readiness.body())
