@@ -237,12 +237,16 @@ class SqliteMemory:
     async def forget(self, group_id: str, selector: Selector) -> int:
         """Forget what ``selector`` names (see ``sqlite_tasks.forget``) in one transaction on
         the writer thread; the project's recall index is dropped after the commit, before
-        this returns, so the next query reloads it from the store."""
+        this returns, and (if it was loaded) loaded again at once, in the background."""
         if not self._open:
             raise MemoryUnavailable("sqlite memory is not open")
+        loaded = self.index.wants(group_id)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.put(Forgetting(group_id, selector, done))
-        return await done
+        forgotten = await done
+        if loaded:
+            self._start_load(group_id)  # the next chat need not wait for all of it
+        return forgotten
 
     async def newest_tasks(
         self, group_id: str, limit: int, before_seq: int | None = None
@@ -303,12 +307,16 @@ class SqliteMemory:
     async def _load(self, group_id: str) -> None:
         """Load a project's last tasks into the recall index, once for concurrent callers
         (a caller that gives up does not stop the load for the others)."""
+        await asyncio.shield(self._start_load(group_id))
+
+    def _start_load(self, group_id: str) -> asyncio.Task[None]:
+        """The project's load under way, started if there is none."""
         loading = self._loads.get(group_id)
         if loading is None:
             loading = asyncio.create_task(self._read_project(group_id), name="recall-load")
             self._loads[group_id] = loading
             loading.add_done_callback(lambda done: self._loaded(group_id, done))
-        await asyncio.shield(loading)
+        return loading
 
     def _loaded(self, group_id: str, done: asyncio.Task[None]) -> None:
         if self._loads.get(group_id) is done:
