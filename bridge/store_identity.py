@@ -61,7 +61,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def store_id(folder: Path) -> str:
-    """The random id kept in ``folder``, made on first use (written whole or not at all)."""
+    """The random id kept in ``folder``, made on first use: written whole, and by one
+    process only when several start at once (the others read it)."""
     path = folder / STORE_ID_FILE
     try:
         found = path.read_text().strip()
@@ -69,11 +70,15 @@ def store_id(folder: Path) -> str:
         found = ""
     if found:
         return found
-    made = secrets.token_hex(16)
     temporary = folder / f".{STORE_ID_FILE}.{os.getpid()}"
-    temporary.write_text(made + "\n")
-    os.replace(temporary, path)
-    return made
+    temporary.write_text(secrets.token_hex(16) + "\n")
+    try:
+        os.link(temporary, path)  # fails if another process made it first
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def cache_blind_to_other_writers(config: Config) -> bool:
