@@ -176,7 +176,9 @@ class Server:
         if target.path == "/readyz":
             readiness = await self.readiness()
             return connection.respond(readiness.status, readiness.body())
-        if is_page_path(target.path):  # the page checks the token of its own API calls
+        # A WebSocket to a project named "memory" is still one; the page checks the token
+        # of its own API calls.
+        if is_page_path(target.path) and "Upgrade" not in request.headers:
             return await self._serve_page(request, target)
         if self._token is not None:
             given = request.headers.get_all("Authorization")

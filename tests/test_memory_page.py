@@ -335,3 +335,10 @@ async def test_the_wheel_carries_the_page(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for asset in ("memory.html", "memory.js", "memory.css", "page.py"):
         assert f"bridge/web/{asset}" in names, asset
+
+
+async def test_a_websocket_to_a_project_named_memory_is_still_a_websocket(app: App) -> None:
+    async with connect(ws_url(app, "/memory")) as ws:
+        await stored(ws, {"type": "error", "message": "kept in the project named memory"})
+    listed = await over_http(app, "GET", "/memory/api/tasks?project=memory", PAGE)
+    assert [t["errors"] for t in listed.json()["tasks"]] == [["kept in the project named memory"]]
