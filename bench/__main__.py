@@ -2,6 +2,7 @@
 
 ``python -m bench recall --help``: the recall benchmark instead (bench/recall.py).
 ``python -m bench scale --help``: recall latency as memory grows (bench/scale.py).
+``python -m bench workers --help``: throughput per worker count (bench/workers.py).
 
 Runs, in one process tree, every series of the suite (see bench/README.md) against the
 real bridge, and writes ``latest.md`` (Markdown tables), ``latest.json`` (every figure and
@@ -51,8 +52,11 @@ from bench.suite import (
     original,
     writes,
 )
+from bench.workers import workers
 
-SECTIONS: Final = ("hits", "misses", "writes", "original", "head_of_line", "cluster", "rss")
+SECTIONS: Final = (
+    "hits", "misses", "writes", "original", "head_of_line", "cluster", "workers", "rss"
+)  # fmt: skip
 NOISY: Final = ("graphiti_core", "neo4j", "falkordb", "httpx", "openai", "websockets")
 
 
@@ -121,6 +125,7 @@ async def suite(params: Params, chosen: list[str]) -> tuple[list[Section], dict[
                 ("original", lambda: original(run, sqlite_miss(done))),
                 ("head_of_line", lambda: head_of_line(run)),
                 ("cluster", lambda: cluster(run)),
+                ("workers", lambda: workers(run)),
             ]
             for key, step in steps:
                 if key in chosen:
@@ -160,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.scale import main as scale_main
 
         return scale_main(argv[1:])
+    if argv[:1] == ["workers"]:
+        from bench.workers import main as workers_main
+
+        return workers_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in NOISY:
