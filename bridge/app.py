@@ -97,7 +97,8 @@ class App:
         self.config = config
         self.data_dir = DataDirLock(config.data_dir)
         self.valkey: EmbeddedValkey | None = None
-        self.metrics = Metrics(config.statsd_host, config.statsd_port)
+        worker = [f"worker:{config.worker}"] if config.worker else None  # gauges per worker
+        self.metrics = Metrics(config.statsd_host, config.statsd_port, tags=worker)
         self._memory = memory
         self.falkor: EmbeddedFalkorDB | None = None
         self.cache: ContextCache | None = None
