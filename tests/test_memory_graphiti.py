@@ -12,9 +12,12 @@ import asyncio
 import io
 import logging
 import random
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -27,6 +30,7 @@ from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.handlers import Handlers, Session
+from bridge.memory.graph_recall import Synced
 from bridge.memory.graphiti import (
     GraphitiMemory,
     LlmSettings,
@@ -796,7 +800,7 @@ async def test_the_graph_names_the_same_files_as_the_embedded_store(
         await embedded.close()
 
 
-async def test_after_a_restart_recall_waits_for_the_full_text_indexes(tmp_path: Path) -> None:
+async def test_after_a_restart_of_falkordb_recall_answers_as_before(tmp_path: Path) -> None:
     server = EmbeddedFalkorDB(data_dir=tmp_path / "graph")
     await server.start()
     memory = GraphitiMemory(server.url, state_dir=tmp_path / "state")
@@ -806,7 +810,7 @@ async def test_after_a_restart_recall_waits_for_the_full_text_indexes(tmp_path: 
             await store_all(memory, turn("proj", f"t{n}", f"task {n} of {n % 7}",
                                          files=(f"dir{n % 7}/f{n}.py",)))  # fmt: skip
         before = await memory.candidates("proj", "task of 3")
-        server.kill()  # the indexes are rebuilt in the background when the graph loads
+        server.kill()  # no clean shutdown: the graph is read back from its append-only file
         await server.start()
         answers: list[Candidates | MemoryUnavailable] = []
         for _ in range(3000):  # bounded: until an answer
@@ -814,10 +818,270 @@ async def test_after_a_restart_recall_waits_for_the_full_text_indexes(tmp_path: 
                 break
             try:
                 answers.append(await memory.candidates("proj", "task of 3"))
-            except MemoryUnavailable as e:  # the graph loading, or its indexes rebuilt
+            except MemoryUnavailable as e:  # the graph still loading
                 answers.append(e)
                 await asyncio.sleep(0.01)
-        assert answers[-1] == before  # never a partial answer
+        assert answers[-1] == before
+        await store_all(memory, turn("proj", "late", "a later task", files=("dir3/late.py",)))
+        after = await memory.candidates("proj", "later")
+        assert after.latest_seq == 601 and after.tasks[0].files == ["dir3/late.py"]
     finally:
         await memory.close()
         await server.close()
+
+
+# -- the recall index beside the graph --------------------------------------------------------
+
+
+async def fresh_candidates(url: str, state: Path, group: str, query: str) -> Candidates:
+    """The candidates of a backend that has just read the graph (its index loaded anew)."""
+    other = GraphitiMemory(url, state_dir=state)
+    await other.start()
+    try:
+        return await other.candidates(group, query)
+    finally:
+        await other.close()
+
+
+def assert_same(mine: Candidates, truth: Candidates) -> None:
+    """Two answers alike: tasks (with their scores), files, recent work, newest ordinal."""
+    assert mine.latest_seq == truth.latest_seq
+    assert mine.tasks == truth.tasks
+    assert mine.files == truth.files
+    assert by_seq(mine.recent) == by_seq(truth.recent)
+
+
+QUERIES = ("login session token broken", "cache expiry ttl", "api route request")
+
+
+async def test_a_restarted_backend_loads_the_index_from_the_graph(
+    memory: GraphitiMemory, falkordb: EmbeddedFalkorDB, tmp_path: Path
+) -> None:
+    await store_all(memory, synthetic_history("shop"))
+    before = {query: await memory.candidates("shop", query) for query in QUERIES}
+    assert all(found.tasks and found.files for found in before.values())
+    await memory.close()
+    again = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state")
+    await again.start()
+    try:
+        for query in QUERIES:
+            assert_same(await again.candidates("shop", query), before[query])
+    finally:
+        await again.close()
+
+
+async def test_what_another_backend_writes_to_the_graph_is_recalled(
+    memory: GraphitiMemory, falkordb: EmbeddedFalkorDB, tmp_path: Path
+) -> None:
+    history = synthetic_history("shop", count=40)
+    await store_all(memory, history[: len(history) // 2])
+    await memory.candidates("shop", "warm up")  # this backend's index is loaded
+    other = GraphitiMemory(falkordb.url, state_dir=tmp_path / "other")  # another bridge
+    await other.start()
+    try:
+        await store_all(other, history[len(history) // 2 :])
+        # A task the first backend knows gains a file and an outcome from the other one.
+        late = turn("shop", "t3", "", files=("src/late.py",), errors=("LateError",), done=True)
+        await store_all(other, late)
+        for query in (*QUERIES, "late error"):
+            truth = await fresh_candidates(falkordb.url, tmp_path / "fresh", "shop", query)
+            assert_same(await memory.candidates("shop", query), truth)
+        found = await memory.candidates("shop", "late error")
+        t3 = next(t for t in found.tasks if t.uuid == "t3")
+        assert "src/late.py" in t3.files and t3.errors[-1] == "LateError"
+        # And the other way round, each writing in turn.
+        for n, writer in enumerate((memory, other, memory, other)):
+            await store_all(
+                writer, turn("shop", f"x{n}", f"turn {n} of login", files=(f"x{n}.py",))
+            )
+            for reader in (memory, other):
+                assert_same(
+                    await reader.candidates("shop", "login turn"),
+                    await fresh_candidates(falkordb.url, tmp_path / "fresh", "shop", "login turn"),
+                )
+    finally:
+        await other.close()
+
+
+async def test_a_graph_deleted_and_written_again_is_loaded_again(
+    memory: GraphitiMemory, falkordb: EmbeddedFalkorDB, tmp_path: Path
+) -> None:
+    await store_all(memory, turn("proj", "old", "old parser work", files=("old.py",)))
+    assert (await memory.candidates("proj", "parser")).latest_seq == 1
+    driver = (await memory._graph("proj")).driver
+    await driver.client.select_graph("proj").delete()  # type: ignore[attr-defined]
+    other = GraphitiMemory(falkordb.url, state_dir=tmp_path / "other")
+    await other.start()
+    try:
+        await store_all(other, turn("proj", "new", "new parser work", files=("new.py",)))
+    finally:
+        await other.close()
+    found = await memory.candidates("proj", "parser")
+    assert [(t.uuid, t.files) for t in found.tasks] == [("new", ["new.py"])]
+    assert found.latest_seq == 1 and set(found.files) == {"new.py"}
+
+
+CRASH = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from bridge.episode import new_episode
+from bridge.memory import graph_recall
+from bridge.memory.graphiti import GraphitiMemory
+
+def crash(*args, **kwargs):  # the graph has the write; the index never gets it
+    os.kill(os.getpid(), signal.SIGKILL)
+
+async def main(url, state):
+    memory = GraphitiMemory(url, state_dir=Path(state))
+    await memory.start()
+    await memory.candidates("proj", "warm up")  # loaded: the write would be applied to it
+    graph_recall.GraphRecall.written = crash
+    links = {"task": "crashed", "task_query": "fix the flaky upload", "session": "s"}
+    meta = {"type": "file_edit", "path": "src/upload.py", **links}
+    episode = new_episode("proj", "file:write", "Modified: src/upload.py", "OpenCode file write",
+                          meta, reference_time=1_700_000_500.0)
+    await memory.store(episode)
+    sys.exit("the process was not killed")
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_crash_between_the_graph_write_and_the_index_loses_nothing(
+    memory: GraphitiMemory, falkordb: EmbeddedFalkorDB, tmp_path: Path
+) -> None:
+    await store_all(memory, turn("proj", "first", "upload files", files=("src/upload.py",)))
+    assert (await memory.candidates("proj", "upload")).latest_seq == 1  # loaded before
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASH, falkordb.url, str(tmp_path / "crashed"),
+        cwd=Path(__file__).resolve().parents[1], stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()
+    # A bridge that was running sees the write, and so does one started after the crash.
+    running = await memory.candidates("proj", "flaky upload")
+    restarted = await fresh_candidates(falkordb.url, tmp_path / "restarted", "proj", "flaky upload")
+    assert_same(running, restarted)
+    assert [(t.uuid, t.query, t.files) for t in restarted.tasks] == [
+        ("crashed", "fix the flaky upload", ["src/upload.py"]),
+        ("first", "upload files", ["src/upload.py"]),
+    ]
+
+
+async def test_an_import_is_recalled_like_the_store_it_came_from(
+    memory: GraphitiMemory, tmp_path: Path
+) -> None:
+    source = SqliteMemory(tmp_path / "memory.sqlite3")
+    await source.start()
+    try:
+        history = synthetic_history("proj", count=50)
+        await store_all(source, history)
+        await store_all(memory, history[:10])  # already there: the import skips them
+        await memory.candidates("proj", "warm up")  # the index is loaded while importing
+        buffer = io.BytesIO()
+        assert await export_jsonl(source, "proj", buffer, batch=16) == len(history)
+        buffer.seek(0)
+        assert await import_jsonl(memory, buffer) == len(history) - 10  # the new ones
+        for query in (*QUERIES, "parser grammar syntax error"):
+            await same_candidates(memory, source, query)
+    finally:
+        await source.close()
+
+
+async def test_stores_that_come_together_share_a_batch(memory: GraphitiMemory) -> None:
+    await memory.store(episode("proj", "Note: opens the graph", 1.0))
+    commit = memory._commits["proj"]
+    before = commit.batches
+    history = synthetic_history("proj", count=30)
+    stored = await asyncio.gather(*(memory.store(item) for item in history))
+    assert stored == [True] * len(history)
+    assert commit.batches - before < len(history) / 4  # many episodes to one statement
+    # Twins in one batch, and episodes stored before: each uuid is new exactly once.
+    again = await asyncio.gather(*(memory.store(item) for item in [*history[:5], *history[:5]]))
+    assert again == [False] * 10
+    fresh = turn("proj", "twin", "twin task", files=("twin.py",))[0]
+    assert sorted(await asyncio.gather(*(memory.store(fresh) for _ in range(4)))) == [
+        False, False, False, True,
+    ]  # fmt: skip
+
+
+def test_the_index_is_up_to_date_to_the_last_change_without_a_gap() -> None:
+    synced = Synced("counter", applied=10)
+    synced.span(14, 16)  # a write whose changes follow a read not back yet
+    assert synced.applied == 10
+    synced.span(11, 12)
+    assert synced.applied == 12
+    synced.through(13)  # the read came back: 11 to 13 were in it
+    assert synced.applied == 16 and synced.ahead == {}
+    synced.span(20, 21)
+    synced.through(25)  # a read past a write that came back first
+    assert synced.applied == 25 and synced.ahead == {}
+
+
+async def test_a_graph_of_the_full_text_release_is_migrated_when_it_opens(
+    falkordb: EmbeddedFalkorDB, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.memory.graphiti")
+    history = synthetic_history("shop", count=30)
+    first = GraphitiMemory(falkordb.url, state_dir=tmp_path / "first")
+    await first.start()
+    try:
+        await store_all(first, history)
+        expected = {query: await first.candidates("shop", query) for query in QUERIES}
+        graph = (await first._graph("shop")).driver.client.select_graph("shop")  # type: ignore[attr-defined]
+        for statement in FULL_TEXT_RELEASE:  # what that release kept beside the same structure
+            await graph.query(statement)
+    finally:
+        await first.close()
+    labels, documents, counts = await fulltext_leftovers(graph)
+    assert (labels, documents > 30, counts) == (["File", "Task"], True, 1)
+
+    memory = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state")
+    await memory.start()
+    try:
+        for query in QUERIES:
+            assert_same(await memory.candidates("shop", query), expected[query])
+        assert "graph shop: full-text task search migrated" in caplog.text
+        assert await fulltext_leftovers(graph) == ([], 0, 0)
+        await store_all(memory, turn("shop", "new", "new login work", files=("new.py",)))
+        found = await memory.candidates("shop", "new login work")
+        assert found.tasks[0].uuid == "new" and found.latest_seq == 31
+    finally:
+        await memory.close()
+    caplog.clear()
+    again = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state")
+    await again.start()
+    try:
+        assert (await again.candidates("shop", "login")).latest_seq == 31
+        assert "migrated" not in caplog.text  # once
+    finally:
+        await again.close()
+
+
+# The previous release searched tasks and files with two FalkorDB full-text indexes over
+# documents it kept on the nodes, with word counts on the counter node for BM25.
+FULL_TEXT_RELEASE = (
+    "CALL db.idx.fulltext.createNodeIndex({label: 'Task', stopwords: []}, "
+    "{field: 'doc', nostem: true})",
+    "CALL db.idx.fulltext.createNodeIndex({label: 'File', stopwords: []}, "
+    "{field: 'doc', nostem: true})",
+    """MATCH (t:Task) SET t.query_terms = toLower(t.query) + ' ', t.summary_terms = '',
+      t.error_terms = '', t.path_terms = '', t.doc = toLower(t.query) + ' ', t.doc_len = 3""",
+    "MATCH (f:File) SET f.path_terms = toLower(f.name) + ' ', f.doc = toLower(f.name) + ' ', "
+    "f.doc_len = 2",
+    "MATCH (c:BridgeTasks) SET c.task_words = 90, c.files = 12, c.file_words = 24",
+)
+
+
+async def fulltext_leftovers(graph: Any) -> tuple[list[str], int, int]:
+    """The labels with a full-text ``doc`` index, the nodes with a document, and the
+    counter nodes with word counts."""
+    indexes = await graph.query("CALL db.indexes() YIELD label, types RETURN label, types")
+    labels = sorted(
+        label for label, types in indexes.result_set if "FULLTEXT" in str(types.get("doc"))
+    )
+    docs = await graph.query("MATCH (n) WHERE n.doc IS NOT NULL RETURN count(n)")
+    counts = await graph.query(
+        "MATCH (c:BridgeTasks) WHERE c.task_words IS NOT NULL RETURN count(c)"
+    )
+    return labels, docs.result_set[0][0], counts.result_set[0][0]
