@@ -219,6 +219,8 @@ def _task_line(task: TaskHit, numbers: dict[str, int]) -> str:
     """One past task: when, outcome, what was asked, what came of it, files, errors."""
     if task.outcome == "fact":
         return f"- Fact: {_clip(task.summary, 300)}"
+    if task.outcome == "note":  # saved on purpose: its text is all there is
+        return f"- {_day(task.at)}, note: {_clip(task.summary or task.query, 300)}"
     parts = [f"- {_day(task.at)}, {task.outcome}:"]
     if task.query:
         parts.append(f'"{_clip(task.query, 160)}"')

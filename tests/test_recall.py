@@ -8,6 +8,7 @@ from bridge.recall import (
     CONTEXT_HEADER,
     CONTEXT_LAST_LINE,
     Candidates,
+    Ranked,
     RecentTask,
     TaskHit,
     context,
@@ -114,3 +115,14 @@ def test_the_budget_keeps_the_most_useful_lines_first() -> None:
 
 def test_nothing_remembered_means_no_context() -> None:
     assert context(Candidates()) is None
+
+
+def test_a_note_renders_its_text_once() -> None:
+    note = TaskHit(
+        uuid="n", seq=3, query="Note: the CI runner has 2 cores", outcome="note",
+        summary="the CI runner has 2 cores", at=1_796_000_000.0,
+    )  # fmt: skip
+    text = render(Ranked(files=[], tasks=[note]))
+    assert text is not None
+    assert text.count("the CI runner has 2 cores") == 1
+    assert ", note: the CI runner has 2 cores" in text
