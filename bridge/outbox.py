@@ -15,9 +15,8 @@ each episode is stored exactly once even when a timed-out store completes after 
 
 Each process has an outbox file of its own: ``outbox.sqlite3`` for a bridge that runs
 alone, ``outbox-<k>.sqlite3`` for worker k of ``serve --workers N``, so a restarted worker
-takes over its own. Files no running process owns (left by a run with more workers, or
-by a single process before a run with workers) are taken over at start
-(:func:`orphaned_outboxes`): their episodes move into this process's outbox.
+takes over its own. Files no running process keeps are taken over at start
+(``bridge.queue_files``): their episodes move into this process's outbox.
 
 Every log line about a failure names the exception's type as well as its message: a
 timeout's message is empty.
@@ -28,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -38,28 +36,17 @@ from bridge.durable import EpisodeQueue, describe
 from bridge.episode import Episode
 from bridge.errors import BridgeError
 from bridge.memory.base import MemoryBackend
+from bridge.queue_files import orphaned, take_over
 
 log = logging.getLogger(__name__)
 
-SINGLE_OUTBOX = "outbox.sqlite3"
-WORKER_OUTBOX = re.compile(r"outbox-([1-9][0-9]*)\.sqlite3")
+OUTBOX = "outbox"  # the stem of the outbox files (see bridge.queue_files)
 
 
 def orphaned_outboxes(data_dir: Path, worker: int, workers: int) -> list[Path]:
-    """The outbox files in ``data_dir`` that worker ``worker`` of ``workers`` (0: a bridge
-    running alone) takes over, so that each is taken by exactly one process: the lone
-    bridge takes every worker's; worker 1 takes the lone bridge's, and worker k those of
-    workers past ``workers`` whose number is k modulo ``workers``."""
-    found = []
-    for path in sorted(data_dir.glob("outbox*.sqlite3")):
-        if path.name == SINGLE_OUTBOX:
-            if worker == 1:
-                found.append(path)
-        elif (match := WORKER_OUTBOX.fullmatch(path.name)) is not None:
-            number = int(match.group(1))
-            if worker == 0 or (number > workers and (number - 1) % workers == worker - 1):
-                found.append(path)
-    return found
+    """The outbox files that worker ``worker`` of ``workers`` (0: a bridge alone) takes
+    over (see ``bridge.queue_files.orphaned``)."""
+    return orphaned(data_dir, OUTBOX, worker, workers)
 
 
 class Delivery:
@@ -88,35 +75,10 @@ class Delivery:
         (see ``orphaned_outboxes``), and deliver whatever a previous run left."""
         await self.outbox.open()
         for path in adopt:
-            await self._adopt(path)
+            await take_over(path, self.outbox)
         if self.outbox.pending:
             log.warning("%d acknowledged episodes wait in the outbox", self.outbox.pending)
             self._kick()
-
-    async def _adopt(self, path: Path) -> None:
-        """Move every episode of another outbox file into this one, then remove the file.
-        Each is appended (durably) before it is removed there, so a crash meanwhile loses
-        none; appending is idempotent, so the next start finishes the move."""
-        other = EpisodeQueue(path)
-        await other.open()
-        moved = 0
-        try:
-            while batch := await other.head(256):
-                for episode in batch:
-                    await self.outbox.append(episode)
-                for episode in batch:
-                    await other.remove(episode.uuid)
-                moved += len(batch)
-        finally:
-            await other.close()
-        for leftover in (
-            path,
-            path.with_name(path.name + "-wal"),
-            path.with_name(path.name + "-shm"),
-        ):
-            leftover.unlink(missing_ok=True)
-        if moved:
-            log.warning("took over %d acknowledged episodes from %s", moved, path.name)
 
     async def store(self, episode: Episode) -> bool:
         """Make an episode durable; True if it was queued in the outbox (not yet in memory)."""
