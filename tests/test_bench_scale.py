@@ -3,6 +3,7 @@ server, and one short run through a real SQLite bridge."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections import Counter
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import scale
+from bench.process import BenchError
 from bench.recall import Commit
 from bench.scale import (
     ERROR_SHARE,
@@ -24,6 +26,8 @@ from bench.scale import (
     ranked_tree,
     zipf_cumulative,
 )
+from bridge.durable import EpisodeQueue
+from bridge.episode import new_episode
 
 
 def commit(n: int, subject: str, files: list[str], body: str = "") -> Commit:
@@ -168,26 +172,62 @@ def test_helpers() -> None:
     assert merge_rows(old, new) == [old[0], new[1]]
 
 
-def test_a_short_run_through_a_real_sqlite_bridge(tmp_path: Path) -> None:
+async def test_a_load_ends_once_the_outbox_is_empty(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert scale.outbox_pending(data) == 0  # no outbox yet
+    outbox = EpisodeQueue(data / scale.OUTBOX)  # the bridge's own outbox file
+    await outbox.open()
+    try:
+        queued = [new_episode("p", "error", f"Error: {n}", "test", {}) for n in range(3)]
+        for item in queued:
+            await outbox.append(item)
+        assert scale.outbox_pending(data) == 3
+        with pytest.raises(BenchError, match="3 acknowledged episodes still in the outbox"):
+            await scale.drain(data, timeout=0.2)
+        waiting = asyncio.create_task(scale.drain(data, timeout=60))
+        for item in queued:  # delivered to memory one by one
+            await asyncio.sleep(0.06)
+            assert not waiting.done()
+            await outbox.remove(item.uuid)
+        assert await waiting >= 0.18
+        assert scale.outbox_pending(data) == 0
+    finally:
+        await outbox.close()
+
+
+def short_run(tmp_path: Path, backend: str) -> list[dict[str, object]]:
+    """A 200- then 400-episode run through a real bridge of ``backend``: its rows, checked."""
     out, store = tmp_path / "out", tmp_path / "store"
-    argv = ["--sizes", "200,400", "--misses", "20", "--warmup", "2", "--window", "16"]
+    argv = ["--backend", backend, "--sizes", "200,400", "--misses", "20", "--warmup", "2"]
     argv += ["--store-dir", str(store), "--out", str(out), "--no-uvloop"]
     argv += ["--history", *map(str, write_histories(tmp_path / "histories"))]
     assert scale.main(argv) == 0
     results = json.loads((out / "scale.json").read_text())
     rows = results["rows"]
-    assert [(r["backend"], r["size"]) for r in rows] == [("sqlite", 200), ("sqlite", 400)]
+    assert [(r["backend"], r["size"]) for r in rows] == [(backend, 200), (backend, 400)]
     for r in rows:
         assert r["episodes"] >= r["size"] and r["tasks"] > 0
         assert r["ingest_eps"] > 0 and r["loaded_episodes"] > 0
+        assert r["drain_s"] >= 0 and r["window"] == scale.WINDOW[backend]
         assert r["misses"] == 20 and r["cache_hits"] == 0
         assert r["miss_rtt_p50_ms"] > 0 and r["miss_rtt_p99_ms"] >= r["miss_rtt_p50_ms"]
         assert r["miss_server_p50_ms"] > 0
         assert 0 <= r["empty_misses"] <= r["misses"]
         assert r["disk_mb"] > 0 and r["bridge_rss_mb"] > 0 and r["valkey_rss_mb"] > 0
-        assert r["falkordb_rss_mb"] is None
     assert rows[1]["episodes"] > rows[0]["episodes"]
-    assert (out / "scale.md").read_text().count("| sqlite |") == 2
+    assert (out / "scale.md").read_text().count(f"| {backend} |") == 2
     assert (out / "scale.png").stat().st_size > 0
     state = json.loads((store / scale.META).read_text())
     assert state["episodes"] == rows[1]["episodes"]
+    assert scale.outbox_pending(store / "data") == 0  # every episode was in memory
+    return rows
+
+
+def test_a_short_run_through_a_real_sqlite_bridge(tmp_path: Path) -> None:
+    rows = short_run(tmp_path, "sqlite")
+    assert all(r["falkordb_rss_mb"] is None for r in rows)
+
+
+def test_a_short_run_through_a_real_graphiti_bridge(tmp_path: Path) -> None:
+    rows = short_run(tmp_path, "graphiti")  # --llm off, on its own FalkorDB
+    assert all(r["falkordb_rss_mb"] > 0 and r["retried_events"] == 0 for r in rows)

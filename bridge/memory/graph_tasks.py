@@ -51,6 +51,7 @@ edges above).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
@@ -198,7 +199,10 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+@functools.lru_cache(maxsize=4096)
 def _id(*parts: str) -> str:
+    """The uuid of a task, file or TOUCHED edge: the same in every process, so writers
+    merge on it."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "graphiti-bridge:" + ":".join(parts)))
 
 
@@ -259,7 +263,7 @@ def link_batch(
             "uuid": episode.uuid,
             "task": task_uuid,
             "file": None,
-            "mentions_task": _id("mentions", episode.uuid, task_uuid),
+            "mentions_task": str(uuid.uuid4()),  # created with its episode, never merged
             "valid_at": _time(episode.reference_time),
         }
         if nodes is not None:
@@ -268,7 +272,7 @@ def link_batch(
         if kind == "file_edit" and path:
             file_uuid = _id("file", group, path)
             files[file_uuid] = {"uuid": file_uuid, "path": path}
-            item |= {"file": file_uuid, "mentions_file": _id("mentions", episode.uuid, file_uuid)}
+            item |= {"file": file_uuid, "mentions_file": str(uuid.uuid4())}
             if (task_uuid, path) not in touches:
                 touches[task_uuid, path] = {
                     "task": task_uuid,
