@@ -29,23 +29,30 @@ from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.errors import MemoryUnavailable
 from bridge.handlers import Handlers
 from bridge.health import ReadinessReport, data_dir_problem
+from bridge.lease import Leases
 from bridge.memory.base import MemoryBackend
 from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_jsonl
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.outbox import Delivery, orphaned_outboxes
+from bridge.queue_files import orphaned, queue_path
 from bridge.server import Server
-from bridge.store_identity import cache_blind_to_other_writers, memory_identity
+from bridge.store_identity import cache_blind_to_other_writers, graph_identity, memory_identity
 from bridge.valkey import ValkeyUrlError
 from bridge.workers import Workers
 
 log = logging.getLogger(__name__)
 
+GRAPHITI_QUEUE = "graphiti-queue"  # the stem of graphiti's ingest queue files
 
-async def open_memory(config: Config) -> tuple[MemoryBackend, EmbeddedFalkorDB | None]:
+
+async def open_memory(
+    config: Config, leases: Leases | None = None
+) -> tuple[MemoryBackend, EmbeddedFalkorDB | None]:
     """The configured memory backend (not started yet), and the private FalkorDB it needs
-    (started) when the graphiti backend has no --graph-url."""
+    (started) when the graphiti backend has no --graph-url. ``leases``: where the graphiti
+    backend takes its ingest leases, when other processes share its graph."""
     if config.memory == "sqlite":
         return SqliteMemory(config.memory_path), None
     if config.memory == "script":
@@ -85,9 +92,25 @@ async def open_memory(config: Config) -> tuple[MemoryBackend, EmbeddedFalkorDB |
             embedding_dim=config.embedding_dim,
         )
     memory = GraphitiMemory(
-        graph_url, state_dir=config.data_dir, llm=llm, queue_size=config.graphiti_queue_size
+        graph_url,
+        state_dir=config.data_dir,
+        llm=llm,
+        queue_size=config.graphiti_queue_size,
+        queue_path=queue_path(config.data_dir, GRAPHITI_QUEUE, config.worker),
+        take_over=orphaned(config.data_dir, GRAPHITI_QUEUE, config.worker, config.workers),
+        leases=leases,
     )
     return memory, falkor
+
+
+def ingest_leases(config: Config, cache: ContextCache) -> Leases | None:
+    """The leases that let one process at a time ingest a group of the graph, when other
+    processes may share it: a --graph-url and a --valkey-url (the workers of one parent
+    get both)."""
+    if config.memory != "graphiti" or config.graph_url is None or config.valkey_url is None:
+        return None
+    prefix = f"{config.cache_prefix}ingest:{graph_identity(config.graph_url)}:"
+    return Leases(lambda: cache.valkey.client, prefix)
 
 
 class App:
@@ -119,7 +142,7 @@ class App:
             valkey_url = self.valkey.url
         self.cache = await open_cache(config, valkey_url, self.metrics)
         if self._memory is None:
-            self._memory, self.falkor = await open_memory(config)
+            self._memory, self.falkor = await open_memory(config, ingest_leases(config, self.cache))
         await start_memory(self._memory)
         self.delivery = Delivery(
             self.memory,

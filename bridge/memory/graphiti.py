@@ -25,6 +25,10 @@ Two modes:
   so it is recalled at once, and returns. A worker per group runs Graphiti's full
   ``add_episode`` (entity and fact extraction) on queued episodes in order and removes each
   when done; what is still queued when the process stops is ingested on the next start.
+  When processes share the graph (``serve --workers N``, or bridges on one Valkey), a
+  group is ingested by one of them at a time: its worker holds the group's lease in
+  Valkey (``bridge.lease``) while it has episodes to ingest, so Graphiti's ordered
+  ingestion holds. Each process keeps its own queue file.
   ``recall`` adds Graphiti's hybrid search (BM25 + cosine, RRF) over facts, and
   ``candidates`` adds the best facts to the tasks and files.
 
@@ -43,10 +47,10 @@ import functools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -58,7 +62,11 @@ from bridge.memory import falkor, graph_forget, graph_tasks
 from bridge.memory.base import Recall, Selector, Unsupported, candidates_from_recall
 from bridge.memory.graph_recall import GraphRecall
 from bridge.memory.group_commit import GroupCommit
+from bridge.queue_files import take_over
 from bridge.recall import TASK_CANDIDATES, Candidates, TaskHit
+
+if TYPE_CHECKING:
+    from bridge.lease import Leases
 
 os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # before graphiti_core loads
 try:
@@ -296,9 +304,14 @@ class GraphitiMemory:
         state_dir: Path,
         llm: LlmSettings | None = None,
         queue_size: int = 1000,
+        queue_path: Path | None = None,
+        take_over: Sequence[Path] = (),
+        leases: Leases | None = None,
     ) -> None:
         self.graph_url = graph_url
-        self.queue = EpisodeQueue(state_dir / "graphiti-queue.sqlite3")
+        self.queue = EpisodeQueue(queue_path or state_dir / "graphiti-queue.sqlite3")
+        self._orphans = list(take_over)  # queue files of processes gone, taken over at start
+        self.leases = leases  # one ingest worker per group among the processes sharing it
         self.llm = llm
         self.queue_size = queue_size  # per group
         self._driver: GraphDriver | None = None
@@ -325,8 +338,10 @@ class GraphitiMemory:
             self._driver = graph_driver(self.graph_url)
             await _indexed(self._driver)
             pending: list[Episode] = []
-            if self.llm is not None or self.queue.path.exists():
+            if self.llm is not None or self.queue.path.exists() or self._orphans:
                 await self.queue.open()
+                for path in self._orphans:
+                    await take_over(path, self.queue)
                 pending = await self.queue.head()
             if self.llm is None:  # queued by a run with an LLM: kept, without extraction
                 for episode in pending:
@@ -621,15 +636,25 @@ class GraphitiMemory:
         lane = self._lanes.get(group)
         if lane is None:
             lane = self._lanes[group] = asyncio.Queue()
-            self._workers.append(asyncio.create_task(self._ingest_loop(lane)))
+            self._workers.append(asyncio.create_task(self._ingest_loop(group, lane)))
         lane.put_nowait(episode)
 
-    async def _ingest_loop(self, lane: asyncio.Queue[Episode]) -> None:
-        """Feed one group's queued episodes to add_episode, in order, one at a time."""
+    async def _ingest_loop(self, group: str, lane: asyncio.Queue[Episode]) -> None:
+        """Feed one group's queued episodes to add_episode, in order, one at a time, holding
+        the group's lease (if processes share the graph) while there are any."""
         while True:
             episode = await lane.get()
-            if episode.uuid not in self._queued:
-                continue  # forgotten while it waited
+            turn = self.leases.lease(group).held() if self.leases else contextlib.nullcontext()
+            async with turn as held:
+                while True:
+                    await self._ingest_queued(episode)
+                    if lane.empty() or (held is not None and held.lost.is_set()):
+                        break  # the lease is let go (or lost): taken again for the next
+                    episode = lane.get_nowait()
+
+    async def _ingest_queued(self, episode: Episode) -> None:
+        """Ingest one queued episode (unless forgotten while it waited) and dequeue it."""
+        if episode.uuid in self._queued:
             await self._ingest(episode)
             try:
                 await self.queue.remove(episode.uuid)

@@ -1,0 +1,197 @@
+"""The graphiti backend's ingestion when processes share a graph: a group is ingested by one
+of them at a time, under its lease in Valkey. Two GraphitiMemory instances stand for two
+processes (each its own queue file, driver and ingest workers) on one real FalkorDB and
+one real valkey-server; the LLM and embedder are the loopback stand-in of
+tests/openai_standin.py (this machine cannot reach a remote LLM API)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import redis.asyncio as redis
+
+from bridge.durable import EpisodeQueue
+from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.episode import Episode, new_episode
+from bridge.lease import Leases
+from bridge.memory.graphiti import GraphitiMemory, LlmSettings
+from tests.openai_standin import OpenAIStandin, fact
+
+
+class Watched(GraphitiMemory):
+    """The real backend, counting how many extractions of all instances run at once."""
+
+    running: ClassVar[int] = 0
+    most: ClassVar[int] = 0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ingested: list[str] = []
+
+    async def _ingest(self, episode: Episode) -> None:
+        Watched.running += 1
+        Watched.most = max(Watched.most, Watched.running)
+        try:
+            await super()._ingest(episode)
+            self.ingested.append(episode.uuid)
+        finally:
+            Watched.running -= 1
+
+
+@pytest.fixture
+async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
+    server = EmbeddedFalkorDB()
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def standin() -> Iterator[OpenAIStandin]:
+    server = OpenAIStandin(dim=64)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def client(valkey: EmbeddedValkey) -> AsyncIterator[redis.Redis]:
+    connection = redis.Redis.from_url(valkey.url)
+    yield connection
+    await connection.aclose()
+
+
+def settings(standin: OpenAIStandin) -> LlmSettings:
+    return LlmSettings(
+        api_key="standin-key",
+        base_url=standin.base_url,
+        model="standin-model",
+        small_model="standin-small",
+        embedding_model="standin-embedding",
+        embedding_dim=standin.dim,
+    )
+
+
+def episode(body: str, at: float) -> Episode:
+    return new_episode("proj", "note", body, "test", {}, reference_time=at)
+
+
+async def ingested(*memories: GraphitiMemory) -> None:
+    for _ in range(1200):
+        if not any(m.pending() for m in memories):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still queued: {[m.pending() for m in memories]}")
+
+
+async def test_a_group_is_ingested_by_one_process_at_a_time(
+    falkordb: EmbeddedFalkorDB, standin: OpenAIStandin, client: redis.Redis, tmp_path: Path
+) -> None:
+    standin.delay = 0.01  # every extraction takes a while: overlaps would show
+    leases = Leases(lambda: client, "gb:ingest:test:", ttl=2.0)
+    pair = [
+        Watched(
+            falkordb.url,
+            state_dir=tmp_path,
+            llm=settings(standin),
+            queue_path=tmp_path / f"graphiti-queue-{n}.sqlite3",
+            leases=leases,
+        )
+        for n in (1, 2)
+    ]
+    for memory in pair:
+        await memory.start()
+    try:
+        now = time.time()
+        await asyncio.gather(
+            *(
+                pair[n % 2].store(episode(f"Error: KeyError in Module{n}.py at step_{n}", now + n))
+                for n in range(8)
+            )
+        )
+        await ingested(*pair)
+        assert Watched.most == 1
+        assert [len(m.ingested) for m in pair] == [4, 4]  # each its own queue
+        recall = await pair[0].recall("proj", "KeyError Module3.py", 8)
+        assert fact("KeyError", "Module3.py") in recall.facts
+        assert await client.exists("gb:ingest:test:proj") == 0  # let go once idle
+    finally:
+        for memory in pair:
+            await memory.close()
+
+
+async def test_a_process_waits_for_the_holder_and_takes_over_when_it_stops(
+    falkordb: EmbeddedFalkorDB, standin: OpenAIStandin, client: redis.Redis, tmp_path: Path
+) -> None:
+    leases = Leases(lambda: client, "gb:ingest:test:", ttl=2.0)
+    first, second = (
+        GraphitiMemory(
+            falkordb.url,
+            state_dir=tmp_path,
+            llm=settings(standin),
+            queue_path=tmp_path / f"graphiti-queue-{n}.sqlite3",
+            leases=leases,
+        )
+        for n in (1, 2)
+    )
+    await first.start()
+    await second.start()
+    try:
+        standin.pause()  # the first's extraction hangs while it holds the lease
+        await first.store(episode("Error: TypeError in parser.ts", time.time()))
+        for _ in range(200):
+            if await client.exists("gb:ingest:test:proj"):
+                break
+            await asyncio.sleep(0.02)
+        await second.store(episode("Completed: migrate user_table to SchemaV2", time.time()))
+        await first.close()  # stopped mid-extraction: its episode stays queued, lease let go
+        standin.resume()
+        await ingested(second)
+        recall = await second.recall("proj", "user_table SchemaV2", 8)
+        assert fact("user_table", "SchemaV2") in recall.facts
+    finally:
+        standin.resume()
+        await second.close()
+    again = GraphitiMemory(
+        falkordb.url,
+        state_dir=tmp_path,
+        llm=settings(standin),
+        queue_path=tmp_path / "graphiti-queue-1.sqlite3",
+        leases=leases,
+    )
+    await again.start()
+    try:
+        assert again.pending("proj") == 1  # the first's episode, still in its file
+        await ingested(again)
+    finally:
+        await again.close()
+
+
+async def test_a_queue_file_no_process_keeps_is_taken_over(
+    falkordb: EmbeddedFalkorDB, standin: OpenAIStandin, tmp_path: Path
+) -> None:
+    left = tmp_path / "graphiti-queue.sqlite3"  # a bridge alone ran here before
+    queue = EpisodeQueue(left)
+    await queue.open()
+    await queue.append(episode("Error: KeyError in CacheLayer.py", time.time()))
+    await queue.close()
+    memory = GraphitiMemory(
+        falkordb.url,
+        state_dir=tmp_path,
+        llm=settings(standin),
+        queue_path=tmp_path / "graphiti-queue-1.sqlite3",
+        take_over=[left],
+    )
+    await memory.start()
+    try:
+        await ingested(memory)
+        recall = await memory.recall("proj", "KeyError CacheLayer.py", 8)
+        assert fact("KeyError", "CacheLayer.py") in recall.facts
+    finally:
+        await memory.close()
+    assert not left.exists()
