@@ -132,7 +132,7 @@ async def test_two_workers_answer_on_one_port_and_share_the_connections(
     assert seen == {f"ok (worker {n}, pid {pid})\n" for n, pid in workers.items()}
 
 
-async def test_a_write_through_one_worker_is_recalled_by_a_chat_on_another(
+async def test_a_write_through_one_worker_is_recalled_and_a_forget_honoured_on_another(
     bridge: BridgeProcess,
 ) -> None:
     connections = await one_per_worker(bridge, "/shop")
@@ -145,11 +145,17 @@ async def test_a_write_through_one_worker_is_recalled_by_a_chat_on_another(
         assert ack["ok"] and not ack.get("queued"), ack
         reply = await ask(ws_b, {"type": "chat:start", "query": "invoice rounding is off again"})
         assert "src/billing/rounding.py" in (reply["inject"] or ""), reply
-        # and back: a completion through the second is in the first's recall at once
+        # and back: a write through the second is in the first's recall at once
         ack = await ask(ws_b, {"type": "file:write", "path": "src/billing/tax.py"})
         assert ack["ok"], ack
         reply = await ask(ws_a, {"type": "chat:start", "query": "invoice tax rounding"})
         assert "src/billing/tax.py" in (reply["inject"] or ""), reply
+        # a forget through one worker is honoured by the other at once
+        ack = await ask(ws_b, {"type": "forget", "path": "src/billing/rounding.py"})
+        assert ack["ok"] and ack["forgotten"] == 1, ack
+        reply = await ask(ws_a, {"type": "chat:start", "query": "invoice tax rounding"})
+        assert "src/billing/tax.py" in (reply["inject"] or ""), reply
+        assert "rounding.py" not in reply["inject"], reply
     finally:
         for ws in connections.values():
             await ws.close()
