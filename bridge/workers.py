@@ -152,11 +152,7 @@ def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     probe.bind((address, chosen))
                     chosen = probe.getsockname()[1]
-                hold = socket.socket(family, socket.SOCK_STREAM)
-                held.append(hold)
-                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                hold.bind((address, chosen))
+                held.append(_hold(family, str(address), chosen))
         except OSError:
             for hold in held:
                 hold.close()
@@ -164,6 +160,25 @@ def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
                 raise
             continue
         return held, chosen
+    raise AssertionError("unreachable")
+
+
+def _hold(family: socket.AddressFamily, address: str, port: int) -> socket.socket:
+    """A socket bound to ``address``:``port`` with SO_REUSEPORT, never listening. Without
+    SO_REUSEADDR it also keeps off another bridge's check of the port (its probe); when
+    connections of an earlier run still linger (TIME_WAIT), it needs SO_REUSEADDR too."""
+    for reuse_address in (False, True):
+        hold = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse_address))
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind((address, port))
+        except OSError:
+            hold.close()
+            if reuse_address:
+                raise
+            continue
+        return hold
     raise AssertionError("unreachable")
 
 

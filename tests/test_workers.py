@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from bridge.config import ConfigError, parse_serve
+from bridge.workers import reserve_port
 from tests.test_cli import BridgeProcess, bridge_process, children_of
 from tests.test_startup import refused
 
@@ -273,3 +274,29 @@ def test_workers_is_checked_like_every_setting() -> None:
         parse_serve([], {"BRIDGE_WORKERS": "0"})
     with pytest.raises(ConfigError, match="--workers 1000 is more than 256"):
         parse_serve(["--workers", "1000"], {})
+
+
+async def test_the_parents_hold_on_the_port_lets_only_its_workers_bind() -> None:
+    """The parent holds the port (bound, not listening) before any worker starts: a worker
+    binds beside it with SO_REUSEPORT, another bridge's check and a plain listener are
+    refused, and a connection reaches the worker only."""
+    held, port = reserve_port("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            reserve_port("127.0.0.1", port)
+        with pytest.raises(OSError):
+            await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)
+        served = asyncio.Event()
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served.set()
+            writer.close()
+
+        worker = await asyncio.start_server(answer, "127.0.0.1", port, reuse_port=True)
+        async with worker:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.wait_for(served.wait(), 10)
+            writer.close()
+    finally:
+        for sock in held:
+            sock.close()
