@@ -696,6 +696,7 @@ async def run_backend(
                     "disk_mb": disk_mb(store / "data"),
                     **memory_figures(bridge.pid),
                     "measured": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+                    "load_avg": round(os.getloadavg()[0], 1),
                 }
                 rows.append(row)
                 if on_row is not None:
@@ -773,9 +774,11 @@ store size, measures chat:start misses, disk and memory.
 - **Disk** is the allocated size of the data dir (SQLite and WAL; for graphiti also
   FalkorDB's append-only file); **RSS** is VmRSS from /proc of the bridge process and of
   its valkey-server and FalkorDB children.
-- The embedded store's recall reads only the last {horizon:,} tasks of a project
-  (`HORIZON_TASKS` in bridge/recall.py); a store of fewer tasks (1k episodes is about 270
-  tasks, 10k about 2,600) is still inside that horizon.
+- Both backends recall from an index in memory of the last {horizon:,} tasks of a project
+  (`HORIZON_TASKS` in bridge/recall.py), loaded from the store on the project's first
+  query: 1k episodes (about 270 tasks) are inside that horizon, 10k (about 2,600 tasks)
+  already past it, so a larger store adds no work to a miss.
+- The machine is shared: each run says the load average (1 minute) when it was measured.
 """
 
 
@@ -813,7 +816,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     runs = [
-        f"- {r['backend']} {r['episodes']:,} episodes: measured {r['measured']}, "
+        f"- {r['backend']} {r['episodes']:,} episodes: measured {r['measured']}"
+        + (f" (load average {r['load_avg']})" if r.get("load_avg") is not None else "")
+        + ", "
         f"{r['loaded_episodes']:,} episodes loaded in {r['load_s']:,} s, probe {r['probe_s']} s"
         + (f", {r['queued_acks']:,} acks queued in the outbox" if r.get("queued_acks") else "")
         + (f", outbox emptied in {r['drain_s']} s" if r.get("drain_s") else "")
