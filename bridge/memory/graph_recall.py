@@ -236,6 +236,8 @@ class GraphRecall:
             synced.applied = int(rows[0]["changes"]) if rows else 0
             await asyncio.to_thread(self.index.finish_load, group, tasks)
             self._synced[group] = synced
+            for other in [g for g in self._synced if not self.index.wants(g)]:
+                del self._synced[other]  # projects the index let go of (least recently used)
         except BaseException as e:
             self.index.abandon_load(group)
             loading.set_exception(e)
