@@ -14,8 +14,8 @@ Graphiti and other tools read it like anything else in the graph:
 - a task that wrote a file is linked to it by an ``EntityEdge`` (``RELATES_TO``) named
   ``TOUCHED``, whose fact says so and whose ``n`` is the write's order in the task;
 - one ``BridgeTasks`` node per graph counts the tasks (the newest ``seq``) and the changes
-  made to them: every episode folded into a task is one change, and the task keeps the
-  number of its last one (``changed``, range-indexed), so a reader that has seen the
+  made to them: a task that a write folds new episodes into is one change, and it keeps
+  the number of its last one (``changed``, range-indexed), so a reader that has seen the
   graph up to change N reads back only the tasks changed since.
 
 Episodes are written in batches, each batch by one Cypher statement rather than by
