@@ -108,6 +108,17 @@ def test_a_task_put_again_is_replaced_not_duplicated() -> None:
     assert set(index.candidates("dates").files) == {"a.py", "b.py"}
 
 
+def test_a_task_that_loses_a_file_leaves_that_file_s_document() -> None:
+    index = ProjectIndex(horizon=3)
+    index.put(task(1, "tune the cache", ["cache.py", "notes.md"]))
+    index.put(task(1, "tune the cache", ["cache.py"]))  # its write of notes.md was forgotten
+    assert "notes.md" not in index.candidates("notes").files
+    assert "cache.py" in index.candidates("cache").files
+    for seq in range(2, 6):  # task 1 leaves the horizon: nothing of it is left behind
+        index.put(task(seq, f"other work {seq}", ["other.py"]))
+    assert not index.candidates("tune cache").tasks and not index.candidates("cache").files
+
+
 def test_tasks_past_the_horizon_leave_with_their_files() -> None:
     index = ProjectIndex(horizon=10)
     for seq in range(1, 31):
@@ -237,7 +248,13 @@ def test_an_index_kept_up_to_date_answers_as_one_built_afresh(seed: int) -> None
         if held and rng.random() < 0.4:  # a change to a task: more files, a new query...
             seq = rng.choice(list(held))
             old = held[seq]
-            files = [*old.files, f"f{rng.randrange(30)}.py"] if rng.random() < 0.5 else old.files
+            roll = rng.random()
+            if roll < 0.4:
+                files = [*old.files, f"f{rng.randrange(30)}.py"]
+            elif roll < 0.55 and len(old.files) > 1:  # a forget took one away
+                files = old.files[1:]
+            else:
+                files = old.files
             query = f"{old.query} {rng.choice(VOCABULARY)}" if rng.random() < 0.3 else old.query
             new = TaskHit(
                 uuid=old.uuid,

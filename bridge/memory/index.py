@@ -183,16 +183,24 @@ class ProjectIndex:
         document.extend(t for path in task.files for t in _path_terms(path))
         self._task_index.put(task.uuid, document)
         added = set(task.files) - set(before)
+        removed = set(before) - set(task.files)  # a forget folded the task anew
+        for path in removed:
+            self._file_tasks[path].remove(task.uuid)
         for path in added:
             tasks = self._file_tasks.setdefault(path, [])
             tasks.append(task.uuid)
             if len(tasks) > 1 and self._tasks[tasks[-2]].seq > task.seq:
                 tasks.sort(key=lambda uuid: self._tasks[uuid].seq)
         # A file's document holds its last tasks' queries: it changes when the file gains
-        # a task, or when the query of one of those tasks changes.
+        # or loses a task, or when the query of one of its tasks changes.
         if index_files:
-            for path in task.files if query_changed else added:
+            for path in (set(task.files) if query_changed else added) | removed:
                 self._index_file(path)
+        else:
+            for path in removed:
+                if not self._file_tasks[path]:
+                    del self._file_tasks[path]
+                    self._file_index.remove(path)
         while len(self._tasks) > self.horizon:
             self._evict(next(iter(self._tasks)), index_files=index_files)
 
