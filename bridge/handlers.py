@@ -270,8 +270,7 @@ class Handlers:
         # An empty answer is not cached: the next episode may be the one it lacked, and an
         # empty recall is cheap. The answer need not wait for the cache to take it.
         if epoch is not None and inject is not None:
-            tags = paths_in(query) | paths_in(inject)
-            fill = asyncio.create_task(self._fill(project, query, inject, tags, epoch))
+            fill = asyncio.create_task(self._fill(project, query, inject, epoch))
             self._fills[asked] = fill
             fill.add_done_callback(lambda done: self._fill_done(asked, done))
         return inject
@@ -280,13 +279,13 @@ class Handlers:
         if self._fills.get(key) is fill:
             del self._fills[key]
 
-    async def _fill(
-        self, project: str, query: str, inject: str | None, tags: set[str], epoch: bytes
-    ) -> None:
+    async def _fill(self, project: str, query: str, inject: str, epoch: bytes) -> None:
         # The fill was made in the flight, before the asker even had the answer: let the
-        # reply go out first (it is a few loop turns away) rather than put a round trip to
-        # Valkey ahead of it. Identical questions meanwhile wait for the fill (see above).
+        # reply go out first (it is a few loop turns away) rather than put the context's
+        # tags and a round trip to Valkey ahead of it. Identical questions meanwhile wait
+        # for the fill (see above).
         await asyncio.sleep(FILL_DELAY_S)
+        tags = paths_in(query) | paths_in(inject)
         with contextlib.suppress(CacheUnavailable):  # counted by the cache
             await self.cache.put(project, query, inject, tags, epoch)
 
