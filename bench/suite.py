@@ -392,7 +392,7 @@ async def misses(run: Run) -> Section:
         },
     }
     labels = {
-        "sqlite": "embedded SQLite FTS5",
+        "sqlite": "embedded SQLite, in-memory recall index",
         "graphiti": "graphiti-core on an embedded FalkorDB, no LLM",
         "script": "memory_manager.py, one process per query",
     }
