@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Reply], Awaitable[None]]
 _FlightKey = tuple[str, str, bytes | None, int]
 MAX_MENTIONS = 16  # paths in one error or task whose cached contexts are dropped
-FILL_DELAY_S = 0.001  # a cache fill waits this long, so the miss's reply goes out first
+FILL_DELAY_S = 0.001  # a cache fill waits at most this long for the miss's reply to go out
 
 
 def _episode(group_id: str, **fields: Any) -> Episode:
@@ -135,6 +135,8 @@ class Handlers:
         self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
         self._stored = 0  # episodes this process stored (or queued), for flight keys
         self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Resolved once an asker has the answer a fill caches (see ``_fill``).
+        self._answered: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def answer_now(self, message: Message, session: Session) -> Reply | None:
         """The reply to a chat:start the in-process cache can answer at once, else None.
@@ -232,6 +234,8 @@ class Handlers:
             inject = await asyncio.wait_for(asyncio.shield(flight), self.miss_budget)
         except TimeoutError:
             inject = None  # the flight goes on and fills the cache for the next turn
+        if (answered := self._answered.get(asked)) is not None and not answered.done():
+            answered.set_result(None)  # the fill may go: this reply is sent in this same step
         return Context(
             id=message.id,
             hit=False,
@@ -270,21 +274,28 @@ class Handlers:
         # An empty answer is not cached: the next episode may be the one it lacked, and an
         # empty recall is cheap. The answer need not wait for the cache to take it.
         if epoch is not None and inject is not None:
-            fill = asyncio.create_task(self._fill(project, query, inject, epoch))
+            answered = asyncio.get_running_loop().create_future()
+            fill = asyncio.create_task(self._fill(project, query, inject, epoch, answered))
             self._fills[asked] = fill
+            self._answered[asked] = answered
             fill.add_done_callback(lambda done: self._fill_done(asked, done))
         return inject
 
     def _fill_done(self, key: tuple[str, str], fill: asyncio.Task[None]) -> None:
         if self._fills.get(key) is fill:
             del self._fills[key]
+            self._answered.pop(key, None)
 
-    async def _fill(self, project: str, query: str, inject: str, epoch: bytes) -> None:
+    async def _fill(
+        self, project: str, query: str, inject: str, epoch: bytes, answered: asyncio.Future[None]
+    ) -> None:
         # The fill was made in the flight, before the asker even had the answer: let the
-        # reply go out first (it is a few loop turns away) rather than put the context's
-        # tags and a round trip to Valkey ahead of it. Identical questions meanwhile wait
-        # for the fill (see above).
-        await asyncio.sleep(FILL_DELAY_S)
+        # reply go out first rather than put the context's tags and a round trip to Valkey
+        # ahead of it. The asker resolves ``answered`` in the step that sends its reply, so
+        # the fill starts just after the send, while the client reads the reply; if nobody
+        # asks any more (the asker gave up at its budget) it waits FILL_DELAY_S at most.
+        # Identical questions meanwhile wait for the fill (see above).
+        await asyncio.wait([answered], timeout=FILL_DELAY_S)
         tags = paths_in(query) | paths_in(inject)
         with contextlib.suppress(CacheUnavailable):  # counted by the cache
             await self.cache.put(project, query, inject, tags, epoch)
