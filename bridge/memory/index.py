@@ -116,7 +116,9 @@ class Bm25Index:
             for key, tf in posting.items():
                 scores[key] += gain * tf / (tf + base + per_unit * length[key])
             if len(scores) >= k and rest < max(scores.values()):
-                complete_only = heapq.nlargest(k, scores.values())[-1] > rest
+                # The k-th best score beats ``rest`` exactly when k scores do: counting is
+                # one pass, cheaper than finding the k-th best with a heap.
+                complete_only = len([s for s in scores.values() if s > rest]) >= k
         # Ties go to the smaller key, so the answer does not depend on history.
         if len(scores) <= k:
             return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
