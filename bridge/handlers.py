@@ -230,10 +230,10 @@ class Handlers:
             )
         self.metrics.cache_miss(project)
         flight = self._flight(asked, message.query, lookup.epoch if lookup else None)
-        try:
-            inject = await asyncio.wait_for(asyncio.shield(flight), self.miss_budget)
-        except TimeoutError:
-            inject = None  # the flight goes on and fills the cache for the next turn
+        # asyncio.wait never cancels what it waits for: past the budget the flight goes on
+        # and fills the cache for the next turn (one future less than wait_for on a shield).
+        await asyncio.wait([flight], timeout=self.miss_budget)
+        inject = flight.result() if flight.done() else None
         if (answered := self._answered.get(asked)) is not None and not answered.done():
             answered.set_result(None)  # the fill may go: this reply is sent in this same step
         return Context(
