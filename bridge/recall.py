@@ -22,11 +22,13 @@ the *candidates*; this module *fuses* them and *renders* the context:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import heapq
 import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Final
 
 import msgspec
@@ -185,12 +187,14 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     prior = window.prior
     for path in score:
         score[path] += PRIOR_WEIGHT * prior.get(path, 0.0)
-    best_files = dict(sorted(score.items(), key=lambda item: -item[1])[:files])
+    # Highest first, ties in the order they came (reverse=True keeps a sort stable); keys
+    # that are C functions rather than lambdas, as this runs on every miss.
+    best_files = dict(sorted(score.items(), key=itemgetter(1), reverse=True)[:files])
     for path, value in _spread(best_files, window).items():
         if path not in score:
             score[path] = PRIOR_WEIGHT * prior.get(path, 0.0)
         score[path] += value
-    ranked_files = sorted(score, key=lambda path: -score[path])[:files]
+    ranked_files = sorted(score, key=score.__getitem__, reverse=True)[:files]
     ranked_tasks = sorted(found.tasks, key=lambda t: (-weight[t.uuid], -t.seq))
     return Ranked(files=ranked_files, tasks=ranked_tasks)
 
@@ -201,8 +205,9 @@ def _spread(best: dict[str, float], window: Window) -> dict[str, float]:
     spread: dict[str, float] = defaultdict(float)
     for path, together in window.together(best).items():
         seen = sum(together.values()) or 1
+        passed = COCHANGE_WEIGHT * best[path]  # the same product as inline, once per path
         for other, count in together.items():
-            spread[other] += COCHANGE_WEIGHT * best[path] * count / seen
+            spread[other] += passed * count / seen
     return spread
 
 
@@ -211,6 +216,9 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
+# Formatting a date is most of a line's cost, and the same few thousand tasks (an index
+# keeps a project's last HORIZON_TASKS) come back in query after query.
+@functools.lru_cache(maxsize=1 << 14)
 def _day(at: float) -> str:
     return f"{dt.datetime.fromtimestamp(at, dt.UTC):%Y-%m-%d}" if at > 0 else "earlier"
 
