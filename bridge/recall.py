@@ -48,6 +48,7 @@ FILES_SHOWN: Final = 8
 TASKS_SHOWN: Final = 6
 TASK_FILES_SHOWN: Final = 6
 DEFAULT_BUDGET: Final = 2000
+MAX_REMEMBERED_TEXT: Final = 1024  # characters of a task text whose clipped form is kept
 PREAMBLE: Final = "From memory of earlier sessions in this project; not the user's words."
 # The first and last lines of every context. A context that comes back inside a client's
 # text is cut out from the one to the other before anything is stored (bridge/privacy.py
@@ -212,8 +213,18 @@ def _spread(best: dict[str, float], window: Window) -> dict[str, float]:
 
 
 def _clip(text: str, limit: int) -> str:
+    # A task's texts come back in query after query: short ones are clipped once.
+    if len(text) <= MAX_REMEMBERED_TEXT:
+        return _remembered_clip(text, limit)
+    return _clipped(text, limit)
+
+
+def _clipped(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+_remembered_clip: Final = functools.lru_cache(maxsize=1 << 13)(_clipped)
 
 
 # Formatting a date is most of a line's cost, and the same few thousand tasks (an index
