@@ -593,9 +593,12 @@ class ContextCache:
             raise CacheUnavailable("Valkey is unreachable; retrying on a backoff schedule")
         slot = False
         try:
-            async with asyncio.timeout(self.timeout):
+            if self._slots.locked():  # wait for a connection, within the deadline
+                async with asyncio.timeout(self.timeout):
+                    await self._slots.acquire()
+            else:  # one is free: taking it never waits, so it needs no deadline
                 await self._slots.acquire()
-                slot = True
+            slot = True
             if self._behind:
                 async with asyncio.timeout(self.timeout * 10):
                     await self._replay_pending()
