@@ -114,7 +114,8 @@ class Bm25Index:
                 continue
             for key, tf in posting.items():
                 scores[key] += gain * tf / (tf + base + per_unit * length[key])
-            if len(scores) >= k and rest < max(scores.values()):
+            # After the last term (rest is 0) there is nothing left to prune.
+            if rest > 0 and len(scores) >= k and rest < max(scores.values()):
                 # The k-th best score beats ``rest`` exactly when k scores do: counting is
                 # one pass, cheaper than finding the k-th best with a heap.
                 complete_only = len([s for s in scores.values() if s > rest]) >= k
