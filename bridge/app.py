@@ -54,7 +54,7 @@ async def open_memory(
     (started) when the graphiti backend has no --graph-url. ``leases``: where the graphiti
     backend takes its ingest leases, when other processes share its graph."""
     if config.memory == "sqlite":
-        return SqliteMemory(config.memory_path), None
+        return SqliteMemory(config.memory_path, shared=config.workers > 1), None
     if config.memory == "script":
         script = ScriptMemory(
             config.memory_script,

@@ -62,7 +62,7 @@ def write(path: str, task: str, query: str, group: str = "proj") -> Episode:
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[SqliteMemory, SqliteMemory]]:
     """Two stores on one file, as two worker processes have them."""
     path = tmp_path / "memory.sqlite3"
-    first, second = SqliteMemory(path), SqliteMemory(path)
+    first, second = SqliteMemory(path, shared=True), SqliteMemory(path, shared=True)
     await first.start()
     await second.start()
     yield first, second
@@ -97,7 +97,7 @@ async def test_a_write_through_one_is_recalled_by_the_other_at_once(
 async def test_a_process_alone_never_reads_its_own_commits_back(tmp_path: Path) -> None:
     """Its commits are applied as they commit and follow one another without a gap, so
     the check before each query finds nothing to read."""
-    memory = SqliteMemory(tmp_path / "memory.sqlite3")
+    memory = SqliteMemory(tmp_path / "memory.sqlite3", shared=True)
     await memory.start()
     try:
         for n in range(20):
@@ -189,7 +189,7 @@ async def test_a_store_of_schema_3_is_migrated_to_4_in_place(tmp_path: Path) -> 
             sqlite_tasks.link(conn, e)
         conn.execute("PRAGMA user_version = 3")
         conn.execute("COMMIT")
-    first, second = SqliteMemory(path), SqliteMemory(path)
+    first, second = SqliteMemory(path, shared=True), SqliteMemory(path, shared=True)
     await asyncio.gather(first.start(), second.start())  # both at once: one migrates
     try:
         assert await files_for(first, "legacy importer") == {"src/legacy.py"}

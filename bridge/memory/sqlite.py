@@ -143,8 +143,12 @@ class SqliteMemory:
 
     name = "sqlite"
 
-    def __init__(self, path: Path, *, half_life_days: float = 7.0) -> None:
+    def __init__(self, path: Path, *, half_life_days: float = 7.0, shared: bool = False) -> None:
         self.path = path
+        # Other processes write to the same file (serve --workers): before a query, look
+        # whether they committed since. A process alone (the data folder's lock keeps
+        # others out) skips that look.
+        self.shared = shared
         self.half_life_s = half_life_days * 86400.0
         self.transactions = 0  # write transactions committed (to observe group commit)
         self._queue: queue.Queue[Write | None] = queue.Queue()
@@ -288,7 +292,7 @@ class SqliteMemory:
         from the recall index (loaded from the store on the project's first query)."""
         if not self._open:
             raise MemoryUnavailable("sqlite memory is not open")
-        if self._behind():
+        if self.shared and self._behind():
             await self._run(self.follower.follow)
         while (found := self.index.candidates(group_id, query)) is None:
             await self._load(group_id)
