@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import random
 import shutil
 import signal
 import socket
@@ -34,11 +35,25 @@ WAIT: Final = 30.0  # the longest any formation or failover step may take
 PR_SET_PDEATHSIG: Final = 1
 
 
+# Ports for the servers of these tests are drawn below the kernel's ephemeral range
+# (32768-60999 on Linux): a port the kernel hands out for bind(0) may be taken, before the
+# server binds it, as the source port of any outgoing connection, and cluster nodes open
+# many of those to each other.
+PORTS: Final = range(20_000, 32_000)
+_ports = random.Random()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on loopback, outside the ephemeral range, that nothing holds right now."""
+    for _ in range(200):
+        port = _ports.choice(PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port found below the ephemeral range")
 
 
 async def wait_until(
@@ -165,6 +180,10 @@ class ValkeyCluster:
         for i, node in enumerate(self.nodes):
             async with node.client() as c:
                 ids[node.address] = (await c.execute_command("CLUSTER", "MYID")).decode()
+                # Distinct config epochs, as `valkey-cli --cluster create` sets them: with
+                # all at 0 the primaries settle their collisions one node timeout at a
+                # time, which a loaded machine stretched past the wait below.
+                await c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
                 if i < self.primaries:
                     last = SLOTS - 1 if i == self.primaries - 1 else (i + 1) * share - 1
                     await c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
