@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from bridge.config import Config
-from bridge.embedded import EmbeddedValkey, sweep_stale_dirs
+from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey, sweep_stale_dirs
 from bridge.memory.base import Recall
 from bridge.memory.sqlite import SqliteMemory
 from bridge.recall import Candidates
+from tests.openai_standin import OpenAIStandin
 from tests.valkey_deployments import ValkeyCluster, ValkeySentinel
 
 if TYPE_CHECKING:
@@ -170,3 +171,21 @@ async def valkey_sentinel() -> AsyncIterator[ValkeySentinel]:
         yield deployment
     finally:
         await deployment.close()
+
+
+@pytest.fixture
+async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
+    """A real FalkorDB on a free loopback port, stopped after the test."""
+    server = EmbeddedFalkorDB()
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def standin() -> Iterator[OpenAIStandin]:
+    """The stand-in OpenAI-compatible server (see tests/openai_standin.py)."""
+    server = OpenAIStandin(dim=64)
+    server.start()
+    yield server
+    server.stop()

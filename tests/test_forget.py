@@ -27,15 +27,6 @@ BACKENDS = ["sqlite", "graphiti"]
 _ids = itertools.count(1)
 
 
-@pytest.fixture
-async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
-    """A real FalkorDB on a free loopback port, stopped after the test."""
-    server = EmbeddedFalkorDB()
-    await server.start()
-    yield server
-    await server.close()
-
-
 @contextlib.asynccontextmanager
 async def backend_settings(backend: str) -> AsyncIterator[dict[str, Any]]:
     """Config settings for ``backend``; for graphiti, a real FalkorDB of its own."""

@@ -5,7 +5,7 @@ because this machine cannot reach a remote LLM API."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +19,12 @@ from bridge.metrics import Metrics
 from bridge.protocol import Ack, ChatStart, Context, ErrorEvent, Message, Reply
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
-from tests.test_forget import falkordb  # noqa: F401  (fixture)
 from tests.test_memory_graphiti import llm_settings, wait_ingested
 
 
 @pytest.fixture
-def standin() -> Iterator[OpenAIStandin]:
-    """The stand-in OpenAI-compatible server (see tests/openai_standin.py)."""
-    server = OpenAIStandin(dim=64)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def llm_memory(
-    falkordb: EmbeddedFalkorDB,  # noqa: F811
+    falkordb: EmbeddedFalkorDB,
     standin: OpenAIStandin,
     tmp_path: Path,
 ) -> AsyncIterator[GraphitiMemory]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,22 +41,6 @@ class Watched(GraphitiMemory):
             self.ingested.append(episode.uuid)
         finally:
             Watched.running -= 1
-
-
-@pytest.fixture
-async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
-    server = EmbeddedFalkorDB()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-def standin() -> Iterator[OpenAIStandin]:
-    server = OpenAIStandin(dim=64)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ each with a data folder of its own."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,6 @@ from bridge.embedded import EmbeddedFalkorDB
 from tests.conftest import StatsdCollector
 from tests.test_cli import ask, bridge_process
 from tests.valkey_deployments import ValkeyCluster
-
-
-@pytest.fixture
-async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
-    """A real FalkorDB on a free loopback port, stopped after the test."""
-    server = EmbeddedFalkorDB()
-    await server.start()
-    yield server
-    await server.close()
 
 
 async def until_miss(ws: ClientConnection, query: dict[str, Any]) -> dict[str, Any]:

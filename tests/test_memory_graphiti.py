@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -57,24 +57,6 @@ from bridge.protocol import (
 from bridge.recall import WINDOW_TASKS, Candidates, RecentTask, context
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
-
-
-@pytest.fixture
-async def falkordb() -> AsyncIterator[EmbeddedFalkorDB]:
-    """A real FalkorDB on a free loopback port, stopped after the test."""
-    server = EmbeddedFalkorDB()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-def standin() -> Iterator[OpenAIStandin]:
-    """The stand-in OpenAI-compatible server (see tests/openai_standin.py)."""
-    server = OpenAIStandin(dim=64)
-    server.start()
-    yield server
-    server.stop()
 
 
 def llm_settings(standin: OpenAIStandin) -> LlmSettings:
