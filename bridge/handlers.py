@@ -267,10 +267,7 @@ class Handlers:
         self, asked: tuple[str, str], query: str, epoch: bytes | None
     ) -> str | None:
         project = asked[0]
-        # Memory is searched with the scrubbed query too: a backend may send it on (an
-        # embedding API, a script's arguments), and it then matches the scrubbed episodes.
-        found = await self.memory.candidates(project, scrub(query))
-        inject = context(found, self.context_chars, tasks=self.recall_limit)
+        inject = await self._context_for(project, scrub(query))
         # An empty answer is not cached: the next episode may be the one it lacked, and an
         # empty recall is cheap. The answer need not wait for the cache to take it.
         if epoch is not None and inject is not None:
@@ -486,9 +483,15 @@ class Handlers:
         query = scrub(message.query)
         recall = await self.memory.recall(project, query, message.limit)
         # Rendered as a chat:start miss renders it, but neither cached nor opening a task.
-        found = await self.memory.candidates(project, query)
-        inject = context(found, self.context_chars, tasks=self.recall_limit)
+        inject = await self._context_for(project, query)
         return QueryResult(id=message.id, episodes=recall.episodes, context=inject)
+
+    async def _context_for(self, project: str, scrubbed: str) -> str | None:
+        """The memory context for a query, as a chat:start injects it. Memory is searched
+        with the scrubbed query: a backend may send it on (an embedding API, a script's
+        arguments), and it then matches the scrubbed episodes."""
+        found = await self.memory.candidates(project, scrubbed)
+        return context(found, self.context_chars, tasks=self.recall_limit)
 
     async def _export(self, message: Export, session: Session, emit: Emit) -> ExportEnd:
         count = 0
