@@ -386,6 +386,12 @@ class GraphitiMemory:
         if self._driver is not None:
             with contextlib.suppress(Exception):
                 await self._driver.close()  # type: ignore[no-untyped-call]
+        # The LLM's and the embedder's HTTP clients: left open, their connection pools are
+        # closed by the garbage collector after the event loop, which logs an error.
+        for part in (self._clients.get("llm_client"), self._clients.get("embedder")):
+            if isinstance(client := getattr(part, "client", None), AsyncOpenAI):
+                with contextlib.suppress(Exception):
+                    await client.close()
 
     def pending(self, group_id: str | None = None) -> int:
         """Episodes acknowledged but not yet through extraction (of one project or all)."""
