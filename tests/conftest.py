@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -91,6 +92,56 @@ class StatsdCollector:
 
     def close(self) -> None:
         self.sock.close()
+
+
+HUNG_REPORT_MARGIN_S = 20.0  # before pytest-timeout stops a test, its tasks are printed
+
+
+@pytest.fixture(autouse=True)
+async def hung_tasks_reported(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test still running shortly before pytest-timeout stops it prints the stack of
+    every asyncio task on its loop to stderr: the timeout's own report shows threads only,
+    and an await that hangs is visible only there."""
+    timeout = float(request.config.getini("timeout") or 0)
+    if timeout <= HUNG_REPORT_MARGIN_S:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    report = loop.call_later(timeout - HUNG_REPORT_MARGIN_S, _print_tasks, request.node.nodeid)
+    try:
+        yield
+    finally:
+        report.cancel()
+
+
+def _print_tasks(test: str) -> None:
+    tasks = asyncio.all_tasks()
+    print(f"--- {test}: still running; its {len(tasks)} asyncio tasks ---", file=sys.stderr)
+    for task in tasks:
+        print(f"{task.get_name()}:", file=sys.stderr)
+        awaiting: object = task.get_coro()
+        while awaiting is not None:  # the chain of awaits down to the one that waits
+            frame = next(
+                (
+                    getattr(awaiting, a)
+                    for a in ("cr_frame", "gi_frame", "ag_frame")
+                    if getattr(awaiting, a, None) is not None
+                ),
+                None,
+            )
+            if frame is not None:
+                print(
+                    f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}",
+                    file=sys.stderr,
+                )
+            awaiting = next(
+                (
+                    getattr(awaiting, a)
+                    for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                    if getattr(awaiting, a, None) is not None
+                ),
+                None,
+            )
 
 
 @pytest.fixture(scope="session", autouse=True)
