@@ -187,20 +187,26 @@ def normalise_query(query: str) -> str:
 
 
 class Outage:
-    """Whether Valkey is reachable: fail fast while it is not, probe on a backoff schedule."""
+    """Whether Valkey is reachable: fail fast while it is not, probe on a backoff schedule.
 
-    def __init__(self, backoff: AbstractBackoff) -> None:
+    ``clock`` gives the time in seconds (``time.monotonic`` unless a test drives it)."""
+
+    def __init__(
+        self, backoff: AbstractBackoff, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._backoff = backoff
+        self._clock = clock
         self.down_since: float | None = None
         self.failures = 0
         self._retry_at = 0.0
 
-    def allows_attempt(self, now: float) -> bool:
+    def allows_attempt(self) -> bool:
         """True when Valkey is up, or when it is down and the next probe is due."""
-        return self.down_since is None or now >= self._retry_at
+        return self.down_since is None or self._clock() >= self._retry_at
 
-    def failed(self, now: float) -> bool:
+    def failed(self) -> bool:
         """Record a failure; True if it starts an outage."""
+        now = self._clock()
         self.failures += 1
         self._retry_at = now + self._backoff.compute(self.failures)
         if self.down_since is None:
@@ -227,6 +233,7 @@ class ContextCache:
         prefix: str = "gb:",
         ttl: int = 300,
         outage_backoff: AbstractBackoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
         timeout: float = 0.5,
         on_unavailable: Callable[[], None] = lambda: None,
         local: LocalContexts | None = None,
@@ -236,7 +243,8 @@ class ContextCache:
         self._prefix = prefix
         self.namespace = namespace
         self.ttl = ttl
-        self.outage = Outage(outage_backoff or ExponentialWithJitterBackoff(cap=5.0, base=0.05))
+        backoff = outage_backoff or ExponentialWithJitterBackoff(cap=5.0, base=0.05)
+        self.outage = Outage(backoff, clock)
         self._on_unavailable = on_unavailable
         self._pending: dict[str, set[str]] = {}
         self._pending_overflow = False
@@ -587,8 +595,7 @@ class ContextCache:
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one cache operation, translating transport failures into CacheUnavailable."""
-        now = time.monotonic()
-        if not self.outage.allows_attempt(now):
+        if not self.outage.allows_attempt():
             self._on_unavailable()
             raise CacheUnavailable("Valkey is unreachable; retrying on a backoff schedule")
         slot = False
@@ -629,7 +636,7 @@ class ContextCache:
         self._on_unavailable()
         why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         self._failed(f"unreachable ({why})")
-        if self.outage.failed(time.monotonic()):
+        if self.outage.failed():
             log.warning("Valkey unreachable, serving from memory without cache: %s", why)
         return CacheUnavailable(f"Valkey is unreachable: {why}")
 

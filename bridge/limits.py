@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
 class TokenBucket:
-    """Allows ``rate`` events per second on average, with bursts of up to ``burst``."""
+    """Allows ``rate`` events per second on average, with bursts of up to ``burst``.
 
-    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+    ``clock`` gives the time in seconds (``time.monotonic`` unless a test drives it)."""
 
-    def __init__(self, rate: float, burst: float) -> None:
+    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate")
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = rate
         self.burst = burst
+        self._clock = clock
         self._tokens = burst
-        self._stamp = time.monotonic()
+        self._stamp = clock()
 
-    def allow(self, now: float | None = None) -> bool:
+    def allow(self) -> bool:
         """Take one token if there is one."""
-        now = time.monotonic() if now is None else now
+        now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         if self._tokens >= 1.0:

@@ -17,8 +17,11 @@ from websockets.typing import Origin
 from bridge.app import App
 from bridge.config import ConfigError, parse_serve, redact_url
 from bridge.embedded import EmbeddedValkey
+from bridge.limits import TokenBucket
+from tests.clock import ManualClock
 from tests.conftest import SlowMemory, StatsdCollector, bridge_config, ws_url
 from tests.test_cli import bridge_process
+from tests.waiting import eventually
 
 TOKEN = "s3cret-token-value"
 Start = Callable[..., Awaitable[App]]
@@ -195,8 +198,27 @@ async def test_the_rate_limit_answers_rate_limited_and_the_connection_goes_on(
         assert all("retry in" in r["error"]["message"] for r in limited)
         assert {r["id"] for r in replies} == set(range(30)), "every message got its reply"
         assert (await ask(other, {"type": "ping", "id": "o"}))["type"] == "pong"
-        await asyncio.sleep(0.6)  # one token back at 2 per second
-        assert (await ask(ws, {"type": "ping", "id": "later"}))["type"] == "pong"
+        later = await eventually(  # one token back at 2 per second
+            lambda: ask(ws, {"type": "ping", "id": "later"}),
+            "a token back for the limited connection",
+            until=lambda reply: reply["type"] == "pong",
+        )
+        assert later["type"] == "pong"
+
+
+def test_a_token_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(rate=2.0, burst=5, clock=clock)
+    assert [bucket.allow() for _ in range(6)] == [True] * 5 + [False]
+    assert bucket.retry_after() == pytest.approx(0.5)
+    clock.advance(0.25)  # half a token
+    assert not bucket.allow()
+    assert bucket.retry_after() == pytest.approx(0.25)
+    clock.advance(0.25)
+    assert bucket.allow()
+    assert not bucket.allow()
+    clock.advance(3600)  # a long quiet spell refills the burst, no more
+    assert [bucket.allow() for _ in range(6)] == [True] * 5 + [False]
 
 
 async def test_field_limits_are_settings(start_app: Start) -> None:
