@@ -48,7 +48,6 @@ EPISODES: Final = (
 LOWEST_US: Final = 1
 HIGHEST_US: Final = 10_000_000
 SIGNIFICANT: Final = 3
-PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
 DEFAULT_OUT: Final = Path(__file__).resolve().parent / "results"
 
 log = logging.getLogger("bench")
@@ -118,56 +117,6 @@ def closed_loop(trip: RoundTrip) -> Runner:
                 record_ns(histogram, clock() - t0)
 
     return run
-
-
-def summary(
-    name: str, histogram: HdrHistogram, throughput: float | None, cpu_us: float | None
-) -> dict[str, Any]:
-    """The raw figures of one histogram, in microseconds."""
-    row: dict[str, Any] = {
-        "series": name,
-        "n": int(histogram.get_total_count()),
-        "min_us": int(histogram.get_min_value()),
-        "mean_us": round(float(histogram.get_mean_value()), 1),
-        "stddev_us": round(float(histogram.get_stddev()), 1),
-        "max_us": int(histogram.get_max_value()),
-        "throughput_rps": None if throughput is None else round(throughput, 1),
-        "cpu_us_per_request": None if cpu_us is None else round(cpu_us, 1),
-    }
-    for p in PERCENTILES:
-        row[f"p{p:g}_us"] = int(histogram.get_value_at_percentile(p))
-    return row
-
-
-def series_summary(series: Series) -> dict[str, Any]:
-    """``summary`` of a measured series, with its throughput and CPU per request."""
-    return summary(series.name, series.histogram, series.throughput, series.cpu_us)
-
-
-def add_ratios(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
-    """Give every row its p50 and p99 as multiples of the floor's."""
-    for row in rows:
-        row["floor"] = floor["series"]
-        row["p50_over_floor"] = round(row["p50_us"] / max(floor["p50_us"], 1), 2)
-        row["p99_over_floor"] = round(row["p99_us"] / max(floor["p99_us"], 1), 2)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table with max and CPU columns (bench.hits' layout)."""
-    header = (
-        "| series | n | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs "
-        "| p50/floor | p99/floor | req/s | CPU µs/req |"
-    )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for r in rows:
-        rps = "-" if r["throughput_rps"] is None else f"{r['throughput_rps']:,.0f}"
-        cpu = "-" if r["cpu_us_per_request"] is None else f"{r['cpu_us_per_request']:.0f}"
-        lines.append(
-            f"| {r['series']} | {r['n']} | {r['p50_us']} | {r['p90_us']} | {r['p99_us']} "
-            f"| {r['p99.9_us']} | {r['max_us']} | {r['p50_over_floor']:.2f} "
-            f"| {r['p99_over_floor']:.2f} | {rps} | {cpu} |"
-        )
-    return "\n".join(lines)
 
 
 def fmt_us(us: float) -> str:

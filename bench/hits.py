@@ -48,7 +48,6 @@ from bench.common import (
     BenchError,
     RoundTrip,
     Series,
-    add_ratios,
     bridge_config,
     bridge_url,
     check_echo,
@@ -57,18 +56,16 @@ from bench.common import (
     echo_server,
     machine,
     machine_line,
-    markdown_table,
     new_histogram,
     round_trip,
     run_loop,
     run_rounds,
     running_bridge,
     seed,
-    series_summary,
     statsd_sink,
-    summary,
     warm_up,
 )
+from bench.rows import Row, markdown_table, row_of, series_row
 from bridge.cache import ContextCache
 
 log = logging.getLogger("bench.hits")
@@ -171,10 +168,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         server_us.reset()  # the handler's own times, without the warm-up's
         await run_rounds(series, args.requests, args.rounds)
 
-    rows = [series_summary(s) for s in series[:3]]
-    handler = summary("handler elapsed_us (server-reported, msgpack)", server_us, None, None)
-    components = [handler] + [series_summary(s) for s in series[3:]]
-    add_ratios(rows + components, rows[0])
+    floor = series_row(series[0])
+    rows = [floor] + [series_row(s, floor) for s in series[1:3]]
+    handler = row_of("handler elapsed_us (server-reported, msgpack)", server_us, floor=floor)
+    components = [handler] + [series_row(s, floor) for s in series[3:]]
     return {"series": rows, "components": components}
 
 
@@ -195,8 +192,15 @@ def report(results: dict[str, Any], out: Path) -> str:
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "hits.md").write_text(text + "\n")
-    (out / "hits.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "hits.json").write_text(json.dumps(results, indent=2, default=row_json) + "\n")
     return text
+
+
+def row_json(value: object) -> dict[str, Any]:
+    """``json.dumps``' fallback: a row as the JSON holds it."""
+    if isinstance(value, Row):
+        return value.to_json()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -143,7 +143,8 @@ class Mux:
         clock = time.perf_counter_ns
         failure: BaseException = BenchError("the connection closed with requests outstanding")
         try:
-            async for frame in self.ws:
+            while True:  # until the connection closes (ConnectionClosed)
+                frame = await self.ws.recv(decode=False)  # bytes, for either decoder
                 now = clock()
                 reply = self._decode(frame)
                 waiter = self._waiting.pop(reply.id, None)

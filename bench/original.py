@@ -77,7 +77,7 @@ class OriginalPlugin:
         key = self.cache_key(query)
         cached = await self.valkey.get(key)
         if cached is not None:
-            return str(cached.decode())
+            return cached if isinstance(cached, str) else cached.decode()
         self.misses += 1
         context = (await self.run("query", query)).decode().strip()
         await self.valkey.setex(key, TTL, context)

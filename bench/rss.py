@@ -15,8 +15,9 @@ import resource
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -24,6 +25,20 @@ from bench.common import BenchError, request
 from bench.process import RunningBridge, serve
 
 BATCH: Final = 50  # connections opened at once
+
+
+@dataclass(frozen=True)
+class IdleMemory:
+    """The server's memory before and with ``connections`` idle connections, in kB."""
+
+    connections: int
+    open_seconds: float
+    rss_before_kb: int
+    rss_after_kb: int
+    hwm_kb: int
+    per_connection_kb: float
+    children_rss_kb: dict[str, int]
+    nofile_limit: int
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -107,8 +122,8 @@ async def close_all(connections: list[ClientConnection]) -> None:
         await asyncio.gather(*(ws.close() for ws in batch), return_exceptions=True)
 
 
-async def idle_memory(count: int, statsd_port: int) -> dict[str, Any]:
-    """The server's RSS before and with ``count`` idle connections, in kB and derived."""
+async def idle_memory(count: int, statsd_port: int) -> IdleMemory:
+    """The server's RSS before and with ``count`` idle connections, and its peak."""
     limit = raise_open_files(count + 256)
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         data_dir = Path(tmp) / "data"
@@ -124,13 +139,13 @@ async def idle_memory(count: int, statsd_port: int) -> dict[str, Any]:
                 helpers = {f"{command_name(c)} ({c})": status_kb(c, "VmRSS") for c in children(pid)}
             finally:
                 await close_all(connections)
-    return {
-        "connections": count,
-        "open_seconds": round(seconds, 2),
-        "rss_before_kb": before,
-        "rss_after_kb": after,
-        "hwm_kb": peak,
-        "per_connection_kb": round((after - before) / count, 1),
-        "children_rss_kb": helpers,
-        "nofile_limit": limit,
-    }
+    return IdleMemory(
+        connections=count,
+        open_seconds=round(seconds, 2),
+        rss_before_kb=before,
+        rss_after_kb=after,
+        hwm_kb=peak,
+        per_connection_kb=round((after - before) / count, 1),
+        children_rss_kb=helpers,
+        nofile_limit=limit,
+    )

@@ -1,5 +1,5 @@
-"""Throughput of ``serve --workers N``: the workers section of ``python -m bench``, and
-``python -m bench workers`` on its own.
+"""Throughput of ``serve --workers N``: ``python -m bench workers``, and the measurements
+of the workers section of ``python -m bench`` (bench/sections/workers.py).
 
 For N = 1, 2 and the number of cores here, the bridge runs as its own process tree
 (``python -m bridge serve --workers N``, its private valkey-server, the embedded store
@@ -49,13 +49,12 @@ from bench.common import (
     run_loop,
     statsd_sink,
 )
+from bench.harness import prefill
 from bench.process import serve
-from bench.suite import QUICK, Run, Section, prefill
 from bench.workload import WORKING_SET, corpus, hot_query, miss_query
 from bridge.memory.sqlite import SqliteMemory
 
 KINDS: Final = ("hits", "misses")
-SLOW: Final = "slow"  # the plot panel of series that reach memory
 IDS_PER_CLIENT: Final = 10_000_000  # client k numbers its requests from k times this
 
 
@@ -225,60 +224,6 @@ async def measure_all(load: Load, statsd_port: int, counts: Sequence[int]) -> li
         for workers in counts:
             found += await measure_workers(workers, data_dir, load, statsd_port, pool, clients)
         return found
-
-
-# -- the report -------------------------------------------------------------------------------
-
-
-def rows_and_notes(run: Run, measured: list[Measured]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Report rows (latency ratios to one worker's row of the same kind) and notes (the
-    throughput ratios)."""
-    rows, notes = [], []
-    for kind in KINDS:
-        of_kind = [m for m in measured if m.kind == kind]
-        one = next(m for m in of_kind if m.workers == 1)
-        reference: dict[str, Any] | None = None
-        for m in of_kind:
-            name = f"{kind}, {m.workers} worker{'s' if m.workers > 1 else ''}"
-            if reference is None:  # one worker: the others' reference
-                row = reference = run.row(
-                    name, m.histogram, throughput=m.throughput, panel=SLOW, is_floor=True
-                )
-            else:
-                row = run.row(
-                    name, m.histogram, throughput=m.throughput, floor=reference, panel=SLOW
-                )
-            row["throughput_over_one_worker"] = round(m.throughput / one.throughput, 2)
-            rows.append(row)
-        gains = ", ".join(
-            f"{m.workers} workers {fmt_ratio(m.throughput / one.throughput)}"
-            for m in of_kind
-            if m.workers > 1
-        )
-        notes.append(f"{kind}: {one.throughput:,.0f}/s with 1 worker; {gains} of that")
-    return rows, notes
-
-
-async def workers(run: Run) -> Section:
-    """The workers section of the suite."""
-    load = QUICK_LOAD if run.params == QUICK else FULL_LOAD
-    counts = worker_counts()
-    measured = await measure_all(load, run.statsd_port, counts)
-    section = Section(
-        "workers",
-        "Throughput with more worker processes (serve --workers N)",
-        f"`python -m bridge serve --workers N` for N = {', '.join(map(str, counts))} as its "
-        f"own process tree, the store pre-filled with {load.prefill:,} episodes; "
-        f"{load.connections} connections spread over {os.cpu_count()} client processes, "
-        f"each connection a closed loop, measured for {load.seconds:g} s after "
-        f"{load.warmup:g} s of warm-up. Hits are cached contexts of {WORKING_SET} queries; "
-        "misses are queries never asked before. `vs floor` is to one worker of the same "
-        "kind; the clients share this machine's cores with the bridge.",
-    )
-    section.rows, section.notes = rows_and_notes(run, measured)
-    for m in measured:
-        section.figures.setdefault(f"{m.kind}_rps", {})[m.workers] = round(m.throughput, 1)
-    return section
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -105,3 +106,13 @@ def install_memory_manager(folder: Path, episodes: list[Episode]) -> Path:
         for episode in episodes:
             f.write(encode(episode) + b"\n")
     return script
+
+
+def memory_manager_for(episodes: list[Episode]) -> Callable[[Path], Path]:
+    """A factory installing ``memory_manager.py`` with ``episodes`` beside a bridge's data
+    dir (for the ``memory_script`` setting of ``bench.harness.bridge``)."""
+
+    def make(data_dir: Path) -> Path:
+        return install_memory_manager(data_dir.parent / "graphiti", episodes)
+
+    return make

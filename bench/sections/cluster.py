@@ -21,10 +21,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from bench.common import (
     BenchError,
+    Runner,
     Series,
     bridge_url,
     check_hit,
@@ -38,7 +40,10 @@ from bench.common import (
     seed,
     warm_up,
 )
-from bench.suite import Run, Section, bridge, clients
+from bench.harness import Run, bridge, clients
+from bench.registry import section
+from bench.rows import Row
+from bench.section import Section
 from bridge.cache import ContextCache
 from bridge.embedded import EmbeddedValkey
 from tests.valkey_deployments import ValkeyCluster, free_port
@@ -71,7 +76,7 @@ async def open_cache(url: str, **settings: Any) -> ContextCache:
     return cache
 
 
-async def hit_series(run: Run, urls: dict[str, str]) -> list[dict[str, Any]]:
+async def hit_series(run: Run, urls: dict[str, str]) -> list[Row]:
     """chat:start hits through a bridge on each deployment, interleaved."""
     p = run.params
     async with contextlib.AsyncExitStack() as stack:
@@ -87,7 +92,7 @@ async def hit_series(run: Run, urls: dict[str, str]) -> list[dict[str, Any]]:
     return pair_rows(run, series)
 
 
-async def read_series(run: Run, urls: dict[str, str]) -> list[dict[str, Any]]:
+async def read_series(run: Run, urls: dict[str, str]) -> list[Row]:
     """Lookups that read Valkey (no in-process copy), interleaved."""
     p = run.params
     caches = [await open_cache(url, local_entries=0) for url in urls.values()]
@@ -107,7 +112,7 @@ async def read_series(run: Run, urls: dict[str, str]) -> list[dict[str, Any]]:
     return pair_rows(run, series)
 
 
-def reads(cache: ContextCache) -> Any:
+def reads(cache: ContextCache) -> Runner:
     """A runner of lookups that must hit, one project after another."""
 
     async def trip(i: int) -> None:
@@ -117,7 +122,7 @@ def reads(cache: ContextCache) -> Any:
     return closed_loop(trip)
 
 
-async def invalidation_series(run: Run, urls: dict[str, str]) -> list[dict[str, Any]]:
+async def invalidation_series(run: Run, urls: dict[str, str]) -> list[Row]:
     """Cross-bridge invalidation on each deployment, samples alternating between them."""
     count = max(20, run.params.writes // 2)
     pairs = []
@@ -163,37 +168,54 @@ async def one_invalidation(reader: ContextCache, writer: ContextCache, i: int) -
     return time.perf_counter_ns() - began
 
 
-def pair_rows(run: Run, series: list[Series]) -> list[dict[str, Any]]:
+def pair_rows(run: Run, series: list[Series]) -> list[Row]:
     """The single-server row (against the run's floor) and the cluster row against it."""
     single = run.series_row(series[0])
     return [single, run.series_row(series[1], floor=single)]
 
 
-async def cluster(run: Run) -> Section:
+@dataclass(kw_only=True)
+class Cluster(Section):
+    """Pairs of rows (one server, then the cluster against it) and the cluster's p50 and
+    p99 over one server's, for hits, reads and invalidations."""
+
+    hit_p50_cluster_over_single: float
+    hit_p99_cluster_over_single: float
+    read_p50_cluster_over_single: float
+    read_p99_cluster_over_single: float
+    invalidation_p50_cluster_over_single: float
+    invalidation_p99_cluster_over_single: float
+
+
+@section("cluster", order=60)
+async def cluster(run: Run) -> Cluster:
     """Hits, Valkey reads and cross-bridge invalidation on a cluster, over one server."""
-    section = Section(
-        "cluster",
-        "Valkey Cluster against one Valkey server",
-        "Three primaries with a replica each, and one valkey-server, both on loopback TCP. "
-        "Each cluster row's ratio columns are to the single-server row above it (not to "
-        "the echo floor): hits through a bridge's WebSocket (from its local copy), reads "
-        "of Valkey with no local copy, and the time from one cache starting an invalidation "
-        "until another cache's local copy has dropped the context.",
-    )
+    rows: list[Row] = []
     async with deployments() as urls:
         for part in (hit_series, read_series, invalidation_series):
-            section.rows += await part(run, urls)
-    names = ("hit", "read", "invalidation")
-    for name, row in zip(names, section.rows[1::2], strict=True):
-        section.figures[f"{name}_p50_cluster_over_single"] = row["p50_over_floor"]
-        section.figures[f"{name}_p99_cluster_over_single"] = row["p99_over_floor"]
-    for name, (single, clustered) in zip(
-        names, zip(section.rows[::2], section.rows[1::2], strict=True), strict=True
-    ):
-        section.notes.append(
-            f"{name}: median {fmt_us(single['p50_us'])} on one server, "
-            f"{fmt_us(clustered['p50_us'])} on the cluster "
-            f"({fmt_ratio(clustered['p50_over_floor'])}; p99 "
-            f"{fmt_ratio(clustered['p99_over_floor'])})."
+            rows += await part(run, urls)
+    hit, read, invalidation = rows[1::2]
+    notes = [
+        f"{name}: median {fmt_us(single.p50_us)} on one server, "
+        f"{fmt_us(clustered.p50_us)} on the cluster "
+        f"({fmt_ratio(clustered.p50_over_floor)}; p99 {fmt_ratio(clustered.p99_over_floor)})."
+        for name, single, clustered in zip(
+            ("hit", "read", "invalidation"), rows[::2], rows[1::2], strict=True
         )
-    return section
+    ]
+    return Cluster(
+        title="Valkey Cluster against one Valkey server",
+        intro="Three primaries with a replica each, and one valkey-server, both on loopback "
+        "TCP. Each cluster row's ratio columns are to the single-server row above it (not to "
+        "the echo floor): hits through a bridge's WebSocket (from its local copy), reads of "
+        "Valkey with no local copy, and the time from one cache starting an invalidation "
+        "until another cache's local copy has dropped the context.",
+        rows=rows,
+        notes=notes,
+        hit_p50_cluster_over_single=hit.p50_over_floor,
+        hit_p99_cluster_over_single=hit.p99_over_floor,
+        read_p50_cluster_over_single=read.p50_over_floor,
+        read_p99_cluster_over_single=read.p99_over_floor,
+        invalidation_p50_cluster_over_single=invalidation.p50_over_floor,
+        invalidation_p99_cluster_over_single=invalidation.p99_over_floor,
+    )
