@@ -179,16 +179,16 @@ class ValkeyCluster:
         self.ids = ids
         for i, node in enumerate(self.nodes):
             async with node.client() as c:
-                ids[node.address] = (await c.execute_command("CLUSTER", "MYID")).decode()
+                ids[node.address] = (await c.execute_command("CLUSTER", "MYID")).decode()  # type: ignore[no-untyped-call]
                 # Distinct config epochs, as `valkey-cli --cluster create` sets them: with
                 # all at 0 the primaries settle their collisions one node timeout at a
                 # time, which a loaded machine stretched past the wait below.
-                await c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                await c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)  # type: ignore[no-untyped-call]
                 if i < self.primaries:
                     last = SLOTS - 1 if i == self.primaries - 1 else (i + 1) * share - 1
-                    await c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+                    await c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)  # type: ignore[no-untyped-call]
                 if i:
-                    await c.execute_command(
+                    await c.execute_command(  # type: ignore[no-untyped-call]
                         "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0]
                     )
         await self.wait_until_ok(len(self.nodes))
@@ -199,7 +199,7 @@ class ValkeyCluster:
                 async def replicate(c: redis.Redis = c, primary: Node = primary) -> bool:
                     # A replica can only follow a primary it has heard of by gossip.
                     return bool(
-                        await c.execute_command("CLUSTER", "REPLICATE", ids[primary.address])
+                        await c.execute_command("CLUSTER", "REPLICATE", ids[primary.address])  # type: ignore[no-untyped-call]
                     )
 
                 await wait_until(replicate, f"{node.address} replicates {primary.address}")
@@ -221,7 +221,7 @@ class ValkeyCluster:
     async def view(self, node: Node) -> dict[str, dict[str, Any]]:
         """CLUSTER NODES as ``node`` sees it: address -> flags, slots, ..."""
         async with node.client() as c:
-            raw = await c.execute_command("CLUSTER", "NODES")
+            raw = await c.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         view: dict[str, dict[str, Any]] = {}
         for line in text.splitlines():
@@ -249,7 +249,7 @@ class ValkeyCluster:
         async def ok() -> bool:
             for node in self.running():
                 async with node.client() as c:
-                    info = await c.execute_command("CLUSTER", "INFO")
+                    info = await c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
                     text = info.decode() if isinstance(info, bytes) else str(info)
                     if "cluster_state:ok" not in text:
                         return False
@@ -262,7 +262,7 @@ class ValkeyCluster:
     async def node_of_slot(self, slot: int) -> Node:
         """The primary serving ``slot`` now."""
         async with self.running()[0].client() as c:
-            for start, end, primary, *_ in await c.execute_command("CLUSTER", "SLOTS"):
+            for start, end, primary, *_ in await c.execute_command("CLUSTER", "SLOTS"):  # type: ignore[no-untyped-call]
                 if start <= slot <= end:
                     port = int(primary[1])
                     return next(n for n in self.nodes if n.port == port)
@@ -290,16 +290,16 @@ class ValkeyCluster:
         moved = 0
         async with source.client() as src, target.client() as dst:
             source_id, target_id = self.ids[source.address], self.ids[target.address]
-            await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-            while keys := await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-                await src.execute_command(
+            await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)  # type: ignore[no-untyped-call]
+            await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)  # type: ignore[no-untyped-call]
+            while keys := await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):  # type: ignore[no-untyped-call]
+                await src.execute_command(  # type: ignore[no-untyped-call]
                     "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
                 )
                 moved += len(keys)
             for node in await self.primary_nodes():
                 async with node.client() as c:
-                    await c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+                    await c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)  # type: ignore[no-untyped-call]
         await self.wait_until_ok()
         return moved
 
@@ -332,7 +332,7 @@ class ValkeySentinel:
         """Start both servers, make one the replica of the other, start the Sentinel."""
         await asyncio.gather(self.primary.start(), self.replica.start())
         async with self.replica.client() as c:
-            await c.execute_command("REPLICAOF", "127.0.0.1", self.primary.port)
+            await c.execute_command("REPLICAOF", "127.0.0.1", self.primary.port)  # type: ignore[no-untyped-call]
 
         async def in_sync() -> bool:
             async with self.replica.client() as c:
@@ -361,7 +361,7 @@ class ValkeySentinel:
     async def current_primary(self) -> int:
         """The port of the primary the Sentinel names."""
         async with redis.Redis(port=self.sentinel_port, socket_timeout=5) as s:
-            _, port = await s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            _, port = await s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)  # type: ignore[no-untyped-call]
         return int(port)
 
     async def fail_over(self) -> int:
@@ -370,7 +370,7 @@ class ValkeySentinel:
         before = await self.current_primary()
         await wait_until(self._knows_the_replica, "the Sentinel knows a replica to promote")
         async with redis.Redis(port=self.sentinel_port, socket_timeout=5) as s:
-            await s.execute_command("SENTINEL", "FAILOVER", self.service)
+            await s.execute_command("SENTINEL", "FAILOVER", self.service)  # type: ignore[no-untyped-call]
 
         async def switched() -> bool:
             port = await self.current_primary()
