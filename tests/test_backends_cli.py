@@ -11,7 +11,8 @@ import msgspec
 from websockets.asyncio.client import connect
 
 from tests.conftest import StatsdCollector
-from tests.test_cli import ask, bridge_process
+from tests.test_cli import bridge_process
+from tests.wire import ask
 
 
 async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
@@ -68,15 +69,19 @@ async def test_serve_with_graphiti_stores_and_recalls_every_event(
                 {"type": "error", "id": 2, "message": "PaymentDeclined in checkout flow"},
                 {"type": "completion", "id": 3, "task": "refactor checkout totals", "tokens": 9},
             ]:
-                ack = await ask(ws, message)
+                ack = await ask(ws, message, binary=True)
                 assert ack["ok"] and not ack.get("queued"), ack
-            reply = await ask(ws, {"type": "chat:start", "id": 4, "query": "checkout cart.py"})
+            reply = await ask(
+                ws, {"type": "chat:start", "id": 4, "query": "checkout cart.py"}, binary=True
+            )
             assert reply["inject"].startswith("[Memory Context] ")
             for text in ["src/checkout/cart.py", "Error: PaymentDeclined",
                          "refactor checkout totals"]:  # fmt: skip
                 assert text in reply["inject"]
         async with connect(bridge.url + "/other") as ws:
-            other = await ask(ws, {"type": "chat:start", "id": 5, "query": "checkout cart.py"})
+            other = await ask(
+                ws, {"type": "chat:start", "id": 5, "query": "checkout cart.py"}, binary=True
+            )
             assert other["inject"] is None, "a project saw another's episodes"
 
 
@@ -91,7 +96,9 @@ async def test_export_from_the_embedded_store_and_import_into_graphiti(
         connect(bridge.url + "/shop") as ws,
     ):
         for i in range(12):
-            ack = await ask(ws, {"type": "error", "id": i, "message": f"failure number {i}"})
+            ack = await ask(
+                ws, {"type": "error", "id": i, "message": f"failure number {i}"}, binary=True
+            )
             acked.add(ack["episode"])
     exported = await run_cli("export", "--data-dir", str(data), "--project", "shop")
     lines = exported.splitlines()

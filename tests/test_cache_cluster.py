@@ -20,9 +20,10 @@ from bridge.cache import ContextCache
 from bridge.config import Config
 from bridge.errors import CacheUnavailable
 from tests.conftest import StatsdCollector, ws_url
-from tests.test_limits import ask, http_get
+from tests.test_limits import http_get
 from tests.test_tracking import eventually
 from tests.valkey_deployments import ValkeyCluster
+from tests.wire import ask
 
 PROJECTS = [f"project-{i}" for i in range(24)]
 

@@ -10,13 +10,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import msgspec
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from bridge.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector
+from tests.wire import ask
 
 LISTENING = re.compile(rb"listening on (ws://[\d.]+:\d+)")
 
@@ -68,11 +67,6 @@ async def bridge_process(
                 await process.wait()
 
 
-async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
-    await ws.send(msgspec.msgpack.encode(message))
-    return msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
-
-
 def children_of(pid: int) -> list[int]:
     """Process ids whose parent is ``pid`` (from /proc)."""
     found = []
@@ -97,10 +91,12 @@ async def test_serve_on_embedded_defaults_owns_its_valkey(
         assert len(valkeys) == 1, "serve without --valkey-url starts one private valkey-server"
         assert "valkey-server" in Path(f"/proc/{valkeys[0]}/cmdline").read_text()
         async with connect(bridge.url) as ws:
-            assert (await ask(ws, {"type": "error", "id": 1, "message": "cli canary"}))["ok"]
-            reply = await ask(ws, {"type": "chat:start", "id": 2, "query": "canary"})
+            canary = {"type": "error", "id": 1, "message": "cli canary"}
+            assert (await ask(ws, canary, binary=True))["ok"]
+            reply = await ask(ws, {"type": "chat:start", "id": 2, "query": "canary"}, binary=True)
             assert "cli canary" in reply["inject"]
-            assert (await ask(ws, {"type": "chat:start", "id": 3, "query": "canary"}))["hit"]
+            again = await ask(ws, {"type": "chat:start", "id": 3, "query": "canary"}, binary=True)
+            assert again["hit"]
         bridge.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(bridge.process.wait(), 20) == 0
     assert not Path(f"/proc/{valkeys[0]}").exists(), "the private valkey-server outlived the bridge"
@@ -121,11 +117,11 @@ async def test_two_bridges_on_one_valkey_with_stores_of_their_own_share_no_conte
         connect(two.url) as ws_two,
     ):
         remembered = {"type": "error", "id": 0, "message": "KeyError in src/shared.py"}
-        assert (await ask(ws_one, remembered))["ok"]  # an empty answer is never cached
+        assert (await ask(ws_one, remembered, binary=True))["ok"]  # an empty answer is never cached
         query = {"type": "chat:start", "id": 1, "query": "what about src/shared.py"}
-        assert not (await ask(ws_one, query))["hit"]
-        assert (await ask(ws_one, query))["hit"]
-        other = await ask(ws_two, query)
+        assert not (await ask(ws_one, query, binary=True))["hit"]
+        assert (await ask(ws_one, query, binary=True))["hit"]
+        other = await ask(ws_two, query, binary=True)
         assert not other["hit"], "the second bridge answered with the first store's context"
         assert "KeyError" not in (other.get("inject") or "")
 

@@ -22,7 +22,8 @@ from bridge.config import Config
 from bridge.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
 from bridge.health import MIN_FREE_BYTES, data_dir_problem
 from tests.conftest import StatsdCollector, bridge_config, ws_url
-from tests.test_limits import ask, http_get
+from tests.test_limits import http_get
+from tests.wire import ask
 
 
 async def test_the_private_valkey_is_capped_and_never_evicts(valkey: EmbeddedValkey) -> None:

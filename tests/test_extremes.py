@@ -3,11 +3,9 @@ Datadog event can carry, and counts or times no codec can carry back are refused
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
-import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -15,6 +13,7 @@ from bridge.app import App
 from bridge.metrics import MAX_EVENT_BYTES
 from bridge.protocol import MAX_COUNT, MAX_SECONDS
 from tests.conftest import StatsdCollector, ws_url
+from tests.wire import ask, receive, send
 
 
 @pytest.fixture(params=[False, True], ids=["json", "msgpack"])
@@ -22,30 +21,9 @@ def binary(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-async def send(ws: ClientConnection, message: dict[str, Any] | str, binary: bool) -> None:
-    """Send a message as a client would: MessagePack in a binary frame, JSON in a text frame
-    (a ``str`` is sent as the JSON text it is)."""
-    if isinstance(message, str):
-        await ws.send(message)
-    elif binary:
-        await ws.send(msgspec.msgpack.encode(message))
-    else:
-        await ws.send(msgspec.json.encode(message).decode())
-
-
-async def receive(ws: ClientConnection) -> Any:
-    raw = await asyncio.wait_for(ws.recv(), 10)
-    return msgspec.msgpack.decode(raw) if isinstance(raw, bytes) else msgspec.json.decode(raw)
-
-
-async def ask(ws: ClientConnection, message: dict[str, Any] | str, binary: bool) -> Any:
-    await send(ws, message, binary)
-    return await receive(ws)
-
-
 async def export(ws: ClientConnection, binary: bool) -> list[dict[str, Any]]:
     """Every episode of the connection's project, through the export stream."""
-    await send(ws, {"type": "export", "id": "export", "chunk_size": 7}, binary)
+    await send(ws, {"type": "export", "id": "export", "chunk_size": 7}, binary=binary)
     episodes: list[dict[str, Any]] = []
     for seq in range(10_000):  # bounded
         reply = await receive(ws)
@@ -74,10 +52,10 @@ async def test_a_long_error_is_stored_and_its_event_fits_a_datagram(
     message = LONG_ERRORS[kind]
     assert len(message) == 60_000
     async with connect(ws_url(app, f"/long-{kind}"), max_size=None) as ws:
-        ack = await ask(ws, {"type": "error", "id": 1, "message": message}, binary)
+        ack = await ask(ws, {"type": "error", "id": 1, "message": message}, binary=binary)
         assert ack["ok"] is True and ack["id"] == 1, ack
         assert isinstance(ack["episode"], str) and ack["episode"]
-        found = await ask(ws, {"type": "query", "id": 2, "query": QUERY_WORD[kind]}, binary)
+        found = await ask(ws, {"type": "query", "id": 2, "query": QUERY_WORD[kind]}, binary=binary)
         assert found["type"] == "result" and found["id"] == 2
         assert [e["uuid"] for e in found["episodes"]] == [ack["episode"]]
         assert found["episodes"][0]["body"] == f"Error: {message}"  # stored whole
@@ -145,7 +123,7 @@ async def test_unbounded_counts_and_times_are_refused_naming_the_field(app: App)
                 message = {**message, "id": n}
             else:
                 message = message.replace("{", f'{{"id": {n}, ', 1)
-            ack = await ask(ws, message, is_binary)
+            ack = await ask(ws, message, binary=is_binary)
             assert ack["type"] == "ack" and ack["ok"] is False, (message, ack)
             assert ack["id"] == n
             assert ack["error"]["code"] == "bad_request", ack
@@ -165,12 +143,14 @@ async def test_counts_and_times_at_their_bounds_survive_every_codec(app: App) ->
         "at": 1.0,
     }
     async with connect(ws_url(app, "/at-bounds")) as ws:
-        ack = await ask(ws, at_bounds, False)
+        ack = await ask(ws, at_bounds)
         assert ack["ok"] is True, ack
         late = {**COMPLETION, "id": 2, "at": MAX_SECONDS, "tokens": 0, "duration_ms": 0}
-        assert (await ask(ws, late, True))["ok"] is True
+        assert (await ask(ws, late, binary=True))["ok"] is True
         for is_binary in (False, True):
-            found = await ask(ws, {"type": "query", "id": 3, "query": "bounded task"}, is_binary)
+            found = await ask(
+                ws, {"type": "query", "id": 3, "query": "bounded task"}, binary=is_binary
+            )
             assert found["type"] == "result" and len(found["episodes"]) == 2, found
             stored = await export(ws, is_binary)
             assert len(stored) == 2

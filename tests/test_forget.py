@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,14 @@ from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
+from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_memory_script import MEMORY_MANAGER
+from tests.wire import exported
 
 BACKENDS = ["sqlite", "graphiti"]
-_ids = itertools.count(1)
+# Each message gets an id of its own, and its reply must carry it.
+ask = functools.partial(wire.ask, fresh_id=True, timeout=30.0)
 
 
 @contextlib.asynccontextmanager
@@ -56,15 +59,6 @@ async def bridge(
         await app.stop()
 
 
-async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
-    """Send one JSON message with a fresh id and read its reply."""
-    message = {"id": next(_ids), **message}
-    await ws.send(msgspec.json.encode(message).decode())
-    reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
-    assert reply["id"] == message["id"], reply
-    return reply
-
-
 async def stored(ws: ClientConnection, message: dict[str, Any]) -> str:
     """Store an event; its episode's uuid."""
     ack = await ask(ws, message)
@@ -78,19 +72,6 @@ async def context(ws: ClientConnection, query: str, **fields: Any) -> tuple[bool
     reply = await ask(ws, {"type": "chat:start", "query": query, **fields})
     assert reply["type"] == "context", reply
     return reply["hit"], reply["inject"] or ""
-
-
-async def exported(ws: ClientConnection) -> list[dict[str, Any]]:
-    """Every episode of the connection's project."""
-    message = {"type": "export", "id": next(_ids), "chunk_size": 1000}
-    await ws.send(msgspec.json.encode(message).decode())
-    episodes: list[dict[str, Any]] = []
-    for _ in range(1000):
-        reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
-        if reply["type"] == "export:end":
-            return episodes
-        episodes.extend(reply["episodes"])
-    raise AssertionError("no export:end")
 
 
 async def queried(ws: ClientConnection, text: str) -> list[str]:

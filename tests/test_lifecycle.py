@@ -10,25 +10,33 @@ import sqlite3
 import textwrap
 from pathlib import Path
 
-import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import StatsdCollector
-from tests.test_cli import ask, bridge_process, children_of
+from tests.test_cli import bridge_process, children_of
+from tests.waiting import eventually
+from tests.wire import ask, receive, send
 
 SLOW_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, pathlib, sys, time
     command = sys.argv[1]
     if command == "query":
+        pathlib.Path(sys.argv[0]).with_name("query-running").touch()
         time.sleep(1.0)
         print(json.dumps({"episodes": [{"body": "slow but complete", "uuid": "u1"}]}))
     elif command == "export":
         pass
     """
 )
+
+
+async def query_running(script: Path) -> None:
+    """Wait until the memory script beside ``script`` has started its slow query."""
+    running = script.with_name("query-running")
+    await eventually(running.exists, f"the memory script to start the query ({running})")
 
 
 async def test_sigterm_finishes_in_flight_requests_then_closes_with_1001(
@@ -45,10 +53,10 @@ async def test_sigterm_finishes_in_flight_requests_then_closes_with_1001(
     async with bridge_process(*args, env=env) as bridge:
         (valkey,) = children_of(bridge.process.pid)
         async with connect(bridge.url) as ws:
-            await ws.send(msgspec.msgpack.encode({"type": "query", "id": 1, "query": "slow"}))
-            await asyncio.sleep(0.2)  # the script is running now
+            await send(ws, {"type": "query", "id": 1, "query": "slow"}, binary=True)
+            await query_running(script)
             bridge.process.send_signal(signal.SIGTERM)
-            reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
+            reply = await receive(ws)
             assert reply["id"] == 1 and reply["type"] == "result"
             assert reply["episodes"][0]["body"] == "slow but complete"
             try:
@@ -71,14 +79,17 @@ async def test_a_new_connection_during_shutdown_is_refused(
             "--memory-script", str(script)]  # fmt: skip
     async with bridge_process(*args, env={"DD_DOGSTATSD_PORT": str(statsd.port)}) as bridge:
         async with connect(bridge.url) as ws:
-            await ws.send(msgspec.msgpack.encode({"type": "query", "id": 1, "query": "slow"}))
-            await asyncio.sleep(0.2)
+            await send(ws, {"type": "query", "id": 1, "query": "slow"}, binary=True)
+            await query_running(script)
             bridge.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            await eventually(  # logged as the listener closes, in the same step
+                lambda: any(line.endswith(" shutting down") for line in bridge.log),
+                "the bridge to log that it is shutting down",
+            )
             with pytest.raises(ConnectionRefusedError):
                 async with connect(bridge.url, open_timeout=2):
                     pass
-            assert msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))["id"] == 1
+            assert (await receive(ws))["id"] == 1
         assert await asyncio.wait_for(bridge.process.wait(), 20) == 0
 
 
@@ -91,12 +102,14 @@ async def test_sigterm_delivers_the_outbox_before_exiting(
     args = ["--data-dir", str(data), "--store-timeout-ms", "100", "--project", "p"]
     async with bridge_process(*args, env={"DD_DOGSTATSD_PORT": str(statsd.port)}) as bridge:
         async with connect(bridge.url) as ws:
-            await ask(ws, {"type": "ping", "id": 0})
+            await ask(ws, {"type": "ping", "id": 0}, binary=True)
             lock = sqlite3.connect(data / "memory.sqlite3", isolation_level=None)
             lock.execute("BEGIN EXCLUSIVE")
             try:
                 for i in range(1, 6):
-                    ack = await ask(ws, {"type": "error", "id": i, "message": f"queued {i}"})
+                    ack = await ask(
+                        ws, {"type": "error", "id": i, "message": f"queued {i}"}, binary=True
+                    )
                     assert ack["queued"], ack
             finally:
                 lock.execute("ROLLBACK")

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
@@ -22,6 +22,7 @@ from tests.clock import ManualClock
 from tests.conftest import SlowMemory, StatsdCollector, bridge_config, ws_url
 from tests.test_cli import bridge_process
 from tests.waiting import eventually
+from tests.wire import ask
 
 TOKEN = "s3cret-token-value"
 Start = Callable[..., Awaitable[App]]
@@ -44,11 +45,6 @@ async def start_app(
     yield start
     for app in apps:
         await app.stop()
-
-
-async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
-    await ws.send(msgspec.json.encode(message).decode())
-    return msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
 
 
 async def http_get(app: App, path: str) -> tuple[int, bytes]:

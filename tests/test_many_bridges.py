@@ -13,14 +13,15 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from bridge.embedded import EmbeddedFalkorDB
 from tests.conftest import StatsdCollector
-from tests.test_cli import ask, bridge_process
+from tests.test_cli import bridge_process
 from tests.valkey_deployments import ValkeyCluster
+from tests.wire import ask
 
 
 async def until_miss(ws: ClientConnection, query: dict[str, Any]) -> dict[str, Any]:
     """Ask ``query`` until it misses (bounded); the last reply."""
     for _ in range(200):
-        reply: dict[str, Any] = await ask(ws, query)
+        reply: dict[str, Any] = await ask(ws, query, binary=True)
         if not reply["hit"]:
             return reply
         await asyncio.sleep(0.02)
@@ -44,20 +45,22 @@ async def test_bridges_on_a_cluster_and_one_graph_share_contexts_and_invalidatio
     ):
         assert "a Valkey Cluster" in one.started_line, one.started_line
         remembered = {"type": "error", "id": 0, "message": "KeyError in src/shared.py"}
-        assert (await ask(ws_one, remembered))["ok"]
+        assert (await ask(ws_one, remembered, binary=True))["ok"]
         query = {"type": "chat:start", "id": 1, "query": "what about src/shared.py"}
-        first = await ask(ws_one, query)
+        first = await ask(ws_one, query, binary=True)
         assert not first["hit"] and "KeyError" in first["inject"]
-        assert (await ask(ws_one, query))["hit"]
-        shared = await ask(ws_two, query)
+        assert (await ask(ws_one, query, binary=True))["hit"]
+        shared = await ask(ws_two, query, binary=True)
         assert shared["hit"], "the second bridge missed the first bridge's fill of one graph"
         assert shared["inject"] == first["inject"]
 
-        ack = await ask(ws_two, {"type": "file:write", "id": 2, "path": "src/shared.py"})
+        ack = await ask(
+            ws_two, {"type": "file:write", "id": 2, "path": "src/shared.py"}, binary=True
+        )
         assert ack["ok"]
         fresh = await until_miss(ws_one, query)  # the push reaches bridge one's local copy
         assert "KeyError" in fresh["inject"]
         for _ in range(100):  # bounded: a fill that raced the write's delivery is refused
-            if (await ask(ws_one, query))["hit"]:
+            if (await ask(ws_one, query, binary=True))["hit"]:
                 break
-        assert (await ask(ws_two, query))["hit"], "bridge one's refill is not shared"
+        assert (await ask(ws_two, query, binary=True))["hit"], "bridge one's refill is not shared"

@@ -20,8 +20,9 @@ from bridge.embedded import EmbeddedValkey
 from bridge.memory.script import ScriptMemory
 from tests.chromium import chromium
 from tests.conftest import StatsdCollector, bridge_config, ws_url
-from tests.test_forget import backend_settings, context, exported, stored, two_sessions
+from tests.test_forget import backend_settings, context, stored, two_sessions
 from tests.test_memory_script import MEMORY_MANAGER
+from tests.wire import exported
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "page-token-7Hq2xW9vLm4kR8tZ"

@@ -24,7 +24,7 @@ from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE,
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_backends_cli import run_cli, said
 from tests.test_privacy import AWS_ID, BEARER, GITHUB_CLASSIC, OPENAI_PROJECT, SLACK_BOT, pem
-from tests.test_server import ask
+from tests.wire import ask
 
 KEY = pem("RSA PRIVATE KEY", 300)
 KEY_LINE = KEY.splitlines()[1]

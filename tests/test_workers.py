@@ -7,25 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import functools
 import os
 import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from bridge.config import ConfigError, parse_serve
 from bridge.workers import reserve_port
+from tests import wire
 from tests.test_cli import BridgeProcess, bridge_process, children_of
 from tests.test_startup import refused
+from tests.wire import exported
 
-_ids = itertools.count(1)
+# Each message gets an id of its own, and its reply must carry it.
+ask = functools.partial(wire.ask, fresh_id=True, timeout=30.0)
 
 
 @pytest.fixture
@@ -89,26 +90,6 @@ async def one_per_worker(bridge: BridgeProcess, path: str) -> dict[int, ClientCo
         if len(found) == len(workers):
             return found
     raise AssertionError(f"connections did not reach every worker: {sorted(found)}")
-
-
-async def ask(ws: ClientConnection, message: dict[str, Any]) -> Any:
-    message = {"id": next(_ids), **message}
-    await ws.send(msgspec.json.encode(message).decode())
-    reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
-    assert reply["id"] == message["id"], reply
-    return reply
-
-
-async def exported(ws: ClientConnection) -> list[dict[str, Any]]:
-    message = {"type": "export", "id": next(_ids), "chunk_size": 1000}
-    await ws.send(msgspec.json.encode(message).decode())
-    episodes: list[dict[str, Any]] = []
-    for _ in range(1000):
-        reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
-        if reply["type"] == "export:end":
-            return episodes
-        episodes.extend(reply["episodes"])
-    raise AssertionError("no export:end")
 
 
 async def healthz(port: int) -> str:

@@ -1,0 +1,80 @@
+"""The client's side of the wire protocol, for tests: send a message, read the reply.
+
+MessagePack goes in binary frames and JSON in text frames, as the plugin and websocat
+send them; every reply is read with a deadline, so a missing one fails the test."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection
+
+Message = dict[str, Any]
+
+REPLY_TIMEOUT = 10.0  # seconds for one reply
+EXPORT_TIMEOUT = 30.0  # seconds for one chunk of an export, which reads the whole store
+
+_ids = itertools.count(1)
+
+
+async def send(ws: ClientConnection, message: Message | str, *, binary: bool = False) -> None:
+    """Send ``message``: MessagePack in a binary frame, or JSON in a text frame (a ``str``
+    goes as the JSON text it is)."""
+    if isinstance(message, str):
+        await ws.send(message)
+    elif binary:
+        await ws.send(msgspec.msgpack.encode(message))
+    else:
+        await ws.send(msgspec.json.encode(message).decode())
+
+
+async def receive(ws: ClientConnection, *, timeout: float = REPLY_TIMEOUT) -> Any:
+    """The next message from the server, decoded as its frame says (binary: MessagePack,
+    text: JSON)."""
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    return msgspec.msgpack.decode(raw) if isinstance(raw, bytes) else msgspec.json.decode(raw)
+
+
+async def ask(
+    ws: ClientConnection,
+    message: Message | str,
+    *,
+    binary: bool = False,
+    timeout: float = REPLY_TIMEOUT,
+    fresh_id: bool = False,
+) -> Any:
+    """Send one message and read the next reply, which must come in the same kind of
+    frame. With ``fresh_id`` a message without an ``id`` gets a new one, and the reply
+    must carry it."""
+    if fresh_id:
+        assert isinstance(message, dict), "only a message given as a dict can take an id"
+        message = {"id": next_id(), **message}
+    await send(ws, message, binary=binary)
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    kind = "binary" if binary and not isinstance(message, str) else "text"
+    answered = "binary" if isinstance(raw, bytes) else "text"
+    assert answered == kind, f"a {kind} frame must be answered with a {kind} frame"
+    reply = msgspec.msgpack.decode(raw) if isinstance(raw, bytes) else msgspec.json.decode(raw)
+    if fresh_id:
+        assert isinstance(message, dict) and reply["id"] == message["id"], reply
+    return reply
+
+
+def next_id() -> int:
+    """A message id no other message of this test run has."""
+    return next(_ids)
+
+
+async def exported(ws: ClientConnection, *, timeout: float = EXPORT_TIMEOUT) -> list[Message]:
+    """Every episode of the connection's project, through the export stream (JSON)."""
+    await send(ws, {"type": "export", "id": next_id(), "chunk_size": 1000})
+    episodes: list[Message] = []
+    for _ in range(1000):  # bounded: chunks of 1000 episodes, then the end
+        reply = await receive(ws, timeout=timeout)
+        if reply["type"] == "export:end":
+            return episodes
+        episodes.extend(reply["episodes"])
+    raise AssertionError("no export:end")
