@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ from bridge.memory.sqlite import SqliteMemory
 from bridge.recall import Candidates
 from tests.openai_standin import OpenAIStandin
 from tests.valkey_deployments import ValkeyCluster, ValkeySentinel
+from tests.waiting import eventually
 
 if TYPE_CHECKING:
     from bridge.app import App
@@ -82,13 +82,12 @@ class StatsdCollector:
 
     async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> list[str]:
         """Lines matching ``predicate``, waiting (bounded) until at least one arrives."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def matching() -> list[str]:
             self._drain()
-            found = [line for line in self.lines if predicate(line)]
-            if found or time.monotonic() > deadline:
-                return found
-            await asyncio.sleep(0.02)
+            return [line for line in self.lines if predicate(line)]
+
+        return await eventually(matching, "a DogStatsD line the test looks for", timeout=timeout)
 
     def close(self) -> None:
         self.sock.close()

@@ -23,6 +23,7 @@ from bridge.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
 from bridge.health import MIN_FREE_BYTES, data_dir_problem
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_limits import http_get
+from tests.waiting import eventually
 from tests.wire import ask
 
 
@@ -63,27 +64,29 @@ async def test_a_killed_private_valkey_comes_back_and_hits_resume(private_app: A
         assert (await ask(ws, query))["hit"]
         first = app.valkey.pid
         os.kill(first, signal.SIGKILL)
-        for _ in range(400):  # bounded: restart backoff starts at 0.1 s
-            if await http_get(app, "/readyz") == (200, b"ready\n"):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail(f"/readyz never came back: {await http_get(app, '/readyz')}")
+        await eventually(  # restart backoff starts at 0.1 s
+            lambda: http_get(app, "/readyz"),
+            "/readyz to come back",
+            until=lambda answer: answer == (200, b"ready\n"),
+            timeout=20,
+        )
         assert app.valkey.pid not in (None, first)
         assert app.valkey.restarts == 1
-        for _ in range(400):  # bounded: the cache's outage backoff is capped at 5 s
-            reply = await ask(ws, query)
-            if reply["hit"]:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("chat:start hits did not resume on the restarted valkey-server")
+        reply = await eventually(  # the cache's outage backoff is capped at 5 s
+            lambda: ask(ws, query),
+            "chat:start hits to resume on the restarted valkey-server",
+            until=lambda reply: reply["hit"],
+            timeout=20,
+        )
         assert "phoenix failed" in reply["inject"]
 
 
 async def test_kill_on_purpose_is_not_restarted(valkey: EmbeddedValkey) -> None:
+    (supervisor,) = [t for t in asyncio.all_tasks() if t.get_name() == f"{valkey.name}-watch"]
     valkey.kill()
-    await asyncio.sleep(0.5)  # several supervisor periods; nothing may start it again
+    # Only its supervisor restarts a server: once that has ended, nothing can.
+    await eventually(supervisor.done, "the supervisor of the killed valkey-server to end")
+    assert supervisor.cancelled()
     assert valkey.pid is None and valkey.restarts == 0
 
 
@@ -172,10 +175,9 @@ async def test_a_killed_owner_leaves_a_folder_the_next_start_removes(
         await owner.wait()
     folder, child = Path(line.split()[0].decode()), int(line.split()[1])
     assert folder.parent == tmp_path
-    for _ in range(200):  # bounded: the child gets SIGTERM when its owner dies
-        if not Path(f"/proc/{child}").exists():
-            break
-        await asyncio.sleep(0.05)
+    await eventually(  # the child gets SIGTERM when its owner dies
+        lambda: not Path(f"/proc/{child}").exists(), f"the owner's child {child} to exit"
+    )
     assert folder.is_dir(), "the owner was killed: nothing could remove its folder"
     fresh = EmbeddedValkey()  # any start of a private server sweeps stale folders
     try:
@@ -209,18 +211,23 @@ async def test_a_killed_private_falkordb_comes_back_with_its_graph(
             assert (await ask(ws, before))["ok"]
             first = app.falkor.pid
             os.kill(first, signal.SIGKILL)
-            for _ in range(400):  # bounded: the supervisor restarts it within a few seconds
-                if app.falkor.restarts == 1 and app.falkor.pid not in (None, first):
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(  # the supervisor restarts it within a few seconds
+                lambda: (
+                    app.falkor is not None
+                    and app.falkor.restarts == 1
+                    and app.falkor.pid not in (None, first)
+                ),
+                "the private FalkorDB to be restarted",
+                timeout=20,
+            )
             assert app.falkor.restarts == 1 and app.falkor.pid != first
             after = {"type": "error", "id": 2, "message": "ValueError in src/ledger.py"}
-            stored = None
-            for _ in range(100):  # bounded: the graph driver reconnects on its next call
-                stored = await ask(ws, after)
-                if stored["ok"] and not stored.get("queued"):
-                    break
-                await asyncio.sleep(0.1)
+            stored = await eventually(  # the graph driver reconnects on its next call
+                lambda: ask(ws, after),
+                "an episode stored in the restarted FalkorDB, not queued",
+                until=lambda ack: ack["ok"] and not ack.get("queued"),
+                every=0.1,
+            )
             assert stored is not None and stored["ok"], stored
             found = await ask(ws, {"type": "query", "id": 3, "query": "ledger", "limit": 10})
             bodies = {e["body"] for e in found["episodes"]}
