@@ -23,6 +23,7 @@ from bridge.cache import (
 from bridge.embedded import EmbeddedValkey
 from bridge.errors import CacheUnavailable
 from tests.clock import ManualClock
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -42,6 +43,15 @@ async def cached(cache: ContextCache, project: str, query: str, paths: list[str]
     lookup = await cache.lookup(project, query)
     assert not lookup.hit
     assert await cache.put(project, query, f"[Memory Context]\n- {query}", paths, lookup.epoch)
+
+
+async def blocked_clients(valkey: EmbeddedValkey) -> int:
+    """How many clients of ``valkey`` wait in a blocking command (from CLIENT LIST)."""
+    admin = redis.Redis.from_url(valkey.url)
+    try:
+        return sum(1 for client in await admin.client_list() if client["cmd"] == "blpop")
+    finally:
+        await admin.aclose()
 
 
 async def test_miss_then_hit(cache: ContextCache) -> None:
@@ -140,7 +150,8 @@ async def test_outage_fails_fast_and_recovers_by_itself(
     valkey.kill()
     with pytest.raises(CacheUnavailable):
         await cache.lookup("p", "before")
-    assert cache.outage.down_since is not None
+    down_since = cache.outage.down_since
+    assert down_since is not None
     with pytest.raises(CacheUnavailable, match="backoff"):
         await cache.lookup("p", "before")  # refused without touching the network
     await valkey.start()
@@ -227,7 +238,11 @@ async def test_an_exhausted_pool_is_reported_as_busy_not_unreachable(
         # Three commands that hold their connections for a second, outside the cache's own
         # operations: the pool is empty when the lookup asks.
         blocked = [asyncio.ensure_future(small._client.blpop([f"nothing{i}"], 1)) for i in range(3)]
-        await asyncio.sleep(0.1)
+        await eventually(
+            lambda: blocked_clients(valkey),
+            "three clients blocked in BLPOP",
+            until=lambda n: n == 3,
+        )
         with pytest.raises(CacheUnavailable, match="busy"):
             await small.lookup("p", "q")
         assert small.outage.down_since is None

@@ -5,7 +5,6 @@ recovered from through its replica's fail-over, and a resharded slot followed.""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from bridge.config import Config
 from bridge.errors import CacheUnavailable
 from tests.conftest import StatsdCollector, ws_url
 from tests.test_limits import http_get
-from tests.test_tracking import eventually
+from tests.test_tracking import copied, evicted
 from tests.valkey_deployments import ValkeyCluster
+from tests.waiting import eventually
 from tests.wire import ask
 
 PROJECTS = [f"project-{i}" for i in range(24)]
@@ -58,16 +58,6 @@ async def cached(cache: ContextCache, project: str, query: str, paths: list[str]
     await copied(cache, project, query)
 
 
-async def copied(cache: ContextCache, project: str, query: str) -> None:
-    """Read a cached context until the local copy holds it (bounded)."""
-    for _ in range(500):
-        assert (await cache.lookup(project, query)).hit
-        if cache.lookup_local(project, query) is not None:
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"the local copy never took {project}/{query}: {cache.local_problem()}")
-
-
 async def test_a_cluster_is_recognised_and_every_primary_serves_hits(
     cache: ContextCache, valkey_cluster: ValkeyCluster
 ) -> None:
@@ -101,7 +91,7 @@ async def test_invalidation_reaches_another_bridge_and_its_local_copy(
             assert await other.invalidate_path(project, "/repo/src/a.py") == 1
             assert other.lookup_local(project, "about a") is None  # its own copy at once
         for project in PROJECTS:
-            assert await eventually(lambda p=project: cache.lookup_local(p, "about a") is None)
+            await evicted(cache, project, "about a", by="the other bridge's invalidation")
             assert not (await cache.lookup(project, "about a")).hit
             assert cache.lookup_local(project, "about b") is not None, "a kept copy was lost"
             assert (await cache.lookup(project, "about b")).hit
@@ -118,7 +108,7 @@ async def test_a_write_to_a_context_on_any_primary_evicts_the_local_copy(
     for project in PROJECTS:
         await writer.set(cache.context_key(project, "to be rewritten"), "rewritten")
     for project in PROJECTS:
-        assert await eventually(lambda p=project: cache.lookup_local(p, "to be rewritten") is None)
+        await evicted(cache, project, "to be rewritten", by="the write to the context")
         assert (await cache.lookup(project, "to be rewritten")).inject == "rewritten"
 
 
@@ -164,8 +154,15 @@ async def test_a_cluster_that_answers_only_after_start_is_found(tmp_path: Path) 
         try:
             assert cache.valkey.kind == "server"
             await cluster.start()
-            assert await eventually(lambda: cache.valkey.kind == "cluster", 20)
-            assert await eventually(lambda: cache.local_problem() is None, 20)
+            await eventually(
+                lambda: cache.valkey.kind == "cluster", "the cluster to be found", timeout=20
+            )
+            await eventually(
+                lambda: cache.local_problem(),
+                "the local copy to follow every primary",
+                until=lambda problem: problem is None,
+                timeout=20,
+            )
             for project in PROJECTS:
                 lookup = await cache.lookup(project, "q")
                 assert await cache.put(project, "q", "ctx", [], lookup.epoch)
@@ -194,12 +191,16 @@ async def test_a_resharded_slot_is_followed(
         assert (await valkey_cluster.node_of_slot(slot)) is target
         follower = cache.follower
         assert follower is not None
-        assert await eventually(lambda: follower.changes > changes), "no change was seen"
-        assert await eventually(lambda: cache.local_problem() is None)
+        await eventually(lambda: follower.changes > changes, "the layout change to be seen")
+        await eventually(
+            lambda: cache.local_problem(),
+            "the local copy to follow every primary",
+            until=lambda problem: problem is None,
+        )
         await copied(cache, project, "about a")
         await copied(cache, project, "about b")
         assert await other.invalidate_path(project, "src/a.py") == 1  # on the new owner
-        assert await eventually(lambda: cache.lookup_local(project, "about a") is None)
+        await evicted(cache, project, "about a", by="the invalidation on the new owner")
         assert not (await cache.lookup(project, "about a")).hit
         assert (await cache.lookup(project, "about b")).hit
     finally:
@@ -230,28 +231,34 @@ async def test_a_killed_primary_is_reported_and_its_replica_takes_over(
     """Recovery is by fail-over: each primary has a replica, which the cluster promotes
     (the killed node stays down)."""
     app = cluster_app
-    assert app.cache is not None
-    assert await eventually(lambda: app.cache is not None and app.cache.local_problem() is None)
+    cache = app.cache
+    assert cache is not None
+    await eventually(
+        cache.local_problem,
+        "the local copy to follow every primary",
+        until=lambda problem: problem is None,
+    )
     assert await http_get(app, "/readyz") == (200, b"ready\n")
-    query = {"type": "chat:start", "id": 2, "query": "what broke in parser.ts"}
+    text = "what broke in parser.ts"
+    query = {"type": "chat:start", "id": 2, "query": text}
     async with connect(ws_url(app, "/shop")) as ws:
         remembered = {"type": "error", "id": 1, "message": "TypeError in parser.ts"}
         assert (await ask(ws, remembered))["ok"]
         assert not (await ask(ws, query))["hit"]
         assert (await ask(ws, query))["hit"]
 
-        victim = await valkey_cluster.node_of_slot(slot_of(app.cache, "shop"))
+        victim = await valkey_cluster.node_of_slot(slot_of(cache, "shop"))
         elsewhere = PROJECTS[0]
         for project in PROJECTS:  # a project served by another primary
-            if await valkey_cluster.node_of_slot(slot_of(app.cache, project)) is not victim:
+            if await valkey_cluster.node_of_slot(slot_of(cache, project)) is not victim:
                 elsewhere = project
                 break
-        await cached(app.cache, elsewhere, "on a primary that stays", [])
+        await cached(cache, elsewhere, "on a primary that stays", [])
         victim.kill()
-        local = app.cache.local
+        local = cache.local
         assert local is not None
-        assert await eventually(lambda: not local.live)
-        assert app.cache.lookup_local(elsewhere, "on a primary that stays") is None, (
+        await eventually(lambda: not local.live, "the local copy to go off with a primary")
+        assert cache.lookup_local(elsewhere, "on a primary that stays") is None, (
             "the local copy served while it did not follow every primary"
         )
         status, body = await http_get(app, "/readyz")
@@ -261,16 +268,22 @@ async def test_a_killed_primary_is_reported_and_its_replica_takes_over(
         answered = await ask(ws, query)  # from memory while the cluster fails over
         assert answered["type"] == "context" and "TypeError in parser.ts" in answered["inject"]
 
-        await valkey_cluster.wait_for_failover(victim, slot_of(app.cache, "shop"))
-        for _ in range(400):  # bounded: the client and the follower find the new primary
+        await valkey_cluster.wait_for_failover(victim, slot_of(cache, "shop"))
+
+        async def ready_after_a_query() -> tuple[int, bytes]:
             await ask(ws, query)
-            if await http_get(app, "/readyz") == (200, b"ready\n"):
-                break
-            await asyncio.sleep(0.05)
+            return await http_get(app, "/readyz")
+
+        await eventually(  # the client and the follower find the new primary
+            ready_after_a_query,
+            "/readyz to say ready after the fail-over",
+            until=lambda answer: answer == (200, b"ready\n"),
+            timeout=20,
+        )
         assert await http_get(app, "/readyz") == (200, b"ready\n")
         assert (await ask(ws, query))["hit"]
-        assert app.cache.lookup_local("shop", query["query"]) is not None
+        assert cache.lookup_local("shop", text) is not None
         # The copy follows the new primary: a change made there reaches it.
-        await app.cache.valkey.client.delete(app.cache.context_key("shop", query["query"]))
-        assert await eventually(lambda: app.cache.lookup_local("shop", query["query"]) is None)
+        await cache.valkey.client.delete(cache.context_key("shop", text))
+        await evicted(cache, "shop", text, by="the change on the new primary")
         assert not (await ask(ws, query))["hit"]

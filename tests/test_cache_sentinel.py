@@ -15,10 +15,11 @@ from bridge.config import Config, StartupError
 from bridge.following import Topology
 from bridge.valkey import SentinelUrl, ValkeyUrlError, parse_sentinel_url
 from tests.conftest import StatsdCollector
-from tests.test_cache_cluster import cached, copied
+from tests.test_cache_cluster import cached
 from tests.test_limits import http_get
-from tests.test_tracking import eventually
+from tests.test_tracking import copied, evicted
 from tests.valkey_deployments import ValkeySentinel
+from tests.waiting import eventually
 
 
 def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> None:
@@ -92,7 +93,7 @@ async def test_hits_and_invalidations_through_sentinel(
         await cached(cache, "p", "about b", ["src/b.py"])
         assert (await other.lookup("p", "about a")).hit
         assert await other.invalidate_path("p", "src/a.py") == 1
-        assert await eventually(lambda: cache.lookup_local("p", "about a") is None)
+        await evicted(cache, "p", "about a", by="the other bridge's invalidation")
         assert not (await cache.lookup("p", "about a")).hit
         assert cache.lookup_local("p", "about b") is not None
     finally:
@@ -111,12 +112,19 @@ async def test_after_a_fail_over_the_cache_and_its_local_copy_follow_the_new_pri
         follower = cache.follower
         assert follower is not None
         follows_new = Topology(frozenset({f"127.0.0.1:{new}"}))
-        assert await eventually(lambda: follower.topology == follows_new, 10)
-        assert await eventually(lambda: cache.local_problem() is None, 10)
+        await eventually(
+            lambda: follower.topology == follows_new, "the new primary to be followed", timeout=10
+        )
+        await eventually(
+            cache.local_problem,
+            "the local copy to follow the new primary",
+            until=lambda problem: problem is None,
+            timeout=10,
+        )
         await copied(cache, "p", "before")
         dropped = await other.invalidate_path("p", "src/a.py")  # on the new primary
         assert dropped == 1
-        assert await eventually(lambda: cache.lookup_local("p", "before") is None)
+        await evicted(cache, "p", "before", by="the invalidation on the new primary")
         assert not (await cache.lookup("p", "before")).hit
         assert await cache.problem() is None
     finally:
@@ -133,7 +141,11 @@ async def test_a_bridge_on_sentinel_is_ready(
     await app.start()
     try:
         assert app.cache is not None and app.cache.valkey.kind == "sentinel"
-        assert await eventually(lambda: app.cache is not None and app.cache.local_problem() is None)
+        await eventually(
+            app.cache.local_problem,
+            "the local copy to follow the primary",
+            until=lambda problem: problem is None,
+        )
         assert await http_get(app, "/readyz") == (200, b"ready\n")
     finally:
         await app.stop()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
-from bridge.cache import ContextCache
+from bridge.cache import ContextCache, Lookup
 from bridge.embedded import EmbeddedValkey
 from bridge.tracking import LocalContexts, is_missing
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -23,29 +24,37 @@ async def cache(valkey: EmbeddedValkey) -> AsyncIterator[ContextCache]:
     await c.close()
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``condition`` (bounded) until it holds."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
-
-
 async def fill(cache: ContextCache, project: str, query: str, paths: list[str]) -> None:
-    """Cache a context, then read it until the local copy holds it.
+    """Cache a context, then read it until the local copy holds it."""
+    lookup = await cache.lookup(project, query)
+    assert await cache.put(project, query, f"ctx {query}", paths, lookup.epoch)
+    await copied(cache, project, query)
+
+
+async def copied(cache: ContextCache, project: str, query: str) -> None:
+    """Read a cached context until the local copy holds it.
 
     Valkey broadcasts our own SET back, which may evict a copy made before it arrived, so
     the copy is settled only once a read after that broadcast has been made.
     """
-    lookup = await cache.lookup(project, query)
-    assert await cache.put(project, query, f"ctx {query}", paths, lookup.epoch)
-    for _ in range(500):  # bounded
+
+    async def local_copy() -> tuple[Lookup | None, str | None]:
         assert (await cache.lookup(project, query)).hit
-        if cache.lookup_local(project, query) is not None:
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("the local copy never took the context")
+        return cache.lookup_local(project, query), cache.local_problem()
+
+    await eventually(
+        local_copy,
+        f"the local copy to take {project}/{query} (seen: copy, why it is off)",
+        until=lambda seen: seen[0] is not None,
+    )
+
+
+async def evicted(cache: ContextCache, project: str, query: str, by: str) -> None:
+    """Wait until the local copy no longer holds a context: ``by`` says what evicts it."""
+    await eventually(
+        lambda: cache.lookup_local(project, query) is None,
+        f"{by} to evict {project}/{query} from the local copy",
+    )
 
 
 async def test_a_valkey_hit_is_copied_in_and_then_served_without_io(
@@ -72,7 +81,7 @@ async def test_another_process_invalidation_reaches_the_local_copy(
         await fill(cache, "p", "about src/b.py", ["src/b.py"])
         assert cache.lookup_local("p", "about src/a.py") is not None
         await other.invalidate_path("p", "src/a.py")
-        assert await eventually(lambda: cache.lookup_local("p", "about src/a.py") is None)
+        await evicted(cache, "p", "about src/a.py", by="the other process's invalidation")
         assert not (await cache.lookup("p", "about src/a.py")).hit
         assert (await cache.lookup("p", "about src/b.py")).hit
     finally:
@@ -90,10 +99,14 @@ async def test_expiry_and_flush_in_valkey_reach_the_local_copy(valkey: EmbeddedV
     await short.start()
     try:
         await fill(short, "p", "short lived", [])
-        assert await eventually(lambda: short.lookup_local("p", "short lived") is None, 5.0)
+        await eventually(
+            lambda: short.lookup_local("p", "short lived") is None,
+            "the expiry in Valkey to reach the local copy",
+            timeout=5.0,
+        )
         await fill(short, "p", "flushed", [])
         await short._client.flushall()
-        assert await eventually(lambda: short.lookup_local("p", "flushed") is None)
+        await evicted(short, "p", "flushed", by="the flush of Valkey")
     finally:
         await short.close()
 
@@ -102,13 +115,14 @@ async def test_losing_the_stream_turns_the_copy_off_until_valkey_is_back(
     cache: ContextCache, valkey: EmbeddedValkey
 ) -> None:
     await fill(cache, "p", "survivor", [])
-    assert cache.local is not None
+    local = cache.local
+    assert local is not None
     valkey.kill()
-    assert await eventually(lambda: not cache.local.live)  # type: ignore[union-attr]
-    assert len(cache.local) == 0
+    await eventually(lambda: not local.live, "the local copy to go off with the stream")
+    assert len(local) == 0
     assert cache.lookup_local("p", "survivor") is None
     await valkey.start()
-    assert await eventually(lambda: cache.local.live, 10.0)  # type: ignore[union-attr]
+    await eventually(lambda: local.live, "the local copy to come back with Valkey", timeout=10.0)
 
 
 def test_a_value_read_across_an_invalidation_is_not_kept() -> None:
