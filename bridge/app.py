@@ -24,6 +24,7 @@ from typing import BinaryIO
 from bridge.cache import ContextCache
 from bridge.config import Config, ConfigError, StartupError, redact_url
 from bridge.datadir import DataDirLock
+from bridge.delivery import Delivery
 from bridge.durable import EpisodeQueue
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.errors import MemoryUnavailable
@@ -35,7 +36,7 @@ from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_js
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.outbox import Delivery, orphaned_outboxes
+from bridge.outbox import orphaned_outboxes
 from bridge.queue_files import orphaned, queue_path
 from bridge.server import Server
 from bridge.store_identity import cache_blind_to_other_writers, graph_identity, memory_identity

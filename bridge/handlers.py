@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bridge.cache import ContextCache
+from bridge.delivery import Delivery
 from bridge.episode import Episode, episode_uuid, new_episode
 from bridge.errors import BridgeError, MemoryUnavailable
 from bridge.events import EpisodeEvent, describe, mentioned
 from bridge.loader import ContextLoader
 from bridge.memory.base import MemoryBackend, Selector
 from bridge.metrics import Metrics
-from bridge.outbox import Delivery
 from bridge.privacy import scrub, scrub_episode
 from bridge.protocol import (
     Ack,

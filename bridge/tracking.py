@@ -24,12 +24,25 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import hiredis
-from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff
+
+from bridge.durable import describe
+from bridge.retry import Retry
 
 log = logging.getLogger(__name__)
 
 INVALIDATE_CHANNEL: Final = b"__redis__:invalidate"
 _MISSING: Final = object()
+
+
+class StreamRefused(Exception):
+    """Valkey answered a command of the invalidation stream with an error (loading, a
+    fail-over under way, a password changed): it may take it later."""
+
+
+# What ends or refuses an invalidation stream and is worth connecting again for: the
+# connection fails, closes, goes silent or garbles, or the server refuses a command.
+STREAM_FAILURES = (OSError, EOFError, TimeoutError, hiredis.ProtocolError, StreamRefused)
 
 
 class LocalContexts:
@@ -120,19 +133,28 @@ class InvalidationListener:
         prefix: str,
         *,
         on_change: Callable[[], None],
-        backoff: AbstractBackoff | None = None,
+        retry: Retry | None = None,
         ping_interval: float = 5.0,
     ) -> None:
         self.contexts = contexts
         self._connection = connection
         self._prefix = prefix
         self._on_change = on_change
-        self._backoff = backoff or ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        retry = retry or Retry(
+            retry_on=STREAM_FAILURES,
+            backoff=ExponentialWithJitterBackoff(cap=2.0, base=0.05),
+            logger=log,
+        )
+        self._tries = retry.tries(f"Valkey invalidation stream from {self.address}")
         self._ping_interval = ping_interval
         self._task: asyncio.Task[None] | None = None
         self.up = False
-        self.error: str | None = None  # why the stream is down, once it has failed
         self.connected = asyncio.Event()
+
+    @property
+    def error(self) -> str | None:
+        """Why the stream is down, once it has failed; None while it works."""
+        return self._tries.error
 
     @property
     def address(self) -> str:
@@ -155,25 +177,28 @@ class InvalidationListener:
         self.connected.clear()
 
     async def _run(self) -> None:
-        failures = 0
+        """Listen, and connect again after each failure worth it (``STREAM_FAILURES``) on
+        the backoff; anything else is a bug: logged, and the stream stays down."""
         while True:
             try:
                 await self._listen()
-            except Exception as e:  # any failure: the stream can no longer be trusted
-                self.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if self.up or failures == 0:
-                    log.warning(
-                        "Valkey invalidation stream from %s lost, local cache off: %s",
-                        self.address,
-                        self.error,
-                    )
-            if self.up:
-                self.up = False
-                self.contexts.invalidate(None)
-                self.connected.clear()
-                self._on_change()
-            failures += 1
-            await asyncio.sleep(self._backoff.compute(failures))
+            except STREAM_FAILURES as e:
+                wait = self._tries.failed(e)
+            except Exception as e:
+                log.exception("Valkey invalidation stream from %s stopped", self.address)
+                self._tries.error = describe(e)
+                self._down()
+                return
+            self._down()
+            await self._tries.policy.sleep(wait or 0.0)
+
+    def _down(self) -> None:
+        """The stream is lost: everything in the copy may have missed an invalidation."""
+        if self.up:
+            self.up = False
+            self.contexts.invalidate(None)
+            self.connected.clear()
+            self._on_change()
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         c = self._connection
@@ -193,7 +218,7 @@ class InvalidationListener:
                     raise EOFError("connection closed")
                 parser.feed(data)
             if isinstance(reply, hiredis.ReplyError):
-                raise ValueError(str(reply))
+                raise StreamRefused(str(reply))
             return reply
 
         try:
@@ -206,10 +231,9 @@ class InvalidationListener:
             await call("SUBSCRIBE", INVALIDATE_CHANNEL.decode())
             self.contexts.invalidate(None)  # anything older may have missed an invalidation
             self.up = True
-            self.error = None
+            self._tries.succeeded()
             self.connected.set()
             self._on_change()
-            self._backoff.reset()  # type: ignore[no-untyped-call]
             await self._pump(reader, writer, parser)
         finally:
             writer.transport.abort()  # never wait on a peer that may be frozen

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import msgspec
+from redis.backoff import ExponentialWithJitterBackoff
 
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
@@ -64,11 +65,11 @@ from bridge.memory.graph_recall import GraphRecall
 from bridge.memory.group_commit import GroupCommit
 from bridge.queue_files import take_over
 from bridge.recall import TASK_CANDIDATES, Candidates, TaskHit
+from bridge.retry import Retry
 
 if TYPE_CHECKING:
     from bridge.lease import Leases
 
-os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # before graphiti_core loads
 try:
     from graphiti_core import Graphiti
     from graphiti_core.cross_encoder.client import CrossEncoderClient
@@ -106,7 +107,19 @@ MAX_QUERY_WORDS = 32  # FalkorDB's full-text query gives up past 128 terms
 FACTS = 3  # extracted facts among a chat's candidates (LLM mode)
 RECALLED_FACTS = 20
 MAX_ATTEMPTS = 6  # extraction tries per episode before it is kept without extraction
-BACKOFF_S = (1.0, 60.0)  # first and longest wait between tries
+# Ingestion retries what graphiti, its database or its LLM failed with (all translated
+# into MemoryUnavailable by _call); waits from about a second, doubling up to a minute.
+SAVE_RETRY = Retry(
+    retry_on=(MemoryUnavailable,),
+    backoff=ExponentialWithJitterBackoff(cap=60.0, base=0.5),
+    logger=log,
+)
+EXTRACT_RETRY = Retry(
+    retry_on=(MemoryUnavailable,),
+    backoff=ExponentialWithJitterBackoff(cap=60.0, base=0.5),
+    logger=log,
+    attempts=MAX_ATTEMPTS,
+)
 EMBED_TIMEOUT_S = 10.0  # recall embeds the query: a hung embedder must not hold it long
 NO_LLM = "graphiti memory runs without an LLM: this call is not allowed"
 EXPORT = f"""MATCH (e:Episodic) WHERE e.group_id = $group_id
@@ -333,6 +346,7 @@ class GraphitiMemory:
 
     async def start(self) -> None:
         """Connect, build Graphiti's indices, and resume ingesting what is still queued."""
+        os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")  # read by each Graphiti()
         try:
             self._clients = _clients(self.llm)
             self._driver = graph_driver(self.graph_url)
@@ -671,28 +685,21 @@ class GraphitiMemory:
     async def _ingest(self, episode: Episode) -> None:
         """Save the node (retrying until it is), then extract (up to MAX_ATTEMPTS tries)."""
         node = _node(episode)
-        saved = False
-        attempt = 0
-        while True:
-            try:
-                if not saved:
-                    await self._save(episode)
-                    saved = True
-                await _call(
-                    (await self._graph(node.group_id)).add_episode,
-                    name=node.name,
-                    episode_body=node.content,
-                    source_description=node.source_description,
-                    reference_time=node.valid_at,
-                    source=node.source,
-                    group_id=node.group_id,
-                    uuid=node.uuid,
-                )
-                return
-            except Exception as e:
-                attempt += 1
-                if saved and attempt >= MAX_ATTEMPTS:
-                    log.error("episode %s kept without extraction: %s", node.uuid, e)
-                    return
-                log.warning("episode %s: try %d failed: %s", node.uuid, attempt, e)
-                await asyncio.sleep(min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (attempt - 1)))
+
+        async def extract() -> None:
+            await _call(
+                (await self._graph(node.group_id)).add_episode,
+                name=node.name,
+                episode_body=node.content,
+                source_description=node.source_description,
+                reference_time=node.valid_at,
+                source=node.source,
+                group_id=node.group_id,
+                uuid=node.uuid,
+            )
+
+        await SAVE_RETRY.call(lambda: self._save(episode), f"saving episode {node.uuid}")
+        try:
+            await EXTRACT_RETRY.call(extract, f"extracting episode {node.uuid}")
+        except MemoryUnavailable as e:
+            log.error("episode %s kept without extraction: %s", node.uuid, e)
