@@ -1,0 +1,339 @@
+/**
+ * The wire protocol's messages (docs/protocol.md), generated from the schema in
+ * bridge/protocol.py by scripts/protocol_ts.py: do not edit. After a change to the schema,
+ * run `.venv/bin/python plugin/scripts/protocol_ts.py` from the repository's root.
+ *
+ * `ClientMessage` is what the plugin sends, `ServerMessage` what the bridge answers; both
+ * are unions tagged by `type`. `BOUNDS` holds each client field's limits (string lengths
+ * in characters, numbers inclusive), the ones the bridge enforces.
+ */
+
+/** The protocol's version, as `pong` reports it. */
+export const PROTOCOL_VERSION = 1
+
+/** A message to the bridge. */
+export type ClientMessage =
+  ChatStart | FileWrite | ErrorEvent | Completion | Query | Export | Ping | Note | Forget
+
+/** A message from the bridge: the reply to a client message, matched by `id`. */
+export type ServerMessage = Context | Ack | QueryResult | ExportChunk | ExportEnd | Pong
+
+/**
+ * The client messages that become episodes: they take `episode_id` and `at`, and are
+ * answered with an `ack`.
+ */
+export type EpisodeMessage = FileWrite | ErrorEvent | Completion | Note
+
+/** Each client message's `type`. */
+export const CLIENT_TYPES = [
+  "chat:start",
+  "file:write",
+  "error",
+  "completion",
+  "query",
+  "export",
+  "ping",
+  "note",
+  "forget",
+] as const
+/** Each server message's `type`. */
+export const SERVER_TYPES = ["context", "ack", "result", "export:chunk", "export:end", "pong"] as const
+/** The `type` of each episode message. */
+export const EPISODE_TYPES = ["file:write", "error", "completion", "note"] as const
+
+/** The bounds of each client message's fields, by message type and field. */
+export const BOUNDS = {
+  "chat:start": {
+    query: { maxLength: 65536 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+  },
+  "file:write": {
+    path: { minLength: 1, maxLength: 4096 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+    episode_id: { minLength: 1, maxLength: 256 },
+    at: { minimum: 0, maximum: 100000000000 },
+  },
+  error: {
+    message: { minLength: 1, maxLength: 65536 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+    episode_id: { minLength: 1, maxLength: 256 },
+    at: { minimum: 0, maximum: 100000000000 },
+  },
+  completion: {
+    task: { minLength: 1, maxLength: 65536 },
+    duration_ms: { minimum: 0, maximum: 100000000000000 },
+    tokens: { minimum: 0, maximum: 9007199254740992 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+    episode_id: { minLength: 1, maxLength: 256 },
+    at: { minimum: 0, maximum: 100000000000 },
+  },
+  query: {
+    query: { maxLength: 65536 },
+    limit: { minimum: 1, maximum: 100 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+  },
+  export: {
+    chunk_size: { minimum: 1, maximum: 1000 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+  },
+  ping: {
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+  },
+  note: {
+    text: { minLength: 1, maxLength: 65536 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+    episode_id: { minLength: 1, maxLength: 256 },
+    at: { minimum: 0, maximum: 100000000000 },
+  },
+  forget: {
+    episode: { minLength: 1, maxLength: 256 },
+    path: { minLength: 1, maxLength: 4096 },
+    task: { minLength: 1, maxLength: 256 },
+    id: { maxLength: 256 },
+    project: { minLength: 1, maxLength: 256 },
+    session: { minLength: 1, maxLength: 256 },
+  },
+} as const
+
+/** A new chat turn: answer with the memory context to inject. */
+export interface ChatStart {
+  type: "chat:start"
+  /** at most 65536 characters */
+  query: string
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+}
+
+/** OpenCode wrote a file: remember it and drop cached contexts that name it. */
+export interface FileWrite {
+  type: "file:write"
+  /** 1 to 4096 characters */
+  path: string
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+  /** 1 to 256 characters */
+  episode_id?: string | null
+  /** 0 to 100000000000 */
+  at?: number | null
+}
+
+/** OpenCode hit an error: remember it and raise a Datadog event. */
+export interface ErrorEvent {
+  type: "error"
+  /** 1 to 65536 characters */
+  message: string
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+  /** 1 to 256 characters */
+  episode_id?: string | null
+  /** 0 to 100000000000 */
+  at?: number | null
+}
+
+/**
+ * A task finished: remember it and count its tokens. `summary` is the assistant's final
+ * answer, if the client can read it; longer than the text limit, it is clipped.
+ */
+export interface Completion {
+  type: "completion"
+  /** 1 to 65536 characters */
+  task: string
+  /** 0 to 100000000000000, default 0 */
+  duration_ms?: number
+  /** 0 to 9007199254740992, default 0 */
+  tokens?: number
+  summary?: string | null
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+  /** 1 to 256 characters */
+  episode_id?: string | null
+  /** 0 to 100000000000 */
+  at?: number | null
+}
+
+/** Search memory directly, bypassing the cache. */
+export interface Query {
+  type: "query"
+  /** at most 65536 characters */
+  query: string
+  /** 1 to 100, default 10 */
+  limit?: number
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+}
+
+/** Stream every episode of the project back in chunks. */
+export interface Export {
+  type: "export"
+  /** 1 to 1000, default 100 */
+  chunk_size?: number
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+}
+
+/** Liveness check; answered with `pong`. */
+export interface Ping {
+  type: "ping"
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+}
+
+/** A memory saved on purpose (by the agent's tool or a person): a task of its own. */
+export interface Note {
+  type: "note"
+  /** 1 to 65536 characters */
+  text: string
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+  /** 1 to 256 characters */
+  episode_id?: string | null
+  /** 0 to 100000000000 */
+  at?: number | null
+}
+
+/**
+ * Forget memory of the project: one episode, every episode and link of a file, every task
+ * of a session, or one task. Exactly one selector; `session` is one of them here, not the
+ * message's session.
+ */
+export interface Forget {
+  type: "forget"
+  /** 1 to 256 characters */
+  episode?: string | null
+  /** 1 to 4096 characters */
+  path?: string | null
+  /** 1 to 256 characters */
+  task?: string | null
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+}
+
+/** Answer to chat:start. `hit` is true only when the context came from the cache. */
+export interface Context {
+  type: "context"
+  id: number | string | null
+  hit: boolean
+  inject: string | null
+  elapsed_us: number
+}
+
+/**
+ * Outcome of an event. On success `episode` is the stored episode's id, and `queued` is
+ * true when it is durable in the outbox, not yet in memory; a forget's `forgotten` is how
+ * many episodes memory let go of.
+ */
+export interface Ack {
+  type: "ack"
+  id: number | string | null
+  ok: boolean
+  episode?: string | null
+  /** default false */
+  queued?: boolean
+  forgotten?: number | null
+  error?: ErrorInfo | null
+}
+
+/**
+ * Answer to query: the matching episodes, best first, and `context`: the memory context a
+ * chat:start with the same query would get from memory (null: memory has nothing for it).
+ */
+export interface QueryResult {
+  type: "result"
+  id: number | string | null
+  episodes: Episode[]
+  context?: string | null
+}
+
+/** One chunk of an export, numbered from 0. */
+export interface ExportChunk {
+  type: "export:chunk"
+  id: number | string | null
+  seq: number
+  episodes: Episode[]
+}
+
+/** Last message of an export: how many episodes were sent. */
+export interface ExportEnd {
+  type: "export:end"
+  id: number | string | null
+  count: number
+}
+
+/** Answer to ping. */
+export interface Pong {
+  type: "pong"
+  id: number | string | null
+  /** default 1 */
+  version?: number
+}
+
+/** Why a request failed: a stable code and a message naming what was wrong. */
+export interface ErrorInfo {
+  code: string
+  message: string
+  /** default false */
+  retryable?: boolean
+}
+
+/** One remembered event, as stored and as returned by search and export. */
+export interface Episode {
+  uuid: string
+  group_id: string
+  name: string
+  body: string
+  source_description: string
+  reference_time: number
+  metadata?: Record<string, unknown>
+}
