@@ -23,6 +23,7 @@ from bridge.memory.sqlite import SqliteMemory
 from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_memory_script import MEMORY_MANAGER
+from tests.waiting import eventually
 from tests.wire import exported
 
 BACKENDS = ["sqlite", "graphiti"]
@@ -357,10 +358,11 @@ async def forget_on_one_read_on_two(backend: str, one: App, two: App) -> None:
         question = "what about the ValueError in pricing?"
         _, inject = await context(ws_one, question)
         assert "ValueError in pricing rules" in inject
-        for _ in range(200):  # the fill goes to Valkey after the reply: until it is there
-            if (await context(ws_one, question))[0]:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(  # the fill goes to Valkey after the reply: until it is there
+            lambda: context(ws_one, question),
+            "the first bridge's fill to reach Valkey (seen: hit, inject)",
+            until=lambda seen: seen[0],
+        )
         seen = await context(ws_two, question)
         if backend == "graphiti":  # one graph: one memory, its contexts shared
             assert seen == (True, inject), "the first bridge's context was not shared"
@@ -403,11 +405,11 @@ async def test_a_forget_waits_for_what_the_outbox_holds_so_it_never_comes_back(
             assert early["ok"] is False and early["error"]["retryable"] is True
             assert early["error"]["code"] == "memory_unavailable"
             assert "wait in the outbox" in early["error"]["message"]
-            for _ in range(200):  # bounded: the outbox's next delivery succeeds
-                reply = await ask(ws, {"type": "forget", "path": "src/late.py"})
-                if reply["ok"]:
-                    break
-                await asyncio.sleep(0.05)
+            reply = await eventually(  # the outbox's next delivery succeeds
+                lambda: ask(ws, {"type": "forget", "path": "src/late.py"}),
+                "a forget once the outbox is delivered",
+                until=lambda reply: reply["ok"],
+            )
             assert reply["forgotten"] == 1
             assert app.delivery is not None and app.delivery.outbox.pending == 0
             assert await exported(ws) == []

@@ -21,6 +21,7 @@ from bridge.episode import Episode, new_episode
 from bridge.lease import Leases
 from bridge.memory.graphiti import GraphitiMemory, LlmSettings
 from tests.openai_standin import OpenAIStandin, fact
+from tests.waiting import eventually
 
 
 class Watched(GraphitiMemory):
@@ -66,11 +67,13 @@ def episode(body: str, at: float) -> Episode:
 
 
 async def ingested(*memories: GraphitiMemory) -> None:
-    for _ in range(1200):
-        if not any(m.pending() for m in memories):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"still queued: {[m.pending() for m in memories]}")
+    """Wait until no episode waits in any of ``memories``' queues."""
+    await eventually(
+        lambda: [m.pending() for m in memories],
+        "every queued episode to be ingested (seen: episodes queued in each)",
+        until=lambda pending: not any(pending),
+        timeout=60,
+    )
 
 
 async def test_a_group_is_ingested_by_one_process_at_a_time(
@@ -128,10 +131,9 @@ async def test_a_process_waits_for_the_holder_and_takes_over_when_it_stops(
     try:
         standin.pause()  # the first's extraction hangs while it holds the lease
         await first.store(episode("Error: TypeError in parser.ts", time.time()))
-        for _ in range(200):
-            if await client.exists("gb:ingest:test:proj"):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: client.exists("gb:ingest:test:proj"), "the first to take the ingest lease"
+        )
         await second.store(episode("Completed: migrate user_table to SchemaV2", time.time()))
         await first.close()  # stopped mid-extraction: its episode stays queued, lease let go
         standin.resume()

@@ -11,6 +11,7 @@ import redis.asyncio as redis
 
 from bridge.embedded import EmbeddedValkey
 from bridge.lease import Lease, Leases
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -43,10 +44,7 @@ async def test_a_lease_nobody_renews_lapses_and_is_taken_over(client: redis.Redi
     quiet = leases(client, ttl=0.3).lease("ingest:shop")
     waiting = leases(client, ttl=0.3).lease("ingest:shop")
     assert await quiet.acquire()
-    for _ in range(200):
-        if await waiting.acquire():
-            break
-        await asyncio.sleep(0.02)
+    await eventually(waiting.acquire, "the lease nobody renews to lapse and be taken")
     assert await client.get("gb:lease:ingest:shop") == waiting.token.encode()
     assert not await quiet.renew()  # it lapsed: the quiet holder cannot take it back
     await quiet.release()

@@ -170,10 +170,10 @@ async def test_the_connection_cap_refuses_new_ones_and_serves_the_rest(start_app
         assert b"too many connections (limit 2)" in refused.value.response.body
         assert (await ask(one, {"type": "ping", "id": 1}))["type"] == "pong"
         assert (await ask(two, {"type": "ping", "id": 2}))["type"] == "pong"
-    for _ in range(100):  # bounded: the server notices the closes
-        if app.server is not None and app.server.connections == 0:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(  # the server notices the closes
+        lambda: app.server is not None and app.server.connections == 0,
+        "the server to count its closed connections out",
+    )
     async with connect(ws_url(app)) as three:
         assert (await ask(three, {"type": "ping", "id": 3}))["type"] == "pong"
 
@@ -258,10 +258,11 @@ async def test_readyz_reports_valkey_down_and_up_again(
     assert status == 200 and body.startswith(b"ready\n")
     assert b"cache: degraded (valkey: unreachable" in body
     await valkey.start()
-    for _ in range(200):  # bounded: the invalidation stream reconnects within its backoff
-        if await http_get(app, "/readyz") == (200, b"ready\n"):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(  # the invalidation stream reconnects within its backoff
+        lambda: http_get(app, "/readyz"),
+        "/readyz to say ready once Valkey is back",
+        until=lambda answer: answer == (200, b"ready\n"),
+    )
     assert await http_get(app, "/readyz") == (200, b"ready\n")
 
 

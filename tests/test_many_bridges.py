@@ -4,28 +4,27 @@ each with a data folder of its own."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from bridge.embedded import EmbeddedFalkorDB
 from tests.conftest import StatsdCollector
 from tests.test_cli import bridge_process
 from tests.valkey_deployments import ValkeyCluster
+from tests.waiting import eventually
 from tests.wire import ask
 
 
 async def until_miss(ws: ClientConnection, query: dict[str, Any]) -> dict[str, Any]:
     """Ask ``query`` until it misses (bounded); the last reply."""
-    for _ in range(200):
-        reply: dict[str, Any] = await ask(ws, query, binary=True)
-        if not reply["hit"]:
-            return reply
-        await asyncio.sleep(0.02)
-    pytest.fail("the context stayed cached")
+    reply: dict[str, Any] = await eventually(
+        lambda: ask(ws, query, binary=True),
+        "the cached context to be dropped",
+        until=lambda reply: not reply["hit"],
+    )
+    return reply
 
 
 async def test_bridges_on_a_cluster_and_one_graph_share_contexts_and_invalidations(
@@ -60,7 +59,9 @@ async def test_bridges_on_a_cluster_and_one_graph_share_contexts_and_invalidatio
         assert ack["ok"]
         fresh = await until_miss(ws_one, query)  # the push reaches bridge one's local copy
         assert "KeyError" in fresh["inject"]
-        for _ in range(100):  # bounded: a fill that raced the write's delivery is refused
-            if (await ask(ws_one, query, binary=True))["hit"]:
-                break
+        await eventually(  # a fill that raced the write's delivery is refused
+            lambda: ask(ws_one, query, binary=True),
+            "bridge one's refill to be cached",
+            until=lambda reply: reply["hit"],
+        )
         assert (await ask(ws_two, query, binary=True))["hit"], "bridge one's refill is not shared"

@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-import msgspec
 import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import StatsdCollector
 from tests.raw_client import StuckClient
 from tests.test_cli import bridge_process, children_of
+from tests.waiting import eventually
+from tests.wire import Message, receive, send
 
 # README, "Resource limits": what this load may cost.
 BRIDGE_RSS_LIMIT = 200 << 20
@@ -43,11 +45,11 @@ def valkey_socket(bridge_pid: int) -> str:
     return str(Path(f"/proc/{child}/cwd").resolve() / "valkey.sock")
 
 
-async def pipelined(ws: ClientConnection, messages: list[dict[str, object]]) -> list[object]:
+async def pipelined(ws: ClientConnection, messages: list[Message]) -> list[Any]:
     """Send every message, then read one reply per message."""
     for message in messages:
-        await ws.send(msgspec.json.encode(message).decode())
-    return [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 60)) for _ in messages]
+        await send(ws, message)
+    return [await receive(ws, timeout=60) for _ in messages]
 
 
 async def settled(measure: Callable[[], int], rounds: int = 100) -> int:
@@ -94,14 +96,14 @@ async def test_slow_readers_huge_exports_and_path_heavy_queries_stay_bounded(
                         for i in range(EPISODES)
                     ],
                 )
-                assert all(a["ok"] for a in acks)  # type: ignore[index]
+                assert all(a["ok"] for a in acks)
             for _ in range(STUCK_CLIENTS):
                 client = await StuckClient.connect(port, "/big")
                 stuck.append(client)
                 for i in range(EXPORTS_EACH):
                     await client.send({"type": "export", "id": i, "chunk_size": 1000})
             async with connect(bridge.url + "/big") as ws:
-                heavy = [
+                heavy: list[Message] = [
                     {
                         "type": "chat:start",
                         "id": q,
@@ -110,23 +112,23 @@ async def test_slow_readers_huge_exports_and_path_heavy_queries_stay_bounded(
                     }
                     for q in range(PATH_HEAVY_QUERIES)
                 ]
-                ordinary = [
+                ordinary: list[Message] = [
                     {"type": "chat:start", "id": f"o{q}", "query": f"what about failure number{q}"}
                     for q in range(200)
                 ]
                 replies = await pipelined(ws, heavy + ordinary)
-                assert all(r["type"] == "context" for r in replies)  # type: ignore[index]
-                for _ in range(300):  # bounded: memory queries past their budget fill later
-                    again = await pipelined(ws, [ordinary[-1]])
-                    if again[0]["hit"]:  # type: ignore[index]
-                        break
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError("ordinary contexts were never cached")
+                assert all(r["type"] == "context" for r in replies)
+                await eventually(  # memory queries past their budget fill later
+                    lambda: pipelined(ws, [ordinary[-1]]),
+                    "ordinary contexts to be cached",
+                    until=lambda again: again[0]["hit"],
+                    timeout=30,
+                    every=0.1,
+                )
                 bridge_rss = await settled(lambda: rss(pid))
                 await settled_async(valkey.dbsize)  # the heavy queries' fills are done
                 used = int((await valkey.info("memory"))["used_memory"])
-                assert not (await pipelined(ws, [heavy[0]]))[0]["hit"]  # type: ignore[index]
+                assert not (await pipelined(ws, [heavy[0]]))[0]["hit"]
                 # Everyone else is still served while all of that waits.
                 assert (await pipelined(ws, [{"type": "ping", "id": "p"}]))[0] == {
                     "type": "pong",

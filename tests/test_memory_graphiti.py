@@ -57,6 +57,7 @@ from bridge.protocol import (
 from bridge.recall import WINDOW_TASKS, Candidates, RecentTask, context
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
+from tests.waiting import eventually
 
 
 def llm_settings(standin: OpenAIStandin) -> LlmSettings:
@@ -128,10 +129,14 @@ async def chat(handlers: Handlers, query: str, project: str = "proj") -> str | N
 
 
 async def wait_ingested(memory: GraphitiMemory, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while memory.pending():
-        assert time.monotonic() < deadline, f"{memory.pending()} episodes still queued"
-        await asyncio.sleep(0.05)
+    """Wait until no episode waits in ``memory``'s queue."""
+    await eventually(
+        memory.pending,
+        "every queued episode to be ingested (seen: episodes queued)",
+        until=lambda pending: not pending,
+        timeout=timeout,
+        every=0.05,
+    )
 
 
 def episode(group: str, body: str, at: float, **metadata: object) -> Episode:
@@ -794,16 +799,15 @@ async def test_after_a_restart_of_falkordb_recall_answers_as_before(tmp_path: Pa
         before = await memory.candidates("proj", "task of 3")
         server.kill()  # no clean shutdown: the graph is read back from its append-only file
         await server.start()
-        answers: list[Candidates | MemoryUnavailable] = []
-        for _ in range(3000):  # bounded: until an answer
-            if answers and not isinstance(answers[-1], MemoryUnavailable):
-                break
-            try:
-                answers.append(await memory.candidates("proj", "task of 3"))
-            except MemoryUnavailable as e:  # the graph still loading
-                answers.append(e)
-                await asyncio.sleep(0.01)
-        assert answers[-1] == before
+        answer = await eventually(
+            lambda: memory.candidates("proj", "task of 3"),
+            "an answer from the restarted graph",
+            until=lambda _: True,
+            ignoring=(MemoryUnavailable,),  # the graph still loading
+            timeout=30,
+            every=0.01,
+        )
+        assert answer == before
         await store_all(memory, turn("proj", "late", "a later task", files=("dir3/late.py",)))
         after = await memory.candidates("proj", "later")
         assert after.latest_seq == 601 and after.tasks[0].files == ["dir3/late.py"]

