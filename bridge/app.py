@@ -1,10 +1,13 @@
 """Composition root: a Config becomes running parts, started and stopped in a fixed order.
 
-Start: data folder (held exclusively: see bridge.datadir), Valkey (embedded unless a URL
-is given), metrics, cache, memory, the outbox (delivering what a previous run left),
-handlers, then the listener last. Stop, in reverse: close the listener and connections
-(in-flight requests finish), wait for background memory queries, give the outbox the
-deadline to drain, then close memory, cache, the embedded Valkey and metrics, and let the
+Start (``App.start``, or entering ``async with App(config)``): the data folder (held
+exclusively: see bridge.datadir), metrics, Valkey (a private one unless a URL is given),
+the cache, memory (and the private FalkorDB it may need), the outbox (delivering what a
+previous run left), the handlers, then the listener last. Each part entered is closed
+in reverse order by ``App.stop``, all of them within one shutdown deadline
+(``bridge.deadline``): stop accepting, let requests in flight finish and close the
+connections, wait for background memory queries, let the outbox drain, then close
+memory, the private FalkorDB, the cache, the private Valkey and metrics, and let the
 data folder go. What keeps the bridge from starting is a StartupError saying what.
 """
 
@@ -17,16 +20,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from bridge.cache import ContextCache
 from bridge.config import Config, ConfigError, StartupError, redact_url
 from bridge.datadir import DataDirLock
+from bridge.deadline import GRACE, Deadline
 from bridge.delivery import Delivery
 from bridge.durable import EpisodeQueue
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey
 from bridge.errors import MemoryUnavailable
 from bridge.handlers import Handlers
 from bridge.health import ReadinessReport, data_dir_problem
@@ -41,7 +46,7 @@ from bridge.queue_files import orphaned, queue_path
 from bridge.server import Server
 from bridge.store_identity import cache_blind_to_other_writers, graph_identity, memory_identity
 from bridge.valkey import ValkeyUrlError
-from bridge.workers import Workers
+from bridge.workers import Workers, close_within
 
 log = logging.getLogger(__name__)
 
@@ -114,115 +119,193 @@ def ingest_leases(config: Config, cache: ContextCache) -> Leases | None:
     return Leases(lambda: cache.valkey.client, prefix)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What a started App runs, each part ready."""
+
+    cache: ContextCache
+    memory: MemoryBackend
+    delivery: Delivery
+    handlers: Handlers
+    server: Server
+
+
 class App:
-    """The bridge's parts, wired together from one Config."""
+    """The bridge's parts, wired together from one Config: ``async with App(config) as app``
+    runs them (``start`` and ``stop`` do the same in two calls)."""
 
     def __init__(self, config: Config, memory: MemoryBackend | None = None) -> None:
         self.config = config
         self.data_dir = DataDirLock(config.data_dir)
-        self.valkey: EmbeddedValkey | None = None
         worker = [f"worker:{config.worker}"] if config.worker else None  # gauges per worker
         self.metrics = Metrics(config.statsd_host, config.statsd_port, tags=worker)
-        self._memory = memory
-        self.falkor: EmbeddedFalkorDB | None = None
-        self.cache: ContextCache | None = None
-        self.server: Server | None = None
-        self.handlers: Handlers | None = None
-        self.delivery: Delivery | None = None
+        self._given_memory = memory
+        self.valkey: EmbeddedValkey | None = None  # the private one, without --valkey-url
+        self.falkor: EmbeddedFalkorDB | None = None  # the private one, for graphiti
+        self._parts: Parts | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.deadline = Deadline(config.shutdown_deadline)  # the shutdown's, started by stop
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
-        """Start every part; the server listens once everything behind it is ready."""
+        """Start every part; the server listens once everything behind it is ready. What
+        did start is stopped again when a part cannot (StartupError saying why)."""
+        if self._stack is not None or self.deadline.started:
+            raise RuntimeError("an App starts once")
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            await self._start(self._stack)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         config = self.config
         if not config.worker:  # a worker's parent holds the data folder for all of them
-            self.data_dir.acquire()
+            stack.enter_context(self.data_dir)
         self.metrics.start()
+        stack.push_async_callback(self._close, "flushing metrics", self.metrics.close)
         valkey_url = config.valkey_url
         if valkey_url is None:
             self.valkey = EmbeddedValkey()
             await self.valkey.start()
+            stack.push_async_callback(self._close_child, self.valkey)
             valkey_url = self.valkey.url
-        self.cache = await open_cache(config, valkey_url, self.metrics)
-        if self._memory is None:
-            self._memory, self.falkor = await open_memory(config, ingest_leases(config, self.cache))
-        await start_memory(self._memory)
-        self.delivery = Delivery(
-            self.memory,
+        cache = await open_cache(config, valkey_url, self.metrics)
+        stack.push_async_callback(self._close, "closing the cache", cache.close)
+        memory = self._given_memory
+        if memory is None:
+            memory, self.falkor = await open_memory(config, ingest_leases(config, cache))
+            if self.falkor is not None:
+                stack.push_async_callback(self._close_child, self.falkor)
+        await start_memory(memory)
+        stack.push_async_callback(self._close, f"closing the {memory.name} memory", memory.close)
+        delivery = Delivery(
+            memory,
             EpisodeQueue(config.outbox_path),
             store_timeout=config.store_timeout_ms / 1000,
         )
-        self.handlers = Handlers(
-            self.memory,
-            self.cache,
+        handlers = Handlers(
+            memory,
+            cache,
             self.metrics,
             recall_limit=config.recall_limit,
             miss_budget=config.miss_budget_ms / 1000.0,
-            delivery=self.delivery,
+            delivery=delivery,
             context_chars=config.context_chars,
             max_text=config.max_text,
         )
-        self.delivery.on_delivered = self.handlers.episode_delivered
-        await self.delivery.start(orphaned_outboxes(config.data_dir, config.worker, config.workers))
-        self.server = Server(config, self.handlers, self.metrics, self.readiness)
+        delivery.on_delivered = handlers.episode_delivered
+        await delivery.start(orphaned_outboxes(config.data_dir, config.worker, config.workers))
+        stack.push_async_callback(self._flush_outbox, delivery)
+        stack.push_async_callback(self._drain, handlers)
+        server = Server(config, handlers, self.metrics, self.readiness)
+        self._parts = Parts(cache, memory, delivery, handlers, server)
         try:
-            await self.server.start()
+            await server.start()
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
             raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from e
+        stack.push_async_callback(self._stop_server, server)
+
+    @property
+    def parts(self) -> Parts:
+        """The running parts (RuntimeError before ``start`` and after ``stop``)."""
+        if self._parts is None:
+            raise RuntimeError("the bridge is not running: use `async with App(config)`")
+        return self._parts
+
+    @property
+    def server(self) -> Server:
+        """The WebSocket server."""
+        return self.parts.server
+
+    @property
+    def cache(self) -> ContextCache:
+        """The context cache."""
+        return self.parts.cache
 
     @property
     def memory(self) -> MemoryBackend:
-        """The memory backend (known once ``start`` ran)."""
-        assert self._memory is not None, "App.start has not run"
-        return self._memory
+        """The memory backend."""
+        return self.parts.memory
+
+    @property
+    def handlers(self) -> Handlers:
+        """The message handlers."""
+        return self.parts.handlers
+
+    @property
+    def delivery(self) -> Delivery:
+        """The delivery of episodes to memory, through the outbox."""
+        return self.parts.delivery
 
     async def readiness(self) -> ReadinessReport:
         """What keeps the bridge from serving right now, and what from serving fully (the
         cache: every message is still answered without it, so it only degrades)."""
         report = ReadinessReport()
-        if self.cache is None:
-            report.problems.append("cache: not started")
-        else:
-            valkey = await self.cache.problem()
-            if valkey is not None:
-                report.degraded.append(
-                    f"cache: degraded (valkey: {valkey}; chat:start answers from memory, uncached)"
-                )
-            if (local := self.cache.local_problem()) is not None:
-                report.degraded.append(f"cache: degraded ({local}; hits are read from Valkey)")
+        parts = self._parts
+        if parts is None:
+            report.problems.append("bridge: not running")
+            return report
+        valkey = await parts.cache.problem()
+        if valkey is not None:
+            report.degraded.append(
+                f"cache: degraded (valkey: {valkey}; chat:start answers from memory, uncached)"
+            )
+        if (local := parts.cache.local_problem()) is not None:
+            report.degraded.append(f"cache: degraded ({local}; hits are read from Valkey)")
         disk = await asyncio.to_thread(data_dir_problem, self.config.data_dir)
         if disk is not None:
             report.problems.append(f"data dir: {disk}")
         try:
-            await asyncio.wait_for(self.memory.recall("readyz", "ready", 1), 2.0)
+            await asyncio.wait_for(parts.memory.recall("readyz", "ready", 1), 2.0)
         except Exception as e:
             report.problems.append(f"memory: {type(e).__name__}: {e}")
         return report
 
     async def stop(self) -> None:
-        """Stop every part in reverse order of start. Safe to call after a failed start."""
-        deadline = self.config.shutdown_deadline
-        if self.server is not None:
-            await self.server.stop()
-        if self.handlers is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.handlers.drain(), deadline)
-        if self.delivery is not None:
-            if not await self.delivery.flush(deadline):
-                log.warning(
-                    "%d episodes stay in the outbox for the next start",
-                    self.delivery.outbox.pending,
-                )
-            await self.delivery.close()
-        if self._memory is not None:
-            await self._memory.close()
-        if self.falkor is not None:
-            await self.falkor.close()
-        if self.cache is not None:
-            await self.cache.close()
-        if self.valkey is not None:
-            await self.valkey.close()
-        await self.metrics.close()
-        self.data_dir.release()
+        """Stop every part in reverse order of start, all within one shutdown deadline
+        (``--shutdown-deadline``): stop accepting, let requests in flight finish and close
+        the connections, wait for background memory queries, let the outbox drain, then
+        close memory, cache, the private servers and metrics, and let the data folder go.
+        A step still running at the deadline is cancelled (``bridge.deadline``); whatever
+        the outbox holds then is delivered by the next start. Safe to call after a failed
+        start, and more than once."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        self.deadline.start()
+        try:
+            await stack.aclose()
+        finally:
+            self._parts = None
+
+    async def _stop_server(self, server: Server) -> None:
+        await server.stop(self.deadline)
+
+    async def _drain(self, handlers: Handlers) -> None:
+        await self.deadline.run(handlers.drain(), "background memory queries")
+
+    async def _flush_outbox(self, delivery: Delivery) -> None:
+        deadline = self.deadline
+        if not await delivery.flush(deadline.remaining()):
+            log.warning(
+                "%d episodes stay in the outbox for the next start", delivery.outbox.pending
+            )
+        await deadline.run(delivery.close(), "closing the outbox", grace=GRACE)
+
+    async def _close(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
+        await self.deadline.run(close(), what, grace=GRACE)
+
+    async def _close_child(self, child: ChildServer) -> None:
+        await close_within(child, self.deadline.remaining())
 
 
 async def open_cache(config: Config, url: str, metrics: Metrics) -> ContextCache:
@@ -302,32 +385,39 @@ async def import_project(config: Config, project: str | None, lines: Iterable[by
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Run the bridge until SIGINT or SIGTERM: this process alone, the parent of
     ``--workers N`` (``bridge.workers``), or one of its workers, which calls ``ready``
-    once it listens instead of printing where."""
-    app = Workers(config) if config.workers > 1 and not config.worker else App(config)
+    once it listens instead of printing where.
+
+    The signals are handled here and nowhere else: they only set an event, and the
+    shutdown runs within its one deadline. A step cut short at the deadline may leave a
+    thread behind in a memory call nothing can cancel (SQLite waiting for a lock), which
+    the interpreter would wait for at exit: the process then exits at once instead, what
+    was acknowledged being on disk in the outbox."""
+    bridge = Workers(config) if config.workers > 1 and not config.worker else App(config)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    try:
-        await app.start()
+    async with bridge:
         if ready is not None:
             ready()
             log.info("worker %d of %d (pid %d) serving", config.worker, config.workers, os.getpid())
         else:
-            print(f"graphiti-bridge listening on {_listening(config, app)}", flush=True)
+            print(f"graphiti-bridge listening on {_listening(config, bridge)}", flush=True)
         await stopping.wait()
         log.info("shutting down")
-    finally:
-        await app.stop()
     if ready is None:
         print("graphiti-bridge stopped", file=sys.stderr, flush=True)
+    if bridge.deadline.cut:
+        log.warning("exiting without waiting for %s", ", ".join(bridge.deadline.cut))
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def _listening(config: Config, app: App | Workers) -> str:
     """Where the bridge listens and what stands behind it, for the start-up line."""
     valkey = redact_url(config.valkey_url) if config.valkey_url else "a private valkey-server"
     if isinstance(app, App):
-        assert app.server is not None and app.cache is not None
         port, workers = app.server.port, ""
         if app.cache.valkey.kind != "server":
             valkey += f", {app.cache.valkey.label}"

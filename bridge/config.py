@@ -49,7 +49,7 @@ class Config:
     max_name: int = 256
     token: str | None = field(default=None, repr=False)
     allowed_origins: tuple[str, ...] = ()
-    shutdown_deadline: float = 10.0
+    shutdown_deadline: float = 8.0  # the whole shutdown's, within a container's 10 s
     store_timeout_ms: float = 2000.0
     memory: str = "sqlite"
     graph_url: str | None = field(default=None, repr=False)
@@ -241,8 +241,8 @@ def add_serve_arguments(
     option("--token-file", None, "file holding the shared token (container secrets)",
            type=Path)  # fmt: skip
     option("--allowed-origins", "", "comma-separated browser Origins allowed to connect")
-    option("--shutdown-deadline", d.shutdown_deadline, "seconds in-flight requests get "
-           "on SIGTERM", type=_positive_float)  # fmt: skip
+    option("--shutdown-deadline", d.shutdown_deadline, "seconds the whole shutdown may take "
+           "on SIGTERM; what still runs then is cut off", type=_positive_float)  # fmt: skip
     option("--store-timeout-ms", d.store_timeout_ms, "how long an episode waits for memory "
            "before it is queued in the outbox", type=_positive_float)  # fmt: skip
     option("--memory", d.memory, "memory backend", choices=["sqlite", "graphiti", "script"])

@@ -1,4 +1,5 @@
-"""The WebSocket server: frames in, handler calls, frames out.
+"""The WebSocket server: frames in, handler calls, frames out; and on the same port, the
+plain HTTP answers (``/healthz``, ``/readyz``, the memory page of ``bridge.web.page``).
 
 This is the only module that imports websockets. Per connection, frames are read in order
 and decoded; a chat:start the in-process cache can answer is answered at once, and every
@@ -16,7 +17,8 @@ limit is waiting to go out: a client that reads slowly holds up its own replies 
 the server then stops reading it, its own requests) and nobody else's. Exports run one at
 a time per connection, so chunks are produced as fast as the client reads them. A client
 that reads nothing for ``send_deadline`` seconds while a reply waits is disconnected.
-Only the client, a stuck reader or a shutdown (close code 1001) ends a connection.
+Besides the client, only a stuck reader, a keepalive ping left unanswered for 20 s, a
+frame too large to read at all (close code 1009) or a shutdown (1001) ends a connection.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from bridge.config import Config
+from bridge.deadline import GRACE, Deadline
 from bridge.episode import Episode
 from bridge.errors import BadRequest, RateLimited
 from bridge.handlers import Emit, Handlers, Session
@@ -107,7 +110,7 @@ class Server:
         self.codec = Codec(config.max_frame, limits)
         self.connections = 0
         self._server: WsServer | None = None
-        self._inflight = 0  # handler tasks running, all connections
+        self._inflight = 0  # requests running or waiting to (exports), all connections
         self._idle = asyncio.Event()
         self._idle.set()
         self._token = _digest(config.token.encode()) if config.token else None
@@ -145,23 +148,27 @@ class Server:
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the shutdown deadline), then
-        close every connection with 1001 (going away). Idempotent."""
+    async def stop(self, deadline: Deadline | None = None) -> None:
+        """Stop accepting, let in-flight requests finish, then close every connection with
+        1001 (going away); past ``deadline`` (by default one of ``--shutdown-deadline``
+        from now) what still runs is cancelled, unanswered. Idempotent."""
         if self._server is None:
             return
+        deadline = (deadline or Deadline(self.config.shutdown_deadline)).start()
         server, self._server = self._server, None
         server.server.close()  # no new connections from here on
-        deadline = self.config.shutdown_deadline
-        try:
-            await asyncio.wait_for(self._idle.wait(), deadline)
-        except TimeoutError:
-            log.warning("%d requests still running after %.1f s", self._inflight, deadline)
+        if not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), deadline.remaining())
+            except TimeoutError:
+                log.warning("%d requests still running at the shutdown deadline", self._inflight)
         server.close(close_connections=True)
-        try:
-            await asyncio.wait_for(server.wait_closed(), deadline)
-        except TimeoutError:
-            log.warning("connections still open after %.1f s of shutdown", deadline)
+        if not await deadline.run(server.wait_closed(), "closing connections", grace=GRACE):
+            handlers = list(server.handler_tasks)
+            for handler in handlers:  # each cancels its requests still running
+                handler.cancel()
+            if handlers:
+                await asyncio.wait(handlers, timeout=GRACE)
 
     # -- handshake ------------------------------------------------------------------------
 
@@ -319,7 +326,12 @@ class Server:
                 exporting.cancel()
                 running.add(exporting)
             if running:  # stores already under way finish even if nobody hears the ack
-                await asyncio.wait(running)
+                try:
+                    await asyncio.wait(running)
+                except asyncio.CancelledError:  # unless the shutdown deadline has passed
+                    for task in running:
+                        task.cancel()
+                    raise
 
     async def _run_exports(
         self,

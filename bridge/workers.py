@@ -14,8 +14,9 @@ copy, recall index and outbox file (``outbox-K.sqlite3``).
 A worker that exits is started again after a backoff, with the policy of the embedded
 servers (``bridge.embedded.ChildServer``), and takes over its outbox. SIGTERM or SIGINT to
 the parent (handled in ``bridge.app.serve``) stops the workers: SIGTERM to each, a wait
-of up to ``--shutdown-deadline`` for them all, SIGKILL for those left; then the embedded
-servers stop and the data folder is let go. Should the parent die without stopping
+for them all until the shutdown deadline (``--shutdown-deadline``; each worker's own is a
+second shorter), SIGKILL for those left; then the embedded servers stop and the data
+folder is let go, all within that one deadline. Should the parent die without stopping
 them, the workers get SIGTERM from the kernel (PR_SET_PDEATHSIG), as the embedded servers
 do.
 """
@@ -35,6 +36,7 @@ import time
 
 from bridge.config import Config, StartupError, environment, worker_environment
 from bridge.datadir import DataDirLock
+from bridge.deadline import GRACE, Deadline
 from bridge.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey, _die_with_parent
 from bridge.store_identity import memory_identity
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 120.0  # seconds a worker may take to listen (a graph's indexes, a migration)
 READY = b"ready"
 PORT_ATTEMPTS = 5
+WORKER_MARGIN = 1.0  # seconds of the parent's shutdown deadline a worker does not get
 
 
 class WorkerProcess(ChildServer):
@@ -91,12 +94,12 @@ class WorkerProcess(ChildServer):
         )
         return self._process
 
-    async def close_within(self, deadline: float) -> None:
-        """Stop the worker (SIGTERM, then SIGKILL after ``deadline`` s) and remove its
-        private folder."""
-        await self.stop(deadline)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.dir)
+
+async def close_within(child: ChildServer, seconds: float) -> None:
+    """Stop a worker or a private server (SIGTERM, then SIGKILL after ``seconds``, at
+    least ``GRACE``) and remove its private folder."""
+    await child.stop(max(seconds, GRACE))
+    await asyncio.to_thread(shutil.rmtree, child.dir, ignore_errors=True)
 
 
 async def _read_report(fd: int, timeout: float) -> bytes:
@@ -183,7 +186,8 @@ def _hold(family: socket.AddressFamily, address: str, port: int) -> socket.socke
 
 
 class Workers:
-    """The parent of ``serve --workers N``: what the workers share, and the workers."""
+    """The parent of ``serve --workers N``: what the workers share, and the workers. Like
+    ``bridge.app.App``, an async context manager (or ``start`` and ``stop``)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -192,16 +196,36 @@ class Workers:
         self.valkey: EmbeddedValkey | None = None
         self.falkor: EmbeddedFalkorDB | None = None
         self.workers: list[WorkerProcess] = []
-        self._held: list[socket.socket] = []
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.deadline = Deadline(config.shutdown_deadline)  # the shutdown's, started by stop
+
+    async def __aenter__(self) -> Workers:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
-        """Start the shared parts, then every worker; return once all of them listen."""
+        """Start the shared parts, then every worker; return once all of them listen. What
+        did start is stopped again when a part cannot."""
+        if self._stack is not None or self.deadline.started:
+            raise RuntimeError("Workers start once")
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            await self._start(self._stack)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         config = self.config
-        self.data_dir.acquire()
+        stack.enter_context(self.data_dir)
         valkey_url, graph_url = config.valkey_url, config.graph_url
         if valkey_url is None:
             self.valkey = EmbeddedValkey()
             await self.valkey.start()
+            stack.push_async_callback(self._close_child, self.valkey)
             valkey_url = self.valkey.url
         if config.memory == "graphiti" and graph_url is None:
             self.falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
@@ -209,19 +233,27 @@ class Workers:
                 await self.falkor.start()
             except (RuntimeError, OSError) as e:
                 raise StartupError(f"the private FalkorDB did not start: {e}") from e
+            stack.push_async_callback(self._close_child, self.falkor)
             graph_url = self.falkor.url
         if config.memory == "sqlite":
             await asyncio.to_thread(_prepare_store, config)
         try:
             await asyncio.to_thread(memory_identity, config)  # the store id, made once here
-            self._held, self.port = reserve_port(config.host, config.port)
+            held, self.port = reserve_port(config.host, config.port)
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
             raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from e
+        for hold in held:
+            stack.callback(hold.close)
         shared = dataclasses.replace(
-            config, valkey_url=valkey_url, graph_url=graph_url, port=self.port
+            config,
+            valkey_url=valkey_url,
+            graph_url=graph_url,
+            port=self.port,
+            shutdown_deadline=worker_deadline(config.shutdown_deadline),
         )
         self.workers = [WorkerProcess(shared, n) for n in range(1, config.workers + 1)]
+        stack.push_async_callback(self._stop_workers)
         started = await asyncio.gather(
             *(worker.start() for worker in self.workers), return_exceptions=True
         )
@@ -237,20 +269,29 @@ class Workers:
         return [worker.pid for worker in self.workers]
 
     async def stop(self) -> None:
-        """Stop the workers (SIGTERM; SIGKILL after the shutdown deadline), then the shared
-        parts. Safe to call after a failed start."""
-        deadline = self.config.shutdown_deadline
+        """Stop the workers (SIGTERM; SIGKILL at the shutdown deadline), then the shared
+        parts, all within the one deadline. Safe to call after a failed start, and more
+        than once."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        self.deadline.start()
+        await stack.aclose()
+
+    async def _stop_workers(self) -> None:
         began = time.monotonic()
-        await asyncio.gather(*(worker.close_within(deadline) for worker in self.workers))
-        if self.workers:
-            log.info("workers stopped in %.1f s", time.monotonic() - began)
-        for hold in self._held:
-            hold.close()
-        if self.falkor is not None:
-            await self.falkor.close()
-        if self.valkey is not None:
-            await self.valkey.close()
-        self.data_dir.release()
+        remaining = self.deadline.remaining()
+        await asyncio.gather(*(close_within(worker, remaining) for worker in self.workers))
+        log.info("workers stopped in %.1f s", time.monotonic() - began)
+
+    async def _close_child(self, child: ChildServer) -> None:
+        await close_within(child, self.deadline.remaining())
+
+
+def worker_deadline(deadline: float) -> float:
+    """The shutdown deadline a worker gets: shorter than its parent's, so that it is done
+    before the parent's SIGKILL at its own deadline."""
+    return max(deadline - WORKER_MARGIN, deadline / 2)
 
 
 def _prepare_store(config: Config) -> None:

@@ -1,0 +1,70 @@
+"""One shutdown deadline for every step: a real bridge process whose memory is stuck still
+exits on SIGTERM within the 10 s a container runtime grants before SIGKILL, and every
+episode it acknowledged is kept in its outbox and delivered by the next start.
+
+Memory is stuck for real: another connection holds an exclusive transaction on the
+embedded store for the whole shutdown, so each write waits on SQLite's lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sqlite3
+from pathlib import Path
+
+from websockets.asyncio.client import connect
+
+from tests.conftest import StatsdCollector
+from tests.test_cli import bridge_process
+from tests.wire import ask
+
+GRANTED = 10.0  # seconds between SIGTERM and SIGKILL under docker stop or Kubernetes
+
+
+def stored(path: Path, table: str, uuids: list[str]) -> set[str]:
+    """Which of ``uuids`` the SQLite file at ``path`` holds in ``table``."""
+    marks = ",".join("?" * len(uuids))
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(f"SELECT uuid FROM {table} WHERE uuid IN ({marks})", uuids)
+        return {uuid for (uuid,) in rows}
+
+
+async def test_sigterm_with_memory_stuck_exits_in_time_and_keeps_every_acknowledged_episode(
+    tmp_path: Path, statsd: StatsdCollector
+) -> None:
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "--store-timeout-ms", "100", "--project", "p"]
+    env = {"DD_DOGSTATSD_PORT": str(statsd.port)}
+    acked: list[str] = []
+    with contextlib.ExitStack() as holding:
+        async with bridge_process(*args, env=env) as bridge:
+            async with connect(bridge.url) as ws:
+                assert (await ask(ws, {"type": "ping", "id": 0}, binary=True))["type"] == "pong"
+                lock = sqlite3.connect(data / "memory.sqlite3", isolation_level=None)
+                holding.callback(lock.close)  # the transaction ends with its connection
+                lock.execute("BEGIN EXCLUSIVE")  # from here on, every write to memory waits
+                for i in range(1, 6):
+                    message = {"type": "error", "id": i, "message": f"stuck {i}"}
+                    ack = await ask(ws, message, binary=True)
+                    assert ack["ok"] and ack["queued"], ack
+                    acked.append(ack["episode"])
+            bridge.process.send_signal(signal.SIGTERM)
+            try:
+                status = await asyncio.wait_for(bridge.process.wait(), GRANTED)
+            except TimeoutError:
+                raise AssertionError(
+                    f"still running {GRANTED:.0f} s after SIGTERM:\n" + "\n".join(bridge.log)
+                ) from None
+            assert status == 0
+        # Memory never took them (it was locked throughout); the outbox has every one.
+        assert stored(data / "outbox.sqlite3", "queue", acked) == set(acked)
+    async with bridge_process(*args, env=env) as bridge:
+        for _ in range(600):  # bounded: the outbox is delivered as soon as the bridge starts
+            if stored(data / "memory.sqlite3", "episodes", acked) == set(acked):
+                break
+            await asyncio.sleep(0.05)
+        assert stored(data / "memory.sqlite3", "episodes", acked) == set(acked)
+        bridge.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(bridge.process.wait(), GRANTED) == 0
+    assert stored(data / "outbox.sqlite3", "queue", acked) == set()
