@@ -9,7 +9,6 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import pytest
 from redis.backoff import ExponentialWithJitterBackoff
 from websockets.asyncio.client import connect
@@ -22,8 +21,10 @@ from bridge.embedded import EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory.sqlite import SqliteMemory
+from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_cli import bridge_process
+from tests.waiting import eventually
 from tests.wire import ask
 
 
@@ -35,16 +36,16 @@ class SwitchableMemory(SqliteMemory):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.landings: list[asyncio.Future[None]] = []
+        self.landings: list[asyncio.Future[bool]] = []
 
-    async def store(self, episode: Episode) -> None:
+    async def store(self, episode: Episode) -> bool:
         if self.down:
             raise MemoryUnavailable("switched off for the test")
         landing = asyncio.ensure_future(super().store(episode))  # lands even if we give up
         self.landings.append(landing)
         if self.stall:
             await asyncio.sleep(self.stall)
-        await landing
+        return await landing
 
 
 @pytest.fixture
@@ -106,16 +107,16 @@ async def outbox_lines(
 ) -> list[str]:
     """Messages of ``bridge.delivery`` log records containing ``needle``, waiting (bounded)
     until at least one is there."""
-    for _ in range(1200):  # bounded: delivery retries on a backoff of at most 10 s
-        found = [
+    return await eventually(  # delivery retries on a backoff of at most 10 s
+        lambda: [
             r.getMessage()
             for r in caplog.records
             if r.name == "bridge.delivery" and r.levelno == level and needle in r.getMessage()
-        ]
-        if found:
-            return found
-        await asyncio.sleep(0.05)
-    return []
+        ],
+        f"a bridge.delivery log line with {needle!r}",
+        timeout=60,
+        every=0.05,
+    )
 
 
 async def test_every_outbox_failure_is_logged_with_its_exception_type(
@@ -208,14 +209,13 @@ async def test_sigkill_with_memory_locked_loses_no_acknowledged_episode(
             lock.execute("ROLLBACK")
             lock.close()
     async with bridge_process(*args, env=env) as bridge, connect(bridge.url) as ws:
-        for _ in range(200):  # bounded: delivery starts at start-up
-            await ws.send(msgspec.msgpack.encode({"type": "export", "id": "x"}))
-            uuids: list[str] = []
-            while (reply := msgspec.msgpack.decode(await ws.recv()))["type"] != "export:end":
-                uuids.extend(e["uuid"] for e in reply["episodes"])
-            if len(uuids) >= len(acked):
-                break
-            await asyncio.sleep(0.05)
+        episodes = await eventually(  # delivery starts at start-up
+            lambda: wire.exported(ws, binary=True),
+            "the outbox to be delivered (seen: the episodes exported)",
+            until=lambda episodes: len(episodes) >= len(acked),
+            every=0.05,
+        )
+        uuids = [e["uuid"] for e in episodes]
     assert sorted(uuids) == sorted(acked), "every acknowledged episode exactly once"
 
 
@@ -280,10 +280,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_episode(
         await asyncio.wait_for(bridge.process.wait(), 10)
         await asyncio.wait_for(asyncio.gather(*writers), 10)
     async with bridge_process(*args, env=env) as bridge, connect(bridge.url) as ws:
-        await ws.send(msgspec.msgpack.encode({"type": "export", "id": "x", "chunk_size": 1000}))
-        uuids: list[str] = []
-        while (reply := msgspec.msgpack.decode(await ws.recv()))["type"] != "export:end":
-            uuids.extend(e["uuid"] for e in reply["episodes"])
+        uuids = [e["uuid"] for e in await wire.exported(ws, binary=True)]
     assert set(acked) <= set(uuids), f"{len(set(acked) - set(uuids))} acknowledged episodes lost"
     assert len(uuids) == len(set(uuids))
 

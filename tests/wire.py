@@ -68,9 +68,11 @@ def next_id() -> int:
     return next(_ids)
 
 
-async def exported(ws: ClientConnection, *, timeout: float = EXPORT_TIMEOUT) -> list[Message]:
-    """Every episode of the connection's project, through the export stream (JSON)."""
-    await send(ws, {"type": "export", "id": next_id(), "chunk_size": 1000})
+async def exported(
+    ws: ClientConnection, *, binary: bool = False, timeout: float = EXPORT_TIMEOUT
+) -> list[Message]:
+    """Every episode of the connection's project, through the export stream."""
+    await send(ws, {"type": "export", "id": next_id(), "chunk_size": 1000}, binary=binary)
     episodes: list[Message] = []
     for _ in range(1000):  # bounded: chunks of 1000 episodes, then the end
         reply = await receive(ws, timeout=timeout)
