@@ -34,9 +34,13 @@ import {
 import { homedir } from "node:os"
 import { basename, join, resolve } from "node:path"
 import { describe, type Logger } from "./log.ts"
+import { EPISODE_TYPES } from "./protocol.ts"
+import type { StampedEvent } from "./wire.ts"
 
 /** A queued event: a message to the bridge, stamped with the id the bridge stores it under. */
-export type QueuedEvent = { type: string; episode_id: string; at: number } & Record<string, unknown>
+export type QueuedEvent = StampedEvent
+
+const EVENT_TYPES: ReadonlySet<string> = new Set(EPISODE_TYPES)
 
 /** A queue file (a process's own, or one it adopted), and a rewrite's temporary file. */
 const QUEUE_FILE = /^(\d+)-[0-9a-f]+(?:\.\d+)?\.jsonl$/
@@ -56,12 +60,14 @@ export function defaultQueueDir(env: Record<string, string | undefined>, directo
   return join(state, "opencode-graphiti-memory", `${name}-${hash}`)
 }
 
+/** Whether a line holds an event: an episode message, stamped (the bridge checks the rest). */
 function isQueued(value: unknown): value is QueuedEvent {
-  const event = value as QueuedEvent | null
+  const event = value as { type?: unknown; episode_id?: unknown; at?: unknown } | null
   return (
     typeof event === "object" &&
     event !== null &&
     typeof event.type === "string" &&
+    EVENT_TYPES.has(event.type) &&
     typeof event.episode_id === "string" &&
     typeof event.at === "number"
   )

@@ -12,15 +12,18 @@
 import type { ToolContext, ToolDefinition } from "@opencode-ai/plugin"
 import { isAbsolute, resolve } from "node:path"
 import { z } from "zod"
-import type { BridgeClient, Outgoing, Reply } from "./client.ts"
+import type { BridgeClient } from "./client.ts"
+import { type Ack, BOUNDS, type Forget, type QueryResult } from "./protocol.ts"
+import type { Outgoing, Reply } from "./wire.ts"
 
 export const MEMORY_TOOL = "memory"
 /** Longest wait for the bridge's answer in one call of the tool. */
 export const TOOL_DEADLINE_MS = 10_000
 /** Longest wait for the events queued before a search or a forget to reach the bridge. */
 const DRAIN_MS = 5_000
-/** Longest text the protocol accepts in a note. */
-const MAX_TEXT = 65_536
+/** Longest search and longest note the protocol accepts. */
+const MAX_QUERY = BOUNDS.query.query.maxLength
+const MAX_NOTE = BOUNDS.note.text.maxLength
 const EPISODES_SHOWN = 5
 const BODY_CHARS = 300
 /** What the model may write for the session it is in. */
@@ -58,6 +61,9 @@ type Args = {
 
 type Result = { title: string; output: string }
 
+/** The kinds of forget the tool offers (a task is forgotten from the memory page). */
+type ForgetKind = "episode" | "path" | "session"
+
 function clip(text: string, limit: number): string {
   const flat = text.replace(/\s+/g, " ").trim()
   return flat.length <= limit ? flat : `${flat.slice(0, limit - 1)}…`
@@ -68,16 +74,16 @@ function plural(count: number, word: string): string {
 }
 
 /** The bridge's reason for a refusal, from an ok:false ack. */
-function refusal(reply: Reply): string {
-  const error = reply.error as { code?: unknown; message?: unknown } | undefined
+function refusal(ack: Ack): string {
+  const error = ack.error
   const message = typeof error?.message === "string" ? error.message : "no reason given"
   return typeof error?.code === "string" ? `${message} (${error.code})` : message
 }
 
 /** The search's answer, as the model reads it: the context, then the episodes with ids. */
-export function searchOutput(query: string, reply: Reply): string {
+export function searchOutput(query: string, reply: Omit<QueryResult, "id">): string {
   const context = typeof reply.context === "string" && reply.context ? reply.context : null
-  const episodes = Array.isArray(reply.episodes) ? (reply.episodes as Record<string, unknown>[]) : []
+  const episodes = Array.isArray(reply.episodes) ? reply.episodes : []
   const lines = [context ?? `Memory holds nothing for "${clip(query, 200)}".`]
   if (episodes.length) {
     lines.push("", "Matching episodes, best first (an id can be given to forget one):")
@@ -91,7 +97,7 @@ export function searchOutput(query: string, reply: Reply): string {
 }
 
 /** What a forget did, as the model reads it. */
-export function forgetOutput(kind: string, value: string, forgotten: number, sessionID: string): string {
+export function forgetOutput(kind: ForgetKind, value: string, forgotten: number, sessionID: string): string {
   const what = kind === "session" && value === sessionID ? "this session" : `${kind} ${value}`
   if (!forgotten) return `Memory held nothing for ${what}; nothing was forgotten.`
   const gone = `no later search or chat recalls ${forgotten === 1 ? "it" : "them"}`
@@ -100,9 +106,9 @@ export function forgetOutput(kind: string, value: string, forgotten: number, ses
 }
 
 /** The one forget selector the call gives, or an error naming what is wrong. */
-export function forgetSelector(args: Args, sessionID: string): { kind: string; value: string } {
+export function forgetSelector(args: Args, sessionID: string): { kind: ForgetKind; value: string } {
   const given = (["episode", "path", "session"] as const)
-    .map((kind) => ({ kind, value: args[kind]?.trim() ?? "" }))
+    .map((kind: ForgetKind) => ({ kind, value: args[kind]?.trim() ?? "" }))
     .filter(({ value }) => value)
   if (given.length !== 1) {
     const got = given.length ? given.map(({ kind }) => `\`${kind}\``).join(" and ") : "none"
@@ -116,6 +122,18 @@ export function forgetSelector(args: Args, sessionID: string): { kind: string; v
     return { kind: "session", value: sessionID }
   }
   return chosen
+}
+
+/** A forget message of one selector. */
+function forgetMessage(kind: ForgetKind, value: string, project: string): Omit<Forget, "id"> {
+  switch (kind) {
+    case "episode":
+      return { type: "forget", episode: value, project }
+    case "path":
+      return { type: "forget", path: value, project }
+    case "session":
+      return { type: "forget", session: value, project }
+  }
 }
 
 /** The `memory` tool over a bridge client. */
@@ -146,7 +164,7 @@ export function memoryTool(options: MemoryToolOptions): ToolDefinition {
     // What this session did last is searched too once it reached the bridge.
     if (client.backlog) await client.drained(DRAIN_MS, true)
     const reply = await ask(
-      { type: "query", query: query.slice(0, MAX_TEXT), limit: EPISODES_SHOWN, project },
+      { type: "query", query: query.slice(0, MAX_QUERY), limit: EPISODES_SHOWN, project },
       "nothing was searched",
     )
     if (reply.type !== "result") {
@@ -158,11 +176,11 @@ export function memoryTool(options: MemoryToolOptions): ToolDefinition {
   const save = async (args: Args, context: ToolContext): Promise<Result> => {
     const text = args.text?.trim() ?? ""
     if (!text) throw new Error("save needs `text`: the note to remember")
-    if (text.length > MAX_TEXT) {
-      throw new Error(`the note is ${text.length} characters long; at most ${MAX_TEXT} fit`)
+    if (text.length > MAX_NOTE) {
+      throw new Error(`the note is ${text.length} characters long; at most ${MAX_NOTE} fit`)
     }
-    const note = { type: "note", text, project, session: context.sessionID }
-    const outcome = await new Promise<Reply | "dropped" | "waiting">((done) => {
+    const note = { type: "note", text, project, session: context.sessionID } as const
+    const outcome = await new Promise<Ack | "dropped" | "waiting">((done) => {
       const timer = setTimeout(() => done("waiting"), client.unreachable ? 0 : deadlineMs)
       client.send(note, (reply) => {
         clearTimeout(timer)
@@ -214,8 +232,8 @@ export function memoryTool(options: MemoryToolOptions): ToolDefinition {
       const undone = forgotten
         ? `only the ${plural(forgotten, "episode")} of ${values[0]} ${forgotten === 1 ? "was" : "were"} forgotten`
         : "nothing was forgotten"
-      const reply = await ask({ type: "forget", [kind]: one, project }, undone)
-      forgotten += typeof reply.forgotten === "number" ? reply.forgotten : 0
+      const reply = await ask(forgetMessage(kind, one, project), undone)
+      forgotten += reply.type === "ack" && typeof reply.forgotten === "number" ? reply.forgotten : 0
     }
     if (kind === "session") options.onSessionForgotten?.(value)
     return {

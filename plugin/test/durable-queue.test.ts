@@ -37,7 +37,8 @@ function open(dir: string, maxEvents = 100, log: Logger = () => {}): QueueFile {
   return queue
 }
 
-const paths = (events: readonly QueuedEvent[]): unknown[] => events.map((e) => e.path)
+const paths = (events: readonly QueuedEvent[]): unknown[] =>
+  events.map((e) => (e.type === "file:write" ? e.path : undefined))
 
 /** A pid no process has now: one that just exited. */
 async function deadPid(): Promise<number> {
