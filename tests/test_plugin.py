@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
 from tests.conftest import free_port
 from tests.openai_standin import OpenAIStandin, Step, ToolCall, user_texts
 from tests.test_cli import bridge_process
+from tests.wire import ask, exported
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugin"
 BIN = PLUGIN_DIR / "node_modules" / ".bin"
@@ -157,20 +157,12 @@ def toolless(standin: OpenAIStandin) -> tuple[list[dict[str, Any]], list[dict[st
 
 async def bridge_ask(url: str, message: dict[str, Any]) -> Any:
     async with connect(url) as ws:
-        await ws.send(msgspec.msgpack.encode(message))
-        return msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
+        return await ask(ws, message, binary=True)
 
 
 async def bridge_export(url: str, project: str) -> list[dict[str, Any]]:
-    episodes: list[dict[str, Any]] = []
     async with connect(url) as ws:
-        await ws.send(msgspec.msgpack.encode({"type": "export", "id": 1, "project": project}))
-        for _ in range(1000):
-            reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10))
-            if reply["type"] == "export:end":
-                return episodes
-            episodes.extend(reply.get("episodes") or [])
-    raise AssertionError("no export:end from the bridge")
+        return await exported(ws, binary=True, project=project)
 
 
 @dataclass

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from tests.conftest import StatsdCollector, free_port
 from tests.test_cli import bridge_process
+from tests.waiting import eventually
+from tests.wire import exported, receive, send
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]  # fmt: skip
@@ -72,8 +73,8 @@ async def one_request(ws: ClientConnection, ledger: Ledger, rng: random.Random, 
         message = {"type": "error", "message": f"soak failure {rid}", "episode_id": rid}
     message["id"] = rid
     sent = time.monotonic()
-    await ws.send(msgspec.msgpack.encode(message))
-    reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 30))
+    await send(ws, message, binary=True)
+    reply = await receive(ws, timeout=30)
     assert reply["id"] == rid
     if reply["type"] == "context":
         ledger.contexts.append((word, sent, reply["inject"], reply["hit"]))
@@ -110,11 +111,7 @@ def rss_kb(pid: int) -> int:
 
 async def export_uuids(url: str) -> list[str]:
     async with connect(url) as ws:
-        await ws.send(msgspec.msgpack.encode({"type": "export", "id": "x", "chunk_size": 500}))
-        uuids: list[str] = []
-        while (reply := msgspec.msgpack.decode(await ws.recv()))["type"] != "export:end":
-            uuids.extend(e["uuid"] for e in reply["episodes"])
-        return uuids
+        return [e["uuid"] for e in await exported(ws, binary=True)]
 
 
 async def test_soak_with_valkey_and_graph_restarts(tmp_path: Path, statsd: StatsdCollector) -> None:
@@ -138,14 +135,16 @@ async def test_soak_with_valkey_and_graph_restarts(tmp_path: Path, statsd: Stats
                 await asyncio.sleep(3)
                 warm.append(rss_kb(bridge.process.pid))
 
-            _, actions, *_ = await asyncio.gather(sample_rss(), chaos(valkey, graph, start),
-                                                  *clients)  # fmt: skip
-            assert len(actions) == 6
-            for _ in range(300):  # bounded: the outbox drains once the graph is back
-                uuids = await export_uuids(bridge.url)
-                if len(uuids) >= len(ledger.acked):
-                    break
-                await asyncio.sleep(0.2)
+            schedule = asyncio.create_task(chaos(valkey, graph, start))
+            await asyncio.gather(sample_rss(), schedule, *clients)
+            assert len(schedule.result()) == 6
+            uuids = await eventually(  # the outbox drains once the graph is back
+                lambda: export_uuids(bridge.url),
+                "every acknowledged episode to be in the graph (seen: the uuids exported)",
+                until=lambda uuids: len(uuids) >= len(ledger.acked),
+                timeout=60,
+                every=0.2,
+            )
             end_rss = rss_kb(bridge.process.pid)
             server_log = bridge.log
     finally:

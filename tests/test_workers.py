@@ -23,6 +23,7 @@ from bridge.workers import reserve_port
 from tests import wire
 from tests.test_cli import BridgeProcess, bridge_process, children_of
 from tests.test_startup import refused
+from tests.waiting import eventually
 from tests.wire import exported
 
 # Each message gets an id of its own, and its reply must carry it.
@@ -150,17 +151,21 @@ async def keep_writing(url: str, name: str, acked: list[str], until: asyncio.Eve
         if until.is_set():
             return
         message = {"type": "error", "message": f"{name} failure {n}", "episode_id": f"{name}-{n}"}
-        for _ in range(100):
-            try:
-                async with connect(url) as ws:
-                    ack = await ask(ws, message)
-                    assert ack["ok"], ack
-                    acked.append(ack["episode"])
-                    break
-            except (WebSocketException, OSError):  # its worker was killed: again
-                await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"{name}: no worker took {message}")
+
+        async def write(message: dict[str, str] = message) -> str:
+            async with connect(url) as ws:
+                ack = await ask(ws, message)
+                assert ack["ok"], ack
+                return str(ack["episode"])
+
+        episode = await eventually(
+            write,
+            f"{name}: a worker to take {message}",
+            ignoring=(WebSocketException, OSError),  # its worker was killed: again
+            every=0.05,
+            timeout=30,
+        )
+        acked.append(episode)
 
 
 async def test_a_killed_worker_is_started_again_and_nothing_acknowledged_is_lost(
@@ -174,16 +179,13 @@ async def test_a_killed_worker_is_started_again_and_nothing_acknowledged_is_lost
         for n in range(4)
     ]
     try:
-        for _ in range(600):
-            if len(acked) >= 40:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(acked) >= 40, "40 acknowledged writes", timeout=30)
         os.kill(before[1], signal.SIGKILL)
-        for _ in range(600):
-            restarted = any("worker 1 restarted" in line for line in bridge.log)
-            if restarted and len(acked) >= 120:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: any("worker 1 restarted" in line for line in bridge.log) and len(acked) >= 120,
+            "worker 1 restarted and 120 acknowledged writes",
+            timeout=30,
+        )
         until.set()
         await asyncio.gather(*writers)
     finally:
@@ -209,11 +211,11 @@ async def test_sigterm_to_the_parent_ends_every_process_within_10_s(tmp_path: Pa
         assert any("valkey-server" in " ".join(command_line(pid)) for pid in family)
         bridge.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(bridge.process.wait(), 10) == 0
-    for _ in range(100):  # reaped by init once their parent is gone
-        left = [pid for pid in family if Path(f"/proc/{pid}").exists() and not zombie(pid)]
-        if not left:
-            break
-        await asyncio.sleep(0.05)
+    left = await eventually(  # reaped by init once their parent is gone
+        lambda: [pid for pid in family if Path(f"/proc/{pid}").exists() and not zombie(pid)],
+        "every child of the stopped parent to be gone (seen: those left)",
+        until=lambda left: not left,
+    )
     assert left == []
 
 

