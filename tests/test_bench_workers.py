@@ -9,6 +9,8 @@ import pytest
 
 from bench.workers import main
 
+pytestmark = pytest.mark.slow
+
 ROW = re.compile(r"\| (\d+) \| (hits|misses) \| ([\d,]+) \| ([\d.]+)x \| [\d.]+ ms \| [\d.]+ ms \|")
 
 

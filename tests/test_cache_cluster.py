@@ -225,6 +225,7 @@ async def cluster_app(
     await app.stop()
 
 
+@pytest.mark.slow
 async def test_a_killed_primary_is_reported_and_its_replica_takes_over(
     cluster_app: App, valkey_cluster: ValkeyCluster
 ) -> None:

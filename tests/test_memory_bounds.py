@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -78,6 +79,7 @@ async def settled_async(measure: Callable[[], Awaitable[int]], rounds: int = 300
     return last
 
 
+@pytest.mark.slow
 async def test_slow_readers_huge_exports_and_path_heavy_queries_stay_bounded(
     tmp_path: Path, statsd: StatsdCollector
 ) -> None:

@@ -34,7 +34,7 @@ PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugin"
 BIN = PLUGIN_DIR / "node_modules" / ".bin"
 
 # plugin/test/*.test.ts: keep in step with the number of tests there.
-EXPECTED_BUN_TESTS = 38
+EXPECTED_BUN_TESTS = 40
 
 
 def node_binary(name: str) -> Path:
@@ -70,6 +70,7 @@ def run_in_plugin(*argv: str, timeout: float, env: dict[str, str] | None = None)
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_plugin_unit_tests_pass_against_the_real_bridge() -> None:
     """``bun test`` in plugin/: the hooks against real bridge processes it starts itself."""
     bun = node_binary("bun")
@@ -256,6 +257,7 @@ async def opencode_run(opencode: Path, where: Scratch, prompt: str) -> tuple[str
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 async def test_opencode_sessions_leave_tasks_that_the_next_session_remembers(
     tmp_path: Path,
 ) -> None:
@@ -362,6 +364,7 @@ async def test_opencode_sessions_leave_tasks_that_the_next_session_remembers(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 async def test_opencode_compacts_a_session_without_memory_and_the_chat_after_it_has_memory_again(
     tmp_path: Path,
 ) -> None:
@@ -406,6 +409,7 @@ async def test_opencode_compacts_a_session_without_memory_and_the_chat_after_it_
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 async def test_opencode_events_outlive_opencode_while_the_bridge_is_down(tmp_path: Path) -> None:
     """The bridge is down while OpenCode runs: the chat goes on without memory at once (the
     plugin logs its fast-fail) and the session's events (two files written, the task done)
@@ -489,6 +493,7 @@ def last_tool_output(request: dict[str, Any]) -> str:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 async def test_opencode_model_searches_saves_and_forgets_with_the_memory_tool(
     tmp_path: Path,
 ) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -23,6 +24,8 @@ from tests.conftest import StatsdCollector, free_port
 from tests.test_cli import bridge_process
 from tests.waiting import eventually
 from tests.wire import exported, receive, send
+
+pytestmark = pytest.mark.slow
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]  # fmt: skip
