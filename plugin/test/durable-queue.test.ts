@@ -87,6 +87,8 @@ describe("the queue file", () => {
     const file = first.path!
     first.close()
     appendFileSync(file, "not json\n")
+    // A request is never queued: a line holding one is not an event.
+    appendFileSync(file, `${JSON.stringify({ event: { ...event("x"), type: "chat:start", query: "x" } })}\n`)
     appendFileSync(file, `${JSON.stringify({ event: event("c") })}\n`)
     appendFileSync(file, `{"event":{"type":"file:write","path":"d","at":1`)
     const { log, lines } = capture()
@@ -95,7 +97,7 @@ describe("the queue file", () => {
     const warnings = lines.filter((line) => line.startsWith("warn"))
     expect(warnings.length).toBe(2)
     expect(warnings[0]).toContain("skipped a torn last line")
-    expect(warnings[1]).toContain("skipped 1 unreadable lines")
+    expect(warnings[1]).toContain("skipped 2 unreadable lines")
     // The file it writes holds whole lines only.
     expect(readFileSync(second.path!, "utf8").endsWith("\n")).toBe(true)
   })
