@@ -8,6 +8,7 @@ import itertools
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,7 +196,7 @@ async def test_a_load_ends_once_the_outbox_is_empty(tmp_path: Path) -> None:
         await outbox.close()
 
 
-def short_run(tmp_path: Path, backend: str) -> list[dict[str, object]]:
+def short_run(tmp_path: Path, backend: str) -> list[dict[str, Any]]:
     """A 200- then 400-episode run through a real bridge of ``backend``: its rows, checked."""
     out, store = tmp_path / "out", tmp_path / "store"
     argv = ["--backend", backend, "--sizes", "200,400", "--misses", "20", "--warmup", "2"]
@@ -203,7 +204,7 @@ def short_run(tmp_path: Path, backend: str) -> list[dict[str, object]]:
     argv += ["--history", *map(str, write_histories(tmp_path / "histories"))]
     assert scale.main(argv) == 0
     results = json.loads((out / "scale.json").read_text())
-    rows = results["rows"]
+    rows: list[dict[str, Any]] = results["rows"]
     assert [(r["backend"], r["size"]) for r in rows] == [(backend, 200), (backend, 400)]
     for r in rows:
         assert r["episodes"] >= r["size"] and r["tasks"] > 0

@@ -62,7 +62,7 @@ async def test_keys_run_independently() -> None:
     recorder = Recorder()
     coalescer: Coalescer[str, int, int] = Coalescer(recorder.flush)
     results = await asyncio.gather(coalescer.submit("a", 1), coalescer.submit("b", 2))
-    assert results == [1, 1]
+    assert list(results) == [1, 1]
     assert sorted(recorder.batches) == [("a", {1}), ("b", {2})]
 
 

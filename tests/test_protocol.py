@@ -18,6 +18,7 @@ from bridge.protocol import (
     Export,
     FileWrite,
     Limits,
+    Message,
     Ping,
     encode,
     error_ack,
@@ -37,7 +38,7 @@ def binary(request: pytest.FixtureRequest) -> bool:
 
 
 def test_every_message_type_decodes(binary: bool) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], type[Message]]] = [
         ({"type": "chat:start", "id": 1, "query": "q", "project": "p"}, ChatStart),
         ({"type": "file:write", "id": "a", "path": "src/a.py"}, FileWrite),
         ({"type": "completion", "task": "t", "duration_ms": 12.5, "tokens": 40}, Completion),

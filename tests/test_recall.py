@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from bridge.recall import (
     CONTEXT_HEADER,
@@ -18,10 +19,10 @@ from bridge.recall import (
 )
 
 
-def task(seq: int, query: str, files: list[str], relevance: float = 1.0, **kw: object) -> TaskHit:
+def task(seq: int, query: str, files: list[str], relevance: float = 1.0, **kw: Any) -> TaskHit:
     return TaskHit(
         uuid=f"t{seq}", seq=seq, query=query, files=files, relevance=relevance, at=1.7e9, **kw
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_words_split_identifiers_and_paths_and_drop_stopwords() -> None:

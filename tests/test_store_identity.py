@@ -8,6 +8,7 @@ import logging
 import socket
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,7 +91,7 @@ async def test_a_private_valkey_in_front_of_a_shared_graph_is_warned_about(
 
 
 def test_the_cluster_topology_leaves_out_failed_primaries_and_names_slots() -> None:
-    view = {
+    view: dict[str, dict[str, Any]] = {
         "10.0.0.1:7000": {"flags": "myself,master", "slots": [["0", "5460"]], "migrations": []},
         "10.0.0.2:7001": {"flags": "master", "slots": [["5461", "16383"]], "migrations": []},
         "10.0.0.3:7002": {"flags": "master,fail", "slots": [], "migrations": []},
