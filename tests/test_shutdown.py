@@ -13,10 +13,12 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import pytest
 from websockets.asyncio.client import connect
 
 from tests.conftest import StatsdCollector
 from tests.test_cli import bridge_process
+from tests.waiting import eventually
 from tests.wire import ask
 
 GRANTED = 10.0  # seconds between SIGTERM and SIGKILL under docker stop or Kubernetes
@@ -30,6 +32,7 @@ def stored(path: Path, table: str, uuids: list[str]) -> set[str]:
         return {uuid for (uuid,) in rows}
 
 
+@pytest.mark.slow
 async def test_sigterm_with_memory_stuck_exits_in_time_and_keeps_every_acknowledged_episode(
     tmp_path: Path, statsd: StatsdCollector
 ) -> None:
@@ -60,10 +63,11 @@ async def test_sigterm_with_memory_stuck_exits_in_time_and_keeps_every_acknowled
         # Memory never took them (it was locked throughout); the outbox has every one.
         assert stored(data / "outbox.sqlite3", "queue", acked) == set(acked)
     async with bridge_process(*args, env=env) as bridge:
-        for _ in range(600):  # bounded: the outbox is delivered as soon as the bridge starts
-            if stored(data / "memory.sqlite3", "episodes", acked) == set(acked):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(  # the outbox is delivered as soon as the bridge starts
+            lambda: stored(data / "memory.sqlite3", "episodes", acked) == set(acked),
+            "the outbox to be delivered to memory at the next start",
+            timeout=30,
+        )
         assert stored(data / "memory.sqlite3", "episodes", acked) == set(acked)
         bridge.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(bridge.process.wait(), GRANTED) == 0
