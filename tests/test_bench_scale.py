@@ -29,6 +29,7 @@ from bench.scale import (
 )
 from bridge.durable import EpisodeQueue
 from bridge.episode import new_episode
+from tests.waiting import eventually
 
 
 def commit(n: int, subject: str, files: list[str], body: str = "") -> Commit:
@@ -173,7 +174,9 @@ def test_helpers() -> None:
     assert merge_rows(old, new) == [old[0], new[1]]
 
 
-async def test_a_load_ends_once_the_outbox_is_empty(tmp_path: Path) -> None:
+async def test_a_load_ends_once_the_outbox_is_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     assert scale.outbox_pending(data) == 0  # no outbox yet
     outbox = EpisodeQueue(data / scale.OUTBOX)  # the bridge's own outbox file
@@ -185,9 +188,20 @@ async def test_a_load_ends_once_the_outbox_is_empty(tmp_path: Path) -> None:
         assert scale.outbox_pending(data) == 3
         with pytest.raises(BenchError, match="3 acknowledged episodes still in the outbox"):
             await scale.drain(data, timeout=0.2)
+        seen: list[int] = []  # what the drain found at each look at the outbox
+        count = scale.outbox_pending
+
+        def counted(data_dir: Path) -> int:
+            seen.append(count(data_dir))
+            return seen[-1]
+
+        async def drain_sees(left: int) -> None:
+            await eventually(lambda: left in seen, f"the drain to see {left} episodes left")
+
+        monkeypatch.setattr(scale, "outbox_pending", counted)
         waiting = asyncio.create_task(scale.drain(data, timeout=60))
-        for item in queued:  # delivered to memory one by one
-            await asyncio.sleep(0.06)
+        for n, item in enumerate(queued):  # delivered to memory one by one
+            await drain_sees(len(queued) - n)
             assert not waiting.done()
             await outbox.remove(item.uuid)
         assert await waiting > 0  # the seconds it waited
