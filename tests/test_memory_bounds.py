@@ -5,19 +5,17 @@ under "Resource limits"."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import StatsdCollector
 from tests.raw_client import StuckClient
 from tests.test_cli import bridge_process, children_of
-from tests.waiting import eventually
+from tests.waiting import eventually, steady
 from tests.wire import Message, receive, send
 
 # README, "Resource limits": what this load may cost.
@@ -53,33 +51,25 @@ async def pipelined(ws: ClientConnection, messages: list[Message]) -> list[Any]:
     return [await receive(ws, timeout=60) for _ in messages]
 
 
-async def settled(measure: Callable[[], int], rounds: int = 100) -> int:
-    """The largest of ``measure()`` once it has stopped growing for a second (bounded)."""
-    top, calm = measure(), 0
-    for _ in range(rounds):
-        await asyncio.sleep(0.1)
-        value = measure()
-        calm = calm + 1 if value <= top else 0
-        top = max(top, value)
-        if calm >= 10:
-            break
-    return top
+async def highest_once_calm(measure: Callable[[], int], what: str) -> int:
+    """The largest of ``measure()`` once ten readings in a row, 0.1 s apart, have not
+    gone above it."""
+    readings = [measure()]
+
+    def recent() -> list[int]:
+        readings.append(measure())
+        return readings[-11:]
+
+    await eventually(
+        recent,
+        f"{what} to stop growing",
+        until=lambda last: len(readings) > 10 and max(last[1:]) <= max(readings[:-10]),
+        every=0.1,
+        timeout=60,
+    )
+    return max(readings)
 
 
-async def settled_async(measure: Callable[[], Awaitable[int]], rounds: int = 300) -> int:
-    """``await measure()`` once it has not changed for a second (bounded)."""
-    last, calm = await measure(), 0
-    for _ in range(rounds):
-        await asyncio.sleep(0.1)
-        value = await measure()
-        calm = calm + 1 if value == last else 0
-        last = value
-        if calm >= 10:
-            break
-    return last
-
-
-@pytest.mark.slow
 async def test_slow_readers_huge_exports_and_path_heavy_queries_stay_bounded(
     tmp_path: Path, statsd: StatsdCollector
 ) -> None:
@@ -127,8 +117,8 @@ async def test_slow_readers_huge_exports_and_path_heavy_queries_stay_bounded(
                     timeout=30,
                     every=0.1,
                 )
-                bridge_rss = await settled(lambda: rss(pid))
-                await settled_async(valkey.dbsize)  # the heavy queries' fills are done
+                bridge_rss = await highest_once_calm(lambda: rss(pid), "the bridge's RSS")
+                await steady(valkey.dbsize, "Valkey's key count")  # the heavy queries' fills
                 used = int((await valkey.info("memory"))["used_memory"])
                 assert not (await pipelined(ws, [heavy[0]]))[0]["hit"]
                 # Everyone else is still served while all of that waits.

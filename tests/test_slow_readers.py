@@ -18,7 +18,7 @@ from bridge.episode import new_episode
 from bridge.server import EXPORT_FRAME_BYTES, WRITE_LIMIT
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.raw_client import StuckClient
-from tests.waiting import eventually
+from tests.waiting import eventually, steady
 
 Start = Callable[..., Awaitable[App]]
 BODY = "x" * 6000  # 200 of these: about 1.2 MB per export
@@ -48,19 +48,6 @@ async def start_app(
         await app.stop()
 
 
-async def settled(measure: Callable[[], int], rounds: int = 200) -> int:
-    """``measure()`` once it has stopped changing for half a second (bounded)."""
-    last, same = measure(), 0
-    for _ in range(rounds):
-        await asyncio.sleep(0.05)
-        value = measure()
-        same = same + 1 if value == last else 0
-        last = value
-        if same >= 10:
-            break
-    return last
-
-
 async def test_exports_to_clients_that_read_nothing_keep_few_bytes_buffered(
     start_app: Start,
 ) -> None:
@@ -71,7 +58,9 @@ async def test_exports_to_clients_that_read_nothing_keep_few_bytes_buffered(
         for client in stuck:
             for i in range(20):
                 await client.send({"type": "export", "id": i, "chunk_size": 100})
-        buffered = await settled(app.server.outgoing_bytes)
+        buffered = await steady(
+            app.server.outgoing_bytes, "the bytes buffered for the stuck clients", every=0.05
+        )
         # Per connection: under the write limit, plus the one chunk being written.
         chunk = 100 * (len(BODY) + 400)
         assert buffered <= len(stuck) * (WRITE_LIMIT + chunk), buffered

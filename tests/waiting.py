@@ -73,3 +73,56 @@ async def eventually(
             raise
         seen = "nothing: the probe never returned" if last is _NOTHING else repr(last)
         raise AssertionError(f"waited {timeout:g} s for {what}; last seen: {seen}") from None
+
+
+@overload
+async def steady(
+    measure: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    readings: int = 10,
+    every: float = 0.1,
+    timeout: float = 30.0,
+) -> T: ...
+
+
+@overload
+async def steady(
+    measure: Callable[[], T],
+    what: str,
+    *,
+    readings: int = 10,
+    every: float = 0.1,
+    timeout: float = 30.0,
+) -> T: ...
+
+
+async def steady(
+    measure: Callable[[], object],
+    what: str,
+    *,
+    readings: int = 10,
+    every: float = 0.1,
+    timeout: float = 30.0,
+) -> object:
+    """The value of ``measure`` (a function or an async function) once ``readings``
+    readings in a row, ``every`` seconds apart, were the same: for a quantity that moves
+    while work goes on and stops when it is done. Fails as ``eventually`` does."""
+    recent: list[object] = []
+
+    async def probe() -> list[object]:
+        value = measure()
+        if inspect.isawaitable(value):
+            value = await value
+        recent.append(value)
+        del recent[:-readings]
+        return list(recent)
+
+    last = await eventually(
+        probe,
+        f"{what} to stay the same for {readings} readings {every:g} s apart",
+        until=lambda seen: len(seen) == readings and seen.count(seen[0]) == readings,
+        every=every,
+        timeout=timeout,
+    )
+    return last[-1]
