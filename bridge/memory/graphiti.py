@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from bridge.lease import Leases
 
 try:
+    from falkordb.asyncio import FalkorDB
     from graphiti_core import Graphiti
     from graphiti_core.cross_encoder.client import CrossEncoderClient
     from graphiti_core.driver.driver import GraphDriver
@@ -103,6 +104,8 @@ log = logging.getLogger(__name__)
 
 SAFE_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 WORD = re.compile(r"\w+")
+GRAPH_CONNECT_TIMEOUT_S = 5.0  # connecting to FalkorDB (and closing a connection)
+GRAPH_REPLY_TIMEOUT_S = 60.0  # one FalkorDB reply (a migration of a large graph is one)
 MAX_QUERY_WORDS = 32  # FalkorDB's full-text query gives up past 128 terms
 FACTS = 3  # extracted facts among a chat's candidates (LLM mode)
 RECALLED_FACTS = 20
@@ -159,7 +162,17 @@ def graph_driver(url: str) -> GraphDriver:
     password = unquote(parts.password) if parts.password else None
     host = parts.hostname or "localhost"
     if parts.scheme in ("falkor", "falkordb", "redis"):
-        return FalkorDriver(host=host, port=parts.port or 6379, username=user, password=password)
+        # Bounded waits: a graph that stops answering fails a call (retried, or reported as
+        # memory unavailable) instead of holding its caller, or a shutdown, forever.
+        client = FalkorDB(
+            host=host,
+            port=parts.port or 6379,
+            username=user,
+            password=password,
+            socket_timeout=GRAPH_REPLY_TIMEOUT_S,
+            socket_connect_timeout=GRAPH_CONNECT_TIMEOUT_S,
+        )
+        return FalkorDriver(falkor_db=client)
     if parts.scheme.split("+")[0] in ("bolt", "neo4j"):
         netloc = f"{host}:{parts.port}" if parts.port else host
         bare = parts._replace(netloc=netloc, path="").geturl()
