@@ -28,7 +28,7 @@ from typing import BinaryIO
 from bridge.cache import ContextCache
 from bridge.config import Config, ConfigError, StartupError, redact_url
 from bridge.datadir import DataDirLock
-from bridge.deadline import GRACE, Deadline
+from bridge.deadline import Deadline
 from bridge.delivery import Delivery
 from bridge.durable import EpisodeQueue
 from bridge.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey
@@ -299,13 +299,13 @@ class App:
             log.warning(
                 "%d episodes stay in the outbox for the next start", delivery.outbox.pending
             )
-        await deadline.run(delivery.close(), "closing the outbox", grace=GRACE)
+        await deadline.run(delivery.close(), "closing the outbox", closing=True)
 
     async def _close(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
-        await self.deadline.run(close(), what, grace=GRACE)
+        await self.deadline.run(close(), what, closing=True)
 
     async def _close_child(self, child: ChildServer) -> None:
-        await close_within(child, self.deadline.remaining())
+        await close_within(child, self.deadline.closing_remaining())
 
 
 async def open_cache(config: Config, url: str, metrics: Metrics) -> ContextCache:

@@ -46,7 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from bridge.config import Config
-from bridge.deadline import GRACE, Deadline
+from bridge.deadline import CANCEL_WAIT, Deadline
 from bridge.episode import Episode
 from bridge.errors import BadRequest, RateLimited
 from bridge.handlers import Emit, Handlers, Session
@@ -163,12 +163,12 @@ class Server:
             except TimeoutError:
                 log.warning("%d requests still running at the shutdown deadline", self._inflight)
         server.close(close_connections=True)
-        if not await deadline.run(server.wait_closed(), "closing connections", grace=GRACE):
+        if not await deadline.run(server.wait_closed(), "closing connections", closing=True):
             handlers = list(server.handler_tasks)
             for handler in handlers:  # each cancels its requests still running
                 handler.cancel()
             if handlers:
-                await asyncio.wait(handlers, timeout=GRACE)
+                await asyncio.wait(handlers, timeout=CANCEL_WAIT)
 
     # -- handshake ------------------------------------------------------------------------
 

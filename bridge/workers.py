@@ -36,7 +36,7 @@ import time
 
 from bridge.config import Config, StartupError, environment, worker_environment
 from bridge.datadir import DataDirLock
-from bridge.deadline import GRACE, Deadline
+from bridge.deadline import Deadline
 from bridge.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey, _die_with_parent
 from bridge.store_identity import memory_identity
 
@@ -96,9 +96,9 @@ class WorkerProcess(ChildServer):
 
 
 async def close_within(child: ChildServer, seconds: float) -> None:
-    """Stop a worker or a private server (SIGTERM, then SIGKILL after ``seconds``, at
-    least ``GRACE``) and remove its private folder."""
-    await child.stop(max(seconds, GRACE))
+    """Stop a worker or a private server (SIGTERM, then SIGKILL after ``seconds``; at
+    once when none are left) and remove its private folder."""
+    await child.stop(seconds)
     await asyncio.to_thread(shutil.rmtree, child.dir, ignore_errors=True)
 
 
@@ -285,7 +285,7 @@ class Workers:
         log.info("workers stopped in %.1f s", time.monotonic() - began)
 
     async def _close_child(self, child: ChildServer) -> None:
-        await close_within(child, self.deadline.remaining())
+        await close_within(child, self.deadline.closing_remaining())
 
 
 def worker_deadline(deadline: float) -> float:

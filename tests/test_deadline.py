@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bridge.deadline import Deadline
+from bridge.deadline import GRACE, Deadline
 from tests.clock import ManualClock
 
 
@@ -26,6 +26,21 @@ async def test_steps_share_one_deadline_and_a_step_past_it_is_cancelled() -> Non
     assert not await deadline.run(stuck, "a stuck step")
     assert stuck.cancelled()
     assert deadline.cut == ["a stuck step"]
+
+
+async def test_closing_steps_share_a_grace_past_the_deadline() -> None:
+    """Closing a connection or stopping a child process still begins after the deadline,
+    but all such steps together end by the deadline plus GRACE."""
+    clock = ManualClock()
+    deadline = Deadline(8.0, clock=clock).start()
+    clock.advance(8.0)
+    assert deadline.remaining() == 0.0 and deadline.closing_remaining() == GRACE
+    assert await deadline.run(asyncio.sleep(0), "closing the cache", closing=True)
+    clock.advance(GRACE)
+    assert deadline.closing_remaining() == 0.0
+    stuck = asyncio.get_running_loop().create_future()
+    assert not await deadline.run(stuck, "closing memory", closing=True)
+    assert deadline.cut == ["closing memory"]
 
 
 async def test_a_step_that_fails_raises_its_own_error() -> None:
