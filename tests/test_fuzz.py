@@ -499,7 +499,6 @@ async def unhurried_app(
     await bridge.stop()
 
 
-@pytest.mark.slow
 async def test_every_fields_extremes_get_one_reply_and_lose_nothing(
     unhurried_app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
