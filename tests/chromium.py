@@ -18,6 +18,8 @@ from typing import Any
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.waiting import eventually
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LISTENING = re.compile(rb"DevTools listening on (ws://\S+)")
 
@@ -93,14 +95,12 @@ class Chromium:
 
     async def wait_for(self, expression: str, timeout: float = 20.0) -> Any:
         """Poll ``expression`` until it is truthy (bounded); its value."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            value = await self.evaluate(expression)
-            if value:
-                return value
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"never true: {expression}; console: {self.console}")
-            await asyncio.sleep(0.05)
+        try:
+            return await eventually(
+                lambda: self.evaluate(expression), expression, timeout=timeout, every=0.05
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}; console: {self.console}") from None
 
     async def close(self) -> None:
         """Close the browser and wait for its process (killed if it lingers)."""

@@ -5,7 +5,6 @@ not even as a search."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.protocol import ChatStart, Context, Query, QueryResult, Reply
 from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE, Candidates
+from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_backends_cli import run_cli, said
 from tests.test_privacy import AWS_ID, BEARER, GITHUB_CLASSIC, OPENAI_PROJECT, SLACK_BOT, pem
@@ -43,17 +43,6 @@ def files_holding(folder: Path, needles: list[str]) -> dict[str, list[str]]:
         if held:
             found[str(path.relative_to(folder))] = held
     return found
-
-
-async def export_all(ws: Any, message_id: int) -> list[dict[str, Any]]:
-    """Every episode of the connection's project, through ``export``."""
-    await ws.send(msgspec.json.encode({"type": "export", "id": message_id}).decode())
-    episodes: list[dict[str, Any]] = []
-    while True:
-        reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
-        if reply["type"] == "export:end":
-            return episodes
-        episodes.extend(reply["episodes"])
 
 
 async def test_no_secret_private_span_or_injected_context_reaches_memory(
@@ -94,7 +83,7 @@ async def test_no_secret_private_span_or_injected_context_reaches_memory(
                 ack = await ask(ws, {**event, **session})
                 assert ack["ok"] and not ack.get("queued"), ack
             found = await ask(ws, {"type": "query", "id": 9, "query": "deploy rotate slack"})
-            exported = await export_all(ws, 10)
+            exported = await wire.exported(ws)
     finally:
         await bridge.stop()
 
