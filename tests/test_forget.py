@@ -24,7 +24,7 @@ from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_memory_script import MEMORY_MANAGER
 from tests.waiting import eventually
-from tests.wire import exported
+from tests.wire import exported, receive, send
 
 BACKENDS = ["sqlite", "graphiti"]
 # Each message gets an id of its own, and its reply must carry it.
@@ -266,10 +266,10 @@ async def test_a_chat_sent_right_after_a_forget_never_sees_what_it_forgot(app: A
             {"type": "forget", "id": "f", "episode": uuid},
             {"type": "chat:start", "id": "c", "query": question},
         ):
-            await ws.send(msgspec.json.encode(message).decode())
+            await send(ws, message)
         replies = {}
         for _ in range(2):
-            reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 30))
+            reply = await receive(ws, timeout=30)
             replies[reply["id"]] = reply
         assert replies["f"]["forgotten"] == 1
         assert replies["c"]["hit"] is False and replies["c"]["inject"] is None

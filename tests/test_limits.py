@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -22,7 +21,7 @@ from tests.clock import ManualClock
 from tests.conftest import SlowMemory, StatsdCollector, bridge_config, ws_url
 from tests.test_cli import bridge_process
 from tests.waiting import eventually
-from tests.wire import ask
+from tests.wire import ask, receive, send
 
 TOKEN = "s3cret-token-value"
 Start = Callable[..., Awaitable[App]]
@@ -184,8 +183,8 @@ async def test_the_rate_limit_answers_rate_limited_and_the_connection_goes_on(
     app = await start_app(rate_limit=2.0, rate_burst=5)
     async with connect(ws_url(app)) as ws, connect(ws_url(app)) as other:
         for i in range(30):
-            await ws.send(msgspec.json.encode({"type": "ping", "id": i}).decode())
-        replies = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(30)]
+            await send(ws, {"type": "ping", "id": i})
+        replies = [await receive(ws) for _ in range(30)]
         limited = [r for r in replies if r["type"] == "ack"]
         # 5 from the burst, plus at most a few refilled however slowly the 30 went out.
         assert 20 <= len(limited) <= 25
@@ -238,10 +237,8 @@ async def test_in_flight_requests_per_connection_are_bounded(
     app = await start_app(memory=memory, max_inflight=2)
     async with connect(ws_url(app)) as ws:
         for i in range(8):
-            await ws.send(
-                msgspec.json.encode({"type": "query", "id": i, "query": f"q{i}"}).decode()
-            )
-        replies = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(8)]
+            await send(ws, {"type": "query", "id": i, "query": f"q{i}"})
+        replies = [await receive(ws) for _ in range(8)]
     assert sorted(r["id"] for r in replies) == list(range(8))
     assert all(r["type"] == "result" for r in replies)
     assert memory.most_running == 2

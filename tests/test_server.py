@@ -78,11 +78,9 @@ async def test_file_write_invalidates_through_the_socket(app: App) -> None:
             assert (await ask(ws, q))["hit"] is False
             assert (await ask(ws, q))["hit"] is True
         # Pipelined: the chat:start is sent before the write's ack arrives.
-        await ws.send(
-            msgspec.json.encode({"type": "file:write", "id": 3, "path": "lib/a.ts"}).decode()
-        )
-        await ws.send(msgspec.json.encode(q_a).decode())
-        replies = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
+        await send(ws, {"type": "file:write", "id": 3, "path": "lib/a.ts"})
+        await send(ws, q_a)
+        replies = [await receive(ws) for _ in range(2)]
         by_id = {r["id"]: r for r in replies}
         assert by_id[3]["ok"] is True
         assert by_id[1]["hit"] is False

@@ -19,6 +19,7 @@ from bridge.server import EXPORT_FRAME_BYTES, WRITE_LIMIT
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.raw_client import StuckClient
 from tests.waiting import eventually, steady
+from tests.wire import receive
 
 Start = Callable[..., Awaitable[App]]
 BODY = "x" * 6000  # 200 of these: about 1.2 MB per export
@@ -66,10 +67,10 @@ async def test_exports_to_clients_that_read_nothing_keep_few_bytes_buffered(
         assert buffered <= len(stuck) * (WRITE_LIMIT + chunk), buffered
         async with connect(ws_url(app, "/big")) as ws:  # everyone else is served as usual
             await ws.send('{"type":"ping","id":"other"}')
-            assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] == "pong"
+            assert (await receive(ws))["type"] == "pong"
             await ws.send('{"type":"export","id":"mine","chunk_size":1000}')
             for _ in range(10):  # bounded: a couple of chunks, then the end
-                reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+                reply = await receive(ws)
                 if reply["type"] == "export:end":
                     break
             assert reply == {"type": "export:end", "id": "mine", "count": 200}
@@ -118,4 +119,4 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_deadline(
         client.close()
     async with connect(ws_url(app)) as ws:
         await ws.send('{"type":"ping","id":"after"}')
-        assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] == "pong"
+        assert (await receive(ws))["type"] == "pong"
