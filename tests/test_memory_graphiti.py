@@ -33,6 +33,7 @@ from bridge.memory.graph_recall import Synced
 from bridge.memory.graphiti import (
     GraphitiMemory,
     LlmSettings,
+    _built,
     _node,
     graph_driver,
     graph_group,
@@ -1072,3 +1073,20 @@ async def fulltext_leftovers(graph: Any) -> tuple[list[str], int, int]:
         "MATCH (c:BridgeTasks) WHERE c.task_words IS NOT NULL RETURN count(c)"
     )
     return labels, docs.result_set[0][0], counts.result_set[0][0]
+
+
+async def test_opening_a_group_waits_until_falkordb_has_built_its_indexes(
+    falkordb: EmbeddedFalkorDB,
+) -> None:
+    """FalkorDB builds an index in the background, and a search meanwhile misses what the
+    index has not reached: the wait that opening a group ends with returns only once no
+    index of the graph is under construction."""
+    driver = graph_driver(falkordb.url).clone(database="index_build")
+    graph = driver.client.select_graph("index_build")  # type: ignore[attr-defined]
+    await graph.query("UNWIND range(1, 50000) AS i CREATE (:Bulk {text: 'event ' + toString(i)})")
+    await graph.query("CREATE FULLTEXT INDEX FOR (b:Bulk) ON (b.text)")
+    statuses = "CALL db.indexes() YIELD status RETURN status"
+    assert "UNDER CONSTRUCTION" in str((await graph.query(statuses)).result_set)
+    await _built(driver)
+    assert "UNDER CONSTRUCTION" not in str((await graph.query(statuses)).result_set)
+    await graph.delete()

@@ -106,6 +106,8 @@ SAFE_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 WORD = re.compile(r"\w+")
 GRAPH_CONNECT_TIMEOUT_S = 5.0  # connecting to FalkorDB (and closing a connection)
 GRAPH_REPLY_TIMEOUT_S = 60.0  # one FalkorDB reply (a migration of a large graph is one)
+INDEX_BUILD_WAIT_S = 30.0  # how long opening a group waits for FalkorDB's index build
+INDEX_BUILD_POLL_S = 0.02
 MAX_QUERY_WORDS = 32  # FalkorDB's full-text query gives up past 128 terms
 FACTS = 3  # extracted facts among a chat's candidates (LLM mode)
 RECALLED_FACTS = 20
@@ -306,6 +308,24 @@ async def _indexed(driver: GraphDriver) -> None:
             await task
             return
     await driver.build_indices_and_constraints()
+
+
+async def _built(driver: GraphDriver) -> None:
+    """Wait (bounded) until FalkorDB has built the graph's indexes: it builds them in the
+    background, and a search before it is done can miss what was just stored."""
+    if not isinstance(driver, FalkorDriver):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + INDEX_BUILD_WAIT_S
+    while True:
+        records, _, _ = await driver.execute_query("CALL db.indexes() YIELD status")
+        building = [r["status"] for r in records if "UNDER CONSTRUCTION" in str(r["status"])]
+        if not building:
+            return
+        if loop.time() >= deadline:
+            log.warning("graph %s: indexes still being built: %s", driver._database, building)
+            return
+        await asyncio.sleep(INDEX_BUILD_POLL_S)
 
 
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -582,6 +602,7 @@ class GraphitiMemory:
             if group not in self._graphs:
                 driver = self._driver.clone(database=group)
                 await _call(_indexed, driver)
+                await _call(_built, driver)
                 if self._structured:
                     await self._open_tasks(driver, group)
                 self._graphs[group] = Graphiti(graph_driver=driver, **self._clients)
