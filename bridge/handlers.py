@@ -23,6 +23,7 @@ from bridge.memory.base import MemoryBackend, Selector
 from bridge.metrics import Metrics
 from bridge.privacy import scrub, scrub_episode
 from bridge.protocol import (
+    MAX_TEXT,
     Ack,
     ChatStart,
     Completion,
@@ -118,7 +119,7 @@ class Handlers:
         miss_budget: float = 0.25,
         delivery: Delivery | None = None,
         context_chars: int = DEFAULT_BUDGET,
-        max_text: int = 65_536,
+        max_text: int = MAX_TEXT,
     ) -> None:
         self.memory = memory
         self.delivery = delivery

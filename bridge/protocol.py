@@ -22,6 +22,8 @@ from bridge.errors import BadRequest
 
 PROTOCOL_VERSION: Final = 1
 
+# The default limits: --max-frame, --max-text, --max-path and --max-name start from these.
+MAX_FRAME: Final = 1 << 20  # bytes of one frame
 # Per-field length limits (characters). Generous for prompts; tight for identifiers.
 MAX_TEXT: Final = 65_536
 MAX_PATH: Final = 4_096
@@ -299,7 +301,7 @@ def _limited(base: type[ClientMessage], limits: Limits) -> type[ClientMessage]:
 class Codec:
     """Decoders for one frame-size limit and one set of field limits, built once."""
 
-    def __init__(self, max_frame: int = 1 << 20, limits: Limits | None = None) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, limits: Limits | None = None) -> None:
         self.max_frame = max_frame
         schema: Any = Message
         if limits is not None and limits != Limits():
