@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from bench.process import BenchError as BenchError  # re-exported: one error for every part
 from bench.process import Reply as Reply
 from bridge.app import App
-from bridge.config import Config
+from bridge.config import Config, MetricsConfig, ServerConfig, with_changes
 from bridge.memory.base import MemoryBackend
 
 PROJECT: Final = "bench"
@@ -291,17 +291,15 @@ def statsd_sink() -> Iterator[int]:
         yield sink.getsockname()[1]
 
 
-def bridge_config(data_dir: Path, statsd_port: int, **overrides: Any) -> Config:
-    """A Config for a bridge on a free loopback port with its own embedded valkey-server."""
-    settings: dict[str, Any] = {
-        "port": 0,
-        "data_dir": data_dir,
-        "valkey_url": None,
-        "statsd_host": "127.0.0.1",
-        "statsd_port": statsd_port,
-    }
-    settings.update(overrides)
-    return Config(**settings)
+def bridge_config(data_dir: Path, statsd_port: int, **changes: Any) -> Config:
+    """A Config for a bridge on a free loopback port with its own embedded valkey-server,
+    with ``changes`` per section (``bridge.config.with_changes``)."""
+    config = Config(
+        data_dir=data_dir,
+        server=ServerConfig(port=0),
+        metrics=MetricsConfig(host="127.0.0.1", port=statsd_port),
+    )
+    return with_changes(config, **changes)
 
 
 @contextlib.asynccontextmanager

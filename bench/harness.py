@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -25,10 +25,11 @@ from bench.params import Params
 from bench.rows import FAST, Panel, Row, row_of
 from bench.section import Section
 from bridge.app import App
+from bridge.config import with_changes
 from bridge.episode import Episode
 from bridge.memory.base import MemoryBackend
 
-UNLIMITED: Final = {"rate_limit": 1e9, "rate_burst": 10**9}
+UNLIMITED: Final = {"rate_limit": 1e9, "rate_burst": 10**9}  # the limits section
 S = TypeVar("S", bound=Section)
 
 
@@ -116,15 +117,28 @@ async def bridge(
     memory_backend: Callable[[Path], MemoryBackend] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[App]:
-    """A bridge on a fresh data dir, no rate limit, settings ``overrides`` (a callable
-    one is called with the data dir, e.g. to install a script there); the App."""
+    """A bridge on a fresh data dir, no rate limit, settings ``overrides`` per Config
+    section (a callable value is called with the data dir, e.g. to install a script
+    there); the App."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         data_dir = Path(tmp) / "data"
-        settings = {k: v(data_dir) if callable(v) else v for k, v in overrides.items()}
+        settings = for_data_dir(overrides, data_dir)
         memory = None if memory_backend is None else memory_backend(data_dir)
-        config = bridge_config(data_dir, run.statsd_port, **{**UNLIMITED, **settings})
-        async with running_bridge(config, memory) as app:
+        config = bridge_config(data_dir, run.statsd_port, limits=UNLIMITED)
+        async with running_bridge(with_changes(config, **settings), memory) as app:
             yield app
+
+
+def for_data_dir(settings: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
+    """``settings`` with every callable value, in any section, called with ``data_dir``."""
+    return {
+        name: for_data_dir(value, data_dir)
+        if isinstance(value, Mapping)
+        else value(data_dir)
+        if callable(value)
+        else value
+        for name, value in settings.items()
+    }
 
 
 async def prefill(memory: MemoryBackend, episodes: list[Episode], at_once: int = 32) -> None:

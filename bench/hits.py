@@ -150,7 +150,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         stack.push_async_callback(valkey.aclose)
         keys = [app.cache.context_key(PROJECT, QUERY), app.cache.epoch_key(PROJECT)]
         cache = ContextCache.from_url(
-            app.valkey.url, prefix=app.config.cache_prefix, namespace=app.cache.namespace
+            app.valkey.url, prefix=app.config.cache.prefix, namespace=app.cache.namespace
         )
         stack.push_async_callback(cache.close)
 

@@ -102,8 +102,9 @@ def _worker(number: int, report: Report) -> None:
     environment; whatever keeps it from starting is also reported to the parent."""
     try:
         config = worker_config(environment())
-        if config.worker != number:
-            raise StartupError(f"worker {number} was given the configuration of {config.worker}")
+        if config.server.worker != number:
+            given = config.server.worker
+            raise StartupError(f"worker {number} was given the configuration of {given}")
         _configure_logging(config)
         from bridge import app
 
@@ -116,12 +117,12 @@ def _worker(number: int, report: Report) -> None:
 
 def _configure_logging(config: Config) -> None:
     logging.basicConfig(
-        level=config.log_level.upper(),
+        level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     # Third-party chatter (and one line per WebSocket opened or closed) only when debugging.
-    if config.log_level != "debug":
+    if config.server.log_level != "debug":
         for noisy in ("graphiti_core", "httpx", "openai", "neo4j", "bridge.websockets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # Without a Datadog agent every flush is refused (ICMP): the metrics just go nowhere.

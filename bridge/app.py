@@ -59,14 +59,15 @@ async def open_memory(
     """The configured memory backend (not started yet), and the private FalkorDB it needs
     (started) when the graphiti backend has no --graph-url. ``leases``: where the graphiti
     backend takes its ingest leases, when other processes share its graph."""
-    if config.memory == "sqlite":
-        return SqliteMemory(config.memory_path, shared=config.workers > 1), None
-    if config.memory == "script":
+    settings, server = config.memory, config.server
+    if settings.backend == "sqlite":
+        return SqliteMemory(config.memory_path, shared=server.workers > 1), None
+    if settings.backend == "script":
         script = ScriptMemory(
-            config.memory_script,
-            python=config.memory_script_python,
-            timeout=config.memory_script_timeout,
-            concurrency=config.memory_script_concurrency,
+            settings.script.path,
+            python=settings.script.python,
+            timeout=settings.script.timeout,
+            concurrency=settings.script.concurrency,
         )
         return script, None
     try:
@@ -79,7 +80,7 @@ async def open_memory(
     # full collection would walk (about 80 ms, a stall of any request it lands in).
     gc.freeze()
     falkor = None
-    graph_url = config.graph_url
+    graph_url = settings.graph_url
     if graph_url is None:
         falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
         try:
@@ -88,22 +89,22 @@ async def open_memory(
             raise StartupError(f"the private FalkorDB did not start: {e}") from e
         graph_url = falkor.url
     llm = None
-    if config.uses_llm:
+    if settings.llm.enabled:
         llm = LlmSettings(
-            api_key=config.llm_api_key or "",
-            base_url=config.llm_base_url,
-            model=config.llm_model,
-            small_model=config.llm_small_model,
-            embedding_model=config.embedding_model,
-            embedding_dim=config.embedding_dim,
+            api_key=settings.llm.api_key or "",
+            base_url=settings.llm.base_url,
+            model=settings.llm.model,
+            small_model=settings.llm.small_model,
+            embedding_model=settings.llm.embedding_model,
+            embedding_dim=settings.llm.embedding_dim,
         )
     memory = GraphitiMemory(
         graph_url,
         state_dir=config.data_dir,
         llm=llm,
-        queue_size=config.graphiti_queue_size,
-        queue_path=queue_path(config.data_dir, GRAPHITI_QUEUE, config.worker),
-        take_over=orphaned(config.data_dir, GRAPHITI_QUEUE, config.worker, config.workers),
+        queue_size=settings.graphiti_queue_size,
+        queue_path=queue_path(config.data_dir, GRAPHITI_QUEUE, server.worker),
+        take_over=orphaned(config.data_dir, GRAPHITI_QUEUE, server.worker, server.workers),
         leases=leases,
     )
     return memory, falkor
@@ -113,9 +114,10 @@ def ingest_leases(config: Config, cache: ContextCache) -> Leases | None:
     """The leases that let one process at a time ingest a group of the graph, when other
     processes may share it: a --graph-url and a --valkey-url (the workers of one parent
     get both)."""
-    if config.memory != "graphiti" or config.graph_url is None or config.valkey_url is None:
+    graph_url = config.memory.graph_url
+    if config.memory.backend != "graphiti" or graph_url is None or config.cache.valkey_url is None:
         return None
-    prefix = f"{config.cache_prefix}ingest:{graph_identity(config.graph_url)}:"
+    prefix = f"{config.cache.prefix}ingest:{graph_identity(graph_url)}:"
     return Leases(lambda: cache.valkey.client, prefix)
 
 
@@ -137,14 +139,15 @@ class App:
     def __init__(self, config: Config, memory: MemoryBackend | None = None) -> None:
         self.config = config
         self.data_dir = DataDirLock(config.data_dir)
-        worker = [f"worker:{config.worker}"] if config.worker else None  # gauges per worker
-        self.metrics = Metrics(config.statsd_host, config.statsd_port, tags=worker)
+        number = config.server.worker
+        worker = [f"worker:{number}"] if number else None  # gauges per worker
+        self.metrics = Metrics(config.metrics.host, config.metrics.port, tags=worker)
         self._given_memory = memory
         self.valkey: EmbeddedValkey | None = None  # the private one, without --valkey-url
         self.falkor: EmbeddedFalkorDB | None = None  # the private one, for graphiti
         self._parts: Parts | None = None
         self._stack: contextlib.AsyncExitStack | None = None
-        self.deadline = Deadline(config.shutdown_deadline)  # the shutdown's, started by stop
+        self.deadline = Deadline(config.server.shutdown_deadline)  # the shutdown's, from stop
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -166,12 +169,12 @@ class App:
             raise
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
-        config = self.config
-        if not config.worker:  # a worker's parent holds the data folder for all of them
+        config, worker = self.config, self.config.server.worker
+        if not worker:  # a worker's parent holds the data folder for all of them
             stack.enter_context(self.data_dir)
         self.metrics.start()
         stack.push_async_callback(self._close, "flushing metrics", self.metrics.close)
-        valkey_url = config.valkey_url
+        valkey_url = config.cache.valkey_url
         if valkey_url is None:
             self.valkey = EmbeddedValkey()
             await self.valkey.start()
@@ -189,20 +192,20 @@ class App:
         delivery = Delivery(
             memory,
             EpisodeQueue(config.outbox_path),
-            store_timeout=config.store_timeout_ms / 1000,
+            store_timeout=config.memory.store_timeout_ms / 1000,
         )
         handlers = Handlers(
             memory,
             cache,
             self.metrics,
-            recall_limit=config.recall_limit,
-            miss_budget=config.miss_budget_ms / 1000.0,
+            recall_limit=config.recall.limit,
+            miss_budget=config.recall.miss_budget_ms / 1000.0,
             delivery=delivery,
-            context_chars=config.context_chars,
-            max_text=config.max_text,
+            context_chars=config.recall.context_chars,
+            max_text=config.limits.max_text,
         )
         delivery.on_delivered = handlers.episode_delivered
-        await delivery.start(orphaned_outboxes(config.data_dir, config.worker, config.workers))
+        await delivery.start(orphaned_outboxes(config.data_dir, worker, config.server.workers))
         stack.push_async_callback(self._flush_outbox, delivery)
         stack.push_async_callback(self._drain, handlers)
         server = Server(config, handlers, self.metrics, self.readiness)
@@ -211,7 +214,8 @@ class App:
             await server.start()
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
-            raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from e
+            where = f"{config.server.host}:{config.server.port}"
+            raise StartupError(f"cannot listen on {where}: {reason}") from e
         stack.push_async_callback(self._stop_server, server)
 
     @property
@@ -320,16 +324,16 @@ async def open_cache(config: Config, url: str, metrics: Metrics) -> ContextCache
             "graphiti on a shared graph with a private Valkey: this bridge's cache cannot "
             "see the other bridges' writes, so it may serve a context they made stale for "
             "up to --cache-ttl (%d s); give every bridge of this graph the same --valkey-url",
-            config.cache_ttl,
+            config.cache.ttl,
         )
     try:
         cache = await ContextCache.connect(
             url,
-            prefix=config.cache_prefix,
-            ttl=config.cache_ttl,
+            prefix=config.cache.prefix,
+            ttl=config.cache.ttl,
             on_unavailable=metrics.cache_unavailable,
             # Every request in flight may need Valkey at once; more wait for a connection.
-            pool_size=max(64, config.max_inflight),
+            pool_size=max(64, config.limits.max_inflight),
             namespace=namespace,
         )
     except ValkeyUrlError as e:
@@ -392,7 +396,8 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     thread behind in a memory call nothing can cancel (SQLite waiting for a lock), which
     the interpreter would wait for at exit: the process then exits at once instead, what
     was acknowledged being on disk in the outbox."""
-    bridge = Workers(config) if config.workers > 1 and not config.worker else App(config)
+    server = config.server
+    bridge = Workers(config) if server.workers > 1 and not server.worker else App(config)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -400,7 +405,7 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     async with bridge:
         if ready is not None:
             ready()
-            log.info("worker %d of %d (pid %d) serving", config.worker, config.workers, os.getpid())
+            log.info("worker %d of %d (pid %d) serving", server.worker, server.workers, os.getpid())
         else:
             print(f"graphiti-bridge listening on {_listening(config, bridge)}", flush=True)
         await stopping.wait()
@@ -416,12 +421,13 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
 
 def _listening(config: Config, app: App | Workers) -> str:
     """Where the bridge listens and what stands behind it, for the start-up line."""
-    valkey = redact_url(config.valkey_url) if config.valkey_url else "a private valkey-server"
+    url = config.cache.valkey_url
+    valkey = redact_url(url) if url else "a private valkey-server"
     if isinstance(app, App):
         port, workers = app.server.port, ""
         if app.cache.valkey.kind != "server":
             valkey += f", {app.cache.valkey.label}"
     else:
-        port, workers = app.port, f"{config.workers} workers; "
+        port, workers = app.port, f"{config.server.workers} workers; "
     memory = config.describe_memory()
-    return f"ws://{config.host}:{port} ({workers}cache: {valkey}; memory: {memory})"
+    return f"ws://{config.server.host}:{port} ({workers}cache: {valkey}; memory: {memory})"

@@ -14,62 +14,40 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import platformdirs
 
+from bridge.protocol import MAX_FRAME, MAX_NAME, MAX_PATH, MAX_TEXT
+from bridge.recall import DEFAULT_BUDGET, TASKS_SHOWN
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 MAX_WORKERS = 256
 # The environment variable that carries a worker process's resolved Config.
 WORKER_CONFIG = "BRIDGE_WORKER_CONFIG"
 
+Backend = Literal["sqlite", "graphiti", "script"]
+LlmMode = Literal["auto", "on", "off"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+S = TypeVar("S", bound="DataclassInstance")
+
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
-    """Everything a running bridge needs to know, validated."""
+class ServerConfig:
+    """Where the bridge listens, who may connect, and how its processes run and stop."""
 
     host: str = "127.0.0.1"
     port: int = 8765
-    data_dir: Path = Path(platformdirs.user_data_dir("graphiti-bridge"))
-    valkey_url: str | None = None
-    project: str = "default"
-    cache_prefix: str = "gb:"
-    cache_ttl: int = 300
-    miss_budget_ms: float = 250.0
-    recall_limit: int = 6
-    context_chars: int = 2000
-    max_frame: int = 1 << 20
-    max_inflight: int = 256
-    max_connections: int = 1000
-    rate_limit: float = 2000.0
-    rate_burst: int = 4000
-    max_text: int = 65_536
-    max_path: int = 4_096
-    max_name: int = 256
     token: str | None = field(default=None, repr=False)
     allowed_origins: tuple[str, ...] = ()
-    shutdown_deadline: float = 8.0  # the whole shutdown's, within a container's 10 s
-    store_timeout_ms: float = 2000.0
-    memory: str = "sqlite"
-    graph_url: str | None = field(default=None, repr=False)
-    graphiti_queue_size: int = 1000
-    llm: str = "auto"
-    llm_api_key: str | None = field(default=None, repr=False)
-    llm_base_url: str | None = None
-    llm_model: str | None = None
-    llm_small_model: str | None = None
-    embedding_model: str = "text-embedding-3-small"
-    embedding_dim: int = 1024
-    memory_script: Path = Path("/root/.opencode/graphiti/memory_manager.py")
-    memory_script_python: str = "python3"
-    memory_script_timeout: float = 10.0
-    memory_script_concurrency: int = 4
-    statsd_host: str = "localhost"
-    statsd_port: int = 8125
-    log_level: str = "info"
     workers: int = 1
     worker: int = 0  # which worker this process is (1..workers); 0: the only process
+    shutdown_deadline: float = 8.0  # the whole shutdown's, within a container's 10 s
+    log_level: LogLevel = "info"
 
     @property
     def loopback_only(self) -> bool:
@@ -81,32 +59,127 @@ class Config:
         except ValueError:
             return False
 
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """What a client may send: sizes of frames and fields, requests at once, rates."""
+
+    max_frame: int = MAX_FRAME  # bytes
+    max_text: int = MAX_TEXT  # characters of a query, message or task
+    max_path: int = MAX_PATH  # characters of a file path
+    max_name: int = MAX_NAME  # characters of an id, project or session
+    max_inflight: int = 256  # requests per connection
+    max_connections: int = 1000
+    rate_limit: float = 2000.0  # messages per second per connection
+    rate_burst: int = 4000
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """The Valkey context cache."""
+
+    valkey_url: str | None = None  # None: a private valkey-server
+    prefix: str = "gb:"
+    ttl: int = 300  # seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecallConfig:
+    """The memory context a chat:start gets: how much, and how long it is waited for."""
+
+    limit: int = TASKS_SHOWN  # past tasks shown
+    context_chars: int = DEFAULT_BUDGET
+    miss_budget_ms: float = 250.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmConfig:
+    """The graphiti backend's OpenAI-compatible LLM and embedder."""
+
+    mode: LlmMode = "auto"
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None  # None: OpenAI itself
+    model: str | None = None  # None: graphiti's default
+    small_model: str | None = None
+    embedding_model: str = "text-embedding-3-small"
+    embedding_dim: int = 1024
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the graphiti backend extracts entities and facts with the LLM."""
+        return self.mode == "on" or (self.mode == "auto" and self.api_key is not None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScriptConfig:
+    """The script backend's ``memory_manager.py`` and how it is run."""
+
+    path: Path = Path("/root/.opencode/graphiti/memory_manager.py")
+    python: str = "python3"
+    timeout: float = 10.0  # seconds per call
+    concurrency: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    """Which memory backend stores episodes, and its settings."""
+
+    backend: Backend = "sqlite"
+    store_timeout_ms: float = 2000.0  # an episode's wait for memory before the outbox
+    graph_url: str | None = field(default=None, repr=False)  # graphiti; None: private
+    graphiti_queue_size: int = 1000
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    script: ScriptConfig = field(default_factory=ScriptConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """Where DogStatsD metrics go (UDP)."""
+
+    host: str = "localhost"
+    port: int = 8125
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a running bridge needs to know, validated, one section per concern.
+
+    ``data_dir`` holds every file the bridge keeps (the embedded store, the outboxes, the
+    graphiti queue, the private FalkorDB, the lock); ``project`` is the project of
+    messages and URLs that name none (and the one ``export`` writes).
+    """
+
+    data_dir: Path = Path(platformdirs.user_data_dir("graphiti-bridge"))
+    project: str = "default"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    recall: RecallConfig = field(default_factory=RecallConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
     @property
     def memory_path(self) -> Path:
         """The embedded memory store's database file."""
         return self.data_dir / "memory.sqlite3"
 
-    def describe_memory(self) -> str:
-        """Which memory backend, and where, without secrets (for the start-up line)."""
-        if self.memory == "sqlite":
-            return f"sqlite at {self.memory_path}"
-        if self.memory == "script":
-            return f"script {self.memory_script}"
-        graph = redact_url(self.graph_url) if self.graph_url else "a private FalkorDB"
-        return f"graphiti on {graph}, {'with' if self.uses_llm else 'without'} an LLM"
-
-    @property
-    def uses_llm(self) -> bool:
-        """Whether the graphiti backend extracts entities and facts with an LLM."""
-        return self.llm == "on" or (self.llm == "auto" and self.llm_api_key is not None)
-
     @property
     def outbox_path(self) -> Path:
         """Where acknowledged episodes wait while memory cannot take them: one file per
         worker (``outbox-<worker>.sqlite3``), so a restarted worker takes over its own."""
-        if self.worker:
-            return self.data_dir / f"outbox-{self.worker}.sqlite3"
+        if self.server.worker:
+            return self.data_dir / f"outbox-{self.server.worker}.sqlite3"
         return self.data_dir / "outbox.sqlite3"
+
+    def describe_memory(self) -> str:
+        """Which memory backend, and where, without secrets (for the start-up line)."""
+        memory = self.memory
+        if memory.backend == "sqlite":
+            return f"sqlite at {self.memory_path}"
+        if memory.backend == "script":
+            return f"script {memory.script.path}"
+        graph = redact_url(memory.graph_url) if memory.graph_url else "a private FalkorDB"
+        return f"graphiti on {graph}, {'with' if memory.llm.enabled else 'without'} an LLM"
 
 
 def _positive_int(text: str) -> int:
@@ -146,15 +219,15 @@ METAVARS: dict[object, str] = {
     Path: "PATH",
 }
 
-ENVIRONMENT_HELP = """\
+ENVIRONMENT_HELP = f"""\
 environment:
   BRIDGE_<FLAG>      every flag above, e.g. BRIDGE_PORT=9000 for --port (the flag wins)
   BRIDGE_TOKEN       shared token clients send as "Authorization: Bearer <token>"
                      (no flag, so it never shows in ps; see --token-file)
   OPENAI_API_KEY     graphiti: key of the LLM API (--llm auto extracts when it is set)
   OPENAI_BASE_URL    graphiti: OpenAI-compatible API, when --llm-base-url is not given
-  DD_AGENT_HOST      DogStatsD host metrics go to (default localhost)
-  DD_DOGSTATSD_PORT  DogStatsD UDP port (default 8125)
+  DD_AGENT_HOST      DogStatsD host metrics go to (default {MetricsConfig.host})
+  DD_DOGSTATSD_PORT  DogStatsD UDP port (default {MetricsConfig.port})
 """
 
 
@@ -186,10 +259,29 @@ def _from_environment(env: Mapping[str, str], var: str, default: object, **kw: A
     return _FromEnvironment(var, text, kw.get("type"), kw.get("choices")) if text else default
 
 
+class _Options:
+    """Adds flags to one group of the help, each defaulting to its environment variable
+    ``BRIDGE_<FLAG>``, then to the Config's default."""
+
+    def __init__(self, group: Any, env: Mapping[str, str]) -> None:
+        self.group = group  # an argparse argument group
+        self.env = env
+
+    def __call__(self, flag: str, default: object, help: str, **kw: Any) -> None:
+        var = "BRIDGE_" + flag.removeprefix("--").replace("-", "_").upper()
+        value = _from_environment(self.env, var, default, **kw)
+        if "type" in kw and "choices" not in kw:
+            kw.setdefault("metavar", METAVARS.get(kw["type"]))
+        self.group.add_argument(
+            flag, default=value, help=f"{help} (env {var}; default {default})", **kw
+        )
+
+
 def add_serve_arguments(
     parser: argparse.ArgumentParser, env: Mapping[str, str], *, project_help: str | None = None
 ) -> None:
-    """Add the ``serve`` flags, each defaulting to its environment variable, then Config.
+    """Add the ``serve`` flags, grouped by the Config section each sets, each defaulting
+    to its environment variable, then to the Config's default.
 
     ``project_help`` makes ``--project`` an explicit choice with that help: no default,
     and no environment variable (``import`` moves episodes only when asked to).
@@ -198,82 +290,93 @@ def add_serve_arguments(
     parser.epilog = ENVIRONMENT_HELP
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
-    def option(flag: str, default: object, help: str, **kw: Any) -> None:
-        var = "BRIDGE_" + flag.removeprefix("--").replace("-", "_").upper()
-        value = _from_environment(env, var, default, **kw)
-        if "type" in kw and "choices" not in kw:
-            kw.setdefault("metavar", METAVARS.get(kw["type"]))
-        parser.add_argument(
-            flag, default=value, help=f"{help} (env {var}; default {default})", **kw
-        )
+    def section(title: str, description: str | None = None) -> _Options:
+        return _Options(parser.add_argument_group(title, description), env)
 
-    option("--host", d.host, "interface to listen on")
-    option("--port", d.port, "TCP port to listen on (0 picks a free one)", type=_port)
-    option("--data-dir", d.data_dir, "folder for the embedded memory store", type=Path)
-    option("--valkey-url", d.valkey_url, "existing Valkey, e.g. redis://localhost:6380; "
-           "none starts a private one")  # fmt: skip
+    option = _Options(parser, env)
+    option("--data-dir", d.data_dir, "folder for the embedded memory store and every file "
+           "the bridge keeps", type=Path)  # fmt: skip
     if project_help is None:
         option("--project", d.project, "project for messages and URLs that name none")
     else:
         parser.add_argument("--project", help=project_help)
-    option("--cache-prefix", d.cache_prefix, "prefix of every Valkey key")
-    option("--cache-ttl", d.cache_ttl, "seconds a cached context lives", type=_positive_int)
-    option("--miss-budget-ms", d.miss_budget_ms, "how long chat:start waits for memory on a "
-           "cache miss", type=_positive_float)  # fmt: skip
-    option("--recall-limit", d.recall_limit, "past tasks in an injected context",
-           type=_positive_int)  # fmt: skip
-    option("--context-chars", d.context_chars, "longest injected context (characters)",
-           type=_positive_int)  # fmt: skip
-    option("--max-frame", d.max_frame, "largest accepted frame in bytes", type=_positive_int)
-    option("--max-inflight", d.max_inflight, "concurrent requests per connection",
-           type=_positive_int)  # fmt: skip
-    option("--max-connections", d.max_connections, "open WebSockets before new ones get 503",
-           type=_positive_int)  # fmt: skip
-    option("--rate-limit", d.rate_limit, "messages per second per connection",
-           type=_positive_float)  # fmt: skip
-    option("--rate-burst", d.rate_burst, "messages a connection may send at once",
-           type=_positive_int)  # fmt: skip
-    option("--max-text", d.max_text, "longest query, message or task (characters)",
-           type=_positive_int)  # fmt: skip
-    option("--max-path", d.max_path, "longest file path (characters)", type=_positive_int)
-    option("--max-name", d.max_name, "longest id, project or session (characters)",
-           type=_positive_int)  # fmt: skip
+
+    option = section("server")
+    option("--host", d.server.host, "interface to listen on")
+    option("--port", d.server.port, "TCP port to listen on (0 picks a free one)", type=_port)
     option("--token-file", None, "file holding the shared token (container secrets)",
            type=Path)  # fmt: skip
     option("--allowed-origins", "", "comma-separated browser Origins allowed to connect")
-    option("--shutdown-deadline", d.shutdown_deadline, "seconds the whole shutdown may take "
-           "on SIGTERM; what still runs then is cut off", type=_positive_float)  # fmt: skip
-    option("--store-timeout-ms", d.store_timeout_ms, "how long an episode waits for memory "
-           "before it is queued in the outbox", type=_positive_float)  # fmt: skip
-    option("--memory", d.memory, "memory backend", choices=["sqlite", "graphiti", "script"])
-    option("--graph-url", d.graph_url, "graphiti: falkor://host:port or bolt://user:pass@host"
-           "; none starts a private FalkorDB under --data-dir")  # fmt: skip
-    option("--graphiti-queue-size", d.graphiti_queue_size, "graphiti: episodes waiting for "
-           "extraction per project", type=_positive_int)  # fmt: skip
-    option("--llm", d.llm, "graphiti: extract entities and facts with an LLM (auto: when "
-           "OPENAI_API_KEY is set)", choices=["auto", "on", "off"])  # fmt: skip
-    option("--llm-base-url", None, "graphiti: OpenAI-compatible API (also OPENAI_BASE_URL)")
-    option("--llm-model", d.llm_model, "graphiti: model for extraction")
-    option("--llm-small-model", d.llm_small_model, "graphiti: model for small prompts")
-    option("--embedding-model", d.embedding_model, "graphiti: embedding model")
-    option("--embedding-dim", d.embedding_dim, "graphiti: embedding size", type=_positive_int)
-    option("--memory-script", d.memory_script, "script: the memory_manager.py to run",
-           type=Path)  # fmt: skip
-    option("--memory-script-python", d.memory_script_python, "script: interpreter to run it")
-    option("--memory-script-timeout", d.memory_script_timeout, "script: seconds per call",
+    option("--workers", d.server.workers, "processes serving the port together "
+           "(SO_REUSEPORT), sharing one Valkey and one store", type=_positive_int)  # fmt: skip
+    option("--shutdown-deadline", d.server.shutdown_deadline, "seconds the whole shutdown "
+           "may take on SIGTERM; what still runs then is cut off",
            type=_positive_float)  # fmt: skip
-    option("--memory-script-concurrency", d.memory_script_concurrency, "script: processes "
-           "at once", type=_positive_int)  # fmt: skip
-    option("--log-level", d.log_level, "debug, info, warning or error",
-           choices=["debug", "info", "warning", "error"])  # fmt: skip
-    option("--workers", d.workers, "processes serving the port together (SO_REUSEPORT), "
-           "sharing one Valkey and one store", type=_positive_int)  # fmt: skip
+    option("--log-level", d.server.log_level, "debug, info, warning or error",
+           choices=get_args(LogLevel))  # fmt: skip
+
+    option = section("limits", "what one client may send")
+    option("--max-frame", d.limits.max_frame, "largest accepted frame in bytes",
+           type=_positive_int)  # fmt: skip
+    option("--max-text", d.limits.max_text, "longest query, message or task (characters)",
+           type=_positive_int)  # fmt: skip
+    option("--max-path", d.limits.max_path, "longest file path (characters)",
+           type=_positive_int)  # fmt: skip
+    option("--max-name", d.limits.max_name, "longest id, project or session (characters)",
+           type=_positive_int)  # fmt: skip
+    option("--max-inflight", d.limits.max_inflight, "concurrent requests per connection",
+           type=_positive_int)  # fmt: skip
+    option("--max-connections", d.limits.max_connections, "open WebSockets before new "
+           "ones get 503", type=_positive_int)  # fmt: skip
+    option("--rate-limit", d.limits.rate_limit, "messages per second per connection",
+           type=_positive_float)  # fmt: skip
+    option("--rate-burst", d.limits.rate_burst, "messages a connection may send at once",
+           type=_positive_int)  # fmt: skip
+
+    option = section("cache")
+    option("--valkey-url", d.cache.valkey_url, "existing Valkey, e.g. "
+           "redis://localhost:6380; none starts a private one")  # fmt: skip
+    option("--cache-prefix", d.cache.prefix, "prefix of every Valkey key")
+    option("--cache-ttl", d.cache.ttl, "seconds a cached context lives", type=_positive_int)
+
+    option = section("recall", "the memory context a chat:start gets")
+    option("--recall-limit", d.recall.limit, "past tasks in an injected context",
+           type=_positive_int)  # fmt: skip
+    option("--context-chars", d.recall.context_chars, "longest injected context "
+           "(characters)", type=_positive_int)  # fmt: skip
+    option("--miss-budget-ms", d.recall.miss_budget_ms, "how long chat:start waits for "
+           "memory on a cache miss", type=_positive_float)  # fmt: skip
+
+    memory = d.memory
+    option = section("memory")
+    option("--memory", memory.backend, "memory backend", choices=get_args(Backend))
+    option("--store-timeout-ms", memory.store_timeout_ms, "how long an episode waits for "
+           "memory before it is queued in the outbox", type=_positive_float)  # fmt: skip
+    option = section("memory: graphiti")
+    option("--graph-url", memory.graph_url, "falkor://host:port or bolt://user:pass@host; "
+           "none starts a private FalkorDB under --data-dir")  # fmt: skip
+    option("--graphiti-queue-size", memory.graphiti_queue_size, "episodes waiting for "
+           "extraction per project", type=_positive_int)  # fmt: skip
+    option("--llm", memory.llm.mode, "extract entities and facts with an LLM (auto: when "
+           "OPENAI_API_KEY is set)", choices=get_args(LlmMode))  # fmt: skip
+    option("--llm-base-url", None, "OpenAI-compatible API (also OPENAI_BASE_URL)")
+    option("--llm-model", memory.llm.model, "model for extraction")
+    option("--llm-small-model", memory.llm.small_model, "model for small prompts")
+    option("--embedding-model", memory.llm.embedding_model, "embedding model")
+    option("--embedding-dim", memory.llm.embedding_dim, "embedding size", type=_positive_int)
+    option = section("memory: script")
+    option("--memory-script", memory.script.path, "the memory_manager.py to run", type=Path)
+    option("--memory-script-python", memory.script.python, "interpreter to run it")
+    option("--memory-script-timeout", memory.script.timeout, "seconds per call",
+           type=_positive_float)  # fmt: skip
+    option("--memory-script-concurrency", memory.script.concurrency, "processes at once",
+           type=_positive_int)  # fmt: skip
     parser.set_defaults(
         token=env.get("BRIDGE_TOKEN") or None,
         llm_api_key=env.get("OPENAI_API_KEY") or None,
         openai_base_url=env.get("OPENAI_BASE_URL") or None,
-        statsd_host=env.get("DD_AGENT_HOST") or d.statsd_host,
-        statsd_port=_from_environment(env, "DD_DOGSTATSD_PORT", d.statsd_port, type=_port),
+        statsd_host=env.get("DD_AGENT_HOST") or d.metrics.host,
+        statsd_port=_from_environment(env, "DD_DOGSTATSD_PORT", d.metrics.port, type=_port),
     )
 
 
@@ -314,53 +417,60 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
     Environment values no flag overrode are checked here, each error naming its variable.
     """
-    args = argparse.Namespace(
+    a = argparse.Namespace(
         **{
             name: value.resolve() if isinstance(value, _FromEnvironment) else value
             for name, value in vars(args).items()
         }
     )
     config = Config(
-        host=args.host,
-        port=args.port,
-        data_dir=Path(args.data_dir).expanduser(),
-        valkey_url=args.valkey_url or None,
-        project=Config.project if args.project is None else args.project,
-        cache_prefix=args.cache_prefix,
-        cache_ttl=args.cache_ttl,
-        miss_budget_ms=args.miss_budget_ms,
-        recall_limit=args.recall_limit,
-        context_chars=args.context_chars,
-        max_frame=args.max_frame,
-        max_inflight=args.max_inflight,
-        max_connections=args.max_connections,
-        rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst,
-        max_text=args.max_text,
-        max_path=args.max_path,
-        max_name=args.max_name,
-        token=_read_token(args),
-        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
-        shutdown_deadline=args.shutdown_deadline,
-        store_timeout_ms=args.store_timeout_ms,
-        memory=args.memory,
-        graph_url=args.graph_url or None,
-        graphiti_queue_size=args.graphiti_queue_size,
-        llm=args.llm,
-        llm_api_key=args.llm_api_key,
-        llm_base_url=args.llm_base_url or args.openai_base_url,
-        llm_model=args.llm_model or None,
-        llm_small_model=args.llm_small_model or None,
-        embedding_model=args.embedding_model,
-        embedding_dim=args.embedding_dim,
-        memory_script=Path(args.memory_script).expanduser(),
-        memory_script_python=args.memory_script_python,
-        memory_script_timeout=args.memory_script_timeout,
-        memory_script_concurrency=args.memory_script_concurrency,
-        statsd_host=args.statsd_host,
-        statsd_port=args.statsd_port,
-        log_level=args.log_level,
-        workers=args.workers,
+        data_dir=Path(a.data_dir).expanduser(),
+        project=Config.project if a.project is None else a.project,
+        server=ServerConfig(
+            host=a.host,
+            port=a.port,
+            token=_read_token(a),
+            allowed_origins=tuple(o.strip() for o in a.allowed_origins.split(",") if o.strip()),
+            workers=a.workers,
+            shutdown_deadline=a.shutdown_deadline,
+            log_level=a.log_level,
+        ),
+        limits=LimitsConfig(
+            max_frame=a.max_frame,
+            max_text=a.max_text,
+            max_path=a.max_path,
+            max_name=a.max_name,
+            max_inflight=a.max_inflight,
+            max_connections=a.max_connections,
+            rate_limit=a.rate_limit,
+            rate_burst=a.rate_burst,
+        ),
+        cache=CacheConfig(valkey_url=a.valkey_url or None, prefix=a.cache_prefix, ttl=a.cache_ttl),
+        recall=RecallConfig(
+            limit=a.recall_limit, context_chars=a.context_chars, miss_budget_ms=a.miss_budget_ms
+        ),
+        memory=MemoryConfig(
+            backend=a.memory,
+            store_timeout_ms=a.store_timeout_ms,
+            graph_url=a.graph_url or None,
+            graphiti_queue_size=a.graphiti_queue_size,
+            llm=LlmConfig(
+                mode=a.llm,
+                api_key=a.llm_api_key,
+                base_url=a.llm_base_url or a.openai_base_url,
+                model=a.llm_model or None,
+                small_model=a.llm_small_model or None,
+                embedding_model=a.embedding_model,
+                embedding_dim=a.embedding_dim,
+            ),
+            script=ScriptConfig(
+                path=Path(a.memory_script).expanduser(),
+                python=a.memory_script_python,
+                timeout=a.memory_script_timeout,
+                concurrency=a.memory_script_concurrency,
+            ),
+        ),
+        metrics=MetricsConfig(host=a.statsd_host, port=a.statsd_port),
     )
     check(config)
     return config
@@ -368,18 +478,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def check(config: Config) -> None:
     """Refuse configurations that would be unsafe or cannot work (raises ConfigError)."""
-    if "{" in config.cache_prefix or "}" in config.cache_prefix:
+    server, prefix = config.server, config.cache.prefix
+    if "{" in prefix or "}" in prefix:
         raise ConfigError(
-            f"--cache-prefix {config.cache_prefix!r} must not contain {{ or }}: each "
+            f"--cache-prefix {prefix!r} must not contain {{ or }}: each "
             "project's keys carry a {hash tag} of their own, so they share a cluster slot"
         )
-    if config.workers > MAX_WORKERS:
-        raise ConfigError(f"--workers {config.workers} is more than {MAX_WORKERS}")
-    if config.llm == "on" and not config.llm_api_key:
+    if server.workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {server.workers} is more than {MAX_WORKERS}")
+    if config.memory.llm.mode == "on" and not config.memory.llm.api_key:
         raise ConfigError("--llm on needs OPENAI_API_KEY (any value for a local server)")
-    if not config.loopback_only and not config.token:
+    if not server.loopback_only and not server.token:
         raise ConfigError(
-            f"refusing to listen on {config.host} without a token: anyone who can reach it "
+            f"refusing to listen on {server.host} without a token: anyone who can reach it "
             "could read and write this memory. Set BRIDGE_TOKEN or BRIDGE_TOKEN_FILE "
             "(--token-file), or listen on 127.0.0.1."
         )
@@ -389,7 +500,7 @@ def worker_environment(config: Config, worker: int) -> dict[str, str]:
     """What a worker process of ``config`` needs in its environment to be worker number
     ``worker``: its whole resolved Config, secrets included (an environment is private to
     the process, a command line is not)."""
-    resolved = dataclasses.replace(config, worker=worker)
+    resolved = dataclasses.replace(config, server=dataclasses.replace(config.server, worker=worker))
     return {WORKER_CONFIG: msgspec.json.encode(resolved, enc_hook=str).decode()}
 
 
@@ -400,9 +511,28 @@ def worker_config(env: Mapping[str, str]) -> Config:
         config = msgspec.json.decode(text, type=Config, dec_hook=_decode_path)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{WORKER_CONFIG}: not a worker's configuration ({e})") from e
-    if not 1 <= config.worker <= config.workers:
-        raise ConfigError(f"{WORKER_CONFIG}: worker {config.worker} of {config.workers}")
+    server = config.server
+    if not 1 <= server.worker <= server.workers:
+        raise ConfigError(f"{WORKER_CONFIG}: worker {server.worker} of {server.workers}")
     return config
+
+
+def with_changes(settings: S, /, **changes: Any) -> S:
+    """``settings`` (a Config or one of its sections) with ``changes``, for building one in
+    code (tests, embedding): like ``dataclasses.replace``, except that a section given as
+    a mapping changes only the fields it names, e.g.
+    ``with_changes(config, server={"port": 0}, memory={"script": {"timeout": 2.0}})``."""
+    fields: dict[str, Any] = {}
+    for name, value in changes.items():
+        current = getattr(settings, name, None)
+        if isinstance(value, Mapping) and _is_section(current):
+            value = with_changes(current, **value)
+        fields[name] = value
+    return dataclasses.replace(settings, **fields)
+
+
+def _is_section(value: object) -> TypeGuard[DataclassInstance]:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def _decode_path(kind: type, value: Any) -> Any:

@@ -105,24 +105,27 @@ class Server:
         self.handlers = handlers
         self.metrics = metrics
         self.readiness = readiness
-        self.port = config.port
-        limits = Limits(text=config.max_text, path=config.max_path, name=config.max_name)
-        self.codec = Codec(config.max_frame, limits)
+        self.port = config.server.port
+        bounds = config.limits
+        limits = Limits(text=bounds.max_text, path=bounds.max_path, name=bounds.max_name)
+        self.codec = Codec(bounds.max_frame, limits)
         self.connections = 0
         self._server: WsServer | None = None
         self._inflight = 0  # requests running or waiting to (exports), all connections
         self._idle = asyncio.Event()
         self._idle.set()
-        self._token = _digest(config.token.encode()) if config.token else None
+        token = config.server.token
+        self._token = _digest(token.encode()) if token else None
         self.page = MemoryPage(
             handlers,
             default_project=config.project,
             limits=limits,
             authorized=self._authorized if self._token is not None else None,
-            loopback=config.loopback_only,
+            loopback=config.server.loopback_only,
         )
         self.send_deadline = SEND_DEADLINE
-        worker = f" (worker {config.worker}, pid {os.getpid()})" if config.worker else ""
+        number = config.server.worker
+        worker = f" (worker {number}, pid {os.getpid()})" if number else ""
         self._alive = f"ok{worker}\n"  # /healthz: which worker answered, when there are several
         self.refusal_log_interval = REFUSAL_LOG_INTERVAL
         self._refusals: dict[int, tuple[float, int]] = {}  # status: (last logged, unlogged)
@@ -131,11 +134,11 @@ class Server:
         """Listen; once this returns, ``port`` is the bound port (even if 0 was asked)."""
         self._server = await serve(
             self._serve_connection,
-            self.config.host,
-            self.config.port,
-            max_size=self.config.max_frame * HARD_FRAME_FACTOR,
+            self.config.server.host,
+            self.config.server.port,
+            max_size=self.config.limits.max_frame * HARD_FRAME_FACTOR,
             compression=None,
-            origins=[None, *(Origin(o) for o in self.config.allowed_origins)],
+            origins=[None, *(Origin(o) for o in self.config.server.allowed_origins)],
             process_request=self._admit,
             ping_interval=20,
             ping_timeout=20,
@@ -144,7 +147,7 @@ class Server:
             logger=_ws_log,
             # The workers of ``serve --workers N`` share the port; the kernel spreads
             # connections over them.
-            reuse_port=self.config.workers > 1,
+            reuse_port=self.config.server.workers > 1,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -154,7 +157,7 @@ class Server:
         from now) what still runs is cancelled, unanswered. Idempotent."""
         if self._server is None:
             return
-        deadline = (deadline or Deadline(self.config.shutdown_deadline)).start()
+        deadline = (deadline or Deadline(self.config.server.shutdown_deadline)).start()
         server, self._server = self._server, None
         server.server.close()  # no new connections from here on
         if not self._idle.is_set():
@@ -199,11 +202,11 @@ class Server:
                 )
                 response.headers["WWW-Authenticate"] = 'Bearer realm="graphiti-bridge"'
                 return response
-        if self.connections >= self.config.max_connections:
+        if self.connections >= self.config.limits.max_connections:
             return self._refuse(
                 connection,
                 HTTPStatus.SERVICE_UNAVAILABLE,
-                f"too many connections (limit {self.config.max_connections})",
+                f"too many connections (limit {self.config.limits.max_connections})",
                 "too_many_connections",
             )
         return None
@@ -262,17 +265,17 @@ class Server:
         """The project named by the connection URL's path, or the server default."""
         target = _split(path)
         name = unquote(target.path).strip("/") if target is not None else ""
-        return name if 0 < len(name) <= self.config.max_name else self.config.project
+        return name if 0 < len(name) <= self.config.limits.max_name else self.config.project
 
     # -- connection -----------------------------------------------------------------------
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         session = Session(self.project_from_path(ws.request.path if ws.request else "/"))
-        inflight = asyncio.Semaphore(self.config.max_inflight)
+        inflight = asyncio.Semaphore(self.config.limits.max_inflight)
         out = _Outgoing(ws, self.send_deadline, self.metrics)
         exports: deque[tuple[Export, bool]] = deque()  # run one at a time, in order
         exporting: asyncio.Task[None] | None = None
-        rate = TokenBucket(self.config.rate_limit, self.config.rate_burst)
+        rate = TokenBucket(self.config.limits.rate_limit, self.config.limits.rate_burst)
         running: set[asyncio.Task[None]] = set()
         self.connections += 1
         self.metrics.connections(self.connections)
@@ -291,7 +294,7 @@ class Server:
                     continue
                 if not rate.allow():
                     limited = RateLimited(
-                        f"over {self.config.rate_limit:g} messages/s; "
+                        f"over {self.config.limits.rate_limit:g} messages/s; "
                         f"retry in {rate.retry_after() * 1000:.0f} ms"
                     )
                     self.metrics.error(limited.code, "invalid")

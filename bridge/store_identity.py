@@ -31,12 +31,13 @@ DEFAULT_GRAPH_PORTS: Final = {"falkor": 6379, "neo4j": 7687}
 def memory_identity(config: Config) -> str:
     """The identity of the configured memory (raises OSError if the data folder cannot
     keep its store id)."""
-    if config.memory == "script":
-        return f"script:{socket.gethostname()}:{config.memory_script.resolve()}"
-    if config.memory == "graphiti" and config.graph_url:
-        return f"graphiti:{graph_identity(config.graph_url)}"
+    memory = config.memory
+    if memory.backend == "script":
+        return f"script:{socket.gethostname()}:{memory.script.path.resolve()}"
+    if memory.backend == "graphiti" and memory.graph_url:
+        return f"graphiti:{graph_identity(memory.graph_url)}"
     folder = config.data_dir.resolve()
-    return f"{config.memory}:{folder}:{store_id(folder)}"
+    return f"{memory.backend}:{folder}:{store_id(folder)}"
 
 
 def graph_identity(url: str) -> str:
@@ -84,4 +85,7 @@ def store_id(folder: Path) -> str:
 def cache_blind_to_other_writers(config: Config) -> bool:
     """True when other bridges may write to this bridge's memory while its cache is a
     private Valkey that never hears of their writes (graphiti on a shared graph)."""
-    return config.valkey_url is None and config.memory == "graphiti" and bool(config.graph_url)
+    memory = config.memory
+    return (
+        config.cache.valkey_url is None and memory.backend == "graphiti" and bool(memory.graph_url)
+    )

@@ -191,13 +191,13 @@ class Workers:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.port = config.port
+        self.port = config.server.port
         self.data_dir = DataDirLock(config.data_dir)
         self.valkey: EmbeddedValkey | None = None
         self.falkor: EmbeddedFalkorDB | None = None
         self.workers: list[WorkerProcess] = []
         self._stack: contextlib.AsyncExitStack | None = None
-        self.deadline = Deadline(config.shutdown_deadline)  # the shutdown's, started by stop
+        self.deadline = Deadline(config.server.shutdown_deadline)  # the shutdown's, from stop
 
     async def __aenter__(self) -> Workers:
         await self.start()
@@ -219,15 +219,15 @@ class Workers:
             raise
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
-        config = self.config
+        config, server = self.config, self.config.server
         stack.enter_context(self.data_dir)
-        valkey_url, graph_url = config.valkey_url, config.graph_url
+        valkey_url, graph_url = config.cache.valkey_url, config.memory.graph_url
         if valkey_url is None:
             self.valkey = EmbeddedValkey()
             await self.valkey.start()
             stack.push_async_callback(self._close_child, self.valkey)
             valkey_url = self.valkey.url
-        if config.memory == "graphiti" and graph_url is None:
+        if config.memory.backend == "graphiti" and graph_url is None:
             self.falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
             try:
                 await self.falkor.start()
@@ -235,24 +235,25 @@ class Workers:
                 raise StartupError(f"the private FalkorDB did not start: {e}") from e
             stack.push_async_callback(self._close_child, self.falkor)
             graph_url = self.falkor.url
-        if config.memory == "sqlite":
+        if config.memory.backend == "sqlite":
             await asyncio.to_thread(_prepare_store, config)
         try:
             await asyncio.to_thread(memory_identity, config)  # the store id, made once here
-            held, self.port = reserve_port(config.host, config.port)
+            held, self.port = reserve_port(server.host, server.port)
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
-            raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from e
+            raise StartupError(f"cannot listen on {server.host}:{server.port}: {reason}") from e
         for hold in held:
             stack.callback(hold.close)
         shared = dataclasses.replace(
             config,
-            valkey_url=valkey_url,
-            graph_url=graph_url,
-            port=self.port,
-            shutdown_deadline=worker_deadline(config.shutdown_deadline),
+            server=dataclasses.replace(
+                server, port=self.port, shutdown_deadline=worker_deadline(server.shutdown_deadline)
+            ),
+            cache=dataclasses.replace(config.cache, valkey_url=valkey_url),
+            memory=dataclasses.replace(config.memory, graph_url=graph_url),
         )
-        self.workers = [WorkerProcess(shared, n) for n in range(1, config.workers + 1)]
+        self.workers = [WorkerProcess(shared, n) for n in range(1, server.workers + 1)]
         stack.push_async_callback(self._stop_workers)
         started = await asyncio.gather(
             *(worker.start() for worker in self.workers), return_exceptions=True

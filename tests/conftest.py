@@ -8,11 +8,11 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from bridge.config import Config
+from bridge.config import CacheConfig, Config, MetricsConfig, ServerConfig, with_changes
 from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey, sweep_stale_dirs
 from bridge.memory.base import Recall
 from bridge.memory.sqlite import SqliteMemory
@@ -167,18 +167,18 @@ async def valkey() -> AsyncIterator[EmbeddedValkey]:
     await server.close()
 
 
-def bridge_config(tmp_path: Path, valkey: EmbeddedValkey, statsd_port: int, **kw: object) -> Config:
-    """A Config for an in-process bridge on a free port."""
-    settings: dict[str, object] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "data_dir": tmp_path / "data",
-        "valkey_url": valkey.url,
-        "statsd_host": "127.0.0.1",
-        "statsd_port": statsd_port,
-    }
-    settings.update(kw)
-    return Config(**settings)  # type: ignore[arg-type]
+def bridge_config(
+    tmp_path: Path, valkey: EmbeddedValkey, statsd_port: int, **changes: Any
+) -> Config:
+    """A Config for an in-process bridge on a free port, with ``changes`` per section
+    (``bridge.config.with_changes``: e.g. ``limits={"max_inflight": 2}``)."""
+    config = Config(
+        data_dir=tmp_path / "data",
+        server=ServerConfig(host="127.0.0.1", port=0),
+        cache=CacheConfig(valkey_url=valkey.url),
+        metrics=MetricsConfig(host="127.0.0.1", port=statsd_port),
+    )
+    return with_changes(config, **changes)
 
 
 @pytest.fixture

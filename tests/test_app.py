@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from bridge.app import App
-from bridge.config import Config, StartupError
+from bridge.config import Config, MetricsConfig, ServerConfig, StartupError
 from bridge.datadir import DataDirLock
 from tests.conftest import StatsdCollector
 from tests.test_cli import children_of
@@ -31,17 +31,13 @@ def private_valkeys() -> list[int]:
     return found
 
 
-def own_config(tmp_path: Path, statsd: StatsdCollector, **kw: object) -> Config:
-    """A bridge on a free loopback port with its own private Valkey."""
-    settings: dict[str, object] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "data_dir": tmp_path / "data",
-        "statsd_host": "127.0.0.1",
-        "statsd_port": statsd.port,
-    }
-    settings.update(kw)
-    return Config(**settings)  # type: ignore[arg-type]
+def own_config(tmp_path: Path, statsd: StatsdCollector, port: int = 0) -> Config:
+    """A bridge on a loopback port (0: a free one) with its own private Valkey."""
+    return Config(
+        data_dir=tmp_path / "data",
+        server=ServerConfig(host="127.0.0.1", port=port),
+        metrics=MetricsConfig(host="127.0.0.1", port=statsd.port),
+    )
 
 
 async def test_an_app_serves_inside_its_block_and_has_closed_everything_after_it(

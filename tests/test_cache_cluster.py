@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 
 from bridge.app import App
 from bridge.cache import ContextCache
-from bridge.config import Config
+from bridge.config import CacheConfig, Config, MetricsConfig, ServerConfig
 from bridge.errors import CacheUnavailable
 from tests.conftest import StatsdCollector, ws_url
 from tests.test_limits import http_get
@@ -212,12 +212,10 @@ async def cluster_app(
     valkey_cluster: ValkeyCluster, tmp_path: Path, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     config = Config(
-        host="127.0.0.1",
-        port=0,
         data_dir=tmp_path / "data",
-        valkey_url=valkey_cluster.url,
-        statsd_host="127.0.0.1",
-        statsd_port=statsd.port,
+        server=ServerConfig(host="127.0.0.1", port=0),
+        cache=CacheConfig(valkey_url=valkey_cluster.url),
+        metrics=MetricsConfig(host="127.0.0.1", port=statsd.port),
     )
     app = App(config)
     await app.start()

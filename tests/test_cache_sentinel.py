@@ -11,7 +11,7 @@ from redis.backoff import ConstantBackoff
 
 from bridge.app import App
 from bridge.cache import ContextCache
-from bridge.config import Config, StartupError
+from bridge.config import CacheConfig, Config, MetricsConfig, ServerConfig, StartupError
 from bridge.following import Topology
 from bridge.valkey import SentinelUrl, ValkeyUrlError, parse_sentinel_url
 from tests.conftest import StatsdCollector
@@ -59,10 +59,10 @@ async def test_a_bridge_with_a_bad_valkey_url_does_not_start(
     tmp_path: Path, statsd: StatsdCollector
 ) -> None:
     config = Config(
-        port=0,
         data_dir=tmp_path,
-        valkey_url="redis+sentinel://h:26379",
-        statsd_port=statsd.port,
+        server=ServerConfig(port=0),
+        cache=CacheConfig(valkey_url="redis+sentinel://h:26379"),
+        metrics=MetricsConfig(port=statsd.port),
     )
     app = App(config)
     try:
@@ -135,7 +135,10 @@ async def test_a_bridge_on_sentinel_is_ready(
     valkey_sentinel: ValkeySentinel, tmp_path: Path, statsd: StatsdCollector
 ) -> None:
     config = Config(
-        port=0, data_dir=tmp_path, valkey_url=valkey_sentinel.url, statsd_port=statsd.port
+        data_dir=tmp_path,
+        server=ServerConfig(port=0),
+        cache=CacheConfig(valkey_url=valkey_sentinel.url),
+        metrics=MetricsConfig(port=statsd.port),
     )
     app = App(config)
     await app.start()

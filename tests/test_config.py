@@ -11,14 +11,10 @@ from bridge.config import Config, ConfigError, parse_serve
 
 def test_defaults_are_loopback_8765_and_the_embedded_parts() -> None:
     config = parse_serve([], {})
-    assert (config.host, config.port, config.valkey_url, config.memory) == (
-        "127.0.0.1",
-        8765,
-        None,
-        "sqlite",
-    )
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8765)
+    assert (config.cache.valkey_url, config.memory.backend) == (None, "sqlite")
     assert config.data_dir == Config().data_dir
-    assert config.statsd_host == "localhost" and config.statsd_port == 8125
+    assert config.metrics.host == "localhost" and config.metrics.port == 8125
 
 
 def test_flags_win_over_the_environment_which_wins_over_defaults(tmp_path: Path) -> None:
@@ -31,11 +27,11 @@ def test_flags_win_over_the_environment_which_wins_over_defaults(tmp_path: Path)
         "DD_DOGSTATSD_PORT": "9125",
     }
     config = parse_serve(["--port", "9002", "--data-dir", str(tmp_path / "flag")], env)
-    assert config.port == 9002
+    assert config.server.port == 9002
     assert config.data_dir == tmp_path / "flag"
-    assert config.cache_ttl == 60
-    assert config.valkey_url == "redis://localhost:6380"
-    assert (config.statsd_host, config.statsd_port) == ("agent", 9125)
+    assert config.cache.ttl == 60
+    assert config.cache.valkey_url == "redis://localhost:6380"
+    assert (config.metrics.host, config.metrics.port) == ("agent", 9125)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +77,8 @@ def test_environment_values_are_checked_like_flags_and_named(
 def test_a_flag_overrides_a_bad_environment_value_and_empty_means_unset() -> None:
     env = {"BRIDGE_MEMORY": "nonsense", "BRIDGE_PORT": "abc", "BRIDGE_LLM": ""}
     config = parse_serve(["--memory", "script", "--port", "9003"], env)
-    assert (config.memory, config.port, config.llm) == ("script", 9003, "auto")
+    assert config.server.port == 9003
+    assert (config.memory.backend, config.memory.llm.mode) == ("script", "auto")
 
 
 def test_good_environment_values_are_converted_like_flags(tmp_path: Path) -> None:
@@ -93,14 +90,16 @@ def test_good_environment_values_are_converted_like_flags(tmp_path: Path) -> Non
         "BRIDGE_MEMORY_SCRIPT": str(tmp_path / "m.py"),
     }
     config = parse_serve([], env)
-    assert (config.memory, config.llm, config.log_level) == ("graphiti", "off", "debug")
-    assert config.rate_limit == 12.5 and config.memory_script == tmp_path / "m.py"
+    memory = config.memory
+    assert (memory.backend, memory.llm.mode) == ("graphiti", "off")
+    assert config.server.log_level == "debug"
+    assert config.limits.rate_limit == 12.5 and memory.script.path == tmp_path / "m.py"
 
 
 def test_llm_mode_follows_the_api_key_unless_forced() -> None:
-    assert not parse_serve(["--memory", "graphiti"], {}).uses_llm
-    assert parse_serve(["--memory", "graphiti"], {"OPENAI_API_KEY": "k"}).uses_llm
-    assert not parse_serve(["--llm", "off"], {"OPENAI_API_KEY": "k"}).uses_llm
+    assert not parse_serve(["--memory", "graphiti"], {}).memory.llm.enabled
+    assert parse_serve(["--memory", "graphiti"], {"OPENAI_API_KEY": "k"}).memory.llm.enabled
+    assert not parse_serve(["--llm", "off"], {"OPENAI_API_KEY": "k"}).memory.llm.enabled
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         parse_serve(["--llm", "on"], {})
     key = parse_serve([], {"OPENAI_API_KEY": "sk-secret"})

@@ -18,7 +18,7 @@ import redis.asyncio as redis
 from websockets.asyncio.client import connect
 
 from bridge.app import App
-from bridge.config import Config
+from bridge.config import Config, LlmConfig, MemoryConfig, MetricsConfig, ServerConfig
 from bridge.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
 from bridge.health import MIN_FREE_BYTES, data_dir_problem
 from tests.conftest import StatsdCollector, bridge_config, ws_url
@@ -43,10 +43,9 @@ async def private_app(tmp_path: Path, statsd: StatsdCollector) -> AsyncIterator[
     """A bridge with its own private valkey-server, as ``serve`` runs by default."""
     app = App(
         Config(
-            port=0,
             data_dir=tmp_path / "data",
-            statsd_host="127.0.0.1",
-            statsd_port=statsd.port,
+            server=ServerConfig(port=0),
+            metrics=MetricsConfig(host="127.0.0.1", port=statsd.port),
         )
     )
     await app.start()
@@ -195,12 +194,10 @@ async def test_a_killed_private_falkordb_comes_back_with_its_graph(
     again on its port with its password and its append-only file, and the same bridge
     stores and recalls again, with what it held before."""
     config = Config(
-        port=0,
         data_dir=tmp_path / "data",
-        memory="graphiti",
-        llm="off",
-        statsd_host="127.0.0.1",
-        statsd_port=statsd.port,
+        server=ServerConfig(port=0),
+        memory=MemoryConfig(backend="graphiti", llm=LlmConfig(mode="off")),
+        metrics=MetricsConfig(host="127.0.0.1", port=statsd.port),
     )
     app = App(config)
     await app.start()

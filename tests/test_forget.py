@@ -40,7 +40,7 @@ async def backend_settings(backend: str) -> AsyncIterator[dict[str, Any]]:
     server = EmbeddedFalkorDB()
     await server.start()
     try:
-        yield {"memory": "graphiti", "graph_url": server.url, "llm": "off"}
+        yield {"memory": {"backend": "graphiti", "graph_url": server.url, "llm": {"mode": "off"}}}
     finally:
         await server.close()
 
@@ -314,7 +314,7 @@ async def script_bridge(
     script = tmp_path / "script" / "memory_manager.py"
     script.parent.mkdir()
     script.write_text(MEMORY_MANAGER)
-    config = bridge_config(tmp_path, valkey, statsd.port, memory="script")
+    config = bridge_config(tmp_path, valkey, statsd.port, memory={"backend": "script"})
     app = App(config, memory=ScriptMemory(script))
     await app.start()
     yield app
@@ -394,7 +394,7 @@ async def test_a_forget_waits_for_what_the_outbox_holds_so_it_never_comes_back(
     """The write's store and the outbox's first deliveries time out: a forget sent
     meanwhile says the outbox still holds episodes (retryable) and forgets nothing; once
     the outbox is delivered, the same forget takes the episode, and it stays gone."""
-    config = bridge_config(tmp_path, valkey, statsd.port, store_timeout_ms=50)
+    config = bridge_config(tmp_path, valkey, statsd.port, memory={"store_timeout_ms": 50})
     app = App(config, memory=SlowFirstStores(config.memory_path, slow=4))
     await app.start()
     try:

@@ -493,7 +493,11 @@ async def unhurried_app(
 ) -> AsyncIterator[App]:
     """A bridge whose rate limit a fast machine running the sweep cannot reach: the sweep
     fuzzes values, not rates."""
-    bridge = App(bridge_config(tmp_path, valkey, statsd.port, rate_limit=1e6, rate_burst=10**6))
+    bridge = App(
+        bridge_config(
+            tmp_path, valkey, statsd.port, limits={"rate_limit": 1e6, "rate_burst": 10**6}
+        )
+    )
     await bridge.start()
     yield bridge
     await bridge.stop()

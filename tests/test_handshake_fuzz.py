@@ -78,7 +78,11 @@ async def guarded(
 ) -> AsyncIterator[App]:
     """A bridge with a token and an allowed origin, so every admission branch runs."""
     config = bridge_config(
-        tmp_path, valkey, statsd.port, token=TOKEN, allowed_origins=(ORIGIN,), max_connections=50
+        tmp_path,
+        valkey,
+        statsd.port,
+        server={"token": TOKEN, "allowed_origins": (ORIGIN,)},
+        limits={"max_connections": 50},
     )
     app = App(config)
     await app.start()

@@ -64,7 +64,7 @@ async def test_the_token_is_required_and_compared_exactly(
     start_app: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    app = await start_app(token=TOKEN)
+    app = await start_app(server={"token": TOKEN})
     for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]:
         with pytest.raises(InvalidStatus) as refused:
             async with connect(ws_url(app), additional_headers=headers):
@@ -102,7 +102,7 @@ async def test_two_authorization_headers_get_400_and_no_traceback(
     start_app: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    app = await start_app(token=TOKEN)
+    app = await start_app(server={"token": TOKEN})
     auth = ("Authorization", f"Bearer {TOKEN}")
     for _ in range(3):
         answer = await raw_handshake(app, auth, auth)
@@ -114,7 +114,7 @@ async def test_two_authorization_headers_get_400_and_no_traceback(
 
 
 async def test_the_bearer_scheme_is_case_insensitive(start_app: Start) -> None:
-    app = await start_app(token=TOKEN)
+    app = await start_app(server={"token": TOKEN})
     for scheme in ["bearer", "BEARER", "BeArEr"]:
         headers = {"Authorization": f"{scheme} {TOKEN}"}
         async with connect(ws_url(app), additional_headers=headers) as ws:
@@ -142,15 +142,15 @@ def test_listening_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     config = parse_serve(["--host", "0.0.0.0", "--token-file", str(token_file)], {})
-    assert config.token == TOKEN
+    assert config.server.token == TOKEN
     assert TOKEN not in repr(config)
-    assert parse_serve([], {"BRIDGE_HOST": "::", "BRIDGE_TOKEN": TOKEN}).token == TOKEN
+    assert parse_serve([], {"BRIDGE_HOST": "::", "BRIDGE_TOKEN": TOKEN}).server.token == TOKEN
     with pytest.raises(ConfigError, match="token file"):
         parse_serve(["--token-file", str(tmp_path / "missing")], {})
 
 
 async def test_browser_origins_are_refused_unless_allowed(start_app: Start) -> None:
-    app = await start_app(allowed_origins=("https://good.example",))
+    app = await start_app(server={"allowed_origins": ("https://good.example",)})
     with pytest.raises(InvalidStatus) as refused:
         async with connect(ws_url(app), origin=Origin("https://evil.example")):
             pass
@@ -160,7 +160,7 @@ async def test_browser_origins_are_refused_unless_allowed(start_app: Start) -> N
 
 
 async def test_the_connection_cap_refuses_new_ones_and_serves_the_rest(start_app: Start) -> None:
-    app = await start_app(max_connections=2)
+    app = await start_app(limits={"max_connections": 2})
     async with connect(ws_url(app)) as one, connect(ws_url(app)) as two:
         with pytest.raises(InvalidStatus) as refused:
             async with connect(ws_url(app)):
@@ -180,7 +180,7 @@ async def test_the_connection_cap_refuses_new_ones_and_serves_the_rest(start_app
 async def test_the_rate_limit_answers_rate_limited_and_the_connection_goes_on(
     start_app: Start,
 ) -> None:
-    app = await start_app(rate_limit=2.0, rate_burst=5)
+    app = await start_app(limits={"rate_limit": 2.0, "rate_burst": 5})
     async with connect(ws_url(app)) as ws, connect(ws_url(app)) as other:
         for i in range(30):
             await send(ws, {"type": "ping", "id": i})
@@ -217,7 +217,7 @@ def test_a_token_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
 
 
 async def test_field_limits_are_settings(start_app: Start) -> None:
-    app = await start_app(max_text=10, max_path=8, max_name=5)
+    app = await start_app(limits={"max_text": 10, "max_path": 8, "max_name": 5})
     async with connect(ws_url(app)) as ws:
         long_query = await ask(ws, {"type": "chat:start", "id": 1, "query": "x" * 11})
         assert long_query["error"]["code"] == "bad_request"
@@ -234,7 +234,7 @@ async def test_in_flight_requests_per_connection_are_bounded(
 ) -> None:
     """Beyond max_inflight the server stops reading; everything is still answered."""
     memory = SlowMemory(tmp_path / "slow.sqlite3", delay=0.1)
-    app = await start_app(memory=memory, max_inflight=2)
+    app = await start_app(memory=memory, limits={"max_inflight": 2})
     async with connect(ws_url(app)) as ws:
         for i in range(8):
             await send(ws, {"type": "query", "id": i, "query": f"q{i}"})

@@ -226,7 +226,9 @@ async def test_a_late_delivery_drops_contexts_cached_without_it(
     outbox delivers the episode, that context is dropped, so the next turn sees the write.
     (Empty contexts are not cached, so memory holds an earlier episode about the file.)"""
     memory = SwitchableMemory(tmp_path / "m.sqlite3")
-    app = App(bridge_config(tmp_path, valkey, statsd.port, store_timeout_ms=50), memory=memory)
+    app = App(
+        bridge_config(tmp_path, valkey, statsd.port, memory={"store_timeout_ms": 50}), memory=memory
+    )
     await app.start()
     try:
         async with connect(ws_url(app)) as ws:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import Config
+from bridge.config import Config, ServerConfig
 from bridge.delivery import Delivery
 from bridge.durable import EpisodeQueue
 from bridge.episode import Episode, new_episode
@@ -31,7 +31,7 @@ async def memory(tmp_path: Path) -> AsyncIterator[SqliteMemory]:
 
 def test_each_worker_has_its_own_outbox_file(tmp_path: Path) -> None:
     assert Config(data_dir=tmp_path).outbox_path == tmp_path / "outbox.sqlite3"
-    worker = Config(data_dir=tmp_path, workers=3, worker=2)
+    worker = Config(data_dir=tmp_path, server=ServerConfig(workers=3, worker=2))
     assert worker.outbox_path == tmp_path / "outbox-2.sqlite3"
 
 

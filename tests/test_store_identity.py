@@ -14,13 +14,18 @@ import pytest
 
 from bridge.app import open_cache
 from bridge.cache import ContextCache
-from bridge.config import Config
+from bridge.config import CacheConfig, Config, MemoryConfig
 from bridge.embedded import EmbeddedValkey
 from bridge.following import Topology
 from bridge.health import ReadinessReport
 from bridge.metrics import Metrics
 from bridge.store_identity import graph_identity, memory_identity, store_id
 from bridge.valkey import cluster_topology
+
+
+def graph_at(url: str) -> MemoryConfig:
+    """The graphiti backend on the shared graph at ``url``."""
+    return MemoryConfig(backend="graphiti", graph_url=url)
 
 
 def test_each_data_folder_is_a_store_of_its_own_and_keeps_its_id(tmp_path: Path) -> None:
@@ -32,7 +37,7 @@ def test_each_data_folder_is_a_store_of_its_own_and_keeps_its_id(tmp_path: Path)
     assert first != memory_identity(Config(data_dir=two))
     assert first.startswith(f"sqlite:{one.resolve()}:")
     assert store_id(one) == (one / "store-id").read_text().strip()
-    private_graph = memory_identity(Config(data_dir=one, memory="graphiti"))
+    private_graph = memory_identity(Config(data_dir=one, memory=MemoryConfig(backend="graphiti")))
     assert private_graph != first and private_graph.startswith("graphiti:")
 
 
@@ -47,8 +52,7 @@ def test_a_shared_graph_is_named_without_its_credentials() -> None:
     host = socket.gethostname()
     assert graph_identity("falkor://127.0.0.1:6379") == f"falkor://127.0.0.1@{host}:6379/"
     two_bridges = [
-        Config(data_dir=Path(f"/nowhere/{i}"), memory="graphiti", graph_url="falkor://g:1")
-        for i in range(2)
+        Config(data_dir=Path(f"/nowhere/{i}"), memory=graph_at("falkor://g:1")) for i in range(2)
     ]
     assert memory_identity(two_bridges[0]) == memory_identity(two_bridges[1])
 
@@ -75,14 +79,16 @@ async def test_a_private_valkey_in_front_of_a_shared_graph_is_warned_about(
     tmp_path: Path, valkey: EmbeddedValkey, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = Metrics("127.0.0.1", 9)
-    shared = Config(data_dir=tmp_path, memory="graphiti", graph_url="falkor://g:6379")
+    shared = Config(data_dir=tmp_path, memory=graph_at("falkor://g:6379"))
     with caplog.at_level(logging.WARNING, logger="bridge.app"):
         cache = await open_cache(shared, valkey.url, metrics)  # as if it were private
         await cache.close()
     assert "cannot see the other bridges' writes" in caplog.text
     caplog.clear()
     named = Config(
-        data_dir=tmp_path, memory="graphiti", graph_url="falkor://g:6379", valkey_url=valkey.url
+        data_dir=tmp_path,
+        memory=graph_at("falkor://g:6379"),
+        cache=CacheConfig(valkey_url=valkey.url),
     )
     with caplog.at_level(logging.WARNING, logger="bridge.app"):
         cache = await open_cache(named, valkey.url, metrics)

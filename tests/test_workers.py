@@ -250,9 +250,9 @@ async def test_a_worker_that_cannot_start_stops_the_bridge_saying_why(tmp_path: 
 
 
 def test_workers_is_checked_like_every_setting() -> None:
-    assert parse_serve([], {}).workers == 1
-    assert parse_serve([], {"BRIDGE_WORKERS": "4"}).workers == 4
-    assert parse_serve(["--workers", "3"], {"BRIDGE_WORKERS": "4"}).workers == 3
+    assert parse_serve([], {}).server.workers == 1
+    assert parse_serve([], {"BRIDGE_WORKERS": "4"}).server.workers == 4
+    assert parse_serve(["--workers", "3"], {"BRIDGE_WORKERS": "4"}).server.workers == 3
     with pytest.raises(ConfigError, match="BRIDGE_WORKERS: must be a positive integer, got '0'"):
         parse_serve([], {"BRIDGE_WORKERS": "0"})
     with pytest.raises(ConfigError, match="--workers 1000 is more than 256"):

@@ -82,7 +82,9 @@ async def hit_series(run: Run, urls: dict[str, str]) -> list[Row]:
     async with contextlib.AsyncExitStack() as stack:
         series = []
         for name, url in urls.items():
-            app = await stack.enter_async_context(bridge(run, "bench-cluster-", valkey_url=url))
+            app = await stack.enter_async_context(
+                bridge(run, "bench-cluster-", cache={"valkey_url": url})
+            )
             (ws,) = await stack.enter_async_context(clients(bridge_url(app), 1))
             await seed(ws)
             trip = round_trip(ws, True, check_hit(None))

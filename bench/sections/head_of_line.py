@@ -190,7 +190,7 @@ async def crowded_hits(
     miss_us = new_histogram()
     crowd = Crowd()
     async with (
-        bridge(run, "bench-hol-", miss_budget_ms=10_000.0, **overrides) as app,
+        bridge(run, "bench-hol-", recall={"miss_budget_ms": 10_000.0}, **overrides) as app,
         clients(bridge_url(app), 1) as (ws,),
     ):
         await seed(ws)
@@ -228,9 +228,10 @@ async def head_of_line(run: Run) -> HeadOfLine:
         "script-backend",
         p.hol_script_in_flight,
         p.hol_script_hits,
-        memory="script",
-        memory_script=memory_manager_for(corpus(p.prefill)),
-        memory_script_python=sys.executable,
+        memory={
+            "backend": "script",
+            "script": {"path": memory_manager_for(corpus(p.prefill)), "python": sys.executable},
+        },
     )
     return HeadOfLine(
         title="Head-of-line blocking: hits next to slow misses",

@@ -51,12 +51,9 @@ def settings(backend: str, episodes: list[Episode]) -> dict[str, Any]:
     """The bridge settings of a backend beyond ``memory`` (the script is installed with
     ``episodes`` already stored)."""
     if backend == "graphiti":
-        return {"llm": "off"}
+        return {"llm": {"mode": "off"}}
     if backend == "script":
-        return {
-            "memory_script": memory_manager_for(episodes),
-            "memory_script_python": sys.executable,
-        }
+        return {"script": {"path": memory_manager_for(episodes), "python": sys.executable}}
     return {}
 
 
@@ -75,8 +72,9 @@ async def misses(run: Run) -> Misses:
         p99_us={},
     )
     for backend, count in p.misses.items():
-        overrides = {"memory": backend, "miss_budget_ms": 10_000.0, **settings(backend, episodes)}
-        async with bridge(run, f"bench-miss-{backend}-", **overrides) as app:
+        memory = {"backend": backend, **settings(backend, episodes)}
+        recall = {"miss_budget_ms": 10_000.0}
+        async with bridge(run, f"bench-miss-{backend}-", memory=memory, recall=recall) as app:
             began = time.perf_counter()
             if backend != "script":  # the script's episodes were written with it
                 await prefill(app.memory, episodes)

@@ -43,7 +43,7 @@ async def writes(run: Run) -> Writes:
     """file:write acks, then a mixed trace of hits, misses and writes on one connection."""
     p = run.params
     rows = []
-    async with bridge(run, "bench-writes-", miss_budget_ms=10_000.0) as app:
+    async with bridge(run, "bench-writes-", recall={"miss_budget_ms": 10_000.0}) as app:
         await prefill(app.memory, corpus(p.prefill))
         async with clients(bridge_url(app), 2) as (ws, trace_ws):
             series = Series(
