@@ -31,9 +31,9 @@ from pathlib import Path
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
-from bridge.durable import EpisodeQueue, describe
+from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
-from bridge.errors import BridgeError, MemoryUnavailable, Overloaded
+from bridge.errors import BridgeError, MemoryUnavailable, Overloaded, describe
 from bridge.memory.base import MemoryBackend
 from bridge.queue_files import take_over
 from bridge.retry import Retry

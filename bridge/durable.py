@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from bridge.episode import Episode
-from bridge.errors import MemoryUnavailable
+from bridge.errors import MemoryUnavailable, describe
 
 T = TypeVar("T")
 
@@ -31,13 +31,6 @@ CREATE TABLE IF NOT EXISTS queue (
 """
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Episode).decode
-
-
-def describe(error: BaseException) -> str:
-    """An exception as a log line or error message can show it: its type, then its message
-    if it has one (``TimeoutError()`` and others have none, which alone says nothing)."""
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class EpisodeQueue:

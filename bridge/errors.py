@@ -62,3 +62,10 @@ class RateLimited(Overloaded):
     """The connection exceeded its message rate; slow down and resend."""
 
     code = "rate_limited"
+
+
+def describe(error: BaseException) -> str:
+    """An exception as a log line or error message can show it: its type, then its message
+    if it has one (``TimeoutError()`` and others have none, which alone says nothing)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

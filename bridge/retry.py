@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from redis.backoff import AbstractBackoff
 
-from bridge.durable import describe
+from bridge.errors import describe
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]

@@ -26,7 +26,7 @@ from typing import Any, Final
 import hiredis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from bridge.durable import describe
+from bridge.errors import describe
 from bridge.retry import Retry
 
 log = logging.getLogger(__name__)
