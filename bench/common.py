@@ -33,9 +33,9 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.process import BenchError as BenchError  # re-exported: one error for every part
 from bench.process import Reply as Reply
-from bridge.app import App
 from bridge.config import Config, MetricsConfig, ServerConfig, with_changes
 from bridge.memory.base import MemoryBackend
+from bridge.runtime.app import App
 
 PROJECT: Final = "bench"
 QUERY: Final = "why does the parser raise TypeError on empty tokens"
@@ -304,7 +304,7 @@ def bridge_config(data_dir: Path, statsd_port: int, **changes: Any) -> Config:
 
 @contextlib.asynccontextmanager
 async def running_bridge(config: Config, memory: MemoryBackend | None = None) -> AsyncIterator[App]:
-    """The real bridge (``bridge.app.App``) for ``config``; stopped on the way out."""
+    """The real bridge (``bridge.runtime.app.App``) for ``config``; stopped on the way out."""
     app = App(config, memory=memory)
     try:
         await app.start()

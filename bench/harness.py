@@ -24,10 +24,10 @@ from bench.common import BenchError, Series, bridge_config, running_bridge
 from bench.params import Params
 from bench.rows import FAST, Panel, Row, row_of
 from bench.section import Section
-from bridge.app import App
 from bridge.config import with_changes
 from bridge.episode import Episode
 from bridge.memory.base import MemoryBackend
+from bridge.runtime.app import App
 
 UNLIMITED: Final = {"rate_limit": 1e9, "rate_burst": 10**9}  # the limits section
 S = TypeVar("S", bound=Section)

@@ -8,7 +8,7 @@ HdrHistogram (1 µs .. 10 s, 3 significant digits), repeat. The series are:
 
 * ``floor``: a bare ``websockets`` echo server, echoing the MessagePack chat:start frames
   the bridge series send. What no WebSocket server on this machine can beat.
-* ``bridge msgpack``: the real bridge (``bridge.app.App``, embedded valkey-server), one
+* ``bridge msgpack``: the real bridge (``bridge.runtime.app.App``, embedded valkey-server), one
   chat:start per round trip as a binary MessagePack frame; every reply must be a hit.
 * ``bridge json``: the same as JSON text frames.
 
@@ -66,7 +66,7 @@ from bench.common import (
     warm_up,
 )
 from bench.rows import Row, markdown_table, row_of, series_row
-from bridge.cache import ContextCache
+from bridge.cache.contexts import ContextCache
 
 log = logging.getLogger("bench.hits")
 

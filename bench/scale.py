@@ -71,7 +71,7 @@ from bench.recall import (
     statsd_sink,
     usable,
 )
-from bridge.recall import HORIZON_TASKS
+from bridge.memory.recall import HORIZON_TASKS
 
 log = logging.getLogger("bench.scale")
 
@@ -775,7 +775,7 @@ store size, measures chat:start misses, disk and memory.
   FalkorDB's append-only file); **RSS** is VmRSS from /proc of the bridge process and of
   its valkey-server and FalkorDB children.
 - Both backends recall from an index in memory of the last {horizon:,} tasks of a project
-  (`HORIZON_TASKS` in bridge/recall.py), loaded from the store on the project's first
+  (`HORIZON_TASKS` in bridge/memory/recall.py), loaded from the store on the project's first
   query: 1k episodes (about 270 tasks) are inside that horizon, 10k (about 2,600 tasks)
   already past it, so a larger store adds no work to a miss.
 - The machine is shared: each run says the load average (1 minute) when it was measured.

@@ -1,13 +1,12 @@
 """graphiti-bridge: a persistent WebSocket memory layer for OpenCode.
 
-The package is layered so that dependencies point one way::
+Packages, with dependencies pointing down this list (docs/architecture.md has the map)::
 
-    episode, errors            plain data and the exception tree
-    protocol                   the wire schema (msgspec Structs)
-    memory, cache, metrics     the parts behind the handlers; no WebSockets here
-    handlers                   one function per event, callable without a socket
-    server                     frames in, handler calls, frames out
-    app                        composition root: Config -> parts -> Server
+    runtime        composition root: Config -> running parts; embedded servers; workers
+    wire           protocol schema, per-event handlers, the server that moves frames
+    cache          contexts in Valkey and their in-process copy; the chat:start loader
+    memory         backends, the recall index and ranking, privacy, the outbox
+    (top level)    config, errors, episode, metrics, retry, deadline: shared by all
 """
 
 __version__ = "0.1.0"

@@ -7,10 +7,10 @@ from the embedded store to Graphiti::
     graphiti-bridge import --memory graphiti shop.jsonl
 
 They hold the data folder like a server does, so they refuse to run while a server uses
-the same ``--data-dir``. ``worker`` is not for users: ``serve --workers N`` runs it, once
-per worker (see ``bridge.workers``). Whatever keeps a command from starting or finishing (a bad flag
-or environment value, a port in use, a busy data folder, an unreadable file) is one line
-on stderr, ``graphiti-bridge: <what was wrong>``, and exit status 2.
+the same ``--data-dir``. ``worker`` is not for users: ``serve --workers N`` runs it,
+once per worker (see ``bridge.runtime.workers``). Whatever keeps a command from starting
+or finishing (a bad flag or environment value, a port in use, a busy data folder, an
+unreadable file) is one line on stderr, ``graphiti-bridge: <what was wrong>``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bridge.config import (
 )
 
 if TYPE_CHECKING:
-    from bridge.workers import Report
+    from bridge.runtime.workers import Report
 
 IMPORT_PROJECT_HELP = (
     "move every episode into this project (default: each keeps the project it was exported from)"
@@ -75,14 +75,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _command(args: argparse.Namespace) -> None:
     """Run the parsed command (raises StartupError when it cannot start or finish)."""
     if args.command == "worker":
-        from bridge.workers import Report
+        from bridge.runtime.workers import Report
 
         _worker(args.number, Report(args.report_fd))
         return
     move_to: str | None = args.project if args.command == "import" else None
     config = config_from_args(args)
     _configure_logging(config)
-    from bridge import app
+    from bridge.runtime import app
 
     if args.command == "serve":
         with contextlib.suppress(KeyboardInterrupt):
@@ -106,7 +106,7 @@ def _worker(number: int, report: Report) -> None:
             given = config.server.worker
             raise StartupError(f"worker {number} was given the configuration of {given}")
         _configure_logging(config)
-        from bridge import app
+        from bridge.runtime import app
 
         with contextlib.suppress(KeyboardInterrupt):
             _run(app.serve(config, ready=report.ready))

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from bridge.config import CacheConfig, Config, MetricsConfig, ServerConfig, with_changes
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey, sweep_stale_dirs
 from bridge.memory.base import Recall
+from bridge.memory.recall import Candidates
 from bridge.memory.sqlite import SqliteMemory
-from bridge.recall import Candidates
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey, sweep_stale_dirs
 from tests.openai_standin import OpenAIStandin
 from tests.valkey_deployments import ValkeyCluster, ValkeySentinel
 from tests.waiting import eventually
 
 if TYPE_CHECKING:
-    from bridge.app import App
+    from bridge.runtime.app import App
 
 
 class SlowMemory(SqliteMemory):
@@ -186,7 +186,7 @@ async def app(
     tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     """A running bridge on a free loopback port, over the real Valkey fixture."""
-    from bridge.app import App
+    from bridge.runtime.app import App
 
     bridge = App(bridge_config(tmp_path, valkey, statsd.port))
     await bridge.start()

@@ -1,4 +1,4 @@
-"""The composition root's lifecycle (bridge.app.App): an async context manager that
+"""The composition root's lifecycle (bridge.runtime.app.App): an async context manager that
 starts its parts in order and closes them in reverse, also when a part cannot start.
 Real parts throughout: a private valkey-server, the embedded store, a real socket."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from bridge.app import App
 from bridge.config import Config, MetricsConfig, ServerConfig, StartupError
-from bridge.datadir import DataDirLock
+from bridge.runtime.app import App
+from bridge.runtime.datadir import DataDirLock
 from tests.conftest import StatsdCollector
 from tests.test_cli import children_of
 from tests.wire import ask

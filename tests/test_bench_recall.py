@@ -33,7 +33,7 @@ from bench.recall import (
 from tests.conftest import ws_url
 
 if TYPE_CHECKING:
-    from bridge.app import App
+    from bridge.runtime.app import App
 
 
 def commit(n: int, subject: str, files: list[str], body: str = "") -> Commit:

@@ -27,8 +27,8 @@ from bench.scale import (
     ranked_tree,
     zipf_cumulative,
 )
-from bridge.durable import EpisodeQueue
 from bridge.episode import new_episode
+from bridge.memory.durable import EpisodeQueue
 from tests.waiting import eventually
 
 

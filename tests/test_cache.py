@@ -12,16 +12,16 @@ import pytest
 import redis.asyncio as redis
 from redis.backoff import ConstantBackoff
 
-from bridge.app import App
-from bridge.cache import (
+from bridge.cache.contexts import (
     DIGEST_MEMO_BYTES,
     MAX_TAGS,
     ContextCache,
     DigestMemo,
     normalise_query,
 )
-from bridge.embedded import EmbeddedValkey
 from bridge.errors import CacheUnavailable
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.clock import ManualClock
 from tests.waiting import eventually
 

@@ -14,10 +14,10 @@ from redis.backoff import ConstantBackoff
 from redis.crc import key_slot
 from websockets.asyncio.client import connect
 
-from bridge.app import App
-from bridge.cache import ContextCache
+from bridge.cache.contexts import ContextCache
 from bridge.config import CacheConfig, Config, MetricsConfig, ServerConfig
 from bridge.errors import CacheUnavailable
+from bridge.runtime.app import App
 from tests.conftest import StatsdCollector, ws_url
 from tests.test_limits import http_get
 from tests.test_tracking import copied, evicted

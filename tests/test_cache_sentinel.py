@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from redis.backoff import ConstantBackoff
 
-from bridge.app import App
-from bridge.cache import ContextCache
+from bridge.cache.contexts import ContextCache
+from bridge.cache.following import Topology
+from bridge.cache.valkey import SentinelUrl, ValkeyUrlError, parse_sentinel_url
 from bridge.config import CacheConfig, Config, MetricsConfig, ServerConfig, StartupError
-from bridge.following import Topology
-from bridge.valkey import SentinelUrl, ValkeyUrlError, parse_sentinel_url
+from bridge.runtime.app import App
 from tests.conftest import StatsdCollector
 from tests.test_cache_cluster import cached
 from tests.test_limits import http_get

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector
 from tests.wire import ask
 

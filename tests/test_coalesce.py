@@ -1,4 +1,4 @@
-"""Group commit for asyncio (bridge/coalesce.py): plain asyncio, no server."""
+"""Group commit for asyncio (bridge/cache/coalesce.py): plain asyncio, no server."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bridge.coalesce import Coalescer
+from bridge.cache.coalesce import Coalescer
 
 
 class Recorder:

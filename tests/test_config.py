@@ -18,7 +18,7 @@ from bridge.config import (
     worker_config,
     worker_environment,
 )
-from bridge.protocol import Codec, Limits
+from bridge.wire.protocol import Codec, Limits
 
 
 def test_defaults_are_loopback_8765_and_the_embedded_parts() -> None:

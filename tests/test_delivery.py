@@ -1,4 +1,4 @@
-"""What the delivery queues in the outbox and what it hands back (bridge.delivery): only
+"""What the delivery queues in the outbox and what it hands back (bridge.memory.delivery): only
 failures memory may get over wait in the outbox; a refusal is the client's answer.
 
 Memory is the script backend running a real memory_manager.py (tests/test_memory_script)."""
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.delivery import Delivery
-from bridge.durable import EpisodeQueue
 from bridge.episode import new_episode
 from bridge.errors import BadRequest
+from bridge.memory.delivery import Delivery
+from bridge.memory.durable import EpisodeQueue
 from bridge.memory.script import ScriptMemory
 from tests.test_memory_script import MEMORY_MANAGER
 

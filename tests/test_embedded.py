@@ -17,10 +17,10 @@ import pytest
 import redis.asyncio as redis
 from websockets.asyncio.client import connect
 
-from bridge.app import App
 from bridge.config import Config, LlmConfig, MemoryConfig, MetricsConfig, ServerConfig
-from bridge.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
-from bridge.health import MIN_FREE_BYTES, data_dir_problem
+from bridge.runtime.app import App
+from bridge.runtime.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
+from bridge.wire.health import MIN_FREE_BYTES, data_dir_problem
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_limits import http_get
 from tests.waiting import eventually
@@ -142,7 +142,7 @@ async def test_readyz_says_when_the_data_dir_is_full(
 
 OWNER = """
 import asyncio, sys
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.embedded import EmbeddedValkey
 
 async def main():
     valkey = EmbeddedValkey()

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from bridge.app import App
 from bridge.metrics import MAX_EVENT_BYTES
-from bridge.protocol import MAX_COUNT, MAX_SECONDS
+from bridge.runtime.app import App
+from bridge.wire.protocol import MAX_COUNT, MAX_SECONDS
 from tests.conftest import StatsdCollector, ws_url
 from tests.wire import ask, receive, send
 

@@ -15,11 +15,11 @@ import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from bridge.app import App
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from bridge.episode import Episode
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_memory_script import MEMORY_MANAGER

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
-from bridge.handlers import Handlers, Session
+from bridge.cache.contexts import ContextCache
 from bridge.memory.base import Selector
 from bridge.memory.graphiti import GraphitiMemory
 from bridge.metrics import Metrics
-from bridge.protocol import Ack, ChatStart, Context, ErrorEvent, Message, Reply
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.wire.handlers import Handlers, Session
+from bridge.wire.protocol import Ack, ChatStart, Context, ErrorEvent, Message, Reply
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
 from tests.test_memory_graphiti import llm_settings, wait_ingested

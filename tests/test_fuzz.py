@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from bridge.app import App
-from bridge.embedded import EmbeddedValkey
-from bridge.protocol import MAX_COUNT, MAX_NAME, MAX_PATH, MAX_SECONDS, MAX_TEXT, Message
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.protocol import MAX_COUNT, MAX_NAME, MAX_PATH, MAX_SECONDS, MAX_TEXT, Message
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 
 TYPES = ["chat:start", "file:write", "error", "completion", "query", "export", "ping"]

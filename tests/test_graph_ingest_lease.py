@@ -15,11 +15,11 @@ from typing import ClassVar
 import pytest
 import redis.asyncio as redis
 
-from bridge.durable import EpisodeQueue
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.cache.lease import Leases
 from bridge.episode import Episode, new_episode
-from bridge.lease import Leases
+from bridge.memory.durable import EpisodeQueue
 from bridge.memory.graphiti import GraphitiMemory, LlmSettings
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from tests.openai_standin import OpenAIStandin, fact
 from tests.waiting import eventually
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.typing import Origin
 
-from bridge.app import App
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 
 TOKEN = "fuzz-token"

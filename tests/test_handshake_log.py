@@ -11,8 +11,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from bridge.app import App
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 
 TOKEN = "s3cret-token-value"
@@ -42,7 +42,7 @@ def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "bridge.server" and r.getMessage().startswith("refused a handshake")
+        if r.name == "bridge.wire.server" and r.getMessage().startswith("refused a handshake")
     ]
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.memory.index import K1, B, Bm25Index, ProjectIndex, RecallIndexes
-from bridge.recall import WINDOW_TASKS, Candidates, TaskHit, Window, rank
+from bridge.memory.recall import WINDOW_TASKS, Candidates, TaskHit, Window, rank
 
 VOCABULARY = [f"w{n}" for n in range(30)]
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from bridge.embedded import EmbeddedValkey
-from bridge.lease import Lease, Leases
+from bridge.cache.lease import Lease, Leases
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.waiting import eventually
 
 

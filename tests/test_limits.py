@@ -13,10 +13,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
-from bridge.app import App
 from bridge.config import ConfigError, parse_serve, redact_url
-from bridge.embedded import EmbeddedValkey
-from bridge.limits import TokenBucket
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.limits import TokenBucket
 from tests.clock import ManualClock
 from tests.conftest import SlowMemory, StatsdCollector, bridge_config, ws_url
 from tests.test_cli import bridge_process

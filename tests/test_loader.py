@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedValkey
+from bridge.cache.contexts import ContextCache
+from bridge.cache.loader import ContextLoader
 from bridge.episode import new_episode
-from bridge.loader import ContextLoader
+from bridge.memory.recall import Candidates
 from bridge.metrics import Metrics
-from bridge.recall import Candidates
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import SlowMemory, StatsdCollector
 
 PROJECT = "proj"

@@ -9,7 +9,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from bridge.embedded import EmbeddedFalkorDB
+from bridge.runtime.embedded import EmbeddedFalkorDB
 from tests.conftest import StatsdCollector
 from tests.test_cli import bridge_process
 from tests.valkey_deployments import ValkeyCluster

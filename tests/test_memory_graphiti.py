@@ -24,11 +24,9 @@ from graphiti_core.driver.neo4j_driver import Neo4jDriver
 from graphiti_core.edges import EntityEdge, EpisodicEdge
 from graphiti_core.nodes import EntityNode
 
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.cache.contexts import ContextCache
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable, Overloaded
-from bridge.handlers import Handlers, Session
 from bridge.memory.graph_recall import Synced
 from bridge.memory.graphiti import (
     GraphitiMemory,
@@ -39,9 +37,12 @@ from bridge.memory.graphiti import (
     graph_group,
 )
 from bridge.memory.jsonl import export_jsonl, import_jsonl
+from bridge.memory.recall import WINDOW_TASKS, Candidates, RecentTask, context
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.protocol import (
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.wire.handlers import Handlers, Session
+from bridge.wire.protocol import (
     Ack,
     ChatStart,
     Completion,
@@ -54,7 +55,6 @@ from bridge.protocol import (
     Message,
     Reply,
 )
-from bridge.recall import WINDOW_TASKS, Candidates, RecentTask, context
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
 from tests.waiting import eventually

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from bridge.app import App
-from bridge.embedded import EmbeddedValkey
 from bridge.memory.script import ScriptMemory
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.chromium import chromium
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_forget import backend_settings, context, stored, two_sessions
@@ -335,7 +335,7 @@ async def test_the_wheel_carries_the_page(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("graphiti_bridge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for asset in ("memory.html", "memory.js", "memory.css", "page.py"):
-        assert f"bridge/web/{asset}" in names, asset
+        assert f"bridge/wire/web/{asset}" in names, asset
 
 
 async def test_a_websocket_to_a_project_named_memory_is_still_a_websocket(app: App) -> None:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedValkey
+from bridge.cache.contexts import ContextCache
 from bridge.episode import Episode, new_episode
 from bridge.errors import BadRequest, MemoryUnavailable
-from bridge.handlers import Handlers, Session
 from bridge.memory.script import ScriptMemory
 from bridge.metrics import Metrics
-from bridge.protocol import Ack, ChatStart, Completion, Context, ErrorEvent, FileWrite, Message
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.handlers import Handlers, Session
+from bridge.wire.protocol import Ack, ChatStart, Completion, Context, ErrorEvent, FileWrite, Message
 from tests.conftest import StatsdCollector
 
 MEMORY_MANAGER = textwrap.dedent(

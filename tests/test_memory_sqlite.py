@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
+from bridge.memory.recall import WINDOW_TASKS
 from bridge.memory.sqlite import SCHEMA_VERSION, SqliteMemory, fts_query
-from bridge.recall import WINDOW_TASKS
 
 DAY = 86400.0
 

@@ -14,13 +14,13 @@ from redis.backoff import ExponentialWithJitterBackoff
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from bridge.app import App
-from bridge.delivery import Delivery
-from bridge.durable import EpisodeQueue
-from bridge.embedded import EmbeddedValkey
 from bridge.episode import Episode, new_episode
 from bridge.errors import MemoryUnavailable
+from bridge.memory.delivery import Delivery
+from bridge.memory.durable import EpisodeQueue
 from bridge.memory.sqlite import SqliteMemory
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
 from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_cli import bridge_process
@@ -105,15 +105,17 @@ async def test_a_slow_store_is_queued_and_still_stored_exactly_once(
 async def outbox_lines(
     caplog: pytest.LogCaptureFixture, needle: str, level: int = logging.DEBUG
 ) -> list[str]:
-    """Messages of ``bridge.delivery`` log records containing ``needle``, waiting (bounded)
+    """Messages of ``bridge.memory.delivery`` log records containing ``needle``, waiting (bounded)
     until at least one is there."""
     return await eventually(  # delivery retries on a backoff of at most 10 s
         lambda: [
             r.getMessage()
             for r in caplog.records
-            if r.name == "bridge.delivery" and r.levelno == level and needle in r.getMessage()
+            if r.name == "bridge.memory.delivery"
+            and r.levelno == level
+            and needle in r.getMessage()
         ],
-        f"a bridge.delivery log line with {needle!r}",
+        f"a bridge.memory.delivery log line with {needle!r}",
         timeout=60,
         every=0.05,
     )
@@ -124,7 +126,7 @@ async def test_every_outbox_failure_is_logged_with_its_exception_type(
 ) -> None:
     """A timeout's message is empty: the log names the exception type, so the reason is
     never blank, for the store that queued the episode and for each failed delivery."""
-    caplog.set_level(logging.DEBUG, logger="bridge.delivery")
+    caplog.set_level(logging.DEBUG, logger="bridge.memory.delivery")
     backoff = ExponentialWithJitterBackoff(cap=0.05, base=0.01)
     delivery = Delivery(
         memory, EpisodeQueue(tmp_path / "outbox.sqlite3"), store_timeout=0.05, backoff=backoff

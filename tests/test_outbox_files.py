@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from bridge.config import Config, ServerConfig
-from bridge.delivery import Delivery
-from bridge.durable import EpisodeQueue
 from bridge.episode import Episode, new_episode
+from bridge.memory.delivery import Delivery
+from bridge.memory.durable import EpisodeQueue
+from bridge.memory.outbox import orphaned_outboxes
 from bridge.memory.sqlite import SqliteMemory
-from bridge.outbox import orphaned_outboxes
 
 
 def episode(i: int) -> Episode:

@@ -34,4 +34,4 @@ async def test_the_lock_installs_with_hashes_and_the_server_imports(tmp_path: Pa
     await run(pip, "install", "-q", "--require-hashes", "-r", ROOT / "requirements.lock")
     await run(pip, "install", "-q", "--no-deps", ROOT)
     assert "graphiti-bridge 0.1.0" in await run(venv / "bin" / "graphiti-bridge", "--version")
-    await run(venv / "bin" / "python", "-c", "import bridge.app, bridge.memory.graphiti")
+    await run(venv / "bin" / "python", "-c", "import bridge.runtime.app, bridge.memory.graphiti")

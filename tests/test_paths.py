@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.paths import normalise_path, path_suffixes, paths_in
+from bridge.cache.paths import normalise_path, path_suffixes, paths_in
 
 
 def test_paths_are_found_in_prose() -> None:

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.episode import Episode
-from bridge.privacy import cut_contexts, drop_private, scrub, scrub_episode
-from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_LAST_LINE, Ranked, TaskHit, render
-from bridge.redact import SHAPES, marker, redact_secrets
-from bridge.tasks import MAX_QUERY, TaskTracker
+from bridge.memory.privacy import cut_contexts, drop_private, scrub, scrub_episode
+from bridge.memory.recall import CONTEXT_FIRST_LINE, CONTEXT_LAST_LINE, Ranked, TaskHit, render
+from bridge.memory.redact import SHAPES, marker, redact_secrets
+from bridge.wire.tasks import MAX_QUERY, TaskTracker
 
 ALNUM = string.ascii_letters + string.digits
 URLSAFE = ALNUM + "-_"

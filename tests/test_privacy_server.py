@@ -11,15 +11,15 @@ from typing import Any
 import msgspec
 from websockets.asyncio.client import connect
 
-from bridge.app import App
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedValkey
-from bridge.handlers import Handlers, Session
+from bridge.cache.contexts import ContextCache
 from bridge.memory.base import Recall
+from bridge.memory.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE, Candidates
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.protocol import ChatStart, Context, Query, QueryResult, Reply
-from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE, Candidates
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.handlers import Handlers, Session
+from bridge.wire.protocol import ChatStart, Context, Query, QueryResult, Reply
 from tests import wire
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_backends_cli import run_cli, said

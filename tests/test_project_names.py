@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
-from bridge.handlers import Handlers, Session
+from bridge.cache.contexts import ContextCache
 from bridge.memory.base import MemoryBackend
 from bridge.memory.graphiti import GraphitiMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.protocol import (
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.wire.handlers import Handlers, Session
+from bridge.wire.protocol import (
     Ack,
     ChatStart,
     Completion,

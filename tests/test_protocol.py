@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from bridge.errors import BadRequest
-from bridge.protocol import (
+from bridge.wire.protocol import (
     Ack,
     ChatStart,
     Codec,

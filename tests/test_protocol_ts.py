@@ -1,5 +1,5 @@
 """plugin/lib/protocol.ts, the plugin's types of the wire messages, against the schema it is
-generated from (plugin/scripts/protocol_ts.py over bridge/protocol.py)."""
+generated from (plugin/scripts/protocol_ts.py over bridge/wire/protocol.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import ModuleType
 import msgspec
 import pytest
 
-from bridge import protocol
+from bridge.wire import protocol
 
 SCRIPT = Path(__file__).resolve().parent.parent / "plugin" / "scripts" / "protocol_ts.py"
 

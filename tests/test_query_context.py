@@ -17,13 +17,13 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedValkey
+from bridge.cache.contexts import ContextCache
 from bridge.episode import Episode
-from bridge.handlers import Handlers, Session
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.protocol import (
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.handlers import Handlers, Session
+from bridge.wire.protocol import (
     Ack,
     ChatStart,
     Completion,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bridge.recall import (
+from bridge.memory.recall import (
     CONTEXT_HEADER,
     CONTEXT_LAST_LINE,
     Candidates,

@@ -13,8 +13,8 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from bridge.app import App
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, ws_url
 from tests.waiting import eventually
 from tests.wire import ask, receive, send

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from bridge.app import App
-from bridge.embedded import EmbeddedValkey
 from bridge.episode import new_episode
-from bridge.server import EXPORT_FRAME_BYTES, WRITE_LIMIT
+from bridge.runtime.app import App
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.server import EXPORT_FRAME_BYTES, WRITE_LIMIT
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.raw_client import StuckClient
 from tests.waiting import eventually, steady

@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from bridge.embedded import EmbeddedFalkorDB, EmbeddedValkey
+from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from tests.conftest import StatsdCollector, free_port
 from tests.test_cli import bridge_process
 from tests.waiting import eventually

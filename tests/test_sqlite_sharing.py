@@ -20,6 +20,7 @@ from bridge.episode import Episode, new_episode
 from bridge.memory import sqlite_tasks
 from bridge.memory.base import Selector
 from bridge.memory.index import ProjectIndex
+from bridge.memory.recall import TaskHit
 from bridge.memory.sqlite import (
     EPISODE_SCHEMA,
     INSERT,
@@ -28,7 +29,6 @@ from bridge.memory.sqlite import (
     _execute_script,
 )
 from bridge.memory.sqlite_changes import Counters, read_counters
-from bridge.recall import TaskHit
 
 # The task tables as schema version 3 wrote them (no change numbers, no counters).
 TASK_SCHEMA_3 = """

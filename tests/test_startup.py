@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.datadir import DataDirBusy, DataDirLock
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.datadir import DataDirBusy, DataDirLock
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector
 from tests.test_cli import LISTENING, bridge_process
 

@@ -1,4 +1,4 @@
-"""Which memory a cache belongs to (bridge.store_identity), the warning for a private
+"""Which memory a cache belongs to (bridge.cache.store_identity), the warning for a private
 Valkey in front of a shared graph, the cluster topology read from CLUSTER NODES, and what
 /readyz answers."""
 
@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from bridge.app import open_cache
-from bridge.cache import ContextCache
+from bridge.cache.contexts import ContextCache
+from bridge.cache.following import Topology
+from bridge.cache.store_identity import graph_identity, memory_identity, store_id
+from bridge.cache.valkey import cluster_topology
 from bridge.config import CacheConfig, Config, MemoryConfig
-from bridge.embedded import EmbeddedValkey
-from bridge.following import Topology
-from bridge.health import ReadinessReport
 from bridge.metrics import Metrics
-from bridge.store_identity import graph_identity, memory_identity, store_id
-from bridge.valkey import cluster_topology
+from bridge.runtime.app import open_cache
+from bridge.runtime.embedded import EmbeddedValkey
+from bridge.wire.health import ReadinessReport
 
 
 def graph_at(url: str) -> MemoryConfig:
@@ -80,7 +80,7 @@ async def test_a_private_valkey_in_front_of_a_shared_graph_is_warned_about(
 ) -> None:
     metrics = Metrics("127.0.0.1", 9)
     shared = Config(data_dir=tmp_path, memory=graph_at("falkor://g:6379"))
-    with caplog.at_level(logging.WARNING, logger="bridge.app"):
+    with caplog.at_level(logging.WARNING, logger="bridge.runtime.app"):
         cache = await open_cache(shared, valkey.url, metrics)  # as if it were private
         await cache.close()
     assert "cannot see the other bridges' writes" in caplog.text
@@ -90,7 +90,7 @@ async def test_a_private_valkey_in_front_of_a_shared_graph_is_warned_about(
         memory=graph_at("falkor://g:6379"),
         cache=CacheConfig(valkey_url=valkey.url),
     )
-    with caplog.at_level(logging.WARNING, logger="bridge.app"):
+    with caplog.at_level(logging.WARNING, logger="bridge.runtime.app"):
         cache = await open_cache(named, valkey.url, metrics)
         await cache.close()
     assert "cannot see" not in caplog.text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.tasks import MAX_QUERY, TaskTracker
+from bridge.wire.tasks import MAX_QUERY, TaskTracker
 
 
 def test_a_chat_opens_a_task_its_events_share_until_the_next_chat() -> None:

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bridge.cache import ContextCache, Lookup
-from bridge.embedded import EmbeddedValkey
-from bridge.tracking import LocalContexts, is_missing
+from bridge.cache.contexts import ContextCache, Lookup
+from bridge.cache.tracking import LocalContexts, is_missing
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.waiting import eventually
 
 

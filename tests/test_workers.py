@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from bridge.config import ConfigError, parse_serve
-from bridge.workers import reserve_port
+from bridge.runtime.workers import reserve_port
 from tests import wire
 from tests.test_cli import BridgeProcess, bridge_process, children_of
 from tests.test_startup import refused

@@ -6,7 +6,7 @@ cluster of three primaries with a replica each (tests/valkey_deployments.py form
 CLUSTER ADDSLOTSRANGE and CLUSTER MEET). Three pairs of series, each pair interleaved in
 rounds, each cluster row given as a ratio to its single-server row:
 
-- hits: closed-loop chat:start hits over a WebSocket to a bridge (``bridge.app.App``) whose
+- hits: closed-loop chat:start hits over a WebSocket to a bridge (``bridge.runtime.app.App``) whose
   cache is that deployment; served from the in-process copy;
 - Valkey reads: ``ContextCache.lookup`` with no in-process copy, one MGET to the primary
   of the project's slot;
@@ -44,8 +44,8 @@ from bench.harness import Run, bridge, clients
 from bench.registry import section
 from bench.rows import Row
 from bench.section import Section
-from bridge.cache import ContextCache
-from bridge.embedded import EmbeddedValkey
+from bridge.cache.contexts import ContextCache
+from bridge.runtime.embedded import EmbeddedValkey
 from tests.valkey_deployments import ValkeyCluster, free_port
 
 PROJECTS: Final = [f"bench-{i}" for i in range(12)]  # spread over the three primaries

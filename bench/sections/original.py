@@ -19,7 +19,7 @@ from bench.rows import SLOW
 from bench.section import Section, Target
 from bench.sections.misses import Misses
 from bench.workload import corpus, install_memory_manager, miss_query
-from bridge.embedded import EmbeddedValkey
+from bridge.runtime.embedded import EmbeddedValkey
 
 
 @dataclass(frozen=True)

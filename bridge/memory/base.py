@@ -15,7 +15,7 @@ import msgspec
 
 from bridge.episode import Episode
 from bridge.errors import BadRequest
-from bridge.recall import Candidates, TaskHit
+from bridge.memory.recall import Candidates, TaskHit
 
 PROJECTS_LISTED = 1000  # projects a store lists, most recently active first
 
@@ -77,7 +77,7 @@ class MemoryBackend(Protocol):
 
     async def candidates(self, group_id: str, query: str) -> Candidates:
         """Past tasks and files of ``group_id`` that may matter for ``query`` (see
-        bridge.recall), and the project's recent work. Raises MemoryUnavailable."""
+        bridge.memory.recall), and the project's recent work. Raises MemoryUnavailable."""
         ...
 
     def export(self, group_id: str, batch: int) -> AsyncIterator[list[Episode]]:

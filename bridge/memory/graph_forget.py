@@ -32,7 +32,7 @@ from bridge.memory import sqlite_tasks
 from bridge.memory.base import PROJECTS_LISTED
 from bridge.memory.graph_recall import TASK, task_of
 from bridge.memory.graph_tasks import MAX_NAME, Run
-from bridge.recall import TaskHit
+from bridge.memory.recall import TaskHit
 
 Read = Callable[[list[str]], Awaitable[list[Episode]]]  # episodes by uuid, in that order
 SELECTED_KEY: Final = {"path": "path", "session": "session", "task": "task"}

@@ -36,7 +36,7 @@ from typing import Any, Final
 from bridge.errors import MemoryUnavailable
 from bridge.memory.graph_tasks import Run
 from bridge.memory.index import RecallIndexes
-from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
+from bridge.memory.recall import HORIZON_TASKS, Candidates, TaskHit
 
 log = logging.getLogger(__name__)
 

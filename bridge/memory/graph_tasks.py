@@ -1,7 +1,7 @@
 """The task model as graph structure on FalkorDB: how stored episodes become linked
 tasks and files in the graph (``graph_recall`` reads them back).
 
-The same model as ``sqlite_tasks`` (see bridge.recall), in graphiti's own schema so that
+The same model as ``sqlite_tasks`` (see bridge.memory.recall), in graphiti's own schema so that
 Graphiti and other tools read it like anything else in the graph:
 
 - every episode is a graphiti ``Episodic`` node, as before;

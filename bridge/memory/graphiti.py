@@ -21,13 +21,13 @@ Two modes:
   neither an embedder nor a cross-encoder.
   Graphiti gets clients that refuse every call, so nothing can leave the machine.
 - With an OpenAI-compatible LLM and embedder (OpenAI, Ollama, vLLM, ...), ``store`` appends
-  the episode to a durable queue under ``state_dir`` (``bridge.durable``), saves the node
+  the episode to a durable queue under ``state_dir`` (``bridge.memory.durable``), saves the node
   so it is recalled at once, and returns. A worker per group runs Graphiti's full
   ``add_episode`` (entity and fact extraction) on queued episodes in order and removes each
   when done; what is still queued when the process stops is ingested on the next start.
   When processes share the graph (``serve --workers N``, or bridges on one Valkey), a
   group is ingested by one of them at a time: its worker holds the group's lease in
-  Valkey (``bridge.lease``) while it has episodes to ingest, so Graphiti's ordered
+  Valkey (``bridge.cache.lease``) while it has episodes to ingest, so Graphiti's ordered
   ingestion holds. Each process keeps its own queue file.
   ``recall`` adds Graphiti's hybrid search (BM25 + cosine, RRF) over facts, and
   ``candidates`` adds the best facts to the tasks and files.
@@ -56,19 +56,19 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 from redis.backoff import ExponentialWithJitterBackoff
 
-from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.memory import falkor, graph_forget, graph_tasks
 from bridge.memory.base import Recall, Selector, Unsupported, candidates_from_recall
+from bridge.memory.durable import EpisodeQueue
 from bridge.memory.graph_recall import GraphRecall
 from bridge.memory.group_commit import GroupCommit
-from bridge.queue_files import take_over
-from bridge.recall import TASK_CANDIDATES, Candidates, TaskHit
+from bridge.memory.queue_files import take_over
+from bridge.memory.recall import TASK_CANDIDATES, Candidates, TaskHit
 from bridge.retry import Retry
 
 if TYPE_CHECKING:
-    from bridge.lease import Leases
+    from bridge.cache.lease import Leases
 
 try:
     from falkordb.asyncio import FalkorDB

@@ -3,7 +3,7 @@
 A chat:start miss needs the past tasks and files that best match its query, and the
 project's recent work. Reading those from the store at every miss costs milliseconds
 that grow with the store; this index keeps, per project, the last ``HORIZON_TASKS`` tasks
-(older ones weigh under a millionth in :func:`bridge.recall.rank`, so leaving them out
+(older ones weigh under a millionth in :func:`bridge.memory.recall.rank`, so leaving them out
 changes no answer) and answers in a fraction of a millisecond, whatever the store's size.
 
 - :class:`Bm25Index` scores documents for a query with Okapi BM25 and returns the top k
@@ -11,9 +11,9 @@ changes no answer) and answers in a fraction of a millisecond, whatever the stor
   so far beats what the remaining, more common terms could add to a document not seen
   yet, those terms only complete the scores of documents already found (the "continue"
   strategy of term-at-a-time MaxScore). The answer is the exact top k.
-- :class:`ProjectIndex` holds one project's tasks (as :class:`~bridge.recall.TaskHit`)
+- :class:`ProjectIndex` holds one project's tasks (as :class:`~bridge.memory.recall.TaskHit`)
   with a task index and a file index (a file's document: its path and the queries of its
-  last tasks), and turns a query into :class:`~bridge.recall.Candidates`.
+  last tasks), and turns a query into :class:`~bridge.memory.recall.Candidates`.
 - :class:`RecallIndexes` holds the indexes of the most recently used projects. It is
   derived state: a backend loads a project from its store on first use and applies every
   change it commits, so after a restart or a crash the index is rebuilt from what the
@@ -33,8 +33,7 @@ from typing import Final
 
 import msgspec
 
-from bridge.memory.terms import stem, terms
-from bridge.recall import (
+from bridge.memory.recall import (
     FILE_CANDIDATES,
     HORIZON_TASKS,
     TASK_CANDIDATES,
@@ -45,6 +44,7 @@ from bridge.recall import (
     Window,
     search_words,
 )
+from bridge.memory.terms import stem, terms
 
 K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
 B: Final = 0.75  # BM25's length normalisation

@@ -16,7 +16,7 @@ import msgspec
 from bridge.episode import Episode
 from bridge.errors import BadRequest, BridgeError
 from bridge.memory.base import MemoryBackend
-from bridge.privacy import scrub_episode
+from bridge.memory.privacy import scrub_episode
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Episode).decode
@@ -66,7 +66,7 @@ async def import_jsonl(
     """Store every episode read from ``src`` (lines of JSON; blank lines are skipped).
 
     Each episode keeps its own project, unless ``group_id`` moves every one into that
-    project. Each is scrubbed first, like a client's event (bridge/privacy.py). An episode
+    project. Each is scrubbed first, like a client's event (bridge/memory/privacy.py). An episode
     whose uuid the backend already holds is counted as skipped, not stored; ``done`` (if
     given) keeps both counts as the import runs. Returns the number of episodes newly
     stored. A line that is not an episode, or that the backend refuses, raises

@@ -48,7 +48,7 @@ import msgspec
 from bridge.episode import Episode
 from bridge.errors import BadRequest, MemoryUnavailable
 from bridge.memory.base import Recall, Selector, Unsupported, candidates_from_recall
-from bridge.recall import Candidates, TaskHit
+from bridge.memory.recall import Candidates, TaskHit
 
 STDERR_TAIL = 2000  # characters of stderr quoted in an error
 LINE_LIMIT = 16 * 1024 * 1024  # longest export line read

@@ -43,8 +43,8 @@ from bridge.errors import MemoryUnavailable
 from bridge.memory import sqlite_changes, sqlite_tasks
 from bridge.memory.base import PROJECTS_LISTED, Recall, Selector
 from bridge.memory.index import RecallIndexes
+from bridge.memory.recall import HORIZON_TASKS, Candidates, TaskHit
 from bridge.memory.sqlite_changes import Follower
-from bridge.recall import HORIZON_TASKS, Candidates, TaskHit
 
 SCHEMA_VERSION = 4
 

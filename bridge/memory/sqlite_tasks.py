@@ -26,7 +26,7 @@ from typing import Any, Final, Literal, NamedTuple
 import msgspec
 
 from bridge.episode import Episode
-from bridge.recall import TaskHit
+from bridge.memory.recall import TaskHit
 
 ForgetKind = Literal["episode", "path", "session", "task"]
 

@@ -1,4 +1,4 @@
-"""The full-text terms of a text: its meaningful words (see :func:`bridge.recall.words`),
+"""The full-text terms of a text: its meaningful words (see :func:`bridge.memory.recall.words`),
 stemmed with the Porter stemmer (PyStemmer's, the algorithm SQLite FTS5's ``porter``
 tokenizer implements), so every index of every backend sees the same terms:
 ``connections`` and ``connected`` are both ``connect``.
@@ -11,7 +11,7 @@ import threading
 
 import Stemmer
 
-from bridge.recall import words
+from bridge.memory.recall import words
 
 _LOCAL = threading.local()  # a stemmer is not safe to share between threads
 

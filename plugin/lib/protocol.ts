@@ -1,6 +1,6 @@
 /**
  * The wire protocol's messages (docs/protocol.md), generated from the schema in
- * bridge/protocol.py by scripts/protocol_ts.py: do not edit. After a change to the schema,
+ * bridge/wire/protocol.py by scripts/protocol_ts.py: do not edit. After a change to the schema,
  * run `.venv/bin/python plugin/scripts/protocol_ts.py` from the repository's root.
  *
  * `ClientMessage` is what the plugin sends, `ServerMessage` what the bridge answers; both

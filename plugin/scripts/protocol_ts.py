@@ -1,6 +1,6 @@
 """Write plugin/lib/protocol.ts: the wire protocol's messages as TypeScript, from its schema.
 
-bridge/protocol.py is the one source of the protocol: msgspec describes its two tagged
+bridge/wire/protocol.py is the one source of the protocol: msgspec describes its two tagged
 unions (client and server messages) as JSON Schema, and this script turns that schema into
 TypeScript interfaces, the unions, the tags and the bounds of each client field, so the
 plugin neither restates a message's shape nor a limit. Run it after changing the schema:
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import msgspec  # noqa: E402
 
-from bridge import protocol  # noqa: E402
+from bridge.wire import protocol  # noqa: E402
 
 WIDTH = 110  # prettier's printWidth (plugin/.prettierrc.json): lines that fit stay whole
 TEXT_WIDTH = 92  # comments wrap as the plugin's hand-written ones do
@@ -40,7 +40,7 @@ Node = dict[str, Any]
 HEADER = """\
 /**
  * The wire protocol's messages (docs/protocol.md), generated from the schema in
- * bridge/protocol.py by scripts/protocol_ts.py: do not edit. After a change to the schema,
+ * bridge/wire/protocol.py by scripts/protocol_ts.py: do not edit. After a change to the schema,
  * run `.venv/bin/python plugin/scripts/protocol_ts.py` from the repository's root.
  *
  * `ClientMessage` is what the plugin sends, `ServerMessage` what the bridge answers; both
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
         if current != text:
             print(
-                f"{args.output} is out of date with bridge/protocol.py: run "
+                f"{args.output} is out of date with bridge/wire/protocol.py: run "
                 f"`.venv/bin/python plugin/scripts/protocol_ts.py`",
                 file=sys.stderr,
             )

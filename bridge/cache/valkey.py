@@ -10,7 +10,7 @@
   ``service``; redis-py's Sentinel client moves to the new primary after a fail-over. The
   password is the data servers'; ``?sentinel_password=`` gives the Sentinels' own.
 
-Each kind says which primaries the in-process copy must follow (``bridge.following``)
+Each kind says which primaries the in-process copy must follow (``bridge.cache.following``)
 and how healthy it is (``problem``). The cache knows nothing else about the kinds.
 """
 
@@ -29,7 +29,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from bridge.following import Topology
+from bridge.cache.following import Topology
 
 Client: TypeAlias = redis.Redis | RedisCluster
 SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")

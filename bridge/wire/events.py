@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Final, NamedTuple, assert_never
 
-from bridge.paths import paths_in
-from bridge.protocol import Completion, ErrorEvent, FileWrite, Note
+from bridge.cache.paths import paths_in
+from bridge.wire.protocol import Completion, ErrorEvent, FileWrite, Note
 
 EpisodeEvent = FileWrite | ErrorEvent | Completion | Note
 MAX_MENTIONS: Final = 16  # paths in one error or task whose cached contexts are dropped

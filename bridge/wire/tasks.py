@@ -4,7 +4,7 @@ A ``chat:start`` opens a task for its (project, session); every later ``file:wri
 ``error`` and ``completion`` of that session belongs to it, until the next ``chat:start``.
 The tracker only remembers the open task of each recent session (a bounded LRU map):
 nothing is written when a task opens, so a chat that changes nothing leaves no trace. The
-task's query, scrubbed (bridge/privacy.py), travels in the metadata of each of its
+task's query, scrubbed (bridge/memory/privacy.py), travels in the metadata of each of its
 episodes, and the store builds the task from them.
 
 An event of a session the tracker does not know (a bridge restarted mid-task, or a
@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bridge.privacy import scrub
+from bridge.memory.privacy import scrub
 
 MAX_SESSIONS: Final = 10_000
 MAX_QUERY: Final = 1000  # characters of the opening query carried by each episode

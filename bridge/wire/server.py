@@ -1,5 +1,5 @@
 """The WebSocket server: frames in, handler calls, frames out; and on the same port, the
-plain HTTP answers (``/healthz``, ``/readyz``, the memory page of ``bridge.web.page``).
+plain HTTP answers (``/healthz``, ``/readyz``, the memory page of ``bridge.wire.web.page``).
 
 This is the only module that imports websockets. Per connection, frames are read in order
 and decoded; a chat:start the in-process cache can answer is answered at once, and every
@@ -49,12 +49,12 @@ from bridge.config import Config
 from bridge.deadline import CANCEL_WAIT, Deadline
 from bridge.episode import Episode
 from bridge.errors import BadRequest, RateLimited
-from bridge.handlers import Emit, Handlers, Session
-from bridge.health import ReadinessReport
-from bridge.limits import TokenBucket
 from bridge.metrics import Metrics
-from bridge.protocol import Codec, Export, ExportChunk, Limits, Reply, encode, error_ack
-from bridge.web.page import MemoryPage, is_page_path
+from bridge.wire.handlers import Emit, Handlers, Session
+from bridge.wire.health import ReadinessReport
+from bridge.wire.limits import TokenBucket
+from bridge.wire.protocol import Codec, Export, ExportChunk, Limits, Reply, encode, error_ack
+from bridge.wire.web.page import MemoryPage, is_page_path
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Server:
         return None
 
     async def _serve_page(self, request: Request, target: SplitResult) -> Response:
-        """The memory page's answer to a plain HTTP request (see bridge/web/page.py)."""
+        """The memory page's answer to a plain HTTP request (see bridge/wire/web/page.py)."""
         reply = await self.page.handle(
             request.method, target.path, target.query, request.headers.get_all
         )

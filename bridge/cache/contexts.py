@@ -17,7 +17,7 @@ Invalidation runs as one Lua script in Valkey, so it holds for every bridge proc
 shares the Valkey. Forgetting drops every context of the project at once, through the set
 of all of them; a store trims that set's expired members, so it holds live contexts only.
 The scripts touch several keys, all of one project, so they run on a Valkey Cluster too
-(see ``bridge.valkey`` for the kinds of Valkey and how a cluster is recognised).
+(see ``bridge.cache.valkey`` for the kinds of Valkey and how a cluster is recognised).
 
 Memory stays bounded without ever serving a stale context: a context naming more than
 MAX_TAGS paths is not cached, and Valkey must not evict (the private one runs with
@@ -30,7 +30,7 @@ At most ``pool_size`` operations use Valkey at once; more wait for a connection 
 their deadline), and a wait that runs out is reported as the pool being busy, not as
 Valkey being unreachable.
 
-Hits are served from an in-process copy (see ``bridge.tracking``) that Valkey keeps honest
+Hits are served from an in-process copy (see ``bridge.cache.tracking``) that Valkey keeps honest
 by pushing every change to a context key; only copies not yet made go over the network.
 
 When Valkey cannot be reached, every call raises CacheUnavailable at once (no waiting on a
@@ -67,12 +67,12 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.coalesce import Coalescer
+from bridge.cache.coalesce import Coalescer
+from bridge.cache.following import Follower
+from bridge.cache.paths import path_suffixes
+from bridge.cache.tracking import LocalContexts, is_missing
+from bridge.cache.valkey import Valkey, ValkeyUrlError, detect, open_valkey
 from bridge.errors import CacheUnavailable
-from bridge.following import Follower
-from bridge.paths import path_suffixes
-from bridge.tracking import LocalContexts, is_missing
-from bridge.valkey import Valkey, ValkeyUrlError, detect, open_valkey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

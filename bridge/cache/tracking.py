@@ -4,7 +4,7 @@ A dedicated connection per Valkey primary asks for server-assisted client-side c
 broadcast mode (``CLIENT TRACKING ON REDIRECT <self> BCAST PREFIX <prefix>ctx:``) and
 subscribes to ``__redis__:invalidate``: from then on that primary pushes the name of every
 context key that any client changes, deletes or lets expire on it. Which primaries there
-are, and whether every one of them is heard, is ``bridge.following``'s business: entries
+are, and whether every one of them is heard, is ``bridge.cache.following``'s business: entries
 are served from memory only while it is sure; when it is not, the copy is emptied and
 bypassed until it is again.
 

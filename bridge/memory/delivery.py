@@ -3,12 +3,12 @@
 An episode is acknowledged only once it is durable somewhere. Normally that is the memory
 backend itself. When the backend fails for a while (``RETRYABLE``: it is unavailable or
 overloaded) or is slower than ``store_timeout``, the episode is appended to the outbox
-instead (a ``bridge.durable.EpisodeQueue``: it survives SIGKILL, see ``bridge.outbox``)
-and acknowledged as queued; a background worker then delivers the outbox to the backend
-in append order, retrying on a backoff schedule (``bridge.retry``), and deletes each
-episode once stored. While anything waits in the outbox, new episodes queue behind it,
-so delivery keeps their order. A refusal that trying again cannot mend (a ``BadRequest``)
-is the client's answer, never queued.
+instead (a ``bridge.memory.durable.EpisodeQueue``: it survives SIGKILL, see
+``bridge.memory.outbox``) and acknowledged as queued; a background worker then delivers
+the outbox to the backend in append order, retrying on a backoff schedule
+(``bridge.retry``), and deletes each episode once stored. While anything waits in the
+outbox, new episodes queue behind it, so delivery keeps their order. A refusal that trying
+again cannot mend (a ``BadRequest``) is the client's answer, never queued.
 
 ``on_delivered`` runs after each late delivery, so the cache can drop contexts computed
 while the episode was not yet in memory.
@@ -31,11 +31,11 @@ from pathlib import Path
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
-from bridge.durable import EpisodeQueue
 from bridge.episode import Episode
 from bridge.errors import BridgeError, MemoryUnavailable, Overloaded, describe
 from bridge.memory.base import MemoryBackend
-from bridge.queue_files import take_over
+from bridge.memory.durable import EpisodeQueue
+from bridge.memory.queue_files import take_over
 from bridge.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Delivery:
 
     async def start(self, adopt: Sequence[Path] = ()) -> None:
         """Open the outbox, move into it the episodes of the outbox files in ``adopt``
-        (see ``bridge.outbox.orphaned_outboxes``), and deliver whatever a previous run
+        (see ``bridge.memory.outbox.orphaned_outboxes``), and deliver whatever a previous run
         left."""
         await self.outbox.open()
         for path in adopt:

@@ -51,7 +51,7 @@ DEFAULT_BUDGET: Final = 2000
 MAX_REMEMBERED_TEXT: Final = 1024  # characters of a task text whose clipped form is kept
 PREAMBLE: Final = "From memory of earlier sessions in this project; not the user's words."
 # The first and last lines of every context. A context that comes back inside a client's
-# text is cut out from the one to the other before anything is stored (bridge/privacy.py
+# text is cut out from the one to the other before anything is stored (bridge/memory/privacy.py
 # reads these same constants), so the end line is what tells it from the user's own words.
 CONTEXT_FIRST_LINE: Final = f"{CONTEXT_HEADER} {PREAMBLE}"
 CONTEXT_LAST_LINE: Final = "[/Memory Context]"

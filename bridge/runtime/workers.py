@@ -1,19 +1,19 @@
 """``serve --workers N``: N processes serving one port, sharing what is embedded.
 
-The parent process holds the data folder (``bridge.datadir``), starts what the workers
+The parent process holds the data folder (``bridge.runtime.datadir``), starts what the workers
 share (the private Valkey unless ``--valkey-url``; for ``--memory graphiti`` without
 ``--graph-url`` the private FalkorDB), creates or migrates the embedded store (so no
 worker waits for another to do it), makes the store id, and reserves the port; then it
 runs N worker processes (``graphiti-bridge worker K``). Each worker is a whole bridge
-(``bridge.app.App``) started from the parent's resolved Config, URLs and passwords
+(``bridge.runtime.app.App``) started from the parent's resolved Config, URLs and passwords
 included, which it finds in its environment (``bridge.config.worker_environment``), never
 on its command line. The workers listen on the same host and port with SO_REUSEPORT, and
 the kernel spreads connections over them; each has its own connections and limits, cache
 copy, recall index and outbox file (``outbox-K.sqlite3``).
 
 A worker that exits is started again after a backoff, with the policy of the embedded
-servers (``bridge.embedded.ChildServer``), and takes over its outbox. SIGTERM or SIGINT to
-the parent (handled in ``bridge.app.serve``) stops the workers: SIGTERM to each, a wait
+servers (``bridge.runtime.embedded.ChildServer``), and takes over its outbox. SIGTERM or SIGINT to
+the parent (handled in ``bridge.runtime.app.serve``) stops the workers: SIGTERM to each, a wait
 for them all until the shutdown deadline (``--shutdown-deadline``; each worker's own is a
 second shorter), SIGKILL for those left; then the embedded servers stop and the data
 folder is let go, all within that one deadline. Should the parent die without stopping
@@ -34,11 +34,11 @@ import subprocess
 import sys
 import time
 
+from bridge.cache.store_identity import memory_identity
 from bridge.config import Config, StartupError, environment, worker_environment
-from bridge.datadir import DataDirLock
 from bridge.deadline import Deadline
-from bridge.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey, _die_with_parent
-from bridge.store_identity import memory_identity
+from bridge.runtime.datadir import DataDirLock
+from bridge.runtime.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey, _die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _hold(family: socket.AddressFamily, address: str, port: int) -> socket.socke
 
 class Workers:
     """The parent of ``serve --workers N``: what the workers share, and the workers. Like
-    ``bridge.app.App``, an async context manager (or ``start`` and ``stop``)."""
+    ``bridge.runtime.app.App``, an async context manager (or ``start`` and ``stop``)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -1,4 +1,4 @@
-"""The memory page's routes, served on the bridge's own port (see bridge/server.py).
+"""The memory page's routes, served on the bridge's own port (see bridge/wire/server.py).
 
 ::
 
@@ -38,9 +38,9 @@ from urllib.parse import parse_qs
 import msgspec
 
 from bridge.errors import BadRequest, BridgeError
-from bridge.handlers import Handlers
 from bridge.memory.base import Selector
-from bridge.protocol import Forget, Limits
+from bridge.wire.handlers import Handlers
+from bridge.wire.protocol import Forget, Limits
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class MemoryPage:
         self._authorized = authorized
         self._loopback = loopback
         self._forget = msgspec.json.Decoder(Forget)
-        folder = resources.files("bridge.web")
+        folder = resources.files("bridge.wire.web")
         self._assets = {
             path: (folder.joinpath(name).read_bytes(), kind)
             for path, (name, kind) in ASSETS.items()

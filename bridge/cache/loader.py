@@ -15,13 +15,13 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
-from bridge.cache import ContextCache, Lookup, normalise_query
+from bridge.cache.contexts import ContextCache, Lookup, normalise_query
+from bridge.cache.paths import paths_in
 from bridge.errors import CacheUnavailable
 from bridge.memory.base import MemoryBackend
+from bridge.memory.privacy import scrub
+from bridge.memory.recall import DEFAULT_BUDGET, TASKS_SHOWN, context
 from bridge.metrics import Metrics
-from bridge.paths import paths_in
-from bridge.privacy import scrub
-from bridge.recall import DEFAULT_BUDGET, TASKS_SHOWN, context
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Which process keeps which durable queue file of a data folder, and taking files over.
 
 A bridge keeps acknowledged episodes that memory has not taken yet in queue files
-(``bridge.durable.EpisodeQueue``) under its data folder: the outbox, and graphiti's
+(``bridge.memory.durable.EpisodeQueue``) under its data folder: the outbox, and graphiti's
 ingest queue. A bridge alone keeps ``<stem>.sqlite3``; worker K of ``serve --workers N``
 keeps ``<stem>-<K>.sqlite3``, so a worker started again finds its own. A file that no
 process of the current run keeps (left by a run with more workers, or by a bridge alone
@@ -15,7 +15,7 @@ import logging
 import re
 from pathlib import Path
 
-from bridge.durable import EpisodeQueue
+from bridge.memory.durable import EpisodeQueue
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Final
 
 from redis.exceptions import RedisError
 
-from bridge.valkey import Client
+from bridge.cache.valkey import Client
 
 log = logging.getLogger(__name__)
 

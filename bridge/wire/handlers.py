@@ -13,16 +13,17 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from bridge.cache import ContextCache
-from bridge.delivery import Delivery
+from bridge.cache.contexts import ContextCache
+from bridge.cache.loader import ContextLoader
 from bridge.episode import Episode, episode_uuid, new_episode
 from bridge.errors import BridgeError, MemoryUnavailable
-from bridge.events import EpisodeEvent, describe, mentioned
-from bridge.loader import ContextLoader
 from bridge.memory.base import MemoryBackend, Selector
+from bridge.memory.delivery import Delivery
+from bridge.memory.privacy import scrub, scrub_episode
+from bridge.memory.recall import DEFAULT_BUDGET, TASKS_SHOWN, Ranked, TaskHit, rank
 from bridge.metrics import Metrics
-from bridge.privacy import scrub, scrub_episode
-from bridge.protocol import (
+from bridge.wire.events import EpisodeEvent, describe, mentioned
+from bridge.wire.protocol import (
     MAX_TEXT,
     Ack,
     ChatStart,
@@ -44,8 +45,7 @@ from bridge.protocol import (
     Reply,
     error_ack,
 )
-from bridge.recall import DEFAULT_BUDGET, TASKS_SHOWN, Ranked, TaskHit, rank
-from bridge.tasks import TaskTracker
+from bridge.wire.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ Emit = Callable[[Reply], Awaitable[None]]
 
 def _episode(group_id: str, **fields: Any) -> Episode:
     """The episode of a client's event, as memory may keep it: every episode is built here,
-    so none holds a private span, an injected context or a secret (bridge/privacy.py)."""
+    so none holds a private span, an injected context or a secret (bridge/memory/privacy.py)."""
     return scrub_episode(new_episode(group_id, **fields))
 
 
