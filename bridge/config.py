@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import platformdirs
 
+from bridge.bounds import MAX_FRAME, MAX_NAME, MAX_PATH, MAX_TEXT
 from bridge.memory.recall import DEFAULT_BUDGET, TASKS_SHOWN
-from bridge.wire.protocol import MAX_FRAME, MAX_NAME, MAX_PATH, MAX_TEXT
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

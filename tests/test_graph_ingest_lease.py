@@ -15,10 +15,10 @@ from typing import ClassVar
 import pytest
 import redis.asyncio as redis
 
-from bridge.cache.lease import Leases
 from bridge.episode import Episode, new_episode
 from bridge.memory.durable import EpisodeQueue
 from bridge.memory.graphiti import GraphitiMemory, LlmSettings
+from bridge.memory.lease import Leases
 from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from tests.openai_standin import OpenAIStandin, fact
 from tests.waiting import eventually

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from bridge.cache.lease import Lease, Leases
+from bridge.memory.lease import Lease, Leases
 from bridge.runtime.embedded import EmbeddedValkey
 from tests.waiting import eventually
 

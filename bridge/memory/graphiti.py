@@ -27,7 +27,7 @@ Two modes:
   when done; what is still queued when the process stops is ingested on the next start.
   When processes share the graph (``serve --workers N``, or bridges on one Valkey), a
   group is ingested by one of them at a time: its worker holds the group's lease in
-  Valkey (``bridge.cache.lease``) while it has episodes to ingest, so Graphiti's ordered
+  Valkey (``bridge.memory.lease``) while it has episodes to ingest, so Graphiti's ordered
   ingestion holds. Each process keeps its own queue file.
   ``recall`` adds Graphiti's hybrid search (BM25 + cosine, RRF) over facts, and
   ``candidates`` adds the best facts to the tasks and files.
@@ -68,7 +68,7 @@ from bridge.memory.recall import TASK_CANDIDATES, Candidates, TaskHit
 from bridge.retry import Retry
 
 if TYPE_CHECKING:
-    from bridge.cache.lease import Leases
+    from bridge.memory.lease import Leases
 
 try:
     from falkordb.asyncio import FalkorDB

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from bridge.cache.contexts import ContextCache
-from bridge.cache.lease import Leases
 from bridge.cache.store_identity import (
     cache_blind_to_other_writers,
     graph_identity,
@@ -40,6 +39,7 @@ from bridge.memory.base import MemoryBackend
 from bridge.memory.delivery import Delivery
 from bridge.memory.durable import EpisodeQueue
 from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_jsonl
+from bridge.memory.lease import Leases
 from bridge.memory.outbox import orphaned_outboxes
 from bridge.memory.queue_files import orphaned, queue_path
 from bridge.memory.script import ScriptMemory

@@ -17,17 +17,16 @@ from typing import Annotated, Any, Final, Literal, Union, cast
 
 import msgspec
 
+# The sizes, defined in bridge.bounds; the schema's, so named here too.
+from bridge.bounds import MAX_FRAME as MAX_FRAME
+from bridge.bounds import MAX_NAME as MAX_NAME
+from bridge.bounds import MAX_PATH as MAX_PATH
+from bridge.bounds import MAX_TEXT as MAX_TEXT
 from bridge.episode import Episode
 from bridge.errors import BadRequest
 
 PROTOCOL_VERSION: Final = 1
 
-# The default limits: --max-frame, --max-text, --max-path and --max-name start from these.
-MAX_FRAME: Final = 1 << 20  # bytes of one frame
-# Per-field length limits (characters). Generous for prompts; tight for identifiers.
-MAX_TEXT: Final = 65_536
-MAX_PATH: Final = 4_096
-MAX_NAME: Final = 256
 
 MessageId = int | Annotated[str, msgspec.Meta(max_length=MAX_NAME)] | None
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]

@@ -21,13 +21,15 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeAlias
 
+import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from bridge.cache.valkey import Client
-
 log = logging.getLogger(__name__)
+
+Client: TypeAlias = redis.Redis | RedisCluster  # one Valkey server, or a cluster
 
 DEFAULT_TTL: Final = 10.0  # seconds a lease outlives its holder's last renewal
 RENEW: Final = """if redis.call('GET', KEYS[1]) == ARGV[1] then
