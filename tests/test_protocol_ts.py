@@ -31,10 +31,13 @@ def generator() -> ModuleType:
 
 
 def interface_body(text: str, name: str) -> str:
-    """The lines between `export interface <name> {` and its closing brace."""
-    match = re.search(rf"^export interface {name} \{{\n(.*?)^\}}", text, re.M | re.S)
+    """The lines between `export interface <name> {` and its closing brace, followed by
+    those of the interface it extends, if any (and so on up)."""
+    pattern = rf"^export interface {name}(?: extends (\w+))? \{{\n(.*?)^\}}"
+    match = re.search(pattern, text, re.M | re.S)
     assert match, f"no interface {name} in the generated file"
-    return match.group(1)
+    parent, body = match.groups()
+    return body + (interface_body(text, parent) if parent else "")
 
 
 def test_the_committed_file_is_what_the_schema_gives(
@@ -77,12 +80,18 @@ def test_every_message_is_an_interface_with_its_tag_and_fields(generator: Module
 
 def test_bounds_are_the_schema_limits(generator: ModuleType) -> None:
     text = generator.render()
+    shared = text[text.index("const CLIENT_MESSAGE_BOUNDS") : text.index("export const BOUNDS")]
+    assert f"  session: {{ minLength: 1, maxLength: {protocol.MAX_NAME} }},\n" in shared
+    assert "const EPISODE_MESSAGE_BOUNDS = {\n  ...CLIENT_MESSAGE_BOUNDS,\n" in shared
     bounds = text[text.index("export const BOUNDS") :]
-    assert f'"chat:start": {{\n    query: {{ maxLength: {protocol.MAX_TEXT} }},' in bounds
     assert (
-        f'"file:write": {{\n    path: {{ minLength: 1, maxLength: {protocol.MAX_PATH} }},' in bounds
+        f'"chat:start": {{ query: {{ maxLength: {protocol.MAX_TEXT} }}, '
+        "...CLIENT_MESSAGE_BOUNDS }," in bounds
     )
-    assert f"note: {{\n    text: {{ minLength: 1, maxLength: {protocol.MAX_TEXT} }}," in bounds
-    assert f"session: {{ minLength: 1, maxLength: {protocol.MAX_NAME} }}" in bounds
+    assert (
+        f'"file:write": {{ path: {{ minLength: 1, maxLength: {protocol.MAX_PATH} }}, '
+        "...EPISODE_MESSAGE_BOUNDS }," in bounds
+    )
+    assert f"note: {{ text: {{ minLength: 1, maxLength: {protocol.MAX_TEXT} }}, ..." in bounds
     assert "limit: { minimum: 1, maximum: 100 }" in bounds
     assert f"export const PROTOCOL_VERSION = {protocol.PROTOCOL_VERSION}\n" in text

@@ -41,128 +41,91 @@ export const SERVER_TYPES = ["context", "ack", "result", "export:chunk", "export
 /** The `type` of each episode message. */
 export const EPISODE_TYPES = ["file:write", "error", "completion", "note"] as const
 
+/** The bounds of the fields of `ClientMessageFields`. */
+const CLIENT_MESSAGE_BOUNDS = {
+  id: { maxLength: 256 },
+  project: { minLength: 1, maxLength: 256 },
+  session: { minLength: 1, maxLength: 256 },
+} as const
+
+/** The bounds of the fields of `EpisodeMessageFields`. */
+const EPISODE_MESSAGE_BOUNDS = {
+  ...CLIENT_MESSAGE_BOUNDS,
+  episode_id: { minLength: 1, maxLength: 256 },
+  at: { minimum: 0, maximum: 100000000000 },
+} as const
+
 /** The bounds of each client message's fields, by message type and field. */
 export const BOUNDS = {
-  "chat:start": {
-    query: { maxLength: 65536 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-  },
-  "file:write": {
-    path: { minLength: 1, maxLength: 4096 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-    episode_id: { minLength: 1, maxLength: 256 },
-    at: { minimum: 0, maximum: 100000000000 },
-  },
-  error: {
-    message: { minLength: 1, maxLength: 65536 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-    episode_id: { minLength: 1, maxLength: 256 },
-    at: { minimum: 0, maximum: 100000000000 },
-  },
+  "chat:start": { query: { maxLength: 65536 }, ...CLIENT_MESSAGE_BOUNDS },
+  "file:write": { path: { minLength: 1, maxLength: 4096 }, ...EPISODE_MESSAGE_BOUNDS },
+  error: { message: { minLength: 1, maxLength: 65536 }, ...EPISODE_MESSAGE_BOUNDS },
   completion: {
     task: { minLength: 1, maxLength: 65536 },
     duration_ms: { minimum: 0, maximum: 100000000000000 },
     tokens: { minimum: 0, maximum: 9007199254740992 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-    episode_id: { minLength: 1, maxLength: 256 },
-    at: { minimum: 0, maximum: 100000000000 },
+    ...EPISODE_MESSAGE_BOUNDS,
   },
-  query: {
-    query: { maxLength: 65536 },
-    limit: { minimum: 1, maximum: 100 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-  },
-  export: {
-    chunk_size: { minimum: 1, maximum: 1000 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-  },
-  ping: {
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-  },
-  note: {
-    text: { minLength: 1, maxLength: 65536 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
-    episode_id: { minLength: 1, maxLength: 256 },
-    at: { minimum: 0, maximum: 100000000000 },
-  },
+  query: { query: { maxLength: 65536 }, limit: { minimum: 1, maximum: 100 }, ...CLIENT_MESSAGE_BOUNDS },
+  export: { chunk_size: { minimum: 1, maximum: 1000 }, ...CLIENT_MESSAGE_BOUNDS },
+  ping: { ...CLIENT_MESSAGE_BOUNDS },
+  note: { text: { minLength: 1, maxLength: 65536 }, ...EPISODE_MESSAGE_BOUNDS },
   forget: {
     episode: { minLength: 1, maxLength: 256 },
     path: { minLength: 1, maxLength: 4096 },
     task: { minLength: 1, maxLength: 256 },
-    id: { maxLength: 256 },
-    project: { minLength: 1, maxLength: 256 },
-    session: { minLength: 1, maxLength: 256 },
+    ...CLIENT_MESSAGE_BOUNDS,
   },
 } as const
 
+/** Fields every client message may carry. */
+export interface ClientMessageFields {
+  /** at most 256 characters */
+  id?: number | string | null
+  /** 1 to 256 characters */
+  project?: string | null
+  /** 1 to 256 characters */
+  session?: string | null
+}
+
 /** A new chat turn: answer with the memory context to inject. */
-export interface ChatStart {
+export interface ChatStart extends ClientMessageFields {
   type: "chat:start"
   /** at most 65536 characters */
   query: string
-  /** at most 256 characters */
-  id?: number | string | null
+}
+
+/**
+ * A message that becomes an episode. `episode_id` makes resending it harmless: the same id
+ * in the same project is stored once, however often it arrives. `at` is when the event
+ * happened (default: when it arrived; a time in the future counts as now).
+ */
+export interface EpisodeMessageFields extends ClientMessageFields {
   /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
+  episode_id?: string | null
+  /** 0 to 100000000000 */
+  at?: number | null
 }
 
 /** OpenCode wrote a file: remember it and drop cached contexts that name it. */
-export interface FileWrite {
+export interface FileWrite extends EpisodeMessageFields {
   type: "file:write"
   /** 1 to 4096 characters */
   path: string
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
-  /** 1 to 256 characters */
-  episode_id?: string | null
-  /** 0 to 100000000000 */
-  at?: number | null
 }
 
 /** OpenCode hit an error: remember it and raise a Datadog event. */
-export interface ErrorEvent {
+export interface ErrorEvent extends EpisodeMessageFields {
   type: "error"
   /** 1 to 65536 characters */
   message: string
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
-  /** 1 to 256 characters */
-  episode_id?: string | null
-  /** 0 to 100000000000 */
-  at?: number | null
 }
 
 /**
  * A task finished: remember it and count its tokens. `summary` is the assistant's final
  * answer, if the client can read it; longer than the text limit, it is clipped.
  */
-export interface Completion {
+export interface Completion extends EpisodeMessageFields {
   type: "completion"
   /** 1 to 65536 characters */
   task: string
@@ -171,72 +134,34 @@ export interface Completion {
   /** 0 to 9007199254740992, default 0 */
   tokens?: number
   summary?: string | null
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
-  /** 1 to 256 characters */
-  episode_id?: string | null
-  /** 0 to 100000000000 */
-  at?: number | null
 }
 
 /** Search memory directly, bypassing the cache. */
-export interface Query {
+export interface Query extends ClientMessageFields {
   type: "query"
   /** at most 65536 characters */
   query: string
   /** 1 to 100, default 10 */
   limit?: number
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
 }
 
 /** Stream every episode of the project back in chunks. */
-export interface Export {
+export interface Export extends ClientMessageFields {
   type: "export"
   /** 1 to 1000, default 100 */
   chunk_size?: number
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
 }
 
 /** Liveness check; answered with `pong`. */
-export interface Ping {
+export interface Ping extends ClientMessageFields {
   type: "ping"
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
 }
 
 /** A memory saved on purpose (by the agent's tool or a person): a task of its own. */
-export interface Note {
+export interface Note extends EpisodeMessageFields {
   type: "note"
   /** 1 to 65536 characters */
   text: string
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
-  /** 1 to 256 characters */
-  episode_id?: string | null
-  /** 0 to 100000000000 */
-  at?: number | null
 }
 
 /**
@@ -244,7 +169,7 @@ export interface Note {
  * of a session, or one task. Exactly one selector; `session` is one of them here, not the
  * message's session.
  */
-export interface Forget {
+export interface Forget extends ClientMessageFields {
   type: "forget"
   /** 1 to 256 characters */
   episode?: string | null
@@ -252,18 +177,16 @@ export interface Forget {
   path?: string | null
   /** 1 to 256 characters */
   task?: string | null
-  /** at most 256 characters */
-  id?: number | string | null
-  /** 1 to 256 characters */
-  project?: string | null
-  /** 1 to 256 characters */
-  session?: string | null
+}
+
+/** Fields every reply carries: the `id` of the message it answers (or null). */
+export interface ReplyFields {
+  id: number | string | null
 }
 
 /** Answer to chat:start. `hit` is true only when the context came from the cache. */
-export interface Context {
+export interface Context extends ReplyFields {
   type: "context"
-  id: number | string | null
   hit: boolean
   inject: string | null
   elapsed_us: number
@@ -274,9 +197,8 @@ export interface Context {
  * true when it is durable in the outbox, not yet in memory; a forget's `forgotten` is how
  * many episodes memory let go of.
  */
-export interface Ack {
+export interface Ack extends ReplyFields {
   type: "ack"
-  id: number | string | null
   ok: boolean
   episode?: string | null
   /** default false */
@@ -289,32 +211,28 @@ export interface Ack {
  * Answer to query: the matching episodes, best first, and `context`: the memory context a
  * chat:start with the same query would get from memory (null: memory has nothing for it).
  */
-export interface QueryResult {
+export interface QueryResult extends ReplyFields {
   type: "result"
-  id: number | string | null
   episodes: Episode[]
   context?: string | null
 }
 
 /** One chunk of an export, numbered from 0. */
-export interface ExportChunk {
+export interface ExportChunk extends ReplyFields {
   type: "export:chunk"
-  id: number | string | null
   seq: number
   episodes: Episode[]
 }
 
 /** Last message of an export: how many episodes were sent. */
-export interface ExportEnd {
+export interface ExportEnd extends ReplyFields {
   type: "export:end"
-  id: number | string | null
   count: number
 }
 
 /** Answer to ping. */
-export interface Pong {
+export interface Pong extends ReplyFields {
   type: "pong"
-  id: number | string | null
   /** default 1 */
   version?: number
 }

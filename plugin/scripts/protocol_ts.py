@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "plugin" / "lib" / "protocol.ts"
@@ -145,32 +145,103 @@ def comment(text: str, indent: str) -> list[str]:
     return lines
 
 
-def interface(name: str, node: Node) -> list[str]:
-    """The interface of one struct: its fields in schema order, optional when defaulted."""
-    lines = comment(docstring(node.get("description", name)), "")
-    lines.append(f"export interface {name} {{")
-    required = set(node.get("required", []))
-    for field, spec in node["properties"].items():
+class Declaration(NamedTuple):
+    """One interface to write: what it is, the interface it extends and its own fields."""
+
+    name: str
+    doc: str
+    parent: str | None
+    fields: dict[str, Node]  # its own, in schema order
+    required: frozenset[str]
+
+    @property
+    def bounds_name(self) -> str:
+        """The constant holding the bounds of these fields (`ClientMessageFields`:
+        `CLIENT_MESSAGE_BOUNDS`)."""
+        words = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", self.name.removesuffix("Fields"))
+        return f"{words.upper()}_BOUNDS"
+
+
+def parent_of(struct: type) -> type | None:
+    """The protocol struct that `struct` takes its shared fields from, if any."""
+    parent = struct.__bases__[0]
+    return None if parent is msgspec.Struct else parent
+
+
+def field_names(struct: type | None) -> set[str]:
+    """The names of a struct's fields, its inherited ones included."""
+    return {field.name for field in msgspec.structs.fields(struct)} if struct else set()
+
+
+def declarations(components: dict[str, Node]) -> list[Declaration]:
+    """The interfaces to write: each message of both unions, preceded by the first use of
+    the shared fields it extends (one interface per protocol base struct), then the other
+    structs the messages hold."""
+    out: dict[str, Declaration] = {}
+
+    def declare(struct: type, node: Node, base: bool) -> str:
+        """Declare `struct` once, after what it extends (`base`: only the fields it gives
+        the messages of `node`'s kind); the name of its interface."""
+        name = f"{struct.__name__}Fields" if base else struct.__name__
+        if name not in out:
+            parent = parent_of(struct)
+            extends = declare(parent, node, base=True) if parent is not None else None
+            own = (field_names(struct) if base else set(node["properties"])) - field_names(parent)
+            out[name] = Declaration(
+                name=name,
+                doc=docstring(struct.__doc__ or name),
+                parent=extends,
+                fields={f: spec for f, spec in node["properties"].items() if f in own},
+                required=frozenset(node.get("required", [])),
+            )
+        return name
+
+    for struct in (*protocol.Message.__args__, *protocol.ServerMessage.__args__):
+        declare(struct, components[struct.__name__], base=False)
+    for name, node in components.items():
+        if name not in out:
+            out[name] = Declaration(
+                name=name,
+                doc=docstring(node.get("description", name)),
+                parent=None,
+                fields=dict(node["properties"]),
+                required=frozenset(node.get("required", [])),
+            )
+    return list(out.values())
+
+
+def interface(declared: Declaration) -> list[str]:
+    """The interface of one struct: its own fields in schema order, optional when defaulted."""
+    lines = comment(declared.doc, "")
+    extends = f" extends {declared.parent}" if declared.parent else ""
+    lines.append(f"export interface {declared.name}{extends} {{")
+    for field, spec in declared.fields.items():
         said = describe_bounds(spec)
         if said:
             lines += comment(said, "  ")
-        optional = "" if field in required else "?"
+        optional = "" if field in declared.required else "?"
         lines.append(f"  {field}{optional}: {ts_type(spec)}")
     lines.append("}")
     return lines
 
 
-def joined(head: str, items: Sequence[str], separator: str, tail: str = "") -> list[str]:
+def joined(
+    head: str, items: Sequence[str], separator: str, tail: str = "", indent: str = ""
+) -> list[str]:
     """`head item, item tail` on one line if it fits, else one item a line, as prettier does."""
-    one = f"{head}{separator.join(items)}{tail}"
+    one = f"{indent}{head}{separator.join(items)}{tail}"
     if len(one) <= WIDTH:
         return [one]
     if separator == " | ":
-        indented = f"  {separator.join(items)}"
+        indented = f"{indent}  {separator.join(items)}"
         if len(indented) <= WIDTH:
-            return [head.rstrip(), indented]
-        return [head.rstrip(), *(f"  | {item}" for item in items)]
-    return [head, *(f"  {item}," for item in items), tail]
+            return [f"{indent}{head.rstrip()}", indented]
+        return [f"{indent}{head.rstrip()}", *(f"{indent}  | {item}" for item in items)]
+    return [
+        f"{indent}{head.rstrip()}",
+        *(f"{indent}  {item}," for item in items),
+        indent + tail.strip(),
+    ]
 
 
 def key(name: str) -> str:
@@ -190,10 +261,52 @@ def constants(name: str, tags: Iterable[str], doc: str) -> list[str]:
     return [*comment(doc, ""), *joined(f"export const {name} = [", quoted, ", ", "] as const")]
 
 
+def bounded(declared: Declaration) -> list[str]:
+    """`field: { limit: n }` of each of a declaration's own fields that has limits."""
+    entries = []
+    for field, spec in declared.fields.items():
+        limits = bounds(spec)
+        if limits:
+            inner = ", ".join(f"{k}: {number(v)}" for k, v in limits.items())
+            entries.append(f"{key(field)}: {{ {inner} }}")
+    return entries
+
+
+def bounds_table(client: Sequence[tuple[str, Declaration]], shared: list[Declaration]) -> list[str]:
+    """`BOUNDS`, each client message's field limits by type and field, after one constant
+    per set of shared fields, which the messages that extend it spread."""
+    out = []
+    spread = {d.name: f"...{d.bounds_name}" for d in shared}
+    for declared in shared:
+        items = bounded(declared)
+        if declared.parent in spread:
+            items.insert(0, spread[declared.parent])
+        out += comment(f"The bounds of the fields of `{declared.name}`.", "")
+        out += [*joined(f"const {declared.bounds_name} = {{ ", items, ", ", " } as const"), ""]
+    out += comment("The bounds of each client message's fields, by message type and field.", "")
+    out.append("export const BOUNDS = {")
+    for tag, declared in client:
+        items = bounded(declared)
+        if declared.parent in spread:
+            items.append(spread[declared.parent])
+        out += joined(f"{key(tag)}: {{ ", items, ", ", " },", indent="  ")
+    return [*out, "} as const"]
+
+
 def render() -> str:
     """The text of plugin/lib/protocol.ts for the current schema."""
     (client, server), components = schema()
     client_members, server_members = members(client), members(server)
+    declared = declarations(components)
+    by_name = {d.name: d for d in declared}
+    client_declarations = [(tag, by_name[name]) for tag, name in client_members]
+    extended: set[str] = set()  # the shared fields that client messages extend
+    for _, message in client_declarations:
+        parent = message.parent
+        while parent is not None:
+            extended.add(parent)
+            parent = by_name[parent].parent
+    shared = [d for d in declared if d.name in extended]
     episode_tags = [
         message.__struct_config__.tag
         for message in protocol.Message.__args__
@@ -224,21 +337,9 @@ def render() -> str:
     )
     out += constants("EPISODE_TYPES", episode_tags, "The `type` of each episode message.")
     out.append("")
-    out += comment("The bounds of each client message's fields, by message type and field.", "")
-    out.append("export const BOUNDS = {")
-    for tag, name in client_members:
-        out.append(f"  {key(tag)}: {{")
-        for field, spec in components[name]["properties"].items():
-            limits = bounds(spec)
-            if limits:
-                inner = ", ".join(f"{k}: {number(v)}" for k, v in limits.items())
-                out.append(f"    {key(field)}: {{ {inner} }},")
-        out.append("  },")
-    out += ["} as const", ""]
-    ordered = [n for _, n in client_members + server_members]
-    ordered += [n for n in components if n not in ordered]
-    for name in ordered:
-        out += [*interface(name, components[name]), ""]
+    out += [*bounds_table(client_declarations, shared), ""]
+    for declaration in declared:
+        out += [*interface(declaration), ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
