@@ -33,7 +33,6 @@ from bridge.cache.store_identity import (
 )
 from bridge.cache.valkey import ValkeyUrlError
 from bridge.config import Config, ConfigError, StartupError, redact_url
-from bridge.deadline import Deadline
 from bridge.errors import MemoryUnavailable
 from bridge.memory.base import MemoryBackend
 from bridge.memory.delivery import Delivery
@@ -46,8 +45,9 @@ from bridge.memory.script import ScriptMemory
 from bridge.memory.sqlite import SqliteMemory
 from bridge.metrics import Metrics
 from bridge.runtime.datadir import DataDirLock
-from bridge.runtime.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey
-from bridge.runtime.workers import Workers, close_within
+from bridge.runtime.embedded import EmbeddedFalkorDB
+from bridge.runtime.lifecycle import Lifecycle, start_falkor
+from bridge.runtime.workers import Workers
 from bridge.wire.handlers import Handlers
 from bridge.wire.health import ReadinessReport, data_dir_problem
 from bridge.wire.server import Server
@@ -86,11 +86,7 @@ async def open_memory(
     falkor = None
     graph_url = settings.graph_url
     if graph_url is None:
-        falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
-        try:
-            await falkor.start()
-        except (RuntimeError, OSError) as e:
-            raise StartupError(f"the private FalkorDB did not start: {e}") from e
+        falkor = await start_falkor(config.data_dir)
         graph_url = falkor.url
     llm = None
     if settings.llm.enabled:
@@ -136,41 +132,23 @@ class Parts:
     server: Server
 
 
-class App:
+class App(Lifecycle):
     """The bridge's parts, wired together from one Config: ``async with App(config) as app``
-    runs them (``start`` and ``stop`` do the same in two calls)."""
+    runs them (``start`` and ``stop`` do the same in two calls). The server listens once
+    everything behind it is ready; a part that cannot start stops the start (StartupError
+    saying why)."""
+
+    kind = "an App"
 
     def __init__(self, config: Config, memory: MemoryBackend | None = None) -> None:
+        super().__init__(config.server.shutdown_deadline)
         self.config = config
         self.data_dir = DataDirLock(config.data_dir)
         number = config.server.worker
         worker = [f"worker:{number}"] if number else None  # gauges per worker
         self.metrics = Metrics(config.metrics.host, config.metrics.port, tags=worker)
         self._given_memory = memory
-        self.valkey: EmbeddedValkey | None = None  # the private one, without --valkey-url
-        self.falkor: EmbeddedFalkorDB | None = None  # the private one, for graphiti
         self._parts: Parts | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self.deadline = Deadline(config.server.shutdown_deadline)  # the shutdown's, from stop
-
-    async def __aenter__(self) -> App:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        """Start every part; the server listens once everything behind it is ready. What
-        did start is stopped again when a part cannot (StartupError saying why)."""
-        if self._stack is not None or self.deadline.started:
-            raise RuntimeError("an App starts once")
-        self._stack = contextlib.AsyncExitStack()
-        try:
-            await self._start(self._stack)
-        except BaseException:
-            await self.stop()
-            raise
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         config, worker = self.config, self.config.server.worker
@@ -178,19 +156,14 @@ class App:
             stack.enter_context(self.data_dir)
         self.metrics.start()
         stack.push_async_callback(self._close, "flushing metrics", self.metrics.close)
-        valkey_url = config.cache.valkey_url
-        if valkey_url is None:
-            self.valkey = EmbeddedValkey()
-            await self.valkey.start()
-            stack.push_async_callback(self._close_child, self.valkey)
-            valkey_url = self.valkey.url
+        valkey_url = await self._valkey_url(stack, config.cache.valkey_url)
         cache = await open_cache(config, valkey_url, self.metrics)
         stack.push_async_callback(self._close, "closing the cache", cache.close)
         memory = self._given_memory
         if memory is None:
-            memory, self.falkor = await open_memory(config, ingest_leases(config, cache))
-            if self.falkor is not None:
-                stack.push_async_callback(self._close_child, self.falkor)
+            memory, falkor = await open_memory(config, ingest_leases(config, cache))
+            if falkor is not None:
+                self._own_falkor(stack, falkor)
         await start_memory(memory)
         stack.push_async_callback(self._close, f"closing the {memory.name} memory", memory.close)
         delivery = Delivery(
@@ -286,12 +259,8 @@ class App:
         A step still running at the deadline is cancelled (``bridge.deadline``); whatever
         the outbox holds then is delivered by the next start. Safe to call after a failed
         start, and more than once."""
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        self.deadline.start()
         try:
-            await stack.aclose()
+            await super().stop()
         finally:
             self._parts = None
 
@@ -311,9 +280,6 @@ class App:
 
     async def _close(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
         await self.deadline.run(close(), what, closing=True)
-
-    async def _close_child(self, child: ChildServer) -> None:
-        await close_within(child, self.deadline.closing_remaining())
 
 
 async def open_cache(config: Config, url: str, metrics: Metrics) -> ContextCache:

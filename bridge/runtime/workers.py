@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,9 +35,9 @@ import time
 
 from bridge.cache.store_identity import memory_identity
 from bridge.config import Config, StartupError, environment, worker_environment
-from bridge.deadline import Deadline
 from bridge.runtime.datadir import DataDirLock
-from bridge.runtime.embedded import ChildServer, EmbeddedFalkorDB, EmbeddedValkey, _die_with_parent
+from bridge.runtime.embedded import ChildServer, _die_with_parent
+from bridge.runtime.lifecycle import Lifecycle, close_within, start_falkor
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +92,6 @@ class WorkerProcess(ChildServer):
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         return self._process
-
-
-async def close_within(child: ChildServer, seconds: float) -> None:
-    """Stop a worker or a private server (SIGTERM, then SIGKILL after ``seconds``; at
-    once when none are left) and remove its private folder."""
-    await child.stop(seconds)
-    await asyncio.to_thread(shutil.rmtree, child.dir, ignore_errors=True)
 
 
 async def _read_report(fd: int, timeout: float) -> bytes:
@@ -185,56 +177,29 @@ def _hold(family: socket.AddressFamily, address: str, port: int) -> socket.socke
     raise AssertionError("unreachable")
 
 
-class Workers:
+class Workers(Lifecycle):
     """The parent of ``serve --workers N``: what the workers share, and the workers. Like
-    ``bridge.runtime.app.App``, an async context manager (or ``start`` and ``stop``)."""
+    ``bridge.runtime.app.App``, an async context manager (or ``start`` and ``stop``); it
+    starts the shared parts, then every worker, and is started once all of them listen.
+    ``stop`` stops the workers (SIGTERM; SIGKILL at the shutdown deadline), then the
+    shared parts, all within the one deadline."""
+
+    kind = "the parent of --workers"
 
     def __init__(self, config: Config) -> None:
+        super().__init__(config.server.shutdown_deadline)
         self.config = config
         self.port = config.server.port
         self.data_dir = DataDirLock(config.data_dir)
-        self.valkey: EmbeddedValkey | None = None
-        self.falkor: EmbeddedFalkorDB | None = None
         self.workers: list[WorkerProcess] = []
-        self._stack: contextlib.AsyncExitStack | None = None
-        self.deadline = Deadline(config.server.shutdown_deadline)  # the shutdown's, from stop
-
-    async def __aenter__(self) -> Workers:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        """Start the shared parts, then every worker; return once all of them listen. What
-        did start is stopped again when a part cannot."""
-        if self._stack is not None or self.deadline.started:
-            raise RuntimeError("Workers start once")
-        self._stack = contextlib.AsyncExitStack()
-        try:
-            await self._start(self._stack)
-        except BaseException:
-            await self.stop()
-            raise
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         config, server = self.config, self.config.server
         stack.enter_context(self.data_dir)
-        valkey_url, graph_url = config.cache.valkey_url, config.memory.graph_url
-        if valkey_url is None:
-            self.valkey = EmbeddedValkey()
-            await self.valkey.start()
-            stack.push_async_callback(self._close_child, self.valkey)
-            valkey_url = self.valkey.url
+        valkey_url = await self._valkey_url(stack, config.cache.valkey_url)
+        graph_url = config.memory.graph_url
         if config.memory.backend == "graphiti" and graph_url is None:
-            self.falkor = EmbeddedFalkorDB(data_dir=config.data_dir / "falkordb")
-            try:
-                await self.falkor.start()
-            except (RuntimeError, OSError) as e:
-                raise StartupError(f"the private FalkorDB did not start: {e}") from e
-            stack.push_async_callback(self._close_child, self.falkor)
-            graph_url = self.falkor.url
+            graph_url = self._own_falkor(stack, await start_falkor(config.data_dir))
         if config.memory.backend == "sqlite":
             await asyncio.to_thread(_prepare_store, config)
         try:
@@ -269,24 +234,11 @@ class Workers:
         """The process id of each worker (None while it is being started again)."""
         return [worker.pid for worker in self.workers]
 
-    async def stop(self) -> None:
-        """Stop the workers (SIGTERM; SIGKILL at the shutdown deadline), then the shared
-        parts, all within the one deadline. Safe to call after a failed start, and more
-        than once."""
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        self.deadline.start()
-        await stack.aclose()
-
     async def _stop_workers(self) -> None:
         began = time.monotonic()
         remaining = self.deadline.remaining()
         await asyncio.gather(*(close_within(worker, remaining) for worker in self.workers))
         log.info("workers stopped in %.1f s", time.monotonic() - began)
-
-    async def _close_child(self, child: ChildServer) -> None:
-        await close_within(child, self.deadline.closing_remaining())
 
 
 def worker_deadline(deadline: float) -> float:
