@@ -23,7 +23,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar, cast
 
 from bridge.cache.contexts import ContextCache
 from bridge.cache.store_identity import (
@@ -53,6 +53,8 @@ from bridge.wire.health import ReadinessReport, data_dir_problem
 from bridge.wire.server import Server
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 GRAPHITI_QUEUE = "graphiti-queue"  # the stem of graphiti's ingest queue files
 
@@ -132,6 +134,17 @@ class Parts:
     server: Server
 
 
+class RunningPart(Generic[T]):
+    """An App's attribute that is one of its running parts, by the same name (RuntimeError
+    before ``start`` and after ``stop``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, app: App, owner: type | None = None) -> T:
+        return cast(T, getattr(app.parts, self.name))
+
+
 class App(Lifecycle):
     """The bridge's parts, wired together from one Config: ``async with App(config) as app``
     runs them (``start`` and ``stop`` do the same in two calls). The server listens once
@@ -139,6 +152,11 @@ class App(Lifecycle):
     saying why)."""
 
     kind = "an App"
+    server = RunningPart[Server]()  # the WebSocket server
+    cache = RunningPart[ContextCache]()  # the context cache
+    memory = RunningPart[MemoryBackend]()  # the memory backend
+    handlers = RunningPart[Handlers]()  # the message handlers
+    delivery = RunningPart[Delivery]()  # the delivery of episodes to memory, by the outbox
 
     def __init__(self, config: Config, memory: MemoryBackend | None = None) -> None:
         super().__init__(config.server.shutdown_deadline)
@@ -201,31 +219,6 @@ class App(Lifecycle):
         if self._parts is None:
             raise RuntimeError("the bridge is not running: use `async with App(config)`")
         return self._parts
-
-    @property
-    def server(self) -> Server:
-        """The WebSocket server."""
-        return self.parts.server
-
-    @property
-    def cache(self) -> ContextCache:
-        """The context cache."""
-        return self.parts.cache
-
-    @property
-    def memory(self) -> MemoryBackend:
-        """The memory backend."""
-        return self.parts.memory
-
-    @property
-    def handlers(self) -> Handlers:
-        """The message handlers."""
-        return self.parts.handlers
-
-    @property
-    def delivery(self) -> Delivery:
-        """The delivery of episodes to memory, through the outbox."""
-        return self.parts.delivery
 
     async def readiness(self) -> ReadinessReport:
         """What keeps the bridge from serving right now, and what from serving fully (the
