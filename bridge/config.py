@@ -34,6 +34,7 @@ Backend = Literal["sqlite", "graphiti", "script"]
 LlmMode = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 S = TypeVar("S", bound="DataclassInstance")
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,34 +183,27 @@ class Config:
         return f"graphiti on {graph}, {'with' if memory.llm.enabled else 'without'} an LLM"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _checked(
+    convert: Callable[[str], N], accept: Callable[[N], bool], what: str
+) -> Callable[[str], N]:
+    """An argparse type: ``convert`` of the text, refused unless ``accept`` holds for it,
+    the error saying it must be ``what``."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+_positive_int = _checked(int, lambda n: n > 0, "a positive integer")
+_port = _checked(int, lambda n: 0 <= n <= 65535, "a port number 0-65535")
+_positive_float = _checked(float, lambda x: x > 0, "a positive number")  # also refuses nan
 
 
 METAVARS: dict[object, str] = {
@@ -412,6 +406,13 @@ def _read_token(args: argparse.Namespace) -> str | None:
     return token
 
 
+def _from_flags(section: type[S], a: argparse.Namespace, **given: Any) -> S:
+    """A Config section: each field that has a flag of the same name takes the flag's
+    value; the others are ``given`` (or keep their defaults)."""
+    named = {f.name for f in dataclasses.fields(section)} - given.keys()
+    return section(**{name: getattr(a, name) for name in named if hasattr(a, name)}, **given)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build and check the Config from parsed ``serve`` arguments (raises ConfigError).
 
@@ -423,45 +424,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
             for name, value in vars(args).items()
         }
     )
+    origins = tuple(o.strip() for o in a.allowed_origins.split(",") if o.strip())
     config = Config(
         data_dir=Path(a.data_dir).expanduser(),
         project=Config.project if a.project is None else a.project,
-        server=ServerConfig(
-            host=a.host,
-            port=a.port,
-            token=_read_token(a),
-            allowed_origins=tuple(o.strip() for o in a.allowed_origins.split(",") if o.strip()),
-            workers=a.workers,
-            shutdown_deadline=a.shutdown_deadline,
-            log_level=a.log_level,
-        ),
-        limits=LimitsConfig(
-            max_frame=a.max_frame,
-            max_text=a.max_text,
-            max_path=a.max_path,
-            max_name=a.max_name,
-            max_inflight=a.max_inflight,
-            max_connections=a.max_connections,
-            rate_limit=a.rate_limit,
-            rate_burst=a.rate_burst,
-        ),
+        server=_from_flags(ServerConfig, a, token=_read_token(a), allowed_origins=origins),
+        limits=_from_flags(LimitsConfig, a),
         cache=CacheConfig(valkey_url=a.valkey_url or None, prefix=a.cache_prefix, ttl=a.cache_ttl),
-        recall=RecallConfig(
-            limit=a.recall_limit, context_chars=a.context_chars, miss_budget_ms=a.miss_budget_ms
-        ),
-        memory=MemoryConfig(
+        recall=_from_flags(RecallConfig, a, limit=a.recall_limit),
+        memory=_from_flags(
+            MemoryConfig,
+            a,
             backend=a.memory,
-            store_timeout_ms=a.store_timeout_ms,
             graph_url=a.graph_url or None,
-            graphiti_queue_size=a.graphiti_queue_size,
-            llm=LlmConfig(
+            llm=_from_flags(
+                LlmConfig,
+                a,
                 mode=a.llm,
                 api_key=a.llm_api_key,
                 base_url=a.llm_base_url or a.openai_base_url,
                 model=a.llm_model or None,
                 small_model=a.llm_small_model or None,
-                embedding_model=a.embedding_model,
-                embedding_dim=a.embedding_dim,
             ),
             script=ScriptConfig(
                 path=Path(a.memory_script).expanduser(),
