@@ -19,13 +19,14 @@ are tallied in plain integers and handed to the client at each flush.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Callable
 from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from datadog.dogstatsd.base import DogStatsd
+
+from bridge.deadline import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,8 @@ class Metrics:
 
     async def close(self) -> None:
         """Stop flushing, send what is left, and close the socket."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        flusher, self._flusher = self._flusher, None
+        await cancel_and_wait(flusher)
         self.flush()
         try:
             self._statsd.close_socket()

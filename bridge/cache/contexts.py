@@ -72,6 +72,7 @@ from bridge.cache.following import Follower
 from bridge.cache.paths import path_suffixes
 from bridge.cache.tracking import LocalContexts, is_missing
 from bridge.cache.valkey import Valkey, ValkeyUrlError, detect, open_valkey
+from bridge.deadline import cancel_and_wait
 from bridge.errors import CacheUnavailable
 
 log = logging.getLogger(__name__)
@@ -409,10 +410,7 @@ class ContextCache:
 
     async def close(self) -> None:
         """Stop the invalidation stream, close the client and its connections."""
-        if self._detecting is not None:
-            self._detecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._detecting
+        await cancel_and_wait(self._detecting)
         if self.follower is not None:
             await self.follower.stop()
         await self.valkey.aclose()

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.cache.tracking import InvalidationListener, LocalContexts
+from bridge.cache.tracking import STOP_TIMEOUT, InvalidationListener, LocalContexts
+from bridge.deadline import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,8 @@ class Follower:
 
     async def stop(self) -> None:
         """Stop discovering and every listener; the copy stops serving."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 2.0)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task, STOP_TIMEOUT)
         listeners, self._listeners = list(self._listeners.values()), {}
         await asyncio.gather(*(listener.stop() for listener in listeners))
         self.contexts.suspend()

@@ -15,7 +15,6 @@ read (``generation`` did not move), so a late reader can never resurrect a dropp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any, Final
 import hiredis
 from redis.backoff import ExponentialWithJitterBackoff
 
+from bridge.deadline import cancel_and_wait
 from bridge.errors import describe
 from bridge.retry import Retry
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 INVALIDATE_CHANNEL: Final = b"__redis__:invalidate"
 _MISSING: Final = object()
+STOP_TIMEOUT: Final = 2.0  # seconds a stopped stream (or discovery) gets to end
 
 
 class StreamRefused(Exception):
@@ -168,11 +169,8 @@ class InvalidationListener:
 
     async def stop(self) -> None:
         """Close the connection (the caller decides what the copy does next)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 2.0)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task, STOP_TIMEOUT)
         self.up = False
         self.connected.clear()
 

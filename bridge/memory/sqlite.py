@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bridge.deadline import cancel_and_wait
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory import sqlite_changes, sqlite_tasks
@@ -207,10 +208,7 @@ class SqliteMemory:
         if not self._open:
             return
         self._open = False
-        if self._preload is not None:
-            self._preload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._preload
+        await cancel_and_wait(self._preload)
         if self._loads:
             await asyncio.wait(list(self._loads.values()))
         self._queue.put(None)  # after every queued write: they drain first
