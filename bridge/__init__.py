@@ -6,7 +6,8 @@ Packages, with dependencies pointing down this list (docs/architecture.md has th
     wire           protocol schema, per-event handlers, the server that moves frames
     cache          contexts in Valkey and their in-process copy; the chat:start loader
     memory         backends, the recall index and ranking, privacy, the outbox
-    (top level)    config, bounds, errors, episode, metrics, retry, deadline: shared by all
+    (top level)    config, bounds, errors, episode, metrics, retry, deadline, background:
+                   shared by all
 """
 
 __version__ = "0.1.0"

@@ -7,18 +7,14 @@ database client, stop a child process) may go on for ``GRACE`` seconds past it, 
 them together, so that each at least begins: the whole shutdown ends by the deadline
 plus ``GRACE`` (plus, for each closing step, the moment a step that does not wait needs,
 and the moment a cancelled step takes to unwind).
-
-``cancel_and_wait`` stops a part's background task, as each part's close does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +85,3 @@ class Deadline:
         self.cut.append(what)
         log.warning("shutdown deadline (%.1f s) passed: %s cut short", self.seconds, what)
         return False
-
-
-async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float | None = None) -> None:
-    """Cancel a background task (if any) and wait until it has ended, at most ``timeout``
-    seconds when given; its other exceptions are raised."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, timeout)

@@ -26,7 +26,7 @@ from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from datadog.dogstatsd.base import DogStatsd
 
-from bridge.deadline import cancel_and_wait
+from bridge.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

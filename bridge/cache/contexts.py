@@ -67,12 +67,12 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge.background import cancel_and_wait
 from bridge.cache.coalesce import Coalescer
 from bridge.cache.following import Follower
 from bridge.cache.paths import path_suffixes
 from bridge.cache.tracking import LocalContexts, is_missing
 from bridge.cache.valkey import Valkey, ValkeyUrlError, detect, open_valkey
-from bridge.deadline import cancel_and_wait
 from bridge.errors import CacheUnavailable
 
 log = logging.getLogger(__name__)

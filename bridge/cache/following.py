@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from bridge.background import cancel_and_wait
 from bridge.cache.tracking import STOP_TIMEOUT, InvalidationListener, LocalContexts
-from bridge.deadline import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

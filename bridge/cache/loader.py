@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
+from bridge.background import Flights
 from bridge.cache.contexts import ContextCache, Lookup, normalise_query
 from bridge.cache.paths import paths_in
 from bridge.errors import CacheUnavailable
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 _Asked = tuple[str, str]  # (project, normalised query): one question, however it is typed
 _FlightKey = tuple[str, str, bytes | None, int]
 FILL_DELAY_S = 0.001  # a cache fill waits at most this long for the miss's reply to go out
+
+
+def _flight_done(key: _FlightKey, flight: asyncio.Task[str | None]) -> None:
+    if not flight.cancelled() and flight.exception() is not None:
+        log.warning("memory query failed: %r", flight.exception())
 
 
 class ContextLoader:
@@ -49,9 +55,9 @@ class ContextLoader:
         self.miss_budget = miss_budget
         self.recall_limit = recall_limit
         self.context_chars = context_chars
-        self._flights: dict[_FlightKey, asyncio.Task[str | None]] = {}
+        self._flights = Flights[_FlightKey, str | None](_flight_done)
         self._changes = 0  # times memory changed in this process, for flight keys
-        self._fills: dict[_Asked, asyncio.Task[None]] = {}
+        self._fills = Flights[_Asked, None](self._fill_done)
         # Resolved once an asker has the answer a fill caches (see ``_fill``).
         self._answered: dict[_Asked, asyncio.Future[None]] = {}
 
@@ -117,10 +123,8 @@ class ContextLoader:
 
     async def drain(self) -> None:
         """Wait for background work: memory queries past their budget, cache fills."""
-        if self._flights:
-            await asyncio.wait(list(self._flights.values()))
-        if self._fills:
-            await asyncio.wait(list(self._fills.values()))
+        await self._flights.wait()
+        await self._fills.wait()
 
     # -- a miss ---------------------------------------------------------------------------
 
@@ -130,17 +134,7 @@ class ContextLoader:
         # after it: the key includes the cache epoch and, for when the cache is down (no
         # epoch), this process's count of memory changes.
         key = (*asked, epoch, self._changes)
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = asyncio.create_task(self._recall_and_fill(asked, query, epoch))
-            self._flights[key] = flight
-            flight.add_done_callback(lambda task: self._flight_done(key, task))
-        return flight
-
-    def _flight_done(self, key: _FlightKey, task: asyncio.Task[str | None]) -> None:
-        self._flights.pop(key, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("memory query failed: %r", task.exception())
+        return self._flights.join(key, lambda: self._recall_and_fill(asked, query, epoch))
 
     async def _recall_and_fill(self, asked: _Asked, query: str, epoch: bytes | None) -> str | None:
         project = asked[0]
@@ -149,16 +143,12 @@ class ContextLoader:
         # empty recall is cheap. The answer need not wait for the cache to take it.
         if epoch is not None and inject is not None:
             answered = asyncio.get_running_loop().create_future()
-            fill = asyncio.create_task(self._fill(project, query, inject, epoch, answered))
-            self._fills[asked] = fill
             self._answered[asked] = answered
-            fill.add_done_callback(lambda done: self._fill_done(asked, done))
+            self._fills.start(asked, self._fill(project, query, inject, epoch, answered))
         return inject
 
     def _fill_done(self, asked: _Asked, fill: asyncio.Task[None]) -> None:
-        if self._fills.get(asked) is fill:
-            del self._fills[asked]
-            self._answered.pop(asked, None)
+        self._answered.pop(asked, None)
 
     async def _fill(
         self, project: str, query: str, inject: str, epoch: bytes, answered: asyncio.Future[None]

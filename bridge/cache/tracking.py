@@ -25,7 +25,7 @@ from typing import Any, Final
 import hiredis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from bridge.deadline import cancel_and_wait
+from bridge.background import cancel_and_wait
 from bridge.errors import describe
 from bridge.retry import Retry
 

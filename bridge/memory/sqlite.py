@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bridge.deadline import cancel_and_wait
+from bridge.background import Flights, cancel_and_wait
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable
 from bridge.memory import sqlite_changes, sqlite_tasks
@@ -162,7 +162,7 @@ class SqliteMemory:
         self.index = RecallIndexes()
         self.follower = Follower(self.index)
         self._peek: sqlite3.Connection | None = None  # reads the counters on the event loop
-        self._loads: dict[str, asyncio.Task[None]] = {}
+        self._loads = Flights[str, None]()
         self._preload: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -209,8 +209,7 @@ class SqliteMemory:
             return
         self._open = False
         await cancel_and_wait(self._preload)
-        if self._loads:
-            await asyncio.wait(list(self._loads.values()))
+        await self._loads.wait()
         self._queue.put(None)  # after every queued write: they drain first
         assert self._readers is not None and self._writer is not None
         await asyncio.to_thread(self._readers.shutdown)
@@ -312,19 +311,9 @@ class SqliteMemory:
         await asyncio.shield(self._start_load(group_id))
 
     def _start_load(self, group_id: str) -> asyncio.Task[None]:
-        """The project's load under way, started if there is none."""
-        loading = self._loads.get(group_id)
-        if loading is None:
-            loading = asyncio.create_task(self._read_project(group_id), name="recall-load")
-            self._loads[group_id] = loading
-            loading.add_done_callback(lambda done: self._loaded(group_id, done))
-        return loading
-
-    def _loaded(self, group_id: str, done: asyncio.Task[None]) -> None:
-        if self._loads.get(group_id) is done:
-            del self._loads[group_id]
-        if not done.cancelled():
-            done.exception()  # retrieved: its callers, if any are left, have it raised
+        """The project's load under way, started if there is none (its callers, if any
+        are left, have its failure raised)."""
+        return self._loads.join(group_id, lambda: self._read_project(group_id), name="recall-load")
 
     async def _read_project(self, group_id: str) -> None:
         self.index.begin_load(group_id)
