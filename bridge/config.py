@@ -21,7 +21,12 @@ import msgspec
 import platformdirs
 
 from bridge.bounds import MAX_FRAME, MAX_NAME, MAX_PATH, MAX_TEXT
+from bridge.cache.contexts import DEFAULT_PREFIX, DEFAULT_TTL
+from bridge.cache.loader import MISS_BUDGET
+from bridge.memory.delivery import STORE_TIMEOUT
+from bridge.memory.graph_settings import EMBEDDING_DIM, EMBEDDING_MODEL, INGEST_QUEUE_SIZE
 from bridge.memory.recall import DEFAULT_BUDGET, TASKS_SHOWN
+from bridge.memory.script import CALL_TIMEOUT, CONCURRENCY
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -80,8 +85,8 @@ class CacheConfig:
     """The Valkey context cache."""
 
     valkey_url: str | None = None  # None: a private valkey-server
-    prefix: str = "gb:"
-    ttl: int = 300  # seconds
+    prefix: str = DEFAULT_PREFIX
+    ttl: int = DEFAULT_TTL  # seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +95,7 @@ class RecallConfig:
 
     limit: int = TASKS_SHOWN  # past tasks shown
     context_chars: int = DEFAULT_BUDGET
-    miss_budget_ms: float = 250.0
+    miss_budget_ms: float = MISS_BUDGET * 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +107,8 @@ class LlmConfig:
     base_url: str | None = None  # None: OpenAI itself
     model: str | None = None  # None: graphiti's default
     small_model: str | None = None
-    embedding_model: str = "text-embedding-3-small"
-    embedding_dim: int = 1024
+    embedding_model: str = EMBEDDING_MODEL
+    embedding_dim: int = EMBEDDING_DIM
 
     @property
     def enabled(self) -> bool:
@@ -117,8 +122,8 @@ class ScriptConfig:
 
     path: Path = Path("/root/.opencode/graphiti/memory_manager.py")
     python: str = "python3"
-    timeout: float = 10.0  # seconds per call
-    concurrency: int = 4
+    timeout: float = CALL_TIMEOUT  # seconds per call
+    concurrency: int = CONCURRENCY
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,9 +131,9 @@ class MemoryConfig:
     """Which memory backend stores episodes, and its settings."""
 
     backend: Backend = "sqlite"
-    store_timeout_ms: float = 2000.0  # an episode's wait for memory before the outbox
+    store_timeout_ms: float = STORE_TIMEOUT * 1000  # an episode's wait before the outbox
     graph_url: str | None = field(default=None, repr=False)  # graphiti; None: private
-    graphiti_queue_size: int = 1000
+    graphiti_queue_size: int = INGEST_QUEUE_SIZE
     llm: LlmConfig = field(default_factory=LlmConfig)
     script: ScriptConfig = field(default_factory=ScriptConfig)
 

@@ -86,6 +86,8 @@ _TRANSIENT: Final = (
     ClusterDownError,
     RedisClusterException,
 )
+DEFAULT_PREFIX: Final = "gb:"  # of every key
+DEFAULT_TTL: Final = 300  # seconds a cached context lives
 MAX_PENDING_PATHS: Final = 10_000
 # A context naming more paths than this is not cached: its tags would cost more than it saves.
 MAX_TAGS: Final = 64
@@ -231,8 +233,8 @@ class ContextCache:
         self,
         valkey: Valkey,
         *,
-        prefix: str = "gb:",
-        ttl: int = 300,
+        prefix: str = DEFAULT_PREFIX,
+        ttl: int = DEFAULT_TTL,
         outage_backoff: AbstractBackoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         timeout: float = 0.5,
@@ -308,7 +310,7 @@ class ContextCache:
         """
         valkey = open_valkey(url, timeout=timeout, pool_size=pool_size)
         if local_entries:
-            kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", 300))
+            kwargs["local"] = LocalContexts(local_entries, max_age=kwargs.get("ttl", DEFAULT_TTL))
         return cls(valkey, timeout=timeout, **kwargs)
 
     @classmethod

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import Final, TypedDict
 
 from bridge.background import Flights
 from bridge.cache.contexts import ContextCache, Lookup, normalise_query
@@ -28,12 +29,22 @@ log = logging.getLogger(__name__)
 
 _Asked = tuple[str, str]  # (project, normalised query): one question, however it is typed
 _FlightKey = tuple[str, str, bytes | None, int]
+MISS_BUDGET: Final = 0.25  # seconds a chat:start waits for memory on a cache miss
 FILL_DELAY_S = 0.001  # a cache fill waits at most this long for the miss's reply to go out
 
 
 def _flight_done(key: _FlightKey, flight: asyncio.Task[str | None]) -> None:
     if not flight.cancelled() and flight.exception() is not None:
         log.warning("memory query failed: %r", flight.exception())
+
+
+class LoaderOptions(TypedDict, total=False):
+    """What may be said of a ContextLoader besides its parts, for those that make one; what
+    is not said keeps the loader's default."""
+
+    miss_budget: float
+    recall_limit: int
+    context_chars: int
 
 
 class ContextLoader:
@@ -45,7 +56,7 @@ class ContextLoader:
         cache: ContextCache,
         metrics: Metrics,
         *,
-        miss_budget: float = 0.25,
+        miss_budget: float = MISS_BUDGET,
         recall_limit: int = TASKS_SHOWN,
         context_chars: int = DEFAULT_BUDGET,
     ) -> None:

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Final
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # What makes an episode wait in the outbox rather than fail: memory is down, overloaded
 # or slower than the store timeout; it may take the episode later.
 RETRYABLE = (MemoryUnavailable, Overloaded, TimeoutError)
+STORE_TIMEOUT: Final = 2.0  # seconds an episode waits for memory before the outbox
 
 
 class Delivery:
@@ -53,7 +55,7 @@ class Delivery:
         memory: MemoryBackend,
         outbox: EpisodeQueue,
         *,
-        store_timeout: float = 2.0,
+        store_timeout: float = STORE_TIMEOUT,
         backoff: AbstractBackoff | None = None,
     ) -> None:
         self.memory = memory

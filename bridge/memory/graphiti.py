@@ -48,7 +48,6 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -62,6 +61,8 @@ from bridge.memory import falkor, graph_forget, graph_tasks
 from bridge.memory.base import Recall, Selector, Unsupported, candidates_from_recall
 from bridge.memory.durable import EpisodeQueue
 from bridge.memory.graph_recall import GraphRecall
+from bridge.memory.graph_settings import INGEST_QUEUE_SIZE
+from bridge.memory.graph_settings import LlmSettings as LlmSettings  # the backend's settings
 from bridge.memory.group_commit import GroupCommit
 from bridge.memory.queue_files import take_over
 from bridge.memory.recall import TASK_CANDIDATES, Candidates, TaskHit
@@ -133,18 +134,6 @@ RETURN {EPISODIC_NODE_RETURN} ORDER BY e.valid_at, e.uuid LIMIT $limit"""
 
 _encode = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
-
-
-@dataclass(frozen=True)
-class LlmSettings:
-    """An OpenAI-compatible LLM and embedder; ``base_url`` None means OpenAI itself."""
-
-    api_key: str
-    base_url: str | None = None
-    model: str | None = None  # None: graphiti's default
-    small_model: str | None = None
-    embedding_model: str = "text-embedding-3-small"
-    embedding_dim: int = 1024
 
 
 @functools.lru_cache(maxsize=1024)
@@ -349,7 +338,7 @@ class GraphitiMemory:
         *,
         state_dir: Path,
         llm: LlmSettings | None = None,
-        queue_size: int = 1000,
+        queue_size: int = INGEST_QUEUE_SIZE,
         queue_path: Path | None = None,
         take_over: Sequence[Path] = (),
         leases: Leases | None = None,

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -53,6 +53,8 @@ from bridge.memory.recall import Candidates, TaskHit
 STDERR_TAIL = 2000  # characters of stderr quoted in an error
 LINE_LIMIT = 16 * 1024 * 1024  # longest export line read
 DEFAULT_SOURCE = "memory_manager.py"
+CALL_TIMEOUT: Final = 10.0  # seconds per run of the script
+CONCURRENCY: Final = 4  # runs at once
 
 _encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
@@ -116,8 +118,8 @@ class ScriptMemory:
         script: Path,
         *,
         python: str = sys.executable,
-        timeout: float = 10.0,
-        concurrency: int = 4,
+        timeout: float = CALL_TIMEOUT,
+        concurrency: int = CONCURRENCY,
         options: bool = True,
     ) -> None:
         self.script = script

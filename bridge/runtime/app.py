@@ -37,6 +37,7 @@ from bridge.errors import MemoryUnavailable
 from bridge.memory.base import MemoryBackend
 from bridge.memory.delivery import Delivery
 from bridge.memory.durable import EpisodeQueue
+from bridge.memory.graph_settings import LlmSettings
 from bridge.memory.jsonl import Imported, ImportStopped, export_jsonl, import_jsonl
 from bridge.memory.lease import Leases
 from bridge.memory.outbox import orphaned_outboxes
@@ -77,7 +78,7 @@ async def open_memory(
         )
         return script, None
     try:
-        from bridge.memory.graphiti import GraphitiMemory, LlmSettings
+        from bridge.memory.graphiti import GraphitiMemory
     except ImportError as e:
         raise ConfigError(
             f"the graphiti backend needs its extra: pip install 'graphiti-bridge[graphiti]' ({e})"

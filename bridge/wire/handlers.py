@@ -11,16 +11,16 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Unpack
 
 from bridge.cache.contexts import ContextCache
-from bridge.cache.loader import ContextLoader
+from bridge.cache.loader import ContextLoader, LoaderOptions
 from bridge.episode import Episode, episode_uuid, new_episode
 from bridge.errors import BridgeError, MemoryUnavailable
 from bridge.memory.base import MemoryBackend, Selector
 from bridge.memory.delivery import Delivery
 from bridge.memory.privacy import scrub, scrub_episode
-from bridge.memory.recall import DEFAULT_BUDGET, TASKS_SHOWN, Ranked, TaskHit, rank
+from bridge.memory.recall import Ranked, TaskHit, rank
 from bridge.metrics import Metrics
 from bridge.wire.events import EpisodeEvent, describe, mentioned
 from bridge.wire.protocol import (
@@ -107,7 +107,9 @@ class Session:
 
 
 class Handlers:
-    """The per-event logic of the bridge: decode, ask the context loader or memory, reply."""
+    """The per-event logic of the bridge: decode, ask the context loader or memory, reply.
+    ``loading`` goes to the context loader (``miss_budget``, ``recall_limit``,
+    ``context_chars``)."""
 
     def __init__(
         self,
@@ -115,25 +117,16 @@ class Handlers:
         cache: ContextCache,
         metrics: Metrics,
         *,
-        recall_limit: int = TASKS_SHOWN,
-        miss_budget: float = 0.25,
         delivery: Delivery | None = None,
-        context_chars: int = DEFAULT_BUDGET,
         max_text: int = MAX_TEXT,
+        **loading: Unpack[LoaderOptions],
     ) -> None:
         self.memory = memory
         self.delivery = delivery
         self.metrics = metrics
         self.max_text = max_text
         self.tasks = TaskTracker()
-        self.loader = ContextLoader(
-            memory,
-            cache,
-            metrics,
-            miss_budget=miss_budget,
-            recall_limit=recall_limit,
-            context_chars=context_chars,
-        )
+        self.loader = ContextLoader(memory, cache, metrics, **loading)
 
     def answer_now(self, message: Message, session: Session) -> Reply | None:
         """The reply to a chat:start the in-process cache can answer at once, else None.
