@@ -278,14 +278,8 @@ class ContextCache:
             log.warning("no local context cache over TLS: every hit asks Valkey")
             self.local = None
             return
-        topology = valkey.topology()
-        self.follower = Follower(
-            self.local,
-            self._prefix,
-            valkey.credentials(),
-            topology=topology,
-            discover=valkey.discover if topology is None else None,
-        )
+        following = valkey.topology() or valkey.discover
+        self.follower = Follower(self.local, self._prefix, valkey.credentials(), following)
 
     @classmethod
     def from_url(

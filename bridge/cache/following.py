@@ -58,18 +58,14 @@ class Follower:
         contexts: LocalContexts,
         prefix: str,
         credentials: dict[str, Any],
+        topology: Topology | Discover,
         *,
-        topology: Topology | None = None,
-        discover: Discover | None = None,
         interval: float = 1.0,
     ) -> None:
-        if (topology is None) == (discover is None):
-            raise ValueError("a Follower needs either a fixed topology or a way to discover it")
         self.contexts = contexts
         self._prefix = prefix
         self._credentials = credentials
-        self._fixed = topology
-        self._discover = discover
+        self._source = topology  # fixed, or how to discover it
         self.interval = interval
         self.topology: Topology | None = None
         self.discover_error: str | None = None
@@ -81,10 +77,9 @@ class Follower:
 
     def start(self) -> None:
         """Follow the fixed topology, or start discovering it in the background."""
-        if self._fixed is not None:
-            self._task = asyncio.create_task(self._apply(self._fixed), name="valkey-follow")
-        else:
-            self._task = asyncio.create_task(self._watch(), name="valkey-follow")
+        source = self._source
+        work = self._apply(source) if isinstance(source, Topology) else self._watch(source)
+        self._task = asyncio.create_task(work, name="valkey-follow")
 
     async def stop(self) -> None:
         """Stop discovering and every listener; the copy stops serving."""
@@ -123,12 +118,11 @@ class Follower:
             )
         return f"local copy off: catching up with a change of the {total} Valkey primaries"
 
-    async def _watch(self) -> None:
-        assert self._discover is not None
+    async def _watch(self, discover: Discover) -> None:
         while True:
             self._wake.clear()
             try:
-                topology = await asyncio.wait_for(self._discover(), DISCOVER_TIMEOUT)
+                topology = await asyncio.wait_for(discover(), DISCOVER_TIMEOUT)
             except Exception as e:  # any failure: keep what is known, try again later
                 why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if self.discover_error is None:
@@ -168,7 +162,7 @@ class Follower:
 
     def _listener_changed(self) -> None:
         self._update()
-        if not self.contexts.live and self._discover is not None:
+        if not self.contexts.live and not isinstance(self._source, Topology):
             self.refresh()  # a lost stream may be a primary that failed over
 
     def _update(self) -> None:
