@@ -16,19 +16,34 @@ EpisodeEvent = FileWrite | ErrorEvent | Completion | Note
 MAX_MENTIONS: Final = 16  # paths in one error or task whose cached contexts are dropped
 
 
-class Described(NamedTuple):
-    """One episode event, as the common path needs it."""
+class Kind(NamedTuple):
+    """What every episode event of one type stores alike."""
 
-    kind: str  # the metadata's type, and the stored-episode metric's tag
-    name: str
+    type: str  # the metadata's type, and the stored-episode metric's tag
     prefix: str  # the body is the prefix, then the event's text
-    text: str
     source: str
+    task: bool = True  # linked to the session's task; else a task of its own
+    alert: bool = False  # the stored text also goes out as an OpenCode Error event
+
+
+KINDS: Final[dict[type[EpisodeEvent], Kind]] = {
+    FileWrite: Kind("file_edit", "Modified: ", "OpenCode file write"),
+    ErrorEvent: Kind("error", "Error: ", "OpenCode error", alert=True),
+    Completion: Kind("success", "Completed: ", "OpenCode task completion"),
+    # a note neither ends nor is ended by the session's turn
+    Note: Kind("note", "Note: ", "OpenCode note", task=False),
+}
+
+
+class Described(NamedTuple):
+    """One episode event, as the common path needs it: its type's ``kind``, and its own."""
+
+    kind: Kind
+    name: str
+    text: str
     fields: dict[str, Any]  # metadata after its type, before the links
     stale: list[str] | None  # paths whose cached contexts go once stored; None: all of them
-    task: bool = True  # linked to the session's task; else a task of its own
     tokens: int = 0  # tokens the event reports used
-    alert: bool = False  # the stored text also goes out as an OpenCode Error event
 
 
 def mentioned(text: str) -> list[str]:
@@ -38,52 +53,21 @@ def mentioned(text: str) -> list[str]:
 
 def describe(message: EpisodeEvent, max_text: int) -> Described:
     """The episode ``message`` stores (``max_text`` clips a completion's summary)."""
-    match message:
+    match message:  # (a decoder with other limits gives subclasses: matched, not looked up)
         case FileWrite(path=path):
-            return Described(
-                kind="file_edit",
-                name=f"file:write {path}",
-                prefix="Modified: ",
-                text=path,
-                source="OpenCode file write",
-                fields={"path": path},
-                stale=[path],
-            )
+            return Described(KINDS[FileWrite], f"file:write {path}", path, {"path": path}, [path])
         case ErrorEvent(message=text):
             return Described(
-                kind="error",
-                name="error",
-                prefix="Error: ",
-                text=text,
-                source="OpenCode error",
-                fields={"severity": "high"},
-                stale=mentioned(text),
-                alert=True,
+                KINDS[ErrorEvent], "error", text, {"severity": "high"}, mentioned(text)
             )
-        case Completion(task=text, summary=summary):
-            return Described(
-                kind="success",
-                name="completion",
-                prefix="Completed: ",
-                text=text,
-                source="OpenCode task completion",
-                fields={
-                    "duration": message.duration_ms,
-                    "tokens": message.tokens,
-                    **({"summary": summary[:max_text]} if summary else {}),
-                },
-                stale=mentioned(text),
-                tokens=message.tokens,
-            )
+        case Completion(task=text, summary=summary, tokens=tokens):
+            fields = {
+                "duration": message.duration_ms,
+                "tokens": tokens,
+                **({"summary": summary[:max_text]} if summary else {}),
+            }
+            return Described(KINDS[Completion], "completion", text, fields, mentioned(text), tokens)
         case Note(text=text):
-            return Described(
-                kind="note",
-                name="note",
-                prefix="Note: ",
-                text=text,
-                source="OpenCode note",
-                fields={},
-                stale=None,  # saved on purpose, so the next chat recalls it: every context goes
-                task=False,  # a note neither ends nor is ended by the session's turn
-            )
+            # saved on purpose, so the next chat recalls it: every cached context goes
+            return Described(KINDS[Note], "note", text, {}, stale=None)
     assert_never(message)

@@ -227,22 +227,23 @@ class Handlers:
         contexts it makes stale, acknowledge."""
         project = session.project_of(message)
         event = describe(message, self.max_text)
-        if event.task:
+        kind = event.kind
+        if kind.task:
             links = self.tasks.metadata(project, session.session_of(message), message.session)
         else:
             links = {"session": message.session} if message.session is not None else {}
         episode = _episode(
             project,
             name=event.name,
-            body=event.prefix + event.text,
-            source_description=event.source,
-            metadata={"type": event.kind, **event.fields, **links},
+            body=kind.prefix + event.text,
+            source_description=kind.source,
+            metadata={"type": kind.type, **event.fields, **links},
             episode_id=episode_uuid(project, message.episode_id) if message.episode_id else None,
             reference_time=_happened(message),
         )
-        queued = await self._store(episode, event.kind)
-        if event.alert:  # only once it is stored, and only as stored: it leaves the machine
-            self.metrics.opencode_error(episode.body.removeprefix(event.prefix), project)
+        queued = await self._store(episode, kind.type)
+        if kind.alert:  # only once it is stored, and only as stored: it leaves the machine
+            self.metrics.opencode_error(episode.body.removeprefix(kind.prefix), project)
         if event.tokens:
             self.metrics.tokens_used(event.tokens, project)
         if event.stale is None:
