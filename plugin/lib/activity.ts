@@ -24,22 +24,14 @@ interface ToolCall {
 export class SessionActivity {
   private tick = 0
   /** Tool calls by session and call id, and the calls whose failure was reported. */
-  private readonly calls: Memo<ToolCall>
-  private readonly reported: Memo<true>
+  private readonly calls = new Memo<ToolCall>()
+  private readonly reported = new Memo<true>()
   /** When each session last went busy (deleted when it goes idle), and was last active. */
-  private readonly busy: Memo<number>
-  private readonly active: Memo<number>
+  private readonly busy = new Memo<number>()
+  private readonly active = new Memo<number>()
 
-  /** `base`: the folder relative paths are resolved against; `size`: calls and sessions kept. */
-  constructor(
-    private readonly base: string,
-    size: number,
-  ) {
-    this.calls = new Memo(size)
-    this.reported = new Memo(size)
-    this.busy = new Memo(size)
-    this.active = new Memo(size)
-  }
+  /** `base`: the folder relative paths are resolved against. */
+  constructor(private readonly base: string) {}
 
   /** The session did something (a prompt, a reply, a tool call). */
   touch(sessionID: string): void {

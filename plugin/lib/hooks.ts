@@ -42,8 +42,6 @@ import { SessionMemory } from "./session-memory.ts"
 import { projectName, type Settings } from "./settings.ts"
 import { type FinishedTurn, Turns } from "./turns.ts"
 
-/** How many turns, messages, tool calls and sessions the plugin remembers (oldest forgotten first). */
-const MEMO_SIZE = 1000
 /** Longest wait for acknowledgements when OpenCode disposes of the plugin. */
 const DISPOSE_DRAIN_MS = 500
 /** The longest texts the protocol accepts in the messages the hooks send. */
@@ -77,9 +75,9 @@ export function createHooks(
     store,
     ...options.client,
   })
-  const memory = new SessionMemory(MEMO_SIZE)
-  const turns = new Turns(MEMO_SIZE, log)
-  const activity = new SessionActivity(base, MEMO_SIZE)
+  const memory = new SessionMemory()
+  const turns = new Turns(log)
+  const activity = new SessionActivity(base)
 
   const fail = (where: string, error: unknown): void => {
     log("error", `${ERROR_PREFIX} in ${where}: ${describe(error)}`)

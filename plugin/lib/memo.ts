@@ -1,7 +1,10 @@
+/** How many turns, messages, tool calls and sessions the plugin remembers (oldest forgotten first). */
+export const MEMO_SIZE = 1000
+
 /** A Map that forgets its oldest entries past `limit` (setting a key again makes it newest). */
 export class Memo<V> {
   private readonly map = new Map<string, V>()
-  constructor(private readonly limit: number) {}
+  constructor(private readonly limit: number = MEMO_SIZE) {}
   get(key: string): V | undefined {
     return this.map.get(key)
   }

@@ -28,14 +28,9 @@ interface Entry {
 }
 
 export class SessionMemory {
-  private readonly contexts: Memo<Entry>
+  private readonly contexts = new Memo<Entry>()
   /** Sessions whose compaction request comes next. */
-  private readonly compacting: Memo<true>
-
-  constructor(size: number) {
-    this.contexts = new Memo(size)
-    this.compacting = new Memo(size)
-  }
+  private readonly compacting = new Memo<true>()
 
   /** Whether a prompt of the session should ask for memory (its first, or first after a compaction). */
   wanted(sessionID: string): boolean {

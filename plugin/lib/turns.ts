@@ -51,27 +51,16 @@ function freshTurn(userID?: string, prompt?: string): Turn {
 export class Turns {
   private tick = 0
   /** Open turns by key (the prompt's message id), and each session's current turn key. */
-  private readonly turns: Memo<Turn>
-  private readonly current: Memo<string>
+  private readonly turns = new Memo<Turn>()
+  private readonly current = new Memo<string>()
   /** Assistant messages seen, those already reported, and their text parts by part id. */
-  private readonly assistants: Memo<true>
-  private readonly completed: Memo<true>
-  private readonly texts: Memo<Map<string, string>>
+  private readonly assistants = new Memo<true>()
+  private readonly completed = new Memo<true>()
+  private readonly texts = new Memo<Map<string, string>>()
   /** The parent of each sub-agent session. */
-  private readonly parents: Memo<string>
+  private readonly parents = new Memo<string>()
 
-  /** `size`: how many turns, messages and sessions are kept (oldest forgotten first). */
-  constructor(
-    size: number,
-    private readonly log: Logger,
-  ) {
-    this.turns = new Memo(size)
-    this.current = new Memo(size)
-    this.assistants = new Memo(size)
-    this.completed = new Memo(size)
-    this.texts = new Memo(size)
-    this.parents = new Memo(size)
-  }
+  constructor(private readonly log: Logger) {}
 
   /** A prompt opens a turn; its replies find it by their parentID, the prompt's id. */
   open(sessionID: string, messageID: string | undefined, prompt: string): void {
