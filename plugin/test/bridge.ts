@@ -5,6 +5,7 @@
  * The Python is $BRIDGE_PYTHON, else ../.venv/bin/python relative to plugin/.
  */
 import type { Subprocess } from "bun"
+import { afterEach } from "bun:test"
 import { mkdtempSync, rmSync } from "node:fs"
 import { createServer } from "node:net"
 import { tmpdir } from "node:os"
@@ -13,6 +14,49 @@ import { join, resolve } from "node:path"
 export const PLUGIN_DIR = resolve(import.meta.dir, "..")
 export const REPO_ROOT = resolve(PLUGIN_DIR, "..")
 export const PYTHON = process.env.BRIDGE_PYTHON || join(REPO_ROOT, ".venv", "bin", "python")
+
+/**
+ * What a test file cleans up after each of its tests, last first; a step that fails is
+ * logged and the others still run. Make one at the file's top level.
+ */
+export class Cleanups {
+  private readonly steps: Array<() => Promise<void> | void> = []
+
+  constructor() {
+    afterEach(async () => {
+      while (this.steps.length) {
+        try {
+          await this.steps.pop()!()
+        } catch (error) {
+          console.error("cleanup failed:", error)
+        }
+      }
+    })
+  }
+
+  /** Run `step` after the test. */
+  push(step: () => Promise<void> | void): void {
+    this.steps.push(step)
+  }
+
+  /** A new empty folder, removed after the test. */
+  scratchDir(prefix: string): string {
+    const dir = scratchDir(prefix)
+    this.push(() => removeDir(dir))
+    return dir
+  }
+
+  /** A bridge for the test, stopped after it (with its data folder, unless one is given). */
+  async bridge(options: Partial<BridgeOptions> = {}): Promise<Bridge> {
+    const dataDir = options.dataDir ?? this.scratchDir("gb-test-data")
+    const bridge = await Bridge.start({ ...options, dataDir })
+    this.push(() => {
+      bridge.resume() // a paused bridge cannot act on SIGTERM
+      return bridge.stop()
+    })
+    return bridge
+  }
+}
 
 /** A TCP port on loopback that nothing listens on right now. */
 export async function freePort(): Promise<number> {
@@ -42,6 +86,14 @@ async function drain(stream: ReadableStream<Uint8Array>, sink: (text: string) =>
   for await (const chunk of stream) sink(decoder.decode(chunk, { stream: true }))
 }
 
+/** How a bridge is started: its data folder, port (0: a free one), flags and environment. */
+export interface BridgeOptions {
+  dataDir: string
+  port?: number
+  args?: string[]
+  env?: Record<string, string>
+}
+
 export class Bridge {
   /** Everything the process wrote to stderr (its log). */
   stderr = ""
@@ -56,12 +108,7 @@ export class Bridge {
   port = 0
 
   /** Start a bridge; resolves once it printed where it listens (30 s at most). */
-  static async start(options: {
-    dataDir: string
-    port?: number
-    args?: string[]
-    env?: Record<string, string>
-  }): Promise<Bridge> {
+  static async start(options: BridgeOptions): Promise<Bridge> {
     const proc = Bun.spawn(
       [
         PYTHON,

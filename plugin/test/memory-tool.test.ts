@@ -3,56 +3,21 @@
  * OpenCode calls a plugin's tool: its `execute` with the arguments and a tool context.
  */
 import type { ToolContext } from "@opencode-ai/plugin"
-import type { AssistantMessage, Event, TextPart, UserMessage } from "@opencode-ai/sdk"
-import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test"
-import { createHooks, type HookOptions, MEMORY_TOOL, type Outgoing } from "../graphiti-memory.ts"
+import type { AssistantMessage, Event, TextPart } from "@opencode-ai/sdk"
+import { describe, expect, setDefaultTimeout, test } from "bun:test"
+import { type HookOptions, MEMORY_TOOL } from "../graphiti-memory.ts"
 import { DESCRIPTION, searchOutput } from "../lib/memory-tool.ts"
-import { ask, Bridge, exportEpisodes, freePort, removeDir, scratchDir, until } from "./bridge.ts"
+import { ask, Cleanups, exportEpisodes, freePort, until } from "./bridge.ts"
+import { promptMessage, recordedHooks, WORKTREE } from "./hooks.ts"
 
 setDefaultTimeout(60_000)
 
-const cleanups: Array<() => Promise<void> | void> = []
-afterEach(async () => {
-  while (cleanups.length) {
-    try {
-      await cleanups.pop()!()
-    } catch (error) {
-      console.error("cleanup failed:", error)
-    }
-  }
-})
+const cleanups = new Cleanups()
 
-async function startBridge(port?: number): Promise<Bridge> {
-  const dataDir = scratchDir("gb-tool-data")
-  cleanups.push(() => removeDir(dataDir))
-  const bridge = await Bridge.start({ dataDir, port })
-  cleanups.push(() => bridge.stop())
-  return bridge
-}
+const SHOP = WORKTREE.directory
 
-const SHOP = "/work/shop"
-
-function hooksFor(url: string, extra: Partial<HookOptions> = {}) {
-  const lines: string[] = []
-  const made = createHooks(
-    { worktree: SHOP, directory: SHOP },
-    {
-      url,
-      deadlineMs: 2000,
-      maxQueue: 100,
-      log: (level, message) => lines.push(`${level} ${message}`),
-      client: { backoffInitialMs: 20, backoffMaxMs: 200 },
-      ...extra,
-    },
-  )
-  cleanups.push(() => made.hooks.dispose?.())
-  const sent: Outgoing[] = []
-  const send = made.client.send.bind(made.client)
-  made.client.send = (message, onSettled) => {
-    sent.push(message)
-    send(message, onSettled)
-  }
-  return { ...made, lines, sent }
+function hooksFor(url: string, options: Partial<HookOptions> = {}) {
+  return recordedHooks(cleanups, url, { deadlineMs: 2000, ...options })
 }
 
 type Hooked = ReturnType<typeof hooksFor>
@@ -90,14 +55,7 @@ async function writes(made: Hooked, sessionID: string, file: string): Promise<vo
 async function chatMemory(made: Hooked, sessionID: string, text: string): Promise<string | undefined> {
   const messageID = `msg_${sessionID}`
   const part: TextPart = { id: `prt_${sessionID}`, sessionID, messageID, type: "text", text }
-  const message: UserMessage = {
-    id: messageID,
-    sessionID,
-    role: "user",
-    time: { created: Date.now() },
-    agent: "build",
-    model: { providerID: "local", modelID: "stub" },
-  }
+  const message = promptMessage(sessionID, messageID)
   await made.hooks["chat.message"]!({ sessionID, messageID }, { message, parts: [part] })
   const messages = [{ info: message, parts: [part] }]
   await made.hooks["experimental.chat.messages.transform"]!({}, { messages })
@@ -144,7 +102,7 @@ describe("the memory tool", () => {
   })
 
   test("search returns the context a new chat gets for the query, and the episodes with their ids", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const prime = `${SHOP}/src/pump/prime.py`
     const seeded = await ask(`${bridge.url}/shop`, [
       { type: "chat:start", id: 1, query: "prime the coolant pump", session: "seed" },
@@ -172,7 +130,7 @@ describe("the memory tool", () => {
   })
 
   test("save stores a note the next chat recalls; forget by episode, by path and this session says how many went", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const made = hooksFor(bridge.url)
     const note = "The coolant pump must be primed with the valve half open."
 
@@ -221,7 +179,7 @@ describe("the memory tool", () => {
   })
 
   test("a bad call or a refusal comes back as the tool's error, in words, and is no error event", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const made = hooksFor(bridge.url)
     const call = (args: Record<string, string>) => memory(made, "ses_e", args)
 
@@ -287,7 +245,7 @@ describe("the memory tool", () => {
         "The note waits in the plugin's queue on disk and is saved once the bridge takes it.",
     )
 
-    const bridge = await startBridge(port)
+    const bridge = await cleanups.bridge({ port })
     expect(await made.client.drained(10_000)).toBe(true)
     const episodes = await exportEpisodes(bridge.url, "shop")
     expect(episodes.map((e) => e.body)).toEqual([`Note: ${note}`])

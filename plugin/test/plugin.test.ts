@@ -6,7 +6,7 @@
  */
 import type { PluginInput } from "@opencode-ai/plugin"
 import type { AssistantMessage, Event, Part, TextPart, ToolPart, UserMessage } from "@opencode-ai/sdk"
-import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test"
+import { describe, expect, setDefaultTimeout, test } from "bun:test"
 import {
   backoffDelay,
   BridgeClient,
@@ -28,7 +28,8 @@ import { defaultQueueDir } from "../lib/durable-queue.ts"
 import type { WithParts } from "../lib/session-memory.ts"
 import { readdirSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { ask, Bridge, exportEpisodes, freePort, removeDir, scratchDir, until } from "./bridge.ts"
+import { ask, Cleanups, exportEpisodes, freePort, until } from "./bridge.ts"
+import { capture, promptMessage, recordedHooks, WORKTREE } from "./hooks.ts"
 
 // -- fixtures -----------------------------------------------------------------------------
 
@@ -36,62 +37,10 @@ import { ask, Bridge, exportEpisodes, freePort, removeDir, scratchDir, until } f
 // 10 s for anything else.
 setDefaultTimeout(60_000)
 
-const cleanups: Array<() => Promise<void> | void> = []
-afterEach(async () => {
-  while (cleanups.length) {
-    try {
-      await cleanups.pop()!()
-    } catch (error) {
-      console.error("cleanup failed:", error)
-    }
-  }
-})
+const cleanups = new Cleanups()
 
-async function startBridge(
-  options: { port?: number; args?: string[]; dataDir?: string; env?: Record<string, string> } = {},
-): Promise<Bridge> {
-  const dataDir = options.dataDir ?? scratchDir("gb-plugin-data")
-  if (!options.dataDir) cleanups.push(() => removeDir(dataDir))
-  const bridge = await Bridge.start({ ...options, dataDir })
-  cleanups.push(() => {
-    bridge.resume() // a paused bridge cannot act on SIGTERM
-    return bridge.stop()
-  })
-  return bridge
-}
-
-function capture(): { log: Logger; lines: string[] } {
-  const lines: string[] = []
-  return { lines, log: (level, message) => lines.push(`${level} ${message}`) }
-}
-
-const WORKTREE = { worktree: "/work/shop", directory: "/work/shop" }
-
-function hooksFor(url: string, extra: Partial<HookOptions> = {}) {
-  const { log, lines } = capture()
-  const made = createHooks(WORKTREE, {
-    url,
-    deadlineMs: 300,
-    maxQueue: 100,
-    log,
-    client: { backoffInitialMs: 20, backoffMaxMs: 200 },
-    ...extra,
-  })
-  cleanups.push(() => made.hooks.dispose?.())
-  // Every message the hooks hand to the client, in order (it still goes to the bridge).
-  const sent: Outgoing[] = []
-  const { client } = made
-  const send = client.send.bind(client)
-  const request = client.request.bind(client)
-  client.send = (message) => {
-    sent.push(message)
-    send(message)
-  }
-  client.request = (message, deadlineMs) => {
-    sent.push(message)
-    return request(message, deadlineMs)
-  }
-  return { ...made, lines, sent }
+function hooksFor(url: string, options: Partial<HookOptions> = {}) {
+  return recordedHooks(cleanups, url, options)
 }
 
 /** The messages of one type the hooks sent. */
@@ -113,14 +62,7 @@ function userMessage(
     type: "text",
     text,
   }
-  const message: UserMessage = {
-    id: messageID,
-    sessionID,
-    role: "user",
-    time: { created: Date.now() },
-    agent: "build",
-    model: { providerID: "local", modelID: "stub" },
-  }
+  const message = promptMessage(sessionID, messageID)
   return {
     input: { sessionID, agent: "build", model: { providerID: "local", modelID: "stub" }, messageID },
     output: { message, parts: [part] },
@@ -205,6 +147,17 @@ async function toolCall(
   await hooks["tool.execute.before"]!({ tool, sessionID, callID }, { args })
   if (result)
     await hooks["tool.execute.after"]!({ tool, sessionID, callID, args }, { title: tool, ...result })
+}
+
+/** A session's `write` tool call writing `path` (under the worktree), then OpenCode's file.edited. */
+async function writeFile(
+  hooks: ReturnType<typeof hooksFor>["hooks"],
+  sessionID: string,
+  callID: string,
+  path: string,
+): Promise<void> {
+  await toolCall(hooks, { sessionID, callID, tool: "write", args: { filePath: path } })
+  await hooks.event!(fileEdited(`${WORKTREE.directory}/${path}`))
 }
 
 function assistant(fields: Partial<AssistantMessage> & Pick<AssistantMessage, "id" | "parentID" | "time">): {
@@ -298,7 +251,7 @@ describe("settings", () => {
 
 describe("with a running bridge", () => {
   test("a session's first prompt gets the bridge's context; chat requests carry it in a message of its own after the prompt", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const [ack] = await ask(bridge.url, [
       { type: "error", id: 1, project: "shop", message: "TypeError in checkout: total is undefined" },
     ])
@@ -327,7 +280,7 @@ describe("with a running bridge", () => {
   })
 
   test("memory is asked for once per session and again after a compaction; the compaction request goes without it", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const seed = async (message: string): Promise<void> => {
       const [ack] = await ask(bridge.url, [{ type: "error", id: 1, project: "shop", message }])
       expect(ack.ok).toBe(true)
@@ -392,7 +345,7 @@ describe("with a running bridge", () => {
   })
 
   test("a chat about something memory does not hold gets no memory", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client } = hooksFor(bridge.url)
     expect(await client.opened(5000)).toBe(true)
     const turn = await chat(hooks, "ses_1", "hello there")
@@ -401,7 +354,7 @@ describe("with a running bridge", () => {
   })
 
   test("a file.edited event is stored as an episode that a later chat recalls", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     await hooks.event!(fileEdited("/work/shop/src/parser.ts"))
     expect(await client.drained(5000)).toBe(true)
@@ -416,7 +369,7 @@ describe("with a running bridge", () => {
   })
 
   test("a file.edited goes to the session whose tool call wrote it, else the busy, else the last active one", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     const a = await chat(hooks, "ses_a", "rename the parser module")
     await chat(hooks, "ses_b", "tidy the docs")
@@ -468,7 +421,7 @@ describe("with a running bridge", () => {
   })
 
   test("session.error becomes an error episode of its session; aborts and events without an error are not errors", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     const events: Event[] = [
       {
@@ -511,7 +464,7 @@ describe("with a running bridge", () => {
   })
 
   test("a failed tool call is an error of its session naming the tool, its file and what went wrong", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     await chat(hooks, "ses_1", "fix the flaky checkout test")
     const time = { start: 1, end: 2 }
@@ -566,7 +519,7 @@ describe("with a running bridge", () => {
   })
 
   test("a turn that wrote a file is one completion: the prompt as task, the final answer as summary", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     const turn = await chat(hooks, "ses_1", "add a retry to the payment client")
     const parentID = turn.message.id
@@ -612,13 +565,7 @@ describe("with a running bridge", () => {
     for (const [i, update] of updates.entries()) {
       await hooks.event!(update)
       if (i === 3) {
-        await toolCall(hooks, {
-          sessionID: "ses_1",
-          callID: "c1",
-          tool: "write",
-          args: { filePath: "src/pay.ts" },
-        })
-        await hooks.event!(fileEdited("/work/shop/src/pay.ts"))
+        await writeFile(hooks, "ses_1", "c1", "src/pay.ts")
       }
     }
     expect(await client.drained(5000)).toBe(true)
@@ -648,7 +595,7 @@ describe("with a running bridge", () => {
   })
 
   test("a turn that changed nothing and hit no error is no task; one that only failed is", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     const t0 = 1_790_000_000_000
     const reply = async (
@@ -669,8 +616,7 @@ describe("with a running bridge", () => {
     await reply(question.message.id, "msg_q", "It retries twice with backoff.")
     // A reply that failed is reported by session.error, never as a completion.
     const broken = await chat(hooks, "ses_1", "rewrite the retry policy")
-    await toolCall(hooks, { sessionID: "ses_1", callID: "w1", tool: "write", args: { filePath: "retry.ts" } })
-    await hooks.event!(fileEdited("/work/shop/retry.ts"))
+    await writeFile(hooks, "ses_1", "w1", "retry.ts")
     await reply(broken.message.id, "msg_b", "", {
       error: { name: "UnknownError", data: { message: "boom" } },
     })
@@ -698,7 +644,7 @@ describe("with a running bridge", () => {
   })
 
   test("a file a sub-agent writes makes its parent's turn a task too", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url)
     const t0 = 1_790_000_000_000
     const turn = await chat(hooks, "ses_main", "refactor the cart with a helper")
@@ -712,13 +658,7 @@ describe("with a running bridge", () => {
       time: { created: t0, updated: t0 },
     }
     await hooks.event!({ event: { type: "session.created", properties: { info: child } } })
-    await toolCall(hooks, {
-      sessionID: "ses_child",
-      callID: "w",
-      tool: "write",
-      args: { filePath: "src/cart.ts" },
-    })
-    await hooks.event!(fileEdited("/work/shop/src/cart.ts"))
+    await writeFile(hooks, "ses_child", "w", "src/cart.ts")
     const parentID = turn.message.id
     await hooks.event!(assistant({ id: "msg_m", sessionID: "ses_main", parentID, time: { created: t0 } }))
     await hooks.event!(textPart("ses_main", "msg_m", "prt_m", "The helper refactored the cart."))
@@ -743,7 +683,7 @@ describe("with a running bridge", () => {
   })
 
   test("a chat waits for the events of earlier turns before it asks, so they reach the bridge first", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, client, sent } = hooksFor(bridge.url, { deadlineMs: 5000 })
     expect(await client.opened(5000)).toBe(true)
     const backlogs: number[] = []
@@ -767,7 +707,7 @@ describe("with a running bridge", () => {
   })
 
   test("replies are matched to requests by id", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const words = ["zebra", "walrus", "pelican", "ocelot", "marmot", "lemur", "kestrel", "jackal"]
     await ask(
       bridge.url,
@@ -796,11 +736,10 @@ describe("with a running bridge", () => {
 
   test("the Plugin reads the environment; the token goes in the handshake header, never in the URL", async () => {
     const token = "t0ken-xyz"
-    const bridge = await startBridge({ args: ["--log-level", "debug"], env: { BRIDGE_TOKEN: token } })
+    const bridge = await cleanups.bridge({ args: ["--log-level", "debug"], env: { BRIDGE_TOKEN: token } })
     const seed = { type: "error", id: 1, project: "from-env", message: "gateway timeout in the billing job" }
     expect((await ask(bridge.url, [seed], { token }))[0].ok).toBe(true)
-    const queueDir = scratchDir("gb-plugin-queue")
-    cleanups.push(() => removeDir(queueDir))
+    const queueDir = cleanups.scratchDir("gb-plugin-queue")
     const saved = { ...process.env }
     cleanups.push(() => {
       for (const key of Object.keys(process.env))
@@ -856,7 +795,7 @@ describe("with a running bridge", () => {
   })
 
   test("events the bridge refuses as retryable (its rate limit) are sent again, in order", async () => {
-    const bridge = await startBridge({ args: ["--rate-limit", "20", "--rate-burst", "1"] })
+    const bridge = await cleanups.bridge({ args: ["--rate-limit", "20", "--rate-burst", "1"] })
     const { hooks, client, lines } = hooksFor(bridge.url)
     expect(await client.opened(5000)).toBe(true)
     const files = ["a", "b", "c", "d", "e"].map((name) => `/work/shop/${name}.ts`)
@@ -892,7 +831,7 @@ describe("without a working bridge", () => {
     expect(down().length).toBe(1)
     expect(lines.filter((line) => line.startsWith("error"))).toEqual([])
 
-    const bridge = await startBridge({ port })
+    const bridge = await cleanups.bridge({ port })
     await ask(bridge.url, [{ type: "error", id: 1, project: "shop", message: "segfault in the renderer" }])
     expect(await until(() => client.connected, 30_000)).toBe(true)
     // A session whose first chat went without memory asks again with its next one.
@@ -902,7 +841,7 @@ describe("without a working bridge", () => {
   })
 
   test("when the bridge hangs, the chat hook gives up at its deadline", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     await ask(bridge.url, [{ type: "error", id: 1, project: "shop", message: "deadlock in the scheduler" }])
     const { hooks, client } = hooksFor(bridge.url, { deadlineMs: 250 })
     expect(await client.opened(5000)).toBe(true)
@@ -920,9 +859,8 @@ describe("without a working bridge", () => {
   })
 
   test("killed mid-session: chats go on without memory, events queue and arrive in order after it returns", async () => {
-    const dataDir = scratchDir("gb-plugin-data")
-    cleanups.push(() => removeDir(dataDir))
-    const first = await startBridge({ dataDir })
+    const dataDir = cleanups.scratchDir("gb-plugin-data")
+    const first = await cleanups.bridge({ dataDir })
     const { hooks, client, lines } = hooksFor(first.url, { deadlineMs: 300 })
     expect(await client.opened(5000)).toBe(true)
     await hooks.event!(fileEdited("/work/shop/a.ts"))
@@ -944,7 +882,7 @@ describe("without a working bridge", () => {
     })
     expect(client.backlog).toBe(4)
 
-    const second = await startBridge({ dataDir, port: first.port })
+    const second = await cleanups.bridge({ dataDir, port: first.port })
     expect(await client.drained(10_000)).toBe(true)
     const episodes = await exportEpisodes(second.url, "shop")
     expect(episodes.map((e) => e.body)).toEqual([
@@ -968,7 +906,7 @@ describe("without a working bridge", () => {
     expect(client.backlog).toBe(3)
     expect(lines.filter((line) => line.includes("queue full")).length).toBe(1)
 
-    const bridge = await startBridge({ port })
+    const bridge = await cleanups.bridge({ port })
     expect(await client.drained(10_000)).toBe(true)
     const episodes = await exportEpisodes(bridge.url, "shop")
     expect(episodes.map((e) => e.body)).toEqual(files.slice(2).map((file) => `Modified: ${file}`))
@@ -978,8 +916,7 @@ describe("without a working bridge", () => {
   test("events outlive OpenCode: queued on disk while the bridge is down, sent once after a restart, in order", async () => {
     const port = await freePort()
     const url = `ws://127.0.0.1:${port}`
-    const queueDir = scratchDir("gb-plugin-queue")
-    cleanups.push(() => removeDir(queueDir))
+    const queueDir = cleanups.scratchDir("gb-plugin-queue")
     const files = ["a", "b", "c", "d"].map((name) => `/work/shop/src/${name}.ts`)
 
     // OpenCode runs while the bridge is down, then stops: its events stay on disk.
@@ -994,7 +931,7 @@ describe("without a working bridge", () => {
 
     // The bridge starts, OpenCode again: the events go out first, as they were stamped,
     // before the first chat asks (which comes while the plugin is still connecting).
-    const bridge = await startBridge({ port })
+    const bridge = await cleanups.bridge({ port })
     const after = hooksFor(url, { queueDir, deadlineMs: 10_000 })
     expect(after.client.stats.recovered).toBe(files.length)
     expect(after.client.connected).toBe(false)
@@ -1027,7 +964,7 @@ describe("without a working bridge", () => {
 
 describe("hooks never throw into OpenCode", () => {
   test("malformed input is caught and logged with the Memory plugin error prefix", async () => {
-    const bridge = await startBridge()
+    const bridge = await cleanups.bridge()
     const { hooks, lines } = hooksFor(bridge.url)
     const calls: Array<() => Promise<unknown>> = [
       () => hooks["chat.message"]!({ sessionID: "ses_1" }, {} as any),
