@@ -74,6 +74,7 @@ from bridge.cache.paths import path_suffixes
 from bridge.cache.tracking import LocalContexts, is_missing
 from bridge.cache.valkey import Valkey, ValkeyUrlError, detect, open_valkey
 from bridge.errors import CacheUnavailable
+from bridge.retry import Retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,6 +97,12 @@ DIGEST_MEMO_BYTES: Final = 4 << 20
 STRAIN_LOG_INTERVAL: Final = 60.0
 FAILING_FOR: Final = 10.0  # seconds a failed operation keeps the cache reported degraded
 PROJECT_IDS: Final = 4096  # project ids kept computed (the hash tag of every key)
+# Asking a Valkey given by URL what kind it is (server or cluster), until it answers.
+DETECTION_RETRY: Final = Retry(
+    retry_on=(TimeoutError, RedisError, OSError),
+    backoff=ExponentialWithJitterBackoff(cap=5.0, base=0.05),
+    logger=log,
+)
 
 # KEYS: epoch, ctx, all, tag... ; ARGV: expected epoch, value, ttl. The project's set of
 # contexts is scored by expiry (Valkey's clock), so each store trims the expired ones.
@@ -337,25 +344,21 @@ class ContextCache:
 
     async def _detect_until_known(self) -> None:
         """Ask what kind of Valkey this is until it answers (then follow its primaries)."""
-        backoff = ExponentialWithJitterBackoff(cap=5.0, base=0.05)
-        failures = 0
-        while True:
-            try:
-                async with asyncio.timeout(self.timeout * 4):
-                    switched = await self._detect()
-            except (TimeoutError, RedisError, OSError):
-                failures += 1
-                await asyncio.sleep(backoff.compute(failures))
-                continue
-            except ValkeyUrlError as e:
-                self._url = None
-                log.error("%s: the cache stays degraded until the URL is fixed", e)
-                self._failed(str(e))
-                return
+
+        async def detect() -> bool:
+            async with asyncio.timeout(self.timeout * 4):
+                return await self._detect()
+
+        try:
+            switched = await DETECTION_RETRY.call(detect, "asking Valkey what kind it is")
+        except ValkeyUrlError as e:
             self._url = None
-            if switched and self.follower is not None:
-                self.follower.start()
+            log.error("%s: the cache stays degraded until the URL is fixed", e)
+            self._failed(str(e))
             return
+        self._url = None
+        if switched and self.follower is not None:
+            self.follower.start()
 
     async def start(self, wait: float = 1.0) -> None:
         """Start following Valkey's invalidations; wait up to ``wait`` s for the stream."""
