@@ -175,8 +175,9 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
 
     by_task: dict[str, float] = defaultdict(float)
     for task in found.tasks:
+        share = weight[task.uuid] / math.sqrt(len(task.files)) if task.files else 0.0
         for path in task.files:
-            by_task[path] += weight[task.uuid] / math.sqrt(len(task.files))
+            by_task[path] += share
     score: dict[str, float] = defaultdict(float)
     for signal, weight_of_signal in ((by_task, 1.0), (found.files, FILE_TEXT_WEIGHT)):
         for path, value in _normalised(signal).items():
@@ -188,14 +189,15 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     prior = window.prior
     for path in score:
         score[path] += PRIOR_WEIGHT * prior.get(path, 0.0)
-    # Highest first, ties in the order they came (reverse=True keeps a sort stable); keys
-    # that are C functions rather than lambdas, as this runs on every miss.
-    best_files = dict(sorted(score.items(), key=itemgetter(1), reverse=True)[:files])
+    # Highest first, ties in the order they came (nlargest is sorted(reverse=True)[:n],
+    # stable as it is); keys that are C functions rather than lambdas, as this runs on
+    # every miss.
+    best_files = dict(heapq.nlargest(files, score.items(), key=itemgetter(1)))
     for path, value in _spread(best_files, window).items():
         if path not in score:
             score[path] = PRIOR_WEIGHT * prior.get(path, 0.0)
         score[path] += value
-    ranked_files = sorted(score, key=score.__getitem__, reverse=True)[:files]
+    ranked_files = heapq.nlargest(files, score, key=score.__getitem__)
     ranked_tasks = sorted(found.tasks, key=lambda t: (-weight[t.uuid], -t.seq))
     return Ranked(files=ranked_files, tasks=ranked_tasks)
 
@@ -234,8 +236,9 @@ def _day(at: float) -> str:
     return f"{dt.datetime.fromtimestamp(at, dt.UTC):%Y-%m-%d}" if at > 0 else "earlier"
 
 
-def _task_line(task: TaskHit, numbers: dict[str, int]) -> str:
-    """One past task: when, outcome, what was asked, what came of it, files, errors."""
+def _task_head(task: TaskHit) -> str:
+    """The start of a task's line, which does not depend on what came before it: the
+    whole line of a fact or a note."""
     if task.outcome == "fact":
         return f"- Fact: {_clip(task.summary, 300)}"
     if task.outcome == "note":  # saved on purpose: its text is all there is
@@ -245,6 +248,15 @@ def _task_line(task: TaskHit, numbers: dict[str, int]) -> str:
         parts.append(f'"{_clip(task.query, 160)}"')
     if task.summary:
         parts.append(f"→ {_clip(task.summary, 200)}")
+    return " ".join(parts)
+
+
+def _task_line(task: TaskHit, numbers: dict[str, int], head: str) -> str:
+    """One past task: when, outcome, what was asked, what came of it (``head``), then
+    its files, numbered in ``numbers`` at their first mention, and its errors."""
+    if task.outcome in ("fact", "note"):
+        return head
+    parts = [head]
     files = _unique(task.files)
     shown = []
     for path in files[:TASK_FILES_SHOWN]:
@@ -293,9 +305,13 @@ def render(ranked: Ranked, budget: int = DEFAULT_BUDGET, *, tasks: int = TASKS_S
     for task in ranked.tasks:
         if len(shown_lines) >= tasks:
             break
+        head = _task_head(task)
+        extra = 1 + (0 if shown_lines else 1 + len(title))
+        if used + extra + len(head) > budget:
+            continue  # a line is at least its head: this one cannot fit
         numbered = dict(numbers)  # kept only if the line is
-        line = _task_line(task, numbered)
-        cost = 1 + len(line) + (0 if shown_lines else 1 + len(title))
+        line = _task_line(task, numbered, head)
+        cost = extra + len(line)
         if line in seen_lines or used + cost > budget:
             continue
         numbers = numbered
