@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Final, TypedDict
 
 from bridge.background import Flights
@@ -47,30 +48,26 @@ class LoaderOptions(TypedDict, total=False):
     context_chars: int
 
 
+@dataclass(eq=False)
 class ContextLoader:
     """The context to inject for a project's query: cached, else from memory."""
 
-    def __init__(
-        self,
-        memory: MemoryBackend,
-        cache: ContextCache,
-        metrics: Metrics,
-        *,
-        miss_budget: float = MISS_BUDGET,
-        recall_limit: int = TASKS_SHOWN,
-        context_chars: int = DEFAULT_BUDGET,
-    ) -> None:
-        self.memory = memory
-        self.cache = cache
-        self.metrics = metrics
-        self.miss_budget = miss_budget
-        self.recall_limit = recall_limit
-        self.context_chars = context_chars
-        self._flights = Flights[_FlightKey, str | None](_flight_done)
-        self._changes = 0  # times memory changed in this process, for flight keys
-        self._fills = Flights[_Asked, None](self._fill_done)
-        # Resolved once an asker has the answer a fill caches (see ``_fill``).
-        self._answered: dict[_Asked, asyncio.Future[None]] = {}
+    memory: MemoryBackend
+    cache: ContextCache
+    metrics: Metrics
+    _: KW_ONLY
+    miss_budget: float = MISS_BUDGET
+    recall_limit: int = TASKS_SHOWN
+    context_chars: int = DEFAULT_BUDGET
+    _flights: Flights[_FlightKey, str | None] = field(init=False)
+    _changes: int = field(init=False, default=0)  # memory changes here, for flight keys
+    _fills: Flights[_Asked, None] = field(init=False)
+    # Resolved once an asker has the answer a fill caches (see ``_fill``).
+    _answered: dict[_Asked, asyncio.Future[None]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._flights = Flights(_flight_done)
+        self._fills = Flights(self._fill_done)
 
     def cached(self, project: str, query: str) -> Lookup | None:
         """The context from the in-process copy of the cache, or None (no I/O, no task)."""

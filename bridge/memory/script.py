@@ -40,6 +40,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -108,26 +109,24 @@ def parse_query_output(out: bytes, group_id: str, limit: int) -> Recall:
     return Recall(episodes=episodes[:limit], facts=facts[:limit])
 
 
+@dataclass(eq=False)
 class ScriptMemory:
-    """A MemoryBackend that runs an existing memory script for every call."""
+    """A MemoryBackend that runs an existing memory script for every call: at most
+    ``concurrency`` at once, each for at most ``timeout`` seconds."""
 
-    name = "script"
+    name: str = field(default="script", init=False)
 
-    def __init__(
-        self,
-        script: Path,
-        *,
-        python: str = sys.executable,
-        timeout: float = CALL_TIMEOUT,
-        concurrency: int = CONCURRENCY,
-        options: bool = True,
-    ) -> None:
-        self.script = script
-        self.python = python
-        self.timeout = timeout
-        self.options = options
+    script: Path
+    _: KW_ONLY
+    python: str = sys.executable
+    timeout: float = CALL_TIMEOUT
+    concurrency: InitVar[int] = CONCURRENCY
+    options: bool = True
+    _slots: asyncio.Semaphore = field(init=False)
+    _running: set[asyncio.subprocess.Process] = field(init=False, default_factory=set)
+
+    def __post_init__(self, concurrency: int) -> None:
         self._slots = asyncio.Semaphore(max(1, concurrency))
-        self._running: set[asyncio.subprocess.Process] = set()
 
     async def start(self) -> None:
         """Check that the script exists (it is run afresh for every call)."""

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
+@dataclass(slots=True)
 class TokenBucket:
     """Allows ``rate`` events per second on average, with bursts of up to ``burst``.
 
     ``clock`` gives the time in seconds (``time.monotonic`` unless a test drives it)."""
 
-    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate")
+    rate: float
+    burst: float
+    clock: Callable[[], float] = time.monotonic
+    _tokens: float = field(init=False)
+    _stamp: float = field(init=False)
 
-    def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._stamp = clock()
+    def __post_init__(self) -> None:
+        self._tokens = self.burst
+        self._stamp = self.clock()
 
     def allow(self) -> bool:
         """Take one token if there is one."""
-        now = self._clock()
+        now = self.clock()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         if self._tokens >= 1.0:
