@@ -6,14 +6,9 @@ the real websocat binary typing the query the way docs/protocol.md shows.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
@@ -38,11 +33,7 @@ from bridge.wire.protocol import (
 )
 from tests.conftest import StatsdCollector
 from tests.test_cli import bridge_process
-from tests.wire import receive
-
-WEBSOCAT = shutil.which(
-    "websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-)
+from tests.wire import receive, websocat
 
 
 @pytest.fixture
@@ -123,29 +114,17 @@ async def test_query_opens_no_task_and_an_empty_project_has_no_context(
 
 
 async def test_websocat_types_a_query_and_reads_episodes_and_context(tmp_path: Path) -> None:
-    assert WEBSOCAT, "websocat comes with the test extras"
     async with bridge_process("--data-dir", str(tmp_path / "data")) as bridge:
         async with connect(f"{bridge.url}/plant") as ws:
             await ws.send('{"type":"error","id":1,"message":"TypeError in pump.ts"}')
             assert (await receive(ws))["ok"] is True
-        process = await asyncio.create_subprocess_exec(
-            WEBSOCAT, "-t", f"{bridge.url}/plant",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert process.stdin is not None and process.stdout is not None
-        try:
-            process.stdin.write(b'{"type":"query","id":7,"query":"pump.ts","limit":3}\n')
-            process.stdin.write(b'{"type":"query","id":8,"query":"nothing like it","limit":3}\n')
-            await process.stdin.drain()
-            lines = [await asyncio.wait_for(process.stdout.readline(), 10) for _ in range(2)]
-        finally:
-            process.stdin.close()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    replies = {reply["id"]: reply for reply in map(msgspec.json.decode, lines)}
+        lines = await websocat(
+            f"{bridge.url}/plant",
+            '{"type":"query","id":7,"query":"pump.ts","limit":3}',
+            '{"type":"query","id":8,"query":"nothing like it","limit":3}',
+            replies=2,
+        )
+    replies = {reply["id"]: reply for reply in lines}
     found = replies[7]
     assert found["type"] == "result"
     assert [e["body"] for e in found["episodes"]] == ["Error: TypeError in pump.ts"]

