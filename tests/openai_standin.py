@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 
+from bridge.memory.graph_settings import LlmSettings
+
 IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*\w")
 WORD = re.compile(r"\w+")
 SECTION = r"<{tag}>\s*(.*?)\s*</{tag}>"
@@ -215,6 +217,17 @@ class OpenAIStandin:
         """The OpenAI ``base_url`` of this server (with the ``/v1`` prefix)."""
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}/v1"
+
+    def settings(self) -> LlmSettings:
+        """The graphiti backend's LLM and embedder settings that point at this server."""
+        return LlmSettings(
+            api_key="standin-key",
+            base_url=self.base_url,
+            model="standin-model",
+            small_model="standin-small",
+            embedding_model="standin-embedding",
+            embedding_dim=self.dim,
+        )
 
     def start(self) -> None:
         """Serve on a background thread."""

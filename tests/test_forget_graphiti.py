@@ -19,7 +19,7 @@ from bridge.wire.handlers import Handlers, Session
 from bridge.wire.protocol import Ack, ChatStart, Context, ErrorEvent, Message, Reply
 from tests.conftest import StatsdCollector
 from tests.openai_standin import OpenAIStandin, fact
-from tests.test_memory_graphiti import llm_settings, wait_ingested
+from tests.test_memory_graphiti import wait_ingested
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ async def llm_memory(
     tmp_path: Path,
 ) -> AsyncIterator[GraphitiMemory]:
     """The graphiti backend with the stand-in as its LLM and embedder."""
-    store = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state", llm=llm_settings(standin))
+    store = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state", llm=standin.settings())
     await store.start()
     yield store
     await store.close()

@@ -10,14 +10,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import pytest
 import redis.asyncio as redis
 
 from bridge.episode import Episode, new_episode
 from bridge.memory.durable import EpisodeQueue
-from bridge.memory.graphiti import GraphitiMemory, LlmSettings
+from bridge.memory.graphiti import GraphitiMemory
 from bridge.memory.lease import Leases
 from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
 from tests.openai_standin import OpenAIStandin, fact
@@ -51,14 +51,25 @@ async def client(valkey: EmbeddedValkey) -> AsyncIterator[redis.Redis]:
     await connection.aclose()
 
 
-def settings(standin: OpenAIStandin) -> LlmSettings:
-    return LlmSettings(
-        api_key="standin-key",
-        base_url=standin.base_url,
-        model="standin-model",
-        small_model="standin-small",
-        embedding_model="standin-embedding",
-        embedding_dim=standin.dim,
+M = TypeVar("M", bound=GraphitiMemory)
+
+
+def process(
+    falkordb: EmbeddedFalkorDB,
+    standin: OpenAIStandin,
+    folder: Path,
+    number: int,
+    leases: Leases,
+    kind: type[M],
+) -> M:
+    """The graphiti backend of process ``number`` sharing ``folder``: its own queue file,
+    the stand-in as LLM, the ingest ``leases`` in Valkey."""
+    return kind(
+        falkordb.url,
+        state_dir=folder,
+        llm=standin.settings(),
+        queue_path=folder / f"graphiti-queue-{number}.sqlite3",
+        leases=leases,
     )
 
 
@@ -81,16 +92,7 @@ async def test_a_group_is_ingested_by_one_process_at_a_time(
 ) -> None:
     standin.delay = 0.01  # every extraction takes a while: overlaps would show
     leases = Leases(lambda: client, "gb:ingest:test:", ttl=2.0)
-    pair = [
-        Watched(
-            falkordb.url,
-            state_dir=tmp_path,
-            llm=settings(standin),
-            queue_path=tmp_path / f"graphiti-queue-{n}.sqlite3",
-            leases=leases,
-        )
-        for n in (1, 2)
-    ]
+    pair = [process(falkordb, standin, tmp_path, n, leases, Watched) for n in (1, 2)]
     for memory in pair:
         await memory.start()
     try:
@@ -117,14 +119,7 @@ async def test_a_process_waits_for_the_holder_and_takes_over_when_it_stops(
 ) -> None:
     leases = Leases(lambda: client, "gb:ingest:test:", ttl=2.0)
     first, second = (
-        GraphitiMemory(
-            falkordb.url,
-            state_dir=tmp_path,
-            llm=settings(standin),
-            queue_path=tmp_path / f"graphiti-queue-{n}.sqlite3",
-            leases=leases,
-        )
-        for n in (1, 2)
+        process(falkordb, standin, tmp_path, n, leases, GraphitiMemory) for n in (1, 2)
     )
     await first.start()
     await second.start()
@@ -143,13 +138,7 @@ async def test_a_process_waits_for_the_holder_and_takes_over_when_it_stops(
     finally:
         standin.resume()
         await second.close()
-    again = GraphitiMemory(
-        falkordb.url,
-        state_dir=tmp_path,
-        llm=settings(standin),
-        queue_path=tmp_path / "graphiti-queue-1.sqlite3",
-        leases=leases,
-    )
+    again = process(falkordb, standin, tmp_path, 1, leases, GraphitiMemory)
     await again.start()
     try:
         assert again.pending("proj") == 1  # the first's episode, still in its file
@@ -169,7 +158,7 @@ async def test_a_queue_file_no_process_keeps_is_taken_over(
     memory = GraphitiMemory(
         falkordb.url,
         state_dir=tmp_path,
-        llm=settings(standin),
+        llm=standin.settings(),
         queue_path=tmp_path / "graphiti-queue-1.sqlite3",
         take_over=[left],
     )

@@ -30,7 +30,6 @@ from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.memory.graph_recall import Synced
 from bridge.memory.graphiti import (
     GraphitiMemory,
-    LlmSettings,
     _built,
     _node,
     graph_driver,
@@ -60,17 +59,6 @@ from tests.openai_standin import OpenAIStandin, fact
 from tests.waiting import eventually
 
 
-def llm_settings(standin: OpenAIStandin) -> LlmSettings:
-    return LlmSettings(
-        api_key="standin-key",
-        base_url=standin.base_url,
-        model="standin-model",
-        small_model="standin-small",
-        embedding_model="standin-embedding",
-        embedding_dim=standin.dim,
-    )
-
-
 @pytest.fixture
 async def memory(falkordb: EmbeddedFalkorDB, tmp_path: Path) -> AsyncIterator[GraphitiMemory]:
     """The graphiti backend without an LLM."""
@@ -85,7 +73,7 @@ async def llm_memory(
     falkordb: EmbeddedFalkorDB, standin: OpenAIStandin, tmp_path: Path
 ) -> AsyncIterator[GraphitiMemory]:
     """The graphiti backend with the stand-in as its LLM and embedder."""
-    store = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state", llm=llm_settings(standin))
+    store = GraphitiMemory(falkordb.url, state_dir=tmp_path / "state", llm=standin.settings())
     await store.start()
     yield store
     await store.close()
@@ -202,7 +190,7 @@ async def test_start_says_which_mode_it_is_in(
     await plain.start()
     await plain.close()
     assert "graphiti memory on Falkor, without an LLM" in caplog.text
-    smart = GraphitiMemory(falkordb.url, state_dir=tmp_path, llm=llm_settings(standin))
+    smart = GraphitiMemory(falkordb.url, state_dir=tmp_path, llm=standin.settings())
     await smart.start()
     await smart.close()
     assert f"with LLM standin-model at {standin.base_url}" in caplog.text
@@ -323,7 +311,7 @@ async def test_llm_mode_extracts_facts_and_recalls_them_in_the_context(
 async def test_an_episode_queued_when_the_backend_stops_is_ingested_on_the_next_start(
     falkordb: EmbeddedFalkorDB, standin: OpenAIStandin, tmp_path: Path
 ) -> None:
-    settings = llm_settings(standin)
+    settings = standin.settings()
     state = tmp_path / "state"
     standin.pause()  # the first extraction hangs: the queue stays busy
     first = GraphitiMemory(falkordb.url, state_dir=state, llm=settings)
@@ -362,9 +350,7 @@ async def test_a_full_ingest_queue_refuses_new_episodes(
     falkordb: EmbeddedFalkorDB, standin: OpenAIStandin, tmp_path: Path
 ) -> None:
     standin.pause()
-    store = GraphitiMemory(
-        falkordb.url, state_dir=tmp_path, llm=llm_settings(standin), queue_size=1
-    )
+    store = GraphitiMemory(falkordb.url, state_dir=tmp_path, llm=standin.settings(), queue_size=1)
     await store.start()
     try:
         await store.store(episode("proj", "first", 1.0))
