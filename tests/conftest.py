@@ -188,10 +188,8 @@ async def app(
     """A running bridge on a free loopback port, over the real Valkey fixture."""
     from bridge.runtime.app import App
 
-    bridge = App(bridge_config(tmp_path, valkey, statsd.port))
-    await bridge.start()
-    yield bridge
-    await bridge.stop()
+    async with App(bridge_config(tmp_path, valkey, statsd.port)) as bridge:
+        yield bridge
 
 
 def ws_url(app: App, path: str = "/") -> str:

@@ -217,10 +217,8 @@ async def cluster_app(
         cache=CacheConfig(valkey_url=valkey_cluster.url),
         metrics=MetricsConfig(host="127.0.0.1", port=statsd.port),
     )
-    app = App(config)
-    await app.start()
-    yield app
-    await app.stop()
+    async with App(config) as app:
+        yield app
 
 
 @pytest.mark.slow

@@ -41,16 +41,14 @@ async def test_the_private_valkey_is_capped_and_never_evicts(valkey: EmbeddedVal
 @pytest.fixture
 async def private_app(tmp_path: Path, statsd: StatsdCollector) -> AsyncIterator[App]:
     """A bridge with its own private valkey-server, as ``serve`` runs by default."""
-    app = App(
+    async with App(
         Config(
             data_dir=tmp_path / "data",
             server=ServerConfig(port=0),
             metrics=MetricsConfig(host="127.0.0.1", port=statsd.port),
         )
-    )
-    await app.start()
-    yield app
-    await app.stop()
+    ) as app:
+        yield app
 
 
 async def test_a_killed_private_valkey_comes_back_and_hits_resume(private_app: App) -> None:

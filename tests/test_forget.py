@@ -53,11 +53,11 @@ async def bridge(
     statsd: StatsdCollector,
 ) -> AsyncIterator[App]:
     """A running bridge on each memory backend, over the real Valkey fixture."""
-    async with backend_settings(request.param) as settings:
-        app = App(bridge_config(tmp_path, valkey, statsd.port, **settings))
-        await app.start()
+    async with (
+        backend_settings(request.param) as settings,
+        App(bridge_config(tmp_path, valkey, statsd.port, **settings)) as app,
+    ):
         yield app
-        await app.stop()
 
 
 async def stored(ws: ClientConnection, message: dict[str, Any]) -> str:
@@ -315,10 +315,8 @@ async def script_bridge(
     script.parent.mkdir()
     script.write_text(MEMORY_MANAGER)
     config = bridge_config(tmp_path, valkey, statsd.port, memory={"backend": "script"})
-    app = App(config, memory=ScriptMemory(script))
-    await app.start()
-    yield app
-    await app.stop()
+    async with App(config, memory=ScriptMemory(script)) as app:
+        yield app
 
 
 async def test_the_script_backend_says_it_cannot_forget(script_bridge: App) -> None:

@@ -493,14 +493,12 @@ async def unhurried_app(
 ) -> AsyncIterator[App]:
     """A bridge whose rate limit a fast machine running the sweep cannot reach: the sweep
     fuzzes values, not rates."""
-    bridge = App(
+    async with App(
         bridge_config(
             tmp_path, valkey, statsd.port, limits={"rate_limit": 1e6, "rate_burst": 10**6}
         )
-    )
-    await bridge.start()
-    yield bridge
-    await bridge.stop()
+    ) as bridge:
+        yield bridge
 
 
 async def test_every_fields_extremes_get_one_reply_and_lose_nothing(

@@ -84,10 +84,8 @@ async def guarded(
         server={"token": TOKEN, "allowed_origins": (ORIGIN,)},
         limits={"max_connections": 50},
     )
-    app = App(config)
-    await app.start()
-    yield app
-    await app.stop()
+    async with App(config) as app:
+        yield app
 
 
 async def exchange(port: int, request: bytes) -> bytes:

@@ -24,10 +24,8 @@ async def guarded(
     tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     """A bridge that wants TOKEN, on a free loopback port; stopped afterwards."""
-    app = App(bridge_config(tmp_path, valkey, statsd.port, server={"token": TOKEN}))
-    await app.start()
-    yield app
-    await app.stop()
+    async with App(bridge_config(tmp_path, valkey, statsd.port, server={"token": TOKEN})) as app:
+        yield app
 
 
 async def refused(app: App, headers: dict[str, str]) -> int:

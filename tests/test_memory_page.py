@@ -69,11 +69,11 @@ async def shop(
     request: pytest.FixtureRequest, tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     """A bridge on each backend whose default project is "shop"."""
-    async with backend_settings(request.param) as settings:
-        app = App(bridge_config(tmp_path, valkey, statsd.port, project="shop", **settings))
-        await app.start()
+    async with (
+        backend_settings(request.param) as settings,
+        App(bridge_config(tmp_path, valkey, statsd.port, project="shop", **settings)) as app,
+    ):
         yield app
-        await app.stop()
 
 
 async def test_the_page_and_its_files_are_served_without_a_token(app: App) -> None:
@@ -175,10 +175,8 @@ async def guarded(
     tmp_path: Path, valkey: EmbeddedValkey, statsd: StatsdCollector
 ) -> AsyncIterator[App]:
     """A bridge with a token."""
-    app = App(bridge_config(tmp_path, valkey, statsd.port, server={"token": TOKEN}))
-    await app.start()
-    yield app
-    await app.stop()
+    async with App(bridge_config(tmp_path, valkey, statsd.port, server={"token": TOKEN})) as app:
+        yield app
 
 
 async def test_with_a_token_the_api_needs_it(guarded: App) -> None:
