@@ -18,6 +18,7 @@ from bridge.memory.recall import Candidates
 from bridge.memory.sqlite import SqliteMemory
 from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey, sweep_stale_dirs
 from tests.openai_standin import OpenAIStandin
+from tests.ports import free_port
 from tests.valkey_deployments import ValkeyCluster, ValkeySentinel
 from tests.waiting import eventually
 
@@ -53,13 +54,6 @@ class SlowMemory(SqliteMemory):
             yield
         finally:
             self.running -= 1
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StatsdCollector:

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import free_port
 from tests.openai_standin import OpenAIStandin, Step, ToolCall, user_texts
+from tests.ports import free_port
 from tests.test_cli import bridge_process
 from tests.wire import ask, exported
 

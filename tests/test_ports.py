@@ -1,11 +1,11 @@
-"""The port helper of the Valkey deployment fixtures: a port it returns is never returned
-again, so the servers of one cluster (client and bus ports) cannot collide."""
+"""The port helper of the test fixtures: a port it returns is never returned again, so
+the servers one test starts (a cluster's client and bus ports) cannot collide."""
 
 from __future__ import annotations
 
 import socket
 
-from tests.valkey_deployments import PORTS, free_port
+from tests.ports import PORTS, free_port
 
 
 def test_free_port_never_hands_out_a_port_twice() -> None:
