@@ -81,7 +81,7 @@ def test_every_message_is_an_interface_with_its_tag_and_fields(generator: Module
 def test_bounds_are_the_schema_limits(generator: ModuleType) -> None:
     text = generator.render()
     shared = text[text.index("const CLIENT_MESSAGE_BOUNDS") : text.index("export const BOUNDS")]
-    assert f"  session: {{ minLength: 1, maxLength: {protocol.MAX_NAME} }},\n" in shared
+    assert f"  session: chars(1, {protocol.MAX_NAME}),\n" in shared
     assert "const EPISODE_MESSAGE_BOUNDS = {\n  ...CLIENT_MESSAGE_BOUNDS,\n" in shared
     bounds = text[text.index("export const BOUNDS") :]
     assert (
@@ -89,9 +89,13 @@ def test_bounds_are_the_schema_limits(generator: ModuleType) -> None:
         "...CLIENT_MESSAGE_BOUNDS }," in bounds
     )
     assert (
-        f'"file:write": {{ path: {{ minLength: 1, maxLength: {protocol.MAX_PATH} }}, '
+        f'"file:write": {{ path: chars(1, {protocol.MAX_PATH}), '
         "...EPISODE_MESSAGE_BOUNDS }," in bounds
     )
-    assert f"note: {{ text: {{ minLength: 1, maxLength: {protocol.MAX_TEXT} }}, ..." in bounds
-    assert "limit: { minimum: 1, maximum: 100 }" in bounds
+    assert f"note: {{ text: chars(1, {protocol.MAX_TEXT}), ..." in bounds
+    assert "limit: span(1, 100)" in bounds
+    assert (
+        "const chars = (minLength: number, maxLength: number) => ({ minLength, maxLength })" in text
+    )
+    assert "const span = (minimum: number, maximum: number) => ({ minimum, maximum })" in text
     assert f"export const PROTOCOL_VERSION = {protocol.PROTOCOL_VERSION}\n" in text

@@ -41,41 +41,42 @@ export const SERVER_TYPES = ["context", "ack", "result", "export:chunk", "export
 /** The `type` of each episode message. */
 export const EPISODE_TYPES = ["file:write", "error", "completion", "note"] as const
 
+/** A string of `minLength` to `maxLength` characters. */
+const chars = (minLength: number, maxLength: number) => ({ minLength, maxLength })
+
+/** A number from `minimum` to `maximum`, both included. */
+const span = (minimum: number, maximum: number) => ({ minimum, maximum })
+
 /** The bounds of the fields of `ClientMessageFields`. */
 const CLIENT_MESSAGE_BOUNDS = {
   id: { maxLength: 256 },
-  project: { minLength: 1, maxLength: 256 },
-  session: { minLength: 1, maxLength: 256 },
+  project: chars(1, 256),
+  session: chars(1, 256),
 } as const
 
 /** The bounds of the fields of `EpisodeMessageFields`. */
 const EPISODE_MESSAGE_BOUNDS = {
   ...CLIENT_MESSAGE_BOUNDS,
-  episode_id: { minLength: 1, maxLength: 256 },
-  at: { minimum: 0, maximum: 100000000000 },
+  episode_id: chars(1, 256),
+  at: span(0, 100000000000),
 } as const
 
 /** The bounds of each client message's fields, by message type and field. */
 export const BOUNDS = {
   "chat:start": { query: { maxLength: 65536 }, ...CLIENT_MESSAGE_BOUNDS },
-  "file:write": { path: { minLength: 1, maxLength: 4096 }, ...EPISODE_MESSAGE_BOUNDS },
-  error: { message: { minLength: 1, maxLength: 65536 }, ...EPISODE_MESSAGE_BOUNDS },
+  "file:write": { path: chars(1, 4096), ...EPISODE_MESSAGE_BOUNDS },
+  error: { message: chars(1, 65536), ...EPISODE_MESSAGE_BOUNDS },
   completion: {
-    task: { minLength: 1, maxLength: 65536 },
-    duration_ms: { minimum: 0, maximum: 100000000000000 },
-    tokens: { minimum: 0, maximum: 9007199254740992 },
+    task: chars(1, 65536),
+    duration_ms: span(0, 100000000000000),
+    tokens: span(0, 9007199254740992),
     ...EPISODE_MESSAGE_BOUNDS,
   },
-  query: { query: { maxLength: 65536 }, limit: { minimum: 1, maximum: 100 }, ...CLIENT_MESSAGE_BOUNDS },
-  export: { chunk_size: { minimum: 1, maximum: 1000 }, ...CLIENT_MESSAGE_BOUNDS },
+  query: { query: { maxLength: 65536 }, limit: span(1, 100), ...CLIENT_MESSAGE_BOUNDS },
+  export: { chunk_size: span(1, 1000), ...CLIENT_MESSAGE_BOUNDS },
   ping: { ...CLIENT_MESSAGE_BOUNDS },
-  note: { text: { minLength: 1, maxLength: 65536 }, ...EPISODE_MESSAGE_BOUNDS },
-  forget: {
-    episode: { minLength: 1, maxLength: 256 },
-    path: { minLength: 1, maxLength: 4096 },
-    task: { minLength: 1, maxLength: 256 },
-    ...CLIENT_MESSAGE_BOUNDS,
-  },
+  note: { text: chars(1, 65536), ...EPISODE_MESSAGE_BOUNDS },
+  forget: { episode: chars(1, 256), path: chars(1, 4096), task: chars(1, 256), ...CLIENT_MESSAGE_BOUNDS },
 } as const
 
 /** Fields every client message may carry. */

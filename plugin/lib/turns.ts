@@ -44,19 +44,30 @@ export interface FinishedTurn {
   summary: string
 }
 
+/** An assistant message seen: its text parts so far, by part id, until it is reported. */
+interface Reply {
+  parts: Map<string, string>
+  reported: boolean
+}
+
+/**
+ * The key of a session's turn whose prompt was not seen. Only the session's current turn
+ * can be one, and nothing else finds it, so a new one simply takes the old one's place.
+ */
+function promptless(sessionID: string): string {
+  return `${sessionID}\u0000`
+}
+
 function freshTurn(userID?: string, prompt?: string): Turn {
   return { userID, prompt, tokens: 0, changed: 0, failed: 0, text: "" }
 }
 
 export class Turns {
-  private tick = 0
   /** Open turns by key (the prompt's message id), and each session's current turn key. */
   private readonly turns = new Memo<Turn>()
   private readonly current = new Memo<string>()
-  /** Assistant messages seen, those already reported, and their text parts by part id. */
-  private readonly assistants = new Memo<true>()
-  private readonly completed = new Memo<true>()
-  private readonly texts = new Memo<Map<string, string>>()
+  /** The assistant messages seen, by message id. */
+  private readonly assistants = new Memo<Reply>()
   /** The parent of each sub-agent session. */
   private readonly parents = new Memo<string>()
 
@@ -64,7 +75,7 @@ export class Turns {
 
   /** A prompt opens a turn; its replies find it by their parentID, the prompt's id. */
   open(sessionID: string, messageID: string | undefined, prompt: string): void {
-    const key = messageID ?? `${sessionID}\u0000${++this.tick}`
+    const key = messageID ?? promptless(sessionID)
     this.turns.set(key, freshTurn(messageID, prompt || undefined))
     this.current.set(sessionID, key)
   }
@@ -90,21 +101,21 @@ export class Turns {
 
   /** A text part of a message: kept for the assistant's answer. */
   textPart(part: TextPart): void {
-    if (part.synthetic || part.ignored || !this.assistants.has(part.messageID)) return
-    const parts = this.texts.get(part.messageID) ?? new Map<string, string>()
-    parts.set(part.id, typeof part.text === "string" ? part.text : "")
-    this.texts.set(part.messageID, parts)
+    const reply = this.assistants.get(part.messageID)
+    if (part.synthetic || part.ignored || !reply || reply.reported) return
+    reply.parts.set(part.id, typeof part.text === "string" ? part.text : "")
   }
 
   /** An assistant message was updated; the turn it finishes, if it finishes one that did something. */
   reply(info: AssistantMessage): FinishedTurn | undefined {
-    this.assistants.set(info.id, true)
+    const reply = this.assistants.get(info.id) ?? { parts: new Map<string, string>(), reported: false }
+    this.assistants.set(info.id, reply)
     const turn = this.turnOfReply(info)
     const finished = info.time?.completed
-    if (!finished || this.completed.has(info.id)) return undefined
-    this.completed.set(info.id, true)
-    const text = this.messageText(info.id)
-    this.texts.delete(info.id)
+    if (!finished || reply.reported) return undefined
+    reply.reported = true
+    const text = messageText(reply.parts)
+    reply.parts.clear()
     if (text) turn.text = text
     if (info.error) return undefined // reported by session.error
     const tokens = info.tokens as (AssistantMessage["tokens"] & { total?: number }) | undefined
@@ -144,7 +155,7 @@ export class Turns {
     const turn = key === undefined ? undefined : this.turns.get(key)
     if (turn) return turn
     const fresh = freshTurn()
-    const freshKey = `${sessionID}\u0000${++this.tick}`
+    const freshKey = promptless(sessionID)
     this.turns.set(freshKey, fresh)
     this.current.set(sessionID, freshKey)
     return fresh
@@ -167,15 +178,13 @@ export class Turns {
     }
     return turn
   }
+}
 
-  /** The text of an assistant message, its parts in OpenCode's order (by id). */
-  private messageText(messageID: string): string {
-    const parts = this.texts.get(messageID)
-    if (!parts) return ""
-    return [...parts.entries()]
-      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
-      .map(([, text]) => text.trim())
-      .filter(Boolean)
-      .join("\n")
-  }
+/** The text of an assistant message from its parts, in OpenCode's order (by part id). */
+function messageText(parts: Map<string, string>): string {
+  return [...parts.entries()]
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+    .map(([, text]) => text.trim())
+    .filter(Boolean)
+    .join("\n")
 }

@@ -261,21 +261,44 @@ def constants(name: str, tags: Iterable[str], doc: str) -> list[str]:
     return [*comment(doc, ""), *joined(f"export const {name} = [", quoted, ", ", "] as const")]
 
 
+# The limits that come in pairs are written as a call of a helper the file declares
+# (`chars(1, 256)`), the way a person would write the table, so that it reads at a glance.
+PAIRS: dict[tuple[str, ...], str] = {
+    ("minLength", "maxLength"): "chars",
+    ("minimum", "maximum"): "span",
+}
+HELPERS = [
+    "/** A string of `minLength` to `maxLength` characters. */",
+    "const chars = (minLength: number, maxLength: number) => ({ minLength, maxLength })",
+    "",
+    "/** A number from `minimum` to `maximum`, both included. */",
+    "const span = (minimum: number, maximum: number) => ({ minimum, maximum })",
+    "",
+]
+
+
+def limits_of(limits: dict[str, float]) -> str:
+    """A field's limits as TypeScript: a helper's call for a pair, else an object."""
+    helper = PAIRS.get(tuple(limits))
+    if helper is not None:
+        return f"{helper}({', '.join(number(v) for v in limits.values())})"
+    inner = ", ".join(f"{k}: {number(v)}" for k, v in limits.items())
+    return f"{{ {inner} }}"
+
+
 def bounded(declared: Declaration) -> list[str]:
-    """`field: { limit: n }` of each of a declaration's own fields that has limits."""
-    entries = []
-    for field, spec in declared.fields.items():
-        limits = bounds(spec)
-        if limits:
-            inner = ", ".join(f"{k}: {number(v)}" for k, v in limits.items())
-            entries.append(f"{key(field)}: {{ {inner} }}")
-    return entries
+    """`field: limits` of each of a declaration's own fields that has limits."""
+    return [
+        f"{key(field)}: {limits_of(limits)}"
+        for field, spec in declared.fields.items()
+        if (limits := bounds(spec))
+    ]
 
 
 def bounds_table(client: Sequence[tuple[str, Declaration]], shared: list[Declaration]) -> list[str]:
     """`BOUNDS`, each client message's field limits by type and field, after one constant
     per set of shared fields, which the messages that extend it spread."""
-    out = []
+    out = list(HELPERS)
     spread = {d.name: f"...{d.bounds_name}" for d in shared}
     for declared in shared:
         items = bounded(declared)
