@@ -80,6 +80,43 @@ def test_replacing_and_removing_documents_keeps_the_statistics_right() -> None:
         assert math.isclose(score, found[key], rel_tol=1e-9)
 
 
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "remove", "top"]),
+        st.integers(0, 20),
+        st.lists(words, min_size=1, max_size=8),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations)
+def test_queries_between_changes_see_every_change(
+    steps: list[tuple[str, int, list[str]]],
+) -> None:
+    """Postings compiled for one query are recompiled after a change to their term, and a
+    removed document's slot, reused by the next, keeps nothing of the old one."""
+    index = Bm25Index()
+    docs: dict[str, list[str]] = {}
+    for action, number, terms in steps:
+        key = f"d{number}"
+        if action == "put":
+            index.put(key, terms)
+            docs[key] = terms
+        elif action == "remove":
+            index.remove(key)
+            docs.pop(key, None)
+        else:
+            expected = brute_force(docs, terms) if docs else {}
+            found = index.top(terms, 5)
+            assert len(found) == min(5, len(expected))
+            for found_key, score in found:
+                assert math.isclose(score, expected[found_key], rel_tol=1e-9)
+    assert len(index) == len(docs)
+
+
 def task(seq: int, query: str, files: list[str], **fields: object) -> TaskHit:
     return TaskHit(uuid=f"t{seq}", seq=seq, query=query, files=files, **fields)  # type: ignore[arg-type]
 

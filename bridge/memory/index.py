@@ -6,11 +6,10 @@ that grow with the store; this index keeps, per project, the last ``HORIZON_TASK
 (older ones weigh under a millionth in :func:`bridge.memory.recall.rank`, so leaving them out
 changes no answer) and answers in a fraction of a millisecond, whatever the store's size.
 
-- :class:`Bm25Index` scores documents for a query with Okapi BM25 and returns the top k
-  without scoring every match: terms are taken rarest first, and once the k-th best score
-  so far beats what the remaining, more common terms could add to a document not seen
-  yet, those terms only complete the scores of documents already found (the "continue"
-  strategy of term-at-a-time MaxScore). The answer is the exact top k.
+- :class:`Bm25Index` scores documents for a query with Okapi BM25 and returns the exact
+  top k: each query term adds its share to all the documents holding it in one numpy
+  vector operation, and a partial sort picks the best. Its work is bounded by the
+  horizon, not by the store: a miss costs the same at 10,000 episodes as at 1,000,000.
 - :class:`ProjectIndex` holds one project's tasks (as :class:`~bridge.memory.recall.TaskHit`)
   with a task index and a file index (a file's document: its path and the queries of its
   last tasks), and turns a query into :class:`~bridge.memory.recall.Candidates`.
@@ -27,11 +26,14 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final
+from operator import itemgetter
+from typing import Final, cast
 
 import msgspec
+import numpy as np
+from numpy.typing import NDArray
 
 from bridge.memory.recall import (
     FILE_CANDIDATES,
@@ -53,12 +55,24 @@ PROJECTS: Final = 64  # projects whose index stays in memory (least recently use
 
 
 class Bm25Index:
-    """Documents (bags of terms) under string keys, searched with BM25 for the top k."""
+    """Documents (bags of terms) under string keys, searched with BM25 for the top k.
+
+    Each document has a slot (a row of the score vector; a removed document's slot is
+    reused). A term's postings are kept as a dict for cheap updates, and compiled into two
+    arrays (slots, term frequencies) the first time a query needs them after a change. A
+    query adds each term's contribution to every document holding it in one vector
+    operation, rarest term first, then picks the k best with a partial sort: per document
+    the same sums in the same order as one term at a time in Python, so the same scores.
+    """
 
     def __init__(self) -> None:
         self._docs: dict[str, Counter[str]] = {}
-        self._length: dict[str, int] = {}
-        self._postings: dict[str, dict[str, int]] = defaultdict(dict)
+        self._slot: dict[str, int] = {}
+        self._keys: list[str | None] = []  # by slot; None: free
+        self._free: list[int] = []
+        self._lengths: NDArray[np.float64] = np.zeros(64)  # by slot
+        self._postings: dict[str, dict[int, int]] = {}  # term -> slot -> count
+        self._compiled: dict[str, tuple[NDArray[np.intp], NDArray[np.float64]]] = {}
         self._total_length = 0
 
     def __len__(self) -> int:
@@ -71,62 +85,85 @@ class Bm25Index:
         """Index ``doc_terms`` under ``key``, replacing what was there."""
         self.remove(key)
         counts = Counter(doc_terms)
+        slot = self._take_slot(key)
         self._docs[key] = counts
-        self._length[key] = length = sum(counts.values())
+        length = sum(counts.values())
+        self._lengths[slot] = length
         self._total_length += length
         for term, count in counts.items():
-            self._postings[term][key] = count
+            self._postings.setdefault(term, {})[slot] = count
+            self._compiled.pop(term, None)
 
     def remove(self, key: str) -> None:
         """Forget the document under ``key``, if any."""
         counts = self._docs.pop(key, None)
         if counts is None:
             return
-        self._total_length -= self._length.pop(key)
+        slot = self._slot.pop(key)
+        self._keys[slot] = None
+        self._free.append(slot)
+        self._total_length -= int(self._lengths[slot])
+        self._lengths[slot] = 0.0
         for term in counts:
             posting = self._postings[term]
-            del posting[key]
+            del posting[slot]
+            self._compiled.pop(term, None)
             if not posting:
                 del self._postings[term]
 
     def top(self, query_terms: Iterable[str], k: int) -> list[tuple[str, float]]:
         """The ``k`` best documents for the query, best first, with their BM25 scores."""
         n = len(self._docs)
-        lists = [self._postings[t] for t in dict.fromkeys(query_terms) if t in self._postings]
-        if not lists or k < 1:
+        found = [t for t in dict.fromkeys(query_terms) if t in self._postings]
+        if not found or k < 1:
             return []
-        length = self._length
+        found.sort(key=lambda term: len(self._postings[term]))  # rarest first
         base, per_unit = K1 * (1 - B), K1 * B / (self._total_length / n or 1.0)
-        lists.sort(key=len)  # rarest first: the highest idf
-        idf = [math.log(1 + (n - len(p) + 0.5) / (len(p) + 0.5)) for p in lists]
-        # A term adds at most idf * (K1 + 1), whatever the document: what the terms not
-        # taken yet could add to a document that none of the terms so far matched.
-        still = [sum(i * (K1 + 1) for i in idf[j + 1 :]) for j in range(len(lists))]
-        scores: dict[str, float] = defaultdict(float)
-        complete_only = False
-        for posting, weight, rest in zip(lists, idf, still, strict=True):
-            gain = weight * (K1 + 1)
-            if complete_only:  # only documents already found can still reach the top k
-                found = scores if len(scores) < len(posting) else posting
-                for key in [key for key in found if key in posting and key in scores]:
-                    tf = posting[key]
-                    scores[key] += gain * tf / (tf + base + per_unit * length[key])
-                continue
-            for key, tf in posting.items():
-                scores[key] += gain * tf / (tf + base + per_unit * length[key])
-            # After the last term (rest is 0) there is nothing left to prune.
-            if rest > 0 and len(scores) >= k and rest < max(scores.values()):
-                # The k-th best score beats ``rest`` exactly when k scores do: counting is
-                # one pass, cheaper than finding the k-th best with a heap.
-                complete_only = len([s for s in scores.values() if s > rest]) >= k
-        # Ties go to the smaller key, so the answer does not depend on history.
-        if len(scores) <= k:
-            return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
-        # The k-th best score: sorting every score in C beats a heap kept in Python here.
-        kth = sorted(scores.values(), reverse=True)[k - 1]
-        best = [item for item in scores.items() if item[1] >= kth]
-        best.sort(key=lambda item: (-item[1], item[0]))
+        scores = np.zeros(len(self._keys))
+        for term in found:
+            slots, tf = self._arrays(term)
+            df = len(slots)
+            gain = math.log(1 + (n - df + 0.5) / (df + 0.5)) * (K1 + 1)
+            scores[slots] += gain * tf / (tf + base + per_unit * self._lengths[slots])
+        hits = np.flatnonzero(scores)
+        if len(hits) > k:  # those at least as good as the k-th best (ties included)
+            values = scores[hits]
+            kth = np.partition(values, len(values) - k)[len(values) - k]
+            hits = hits[values >= kth]
+        keys = self._keys
+        best = [
+            (cast(str, keys[slot]), score)
+            for slot, score in zip(hits.tolist(), scores[hits].tolist(), strict=True)
+        ]
+        # Ties go to the smaller key, so the answer does not depend on history: by key,
+        # then (stably) by score.
+        best.sort(key=itemgetter(0))
+        best.sort(key=itemgetter(1), reverse=True)
         return best[:k]
+
+    def _take_slot(self, key: str) -> int:
+        if self._free:
+            slot = self._free.pop()
+            self._keys[slot] = key
+        else:
+            slot = len(self._keys)
+            self._keys.append(key)
+            if slot >= len(self._lengths):
+                self._lengths = np.concatenate([self._lengths, np.zeros(len(self._lengths))])
+        self._slot[key] = slot
+        return slot
+
+    def _arrays(self, term: str) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
+        """The term's postings as arrays of slots and counts, compiled once per change."""
+        compiled = self._compiled.get(term)
+        if compiled is None:
+            posting = self._postings[term]
+            compiled = (
+                np.fromiter(posting.keys(), np.intp, len(posting)),
+                np.fromiter(posting.values(), np.float64, len(posting)),
+            )
+            self._compiled[term] = compiled
+        return compiled
 
 
 class ProjectIndex:
