@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 from typing import Final
@@ -24,17 +25,24 @@ def normalise_path(path: str) -> str:
 
 def paths_in(text: str) -> set[str]:
     """The normalised file paths a text mentions."""
-    found = set()
+    found: set[str] = set()
     for word in text.split():
-        if "." not in word and "/" not in word and "\\" not in word:
-            continue  # most words: no path can hide in them
-        for token in _TOKEN.findall(word):
-            token = token.rstrip(".")  # the full stop after a path ending a sentence
-            if "/" in token or "\\" in token or _EXTENSION.search(token):
-                path = normalise_path(token)
-                if path:
-                    found.add(path)
+        if "." in word or "/" in word or "\\" in word:  # most words: no path can hide in them
+            found.update(_paths_in_word(word))
     return found
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _paths_in_word(word: str) -> tuple[str, ...]:
+    """The paths in one word (contexts name the same paths again and again)."""
+    found = []
+    for token in _TOKEN.findall(word):
+        token = token.rstrip(".")  # the full stop after a path ending a sentence
+        if "/" in token or "\\" in token or _EXTENSION.search(token):
+            path = normalise_path(token)
+            if path:
+                found.append(path)
+    return tuple(found)
 
 
 def path_suffixes(path: str) -> list[str]:
