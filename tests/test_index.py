@@ -44,12 +44,16 @@ documents = st.dictionaries(
 )
 
 
+# Where scoring moves from Python to vectors: never, always, and part way.
+vector_from = st.sampled_from([10**9, 1, 3])
+
+
 @settings(max_examples=300, deadline=None)
-@given(documents, st.lists(words, min_size=1, max_size=6), st.integers(1, 12))
+@given(documents, st.lists(words, min_size=1, max_size=6), st.integers(1, 12), vector_from)
 def test_top_k_is_the_exact_top_k_of_bm25(
-    docs: dict[str, list[str]], query: list[str], k: int
+    docs: dict[str, list[str]], query: list[str], k: int, vectors_from: int
 ) -> None:
-    index = Bm25Index()
+    index = Bm25Index(vector_from=vectors_from)
     for key, doc in docs.items():
         index.put(key, doc)
     expected = brute_force(docs, query)
@@ -92,13 +96,13 @@ operations = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(operations)
+@given(operations, vector_from)
 def test_queries_between_changes_see_every_change(
-    steps: list[tuple[str, int, list[str]]],
+    steps: list[tuple[str, int, list[str]]], vectors_from: int
 ) -> None:
     """Postings compiled for one query are recompiled after a change to their term, and a
     removed document's slot, reused by the next, keeps nothing of the old one."""
-    index = Bm25Index()
+    index = Bm25Index(vector_from=vectors_from)
     docs: dict[str, list[str]] = {}
     for action, number, terms in steps:
         key = f"d{number}"
@@ -115,6 +119,22 @@ def test_queries_between_changes_see_every_change(
             for found_key, score in found:
                 assert math.isclose(score, expected[found_key], rel_tol=1e-9)
     assert len(index) == len(docs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents, st.lists(words, min_size=1, max_size=6), st.integers(1, 12))
+def test_scores_do_not_depend_on_which_terms_are_vectorised(
+    docs: dict[str, list[str]], query: list[str], k: int
+) -> None:
+    """Python, numpy, or both in one query: the same scores to the last bit, so the same
+    ranking and ties."""
+    answers = []
+    for vectors_from in (10**9, 1, 2, 4):
+        index = Bm25Index(vector_from=vectors_from)
+        for key, doc in docs.items():
+            index.put(str(key), doc)
+        answers.append(index.top(query, k))
+    assert all(answer == answers[0] for answer in answers)
 
 
 def task(seq: int, query: str, files: list[str], **fields: object) -> TaskHit:

@@ -7,9 +7,10 @@ that grow with the store; this index keeps, per project, the last ``HORIZON_TASK
 changes no answer) and answers in a fraction of a millisecond, whatever the store's size.
 
 - :class:`Bm25Index` scores documents for a query with Okapi BM25 and returns the exact
-  top k: each query term adds its share to all the documents holding it in one numpy
-  vector operation, and a partial sort picks the best. Its work is bounded by the
-  horizon, not by the store: a miss costs the same at 10,000 episodes as at 1,000,000.
+  top k: rare terms in Python, common ones (``VECTOR_FROM`` postings or more) each in one
+  numpy vector operation over all the documents holding it, then a partial sort picks the
+  best. Its work is bounded by the horizon, not by the store: a miss costs the same at
+  10,000 episodes as at 1,000,000.
 - :class:`ProjectIndex` holds one project's tasks (as :class:`~bridge.memory.recall.TaskHit`)
   with a task index and a file index (a file's document: its path and the queries of its
   last tasks), and turns a query into :class:`~bridge.memory.recall.Candidates`.
@@ -51,26 +52,33 @@ from bridge.memory.terms import stem, terms
 K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
 B: Final = 0.75  # BM25's length normalisation
 FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last tasks
+# A term in this many documents or more is scored with one numpy operation; a rarer one
+# in Python, which costs less for a few postings than numpy's fixed cost per operation.
+VECTOR_FROM: Final = 128
 PROJECTS: Final = 64  # projects whose index stays in memory (least recently used leave)
 
 
 class Bm25Index:
     """Documents (bags of terms) under string keys, searched with BM25 for the top k.
 
-    Each document has a slot (a row of the score vector; a removed document's slot is
-    reused). A term's postings are kept as a dict for cheap updates, and compiled into two
-    arrays (slots, term frequencies) the first time a query needs them after a change. A
-    query adds each term's contribution to every document holding it in one vector
-    operation, rarest term first, then picks the k best with a partial sort: per document
-    the same sums in the same order as one term at a time in Python, so the same scores.
+    Each document has a slot (its place in the score vector; a removed document's slot is
+    reused). A term's postings are a dict, cheap to update. A query takes its terms rarest
+    first: a rare term's few postings are scored in Python; from the first common one
+    (``vector_from`` postings or more) on, the scores so far move into a vector, and each
+    term adds its share to all its documents in one numpy operation, from its postings
+    compiled into arrays (once per change of the term). The k best are then picked with a
+    partial sort. Every document's sum is taken term by term in the same order either way,
+    so the scores do not depend on which terms were vectorised.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, vector_from: int = VECTOR_FROM) -> None:
+        self.vector_from = vector_from
         self._docs: dict[str, Counter[str]] = {}
         self._slot: dict[str, int] = {}
         self._keys: list[str | None] = []  # by slot; None: free
         self._free: list[int] = []
-        self._lengths: NDArray[np.float64] = np.zeros(64)  # by slot
+        self._sizes: list[int] = []  # each document's length in terms, by slot
+        self._lengths: NDArray[np.float64] = np.zeros(64)  # the same, as a vector
         self._postings: dict[str, dict[int, int]] = {}  # term -> slot -> count
         self._compiled: dict[str, tuple[NDArray[np.intp], NDArray[np.float64]]] = {}
         self._total_length = 0
@@ -88,6 +96,7 @@ class Bm25Index:
         slot = self._take_slot(key)
         self._docs[key] = counts
         length = sum(counts.values())
+        self._sizes[slot] = length
         self._lengths[slot] = length
         self._total_length += length
         for term, count in counts.items():
@@ -102,7 +111,8 @@ class Bm25Index:
         slot = self._slot.pop(key)
         self._keys[slot] = None
         self._free.append(slot)
-        self._total_length -= int(self._lengths[slot])
+        self._total_length -= self._sizes[slot]
+        self._sizes[slot] = 0
         self._lengths[slot] = 0.0
         for term in counts:
             posting = self._postings[term]
@@ -114,32 +124,45 @@ class Bm25Index:
     def top(self, query_terms: Iterable[str], k: int) -> list[tuple[str, float]]:
         """The ``k`` best documents for the query, best first, with their BM25 scores."""
         n = len(self._docs)
-        found = [t for t in dict.fromkeys(query_terms) if t in self._postings]
+        found = [(t, self._postings[t]) for t in dict.fromkeys(query_terms) if t in self._postings]
         if not found or k < 1:
             return []
-        found.sort(key=lambda term: len(self._postings[term]))  # rarest first
+        found.sort(key=lambda term_posting: len(term_posting[1]))  # rarest first
         base, per_unit = K1 * (1 - B), K1 * B / (self._total_length / n or 1.0)
-        scores = np.zeros(len(self._keys))
-        for term in found:
-            slots, tf = self._arrays(term)
-            df = len(slots)
+        partial: dict[int, float] = {}  # slot -> score, while the terms are rare
+        sizes = self._sizes
+        vector: NDArray[np.float64] | None = None
+        for term, posting in found:
+            df = len(posting)
             gain = math.log(1 + (n - df + 0.5) / (df + 0.5)) * (K1 + 1)
-            scores[slots] += gain * tf / (tf + base + per_unit * self._lengths[slots])
-        hits = np.flatnonzero(scores)
-        if len(hits) > k:  # those at least as good as the k-th best (ties included)
-            values = scores[hits]
-            kth = np.partition(values, len(values) - k)[len(values) - k]
-            hits = hits[values >= kth]
+            if df < self.vector_from:
+                for slot, tf in posting.items():
+                    share = gain * tf / (tf + base + per_unit * sizes[slot])
+                    partial[slot] = partial.get(slot, 0.0) + share
+                continue
+            if vector is None:  # the first common term: the scores so far go in a vector
+                vector = np.zeros(len(self._keys))
+                vector[list(partial)] = list(partial.values())
+            slots, tf_array = self._arrays(term, posting)
+            vector[slots] += gain * tf_array / (tf_array + base + per_unit * self._lengths[slots])
+        scored = self._best_of_vector(vector, k) if vector is not None else partial.items()
         keys = self._keys
-        best = [
-            (cast(str, keys[slot]), score)
-            for slot, score in zip(hits.tolist(), scores[hits].tolist(), strict=True)
-        ]
+        best = [(cast(str, keys[slot]), score) for slot, score in scored]
         # Ties go to the smaller key, so the answer does not depend on history: by key,
         # then (stably) by score.
         best.sort(key=itemgetter(0))
         best.sort(key=itemgetter(1), reverse=True)
         return best[:k]
+
+    @staticmethod
+    def _best_of_vector(scores: NDArray[np.float64], k: int) -> list[tuple[int, float]]:
+        """(slot, score) of the documents at least as good as the k-th best (ties kept)."""
+        hits = np.flatnonzero(scores)
+        if len(hits) > k:
+            values = scores[hits]
+            kth = np.partition(values, len(values) - k)[len(values) - k]
+            hits = hits[values >= kth]
+        return list(zip(hits.tolist(), scores[hits].tolist(), strict=True))
 
     def _take_slot(self, key: str) -> int:
         if self._free:
@@ -148,16 +171,18 @@ class Bm25Index:
         else:
             slot = len(self._keys)
             self._keys.append(key)
+            self._sizes.append(0)
             if slot >= len(self._lengths):
                 self._lengths = np.concatenate([self._lengths, np.zeros(len(self._lengths))])
         self._slot[key] = slot
         return slot
 
-    def _arrays(self, term: str) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
-        """The term's postings as arrays of slots and counts, compiled once per change."""
+    def _arrays(
+        self, term: str, posting: dict[int, int]
+    ) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
+        """A term's postings as arrays of slots and counts, compiled once per change."""
         compiled = self._compiled.get(term)
         if compiled is None:
-            posting = self._postings[term]
             compiled = (
                 np.fromiter(posting.keys(), np.intp, len(posting)),
                 np.fromiter(posting.values(), np.float64, len(posting)),
