@@ -1,5 +1,5 @@
-"""Background asyncio tasks: one at a time per key (``Flights``), and stopping one
-(``cancel_and_wait``).
+"""Background asyncio tasks: one at a time per key (``Flights``), and stopping them
+(``cancel_and_wait``, ``cancel_all_and_wait``).
 
 ``Flights`` is the single flight of the chat:start loader (one memory query for all
 identical questions) and of the sqlite backend's project loads, and it keeps the loader's
@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Coroutine, Hashable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Coroutine, Hashable, Iterable
+from typing import Any, Final, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+CANCEL_EVERY_S: Final = 0.25  # how often a task being stopped is cancelled again
 
 
 class Flights(Generic[K, T]):
@@ -67,6 +68,34 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float | None 
     seconds when given; its other exceptions are raised."""
     if task is None:
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, timeout)
+    await cancel_all_and_wait([task], timeout)
+    if task.done() and not task.cancelled():
+        with contextlib.suppress(TimeoutError):
+            task.result()
+
+
+async def cancel_all_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], timeout: float | None = None
+) -> set[asyncio.Task[Any]]:
+    """Cancel tasks and wait until they have ended, at most ``timeout`` seconds when
+    given; the tasks still running then.
+
+    A task is cancelled again every ``CANCEL_EVERY_S`` until it ends: a library may take
+    one cancellation for its own (anyio's cancel scopes, under httpx, can turn it into a
+    timeout of theirs and retry), and a task cancelled once would then run on. No ended
+    task's exception is left unretrieved.
+    """
+    pending = {task for task in tasks if not task.done()}
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while pending:
+        wait = CANCEL_EVERY_S if deadline is None else min(CANCEL_EVERY_S, deadline - loop.time())
+        if wait <= 0:
+            break
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=wait)
+        for task in done:
+            if not task.cancelled():
+                task.exception()
+    return pending

@@ -55,6 +55,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 from redis.backoff import ExponentialWithJitterBackoff
 
+from bridge.background import cancel_all_and_wait
 from bridge.episode import Episode
 from bridge.errors import MemoryUnavailable, Overloaded
 from bridge.memory import falkor, graph_forget, graph_tasks
@@ -109,6 +110,7 @@ GRAPH_CONNECT_TIMEOUT_S = 5.0  # connecting to FalkorDB (and closing a connectio
 GRAPH_REPLY_TIMEOUT_S = 60.0  # one FalkorDB reply (a migration of a large graph is one)
 INDEX_BUILD_WAIT_S = 30.0  # how long opening a group waits for FalkorDB's index build
 INDEX_BUILD_POLL_S = 0.02
+WORKERS_STOP_S = 5.0  # close waits this long for ingestion stopped mid-call to end
 MAX_QUERY_WORDS = 32  # FalkorDB's full-text query gives up past 128 terms
 FACTS = 3  # extracted facts among a chat's candidates (LLM mode)
 RECALLED_FACTS = 20
@@ -404,9 +406,9 @@ class GraphitiMemory:
         if not self._open:
             return
         self._open = False
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        stuck = await cancel_all_and_wait(self._workers, WORKERS_STOP_S)
+        if stuck:  # its episode stays queued, for the next start
+            log.warning("%d graphiti ingestion workers still running at close", len(stuck))
         for commit in self._commits.values():  # what was sent is answered
             await commit.close()
         await self._disconnect()
