@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import heapq
 import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from operator import itemgetter
 from typing import Final
 
 import msgspec
+import numpy as np
+from numpy.typing import NDArray
 
 CONTEXT_HEADER: Final = "[Memory Context]"
 HALF_LIFE_TASKS: Final = 100.0  # a task this many tasks old weighs half as much
@@ -139,19 +139,18 @@ class Window:
             for path in task.files:
                 prior[path] += share
         self.prior = _normalised(prior)
-        self._best: list[str] = []
         self._together: dict[str, Counter[str]] = {}
+        # The window's files numbered in the order the prior first saw them, the prior as a
+        # vector over those numbers, and each file's co-change counts as arrays (see rank).
+        self._numbers: dict[str, int] | None = None
+        self._paths: list[str] | None = None
+        self._prior_vector: NDArray[np.float64] | None = None
+        self._cochange: dict[str, tuple[NDArray[np.intp], NDArray[np.float64], int]] = {}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Window) and list(self.recent) == list(other.recent)
 
     __hash__ = None  # type: ignore[assignment]
-
-    def best(self, count: int) -> list[str]:
-        """The ``count`` files of highest prior, highest first."""
-        if len(self._best) < count <= len(self.prior) or not self._best:
-            self._best = heapq.nlargest(count, self.prior, key=self.prior.__getitem__)
-        return self._best[:count]
 
     def together(self, paths: Iterable[str]) -> dict[str, Counter[str]]:
         """For each path, how often each other file changed in the same recent task."""
@@ -165,53 +164,122 @@ class Window:
             self._together.update(found)
         return {path: self._together[path] for path in paths}
 
+    def paths(self) -> list[str]:
+        """The window's files by number."""
+        if self._paths is None:
+            self._paths = list(self.prior)
+        return self._paths
+
+    def numbers(self) -> dict[str, int]:
+        """Each file of the window's number, the index of its place in ``prior_vector``."""
+        if self._numbers is None:
+            self._numbers = {path: n for n, path in enumerate(self.prior)}
+        return self._numbers
+
+    def prior_vector(self) -> NDArray[np.float64]:
+        """The prior of each file, by number."""
+        if self._prior_vector is None:
+            self._prior_vector = np.fromiter(self.prior.values(), np.float64, len(self.prior))
+        return self._prior_vector
+
+    def cochange(self, path: str) -> tuple[NDArray[np.intp], NDArray[np.float64], int]:
+        """The numbers of the files that changed with ``path`` in recent tasks, how often
+        each did, and how many such changes there were in all (at least 1)."""
+        found = self._cochange.get(path)
+        if found is None:
+            together = self.together([path])[path]
+            numbers = self.numbers()
+            found = (
+                np.fromiter((numbers[other] for other in together), np.intp, len(together)),
+                np.fromiter(together.values(), np.float64, len(together)),
+                sum(together.values()) or 1,
+            )
+            self._cochange[path] = found
+        return found
+
 
 def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
-    """Fuse the candidates into a ranking of files and of tasks (see the module docstring)."""
+    """Fuse the candidates into a ranking of files and of tasks (see the module docstring).
+
+    This runs on every miss, so the signals are vectors over file numbers: the window's
+    files by their number in the Window, then the files only the text evidence names. Each
+    file's sum is taken in the same order as one signal at a time; ties between files go to
+    the smaller number.
+    """
     latest = found.latest_seq
     window = found.window or Window(found.recent, latest)
+    numbers = window.numbers()
+    known = len(numbers)
+    others: dict[str, int] = {}  # files outside the window, numbered after its own
+
+    def numbered(paths: list[str]) -> list[int]:
+        found = [numbers.get(path, -1) for path in paths]
+        if -1 in found:
+            for i, n in enumerate(found):
+                if n < 0:
+                    found[i] = others.setdefault(paths[i], known + len(others))
+        return found
+
     best = max((t.relevance for t in found.tasks), default=0.0) or 1.0
-    weight = {t.uuid: t.relevance / best * _decay(latest - t.seq) for t in found.tasks}
+    weights = [t.relevance / best * _decay(latest - t.seq) for t in found.tasks]
+    # Each task's files, a file once per task that changed it, with the task's share.
+    pairs = list(zip(found.tasks, weights, strict=True))
+    shares = [(t, w / math.sqrt(len(t.files))) for t, w in pairs if t.files]
+    task_files = numbered([path for task, _ in shares for path in task.files])
+    task_shares = [share for task, share in shares for _ in task.files]
+    text_files = numbered(list(found.files))
+    size = known + len(others)
+    score = _normalised_vector(_sums(task_files, task_shares, size))
+    if text_files:
+        text = np.zeros(size)
+        text[text_files] = np.fromiter(found.files.values(), np.float64, len(text_files))
+        score = score + FILE_TEXT_WEIGHT * _normalised_vector(text)
+    score[:known] += PRIOR_WEIGHT * window.prior_vector()
+    # Co-change: each of the best files so far passes a share of its score to the files
+    # that changed with it in recent tasks, in proportion to how often they did.
+    moved, passed = [], []
+    leaders = [n for n in _best(score, files) if n < known]
+    paths = window.paths()
+    window.together([paths[n] for n in leaders])  # one pass over the recent tasks for all
+    for n in leaders:
+        together, counts, seen = window.cochange(paths[n])
+        moved.append(together)
+        passed.append(COCHANGE_WEIGHT * score[n] * counts / seen)
+    if moved:
+        score = score + _sums(np.concatenate(moved), np.concatenate(passed), size)
+    names = [*numbers, *others]
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], -found.tasks[i].seq))
+    return Ranked(
+        files=[names[n] for n in _best(score, files)],
+        tasks=[found.tasks[i] for i in order],
+    )
 
-    by_task: dict[str, float] = defaultdict(float)
-    for task in found.tasks:
-        share = weight[task.uuid] / math.sqrt(len(task.files)) if task.files else 0.0
-        for path in task.files:
-            by_task[path] += share
-    score: dict[str, float] = defaultdict(float)
-    for signal, weight_of_signal in ((by_task, 1.0), (found.files, FILE_TEXT_WEIGHT)):
-        for path, value in _normalised(signal).items():
-            score[path] += weight_of_signal * value
-    # The prior: a file it alone speaks for can be among the best only if it is among the
-    # prior's own best, so only those join; every other file gets its share below.
-    for path in window.best(files):
-        score.setdefault(path, 0.0)
-    prior = window.prior
-    for path in score:
-        score[path] += PRIOR_WEIGHT * prior.get(path, 0.0)
-    # Highest first, ties in the order they came (nlargest is sorted(reverse=True)[:n],
-    # stable as it is); keys that are C functions rather than lambdas, as this runs on
-    # every miss.
-    best_files = dict(heapq.nlargest(files, score.items(), key=itemgetter(1)))
-    for path, value in _spread(best_files, window).items():
-        if path not in score:
-            score[path] = PRIOR_WEIGHT * prior.get(path, 0.0)
-        score[path] += value
-    ranked_files = heapq.nlargest(files, score, key=score.__getitem__)
-    ranked_tasks = sorted(found.tasks, key=lambda t: (-weight[t.uuid], -t.seq))
-    return Ranked(files=ranked_files, tasks=ranked_tasks)
+
+def _sums(
+    numbers: Sequence[int] | NDArray[np.intp],
+    values: Sequence[float] | NDArray[np.float64],
+    size: int,
+) -> NDArray[np.float64]:
+    """The sum of ``values`` by number, each taken in order, as a vector of ``size``."""
+    numbered = np.asarray(numbers, dtype=np.intp)
+    return np.bincount(numbered, np.asarray(values, np.float64), minlength=size).astype(np.float64)
 
 
-def _spread(best: dict[str, float], window: Window) -> dict[str, float]:
-    """Co-change: each of the best files passes a share of its score to the files that
-    changed with it in recent tasks, in proportion to how often they did."""
-    spread: dict[str, float] = defaultdict(float)
-    for path, together in window.together(best).items():
-        seen = sum(together.values()) or 1
-        passed = COCHANGE_WEIGHT * best[path]  # the same product as inline, once per path
-        for other, count in together.items():
-            spread[other] += passed * count / seen
-    return spread
+def _normalised_vector(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    top = float(values.max(initial=0.0))
+    return values / top if top > 0 else np.zeros_like(values)
+
+
+def _best(score: NDArray[np.float64], count: int) -> list[int]:
+    """The numbers of the ``count`` files of highest score above 0, highest first, ties to
+    the smaller number."""
+    scored = np.flatnonzero(score)
+    if len(scored) > count:
+        values = score[scored]
+        kth = np.partition(values, len(values) - count)[len(values) - count]
+        scored = scored[values >= kth]
+    ranked = sorted(scored.tolist(), key=lambda n: -score[n])  # stable: by number on ties
+    return ranked[:count]
 
 
 def _clip(text: str, limit: int) -> str:
