@@ -173,7 +173,7 @@ class Window:
     def numbers(self) -> dict[str, int]:
         """Each file of the window's number, the index of its place in ``prior_vector``."""
         if self._numbers is None:
-            self._numbers = {path: n for n, path in enumerate(self.prior)}
+            self._numbers = dict(zip(self.prior, range(len(self.prior)), strict=True))
         return self._numbers
 
     def prior_vector(self) -> NDArray[np.float64]:
@@ -187,10 +187,10 @@ class Window:
         each did, and how many such changes there were in all (at least 1)."""
         found = self._cochange.get(path)
         if found is None:
-            together = self.together([path])[path]
+            together = self._together.get(path) or self.together([path])[path]
             numbers = self.numbers()
             found = (
-                np.fromiter((numbers[other] for other in together), np.intp, len(together)),
+                np.fromiter(map(numbers.__getitem__, together), np.intp, len(together)),
                 np.fromiter(together.values(), np.float64, len(together)),
                 sum(together.values()) or 1,
             )
