@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from bridge.background import cancel_all_and_wait
+
 log = logging.getLogger(__name__)
 
 GRACE = 0.5  # seconds past the deadline that the closing steps share
@@ -78,8 +80,7 @@ class Deadline:
         if done:
             task.result()
             return True
-        task.cancel()
-        await asyncio.wait([task], timeout=CANCEL_WAIT)  # one that ignores it is left
+        await cancel_all_and_wait([task], CANCEL_WAIT)  # one that ignores it is left
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.debug("%s failed while cancelled: %r", what, task.exception())
         self.cut.append(what)

@@ -32,6 +32,7 @@ from typing import Final
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
+from bridge.background import cancel_all_and_wait
 from bridge.episode import Episode
 from bridge.errors import BridgeError, MemoryUnavailable, Overloaded, describe
 from bridge.memory.base import MemoryBackend
@@ -146,9 +147,8 @@ class Delivery:
     async def close(self) -> None:
         """Stop delivering (what is left stays on disk for the next start) and close."""
         self._closing.set()
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
-            # Bounded: a cancellation lost inside wait_for (Python 3.11) still ends the
-            # worker at its next check of _closing.
-            await asyncio.wait([self._worker], timeout=self.store_timeout + 5.0)
+        if self._worker is not None:
+            # Bounded: a worker that loses its cancellation (inside wait_for on Python
+            # 3.11) is cancelled again, and ends at its next check of _closing anyway.
+            await cancel_all_and_wait([self._worker], self.store_timeout + 5.0)
         await self.outbox.close()

@@ -418,9 +418,8 @@ class GraphitiMemory:
             await self.queue.close()
         for graph in self._graphs.values():  # index builds graphiti started on group drivers
             task = getattr(graph.driver, "_init_task", None)
-            if graph.driver is not self._driver and task is not None and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            if graph.driver is not self._driver and task is not None:
+                await cancel_all_and_wait([task], WORKERS_STOP_S)
         if self._driver is not None:
             with contextlib.suppress(Exception):
                 await self._driver.close()  # type: ignore[no-untyped-call]

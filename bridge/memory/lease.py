@@ -27,6 +27,8 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from bridge.background import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 Client: TypeAlias = redis.Redis | RedisCluster  # one Valkey server, or a cluster
@@ -91,9 +93,7 @@ class Lease:
         try:
             yield held
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await cancel_and_wait(keeper)
             if not held.lost.is_set():
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await self.release()
