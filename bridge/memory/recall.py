@@ -223,8 +223,11 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     best = max((t.relevance for t in found.tasks), default=0.0) or 1.0
     weights = [t.relevance / best * _decay(latest - t.seq) for t in found.tasks]
     # Each task's files, a file once per task that changed it, with the task's share.
-    pairs = list(zip(found.tasks, weights, strict=True))
-    shares = [(t, w / math.sqrt(len(t.files))) for t, w in pairs if t.files]
+    shares = [
+        (t, w / math.sqrt(len(t.files)))
+        for t, w in zip(found.tasks, weights, strict=True)
+        if t.files
+    ]
     task_files = numbered([path for task, _ in shares for path in task.files])
     task_shares = [share for task, share in shares for _ in task.files]
     text_files = numbered(list(found.files))
@@ -247,10 +250,10 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
         passed.append(COCHANGE_WEIGHT * score[n] * counts / seen)
     if moved:
         score = score + _sums(np.concatenate(moved), np.concatenate(passed), size)
-    names = [*numbers, *others]
+    unnumbered = list(others)  # the few files outside the window, by number - known
     order = sorted(range(len(weights)), key=lambda i: (-weights[i], -found.tasks[i].seq))
     return Ranked(
-        files=[names[n] for n in _best(score, files)],
+        files=[paths[n] if n < known else unnumbered[n - known] for n in _best(score, files)],
         tasks=[found.tasks[i] for i in order],
     )
 
