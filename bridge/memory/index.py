@@ -54,7 +54,7 @@ B: Final = 0.75  # BM25's length normalisation
 FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last tasks
 # A term in this many documents or more is scored with one numpy operation; a rarer one
 # in Python, which costs less for a few postings than numpy's fixed cost per operation.
-VECTOR_FROM: Final = 128
+VECTOR_FROM: Final = 32
 PROJECTS: Final = 64  # projects whose index stays in memory (least recently used leave)
 
 

@@ -116,7 +116,9 @@ class Ranked(msgspec.Struct, frozen=True):
     tasks: list[TaskHit]
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _decay(age: int) -> float:
+    """How much a task ``age`` tasks old weighs next to a new one (ages repeat: cached)."""
     return math.pow(0.5, max(0, age) / HALF_LIFE_TASKS)
 
 
@@ -251,10 +253,12 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     if moved:
         score = score + _sums(np.concatenate(moved), np.concatenate(passed), size)
     unnumbered = list(others)  # the few files outside the window, by number - known
-    order = sorted(range(len(weights)), key=lambda i: (-weights[i], -found.tasks[i].seq))
+    tasks = found.tasks
+    newest = [-t.seq for t in tasks]
+    order = sorted(zip([-w for w in weights], newest, range(len(tasks)), strict=True))
     return Ranked(
         files=[paths[n] if n < known else unnumbered[n - known] for n in _best(score, files)],
-        tasks=[found.tasks[i] for i in order],
+        tasks=[tasks[i] for _, _, i in order],
     )
 
 
