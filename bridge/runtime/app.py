@@ -83,9 +83,6 @@ async def open_memory(
         raise ConfigError(
             f"the graphiti backend needs its extra: pip install 'graphiti-bridge[graphiti]' ({e})"
         ) from e
-    # graphiti-core and its dependencies leave some 140,000 long-lived objects that every
-    # full collection would walk (about 80 ms, a stall of any request it lands in).
-    gc.freeze()
     falkor = None
     graph_url = settings.graph_url
     if graph_url is None:
@@ -367,6 +364,7 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     async with bridge:
+        settle_heap()
         if ready is not None:
             ready()
             log.info("worker %d of %d (pid %d) serving", server.worker, server.workers, os.getpid())
@@ -381,6 +379,21 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
+
+
+def settle_heap() -> int:
+    """Collect once, then freeze what is left: what starting made (modules, the parts) lives
+    as long as the process, and a full collection need not walk it again. Returns how many
+    objects were frozen.
+
+    Every full (generation 2) collection walks each tracked object and stalls the event
+    loop while it does: graphiti-core and its dependencies alone leave some 140,000 (about
+    80 ms). With the embedded store at 100,000 episodes, a full collection while ingesting
+    stalled the loop 64-89 ms with what starting made, 19-32 ms without it.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _listening(config: Config, app: App | Workers) -> str:
