@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from bridge.memory.index import K1, B, Bm25Index, ProjectIndex, RecallIndexes
 from bridge.memory.recall import WINDOW_TASKS, Candidates, TaskHit, Window, rank
+from bridge.memory.terms import Compounds
 
 VOCABULARY = [f"w{n}" for n in range(30)]
 
@@ -155,6 +156,37 @@ def test_a_project_index_finds_tasks_and_files_by_their_words() -> None:
     assert found.latest_seq == 3 and [r.seq for r in found.recent] == [1, 2, 3]
 
 
+def test_a_query_finds_the_path_words_it_names_only_in_part() -> None:
+    index = ProjectIndex()
+    index.put(task(1, "switch the file watcher", ["uvicorn/supervisors/watchgodreload.py"]))
+    index.put(task(2, "ping frames", ["tests/test_websocket.py"]))
+    index.put(task(3, "unrelated", ["docs/index.md"]))
+    found = index.candidates("Fix watchgod deprecation warning")  # the start of a path word
+    assert [t.uuid for t in found.tasks] == ["t1"]
+    assert set(found.files) == {"uvicorn/supervisors/watchgodreload.py"}
+    assert set(index.candidates("base reload").files) == {"uvicorn/supervisors/watchgodreload.py"}
+    found = index.candidates("WebSocket close codes")  # two words the path writes as one
+    assert [t.uuid for t in found.tasks] == ["t2"]
+    assert set(found.files) == {"tests/test_websocket.py"}
+
+
+def test_path_words_are_found_by_their_parts_until_their_last_file_leaves() -> None:
+    compounds = Compounds()
+    compounds.add("uvicorn/supervisors/watchgodreload.py")
+    compounds.add("old/watchgodreload.py")
+    assert compounds.expand(["watchgod"], []) == ["watchgodreload"]
+    assert compounds.expand(["reload"], []) == ["watchgodreload"]  # its end too
+    assert compounds.expand(["watchgodreload"], []) == []  # the query names it whole
+    assert compounds.expand(["supervis"], []) == []  # "or" would be the rest: too short
+    assert compounds.expand(["wat"], []) == []  # too short a part to mean anything
+    assert compounds.expand([], ["watchgod", "reload"]) == ["watchgodreload"]
+    compounds.remove("old/watchgodreload.py")
+    assert compounds.expand(["watchgod"], []) == ["watchgodreload"]  # one file still has it
+    compounds.remove("uvicorn/supervisors/watchgodreload.py")
+    assert compounds.expand(["watchgod"], []) == []
+    assert compounds.expand([], ["watchgod", "reload"]) == []
+
+
 def test_a_task_put_again_is_replaced_not_duplicated() -> None:
     index = ProjectIndex()
     index.put(task(1, "parse dates", ["a.py"]))
@@ -293,6 +325,14 @@ def test_threads_applying_and_querying_at_once_see_a_consistent_index() -> None:
     assert found is not None and found.latest_seq == 3000 and len(found.tasks) > 0
 
 
+def a_file(rng: random.Random) -> str:
+    """A file named with a word of its own, or with words joined as file names join them."""
+    return rng.choice([f"f{rng.randrange(30)}.py", f"{rng.choice(COMPOUNDS)}{rng.randrange(3)}.py"])
+
+
+COMPOUNDS = ["watchgodreload", "basereload", "statreload", "watchgod", "reloader"]
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_an_index_kept_up_to_date_answers_as_one_built_afresh(seed: int) -> None:
     """Whatever order of new tasks, added files, changed queries, summaries and
@@ -307,7 +347,7 @@ def test_an_index_kept_up_to_date_answers_as_one_built_afresh(seed: int) -> None
             old = held[seq]
             roll = rng.random()
             if roll < 0.4:
-                files = [*old.files, f"f{rng.randrange(30)}.py"]
+                files = [*old.files, a_file(rng)]
             elif roll < 0.55 and len(old.files) > 1:  # a forget took one away
                 files = old.files[1:]
             else:
@@ -322,12 +362,14 @@ def test_an_index_kept_up_to_date_answers_as_one_built_afresh(seed: int) -> None
             )
         else:
             seq = max(held, default=0) + 1
-            new = task(seq, " ".join(rng.sample(VOCABULARY, 2)), [f"f{rng.randrange(30)}.py"])
+            new = task(seq, " ".join(rng.sample(VOCABULARY, 2)), [a_file(rng)])
         index.put(new)
         held[seq] = new
         held = dict(sorted(held.items())[-horizon:])
     fresh = ProjectIndex(horizon=horizon)
     for kept in held.values():
         fresh.put(kept)
-    for query in ["w1", "w2 w5", "f3", "f7 w9 done", "fixed"]:
-        assert index.candidates(query) == fresh.candidates(query)
+    loaded = ProjectIndex(horizon=horizon)
+    loaded.load(held.values())
+    for query in ["w1", "w2 w5", "f3", "f7 w9 done", "fixed", "watchgod", "base reload"]:
+        assert index.candidates(query) == fresh.candidates(query) == loaded.candidates(query)

@@ -46,8 +46,9 @@ from bridge.memory.recall import (
     TaskHit,
     Window,
     search_words,
+    words,
 )
-from bridge.memory.terms import stem, terms
+from bridge.memory.terms import Compounds, stem, terms
 
 K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
 B: Final = 0.75  # BM25's length normalisation
@@ -55,6 +56,7 @@ FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last ta
 # A term in this many documents or more is scored with one numpy operation; a rarer one
 # in Python, which costs less for a few postings than numpy's fixed cost per operation.
 VECTOR_FROM: Final = 32
+MAX_QUERY_WORDS: Final = 64  # words of a query read for path words written apart
 PROJECTS: Final = 64  # projects whose index stays in memory (least recently used leave)
 
 
@@ -201,6 +203,7 @@ class ProjectIndex:
         self._task_index: Bm25Index = Bm25Index()
         self._file_tasks: dict[str, list[str]] = {}  # path -> uuids of its tasks, by seq
         self._file_index: Bm25Index = Bm25Index()
+        self._compounds = Compounds()  # the words of the paths in the file index
         self._window: Window | None = None  # the recent work, kept until a change
         self._changed: dict[str, int] = {}  # uuid -> the store's change that made its state
 
@@ -265,7 +268,7 @@ class ProjectIndex:
             for path in removed:
                 if not self._file_tasks[path]:
                     del self._file_tasks[path]
-                    self._file_index.remove(path)
+                    self._remove_file(path)
         while len(self._tasks) > self.horizon:
             self._evict(next(iter(self._tasks)), index_files=index_files)
 
@@ -280,12 +283,19 @@ class ProjectIndex:
         tasks = self._file_tasks.get(path)
         if not tasks:
             self._file_tasks.pop(path, None)
-            self._file_index.remove(path)
+            self._remove_file(path)
             return
         document = list(_path_terms(path))
         for uuid in tasks[-FILE_DOC_TASKS:]:
             document.extend(self._query_terms[uuid])
+        if path not in self._file_index:
+            self._compounds.add(path)
         self._file_index.put(path, document)
+
+    def _remove_file(self, path: str) -> None:
+        if path in self._file_index:
+            self._compounds.remove(path)
+            self._file_index.remove(path)
 
     def _evict(self, uuid: str, *, index_files: bool = True) -> None:
         task = self._tasks.pop(uuid)
@@ -302,7 +312,7 @@ class ProjectIndex:
                 self._index_file(path)
             elif not tasks:
                 del self._file_tasks[path]
-                self._file_index.remove(path)
+                self._remove_file(path)
 
     def window(self) -> Window:
         """The recent work: the files of the tasks of the last ``WINDOW_TASKS`` ordinals,
@@ -321,7 +331,9 @@ class ProjectIndex:
         """The best matching tasks and files for ``query``, and the recent work."""
         if not self._tasks:
             return Candidates()
-        query_terms = [stem(w) for w in search_words(query)]
+        said = words(query)
+        query_terms = [stem(w) for w in search_words(said)]
+        query_terms += self._compounds.expand(query_terms, said[:MAX_QUERY_WORDS])
         tasks = [
             msgspec.structs.replace(self._tasks[uuid], relevance=score)
             for uuid, score in self._task_index.top(query_terms, TASK_CANDIDATES)

@@ -408,6 +408,7 @@ def context(
     return render(rank(found), budget, tasks=tasks)
 
 
-def search_words(text: str, limit: int = 32) -> Sequence[str]:
-    """The distinct meaningful words of a query, at most ``limit``, for a full-text search."""
-    return _unique(words(text))[:limit]
+def search_words(text: str | list[str], limit: int = 32) -> Sequence[str]:
+    """The distinct meaningful words of a query (or of its :func:`words`), at most
+    ``limit``, for a full-text search."""
+    return _unique(words(text) if isinstance(text, str) else text)[:limit]
