@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from bridge.memory.index import ProjectIndex
 from bridge.memory.recall import (
     CONTEXT_HEADER,
     CONTEXT_LAST_LINE,
@@ -60,6 +61,19 @@ def test_files_that_change_together_with_the_best_ones_are_pulled_in() -> None:
     unrelated = [RecentTask(n, [f"misc/{n}.txt"]) for n in range(6, 16)]
     found = Candidates(files={"src/core.py": 3.0}, recent=together + unrelated, latest_seq=15)
     assert rank(found, files=2).files == ["src/core.py", "tests/test_core.py"]
+
+
+def test_files_the_query_names_come_first_in_the_order_it_names_them() -> None:
+    index = ProjectIndex()
+    for seq in range(1, 6):  # much evidence for the parser, none for the server by text
+        index.put(TaskHit(uuid=f"p{seq}", seq=seq, query="parser crash", files=["src/parser.py"]))
+    index.put(TaskHit(uuid="s", seq=6, query="tidy", files=["uvicorn/server.py", "src/config.py"]))
+    index.put(TaskHit(uuid="o", seq=7, query="tidy", files=["other/server.py"]))
+    found = index.candidates("parser crash in `server.py` since src/config.py changed.")
+    assert found.named == ["uvicorn/server.py", "other/server.py", "src/config.py"]
+    assert rank(found).files[:4] == [*found.named, "src/parser.py"]
+    assert index.candidates("the server crashed").named == []  # a word is not a file name
+    assert index.candidates("see ./other/server.py").named == ["other/server.py"]
 
 
 def test_an_old_match_weighs_less_than_an_equally_relevant_new_one() -> None:

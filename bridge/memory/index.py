@@ -346,6 +346,7 @@ class ProjectIndex:
             recent=window.recent,
             latest_seq=self.latest_seq,
             window=window,
+            named=window.named(query),
         )
 
 

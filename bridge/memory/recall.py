@@ -56,6 +56,7 @@ PREAMBLE: Final = "From memory of earlier sessions in this project; not the user
 CONTEXT_FIRST_LINE: Final = f"{CONTEXT_HEADER} {PREAMBLE}"
 CONTEXT_LAST_LINE: Final = "[/Memory Context]"
 
+_PATH_TOKEN = re.compile(r"[\w.\-/]*\.[\w.\-/]*")  # a run of path characters with a dot
 _WORD = re.compile(r"[A-Z]?[a-z]+\d*|[A-Z]+\d*(?![a-z])|\d+")
 _STOPWORDS = """a an and are as at be but by can do does for from has have how i if in into is
 it its me my no not of on or our so than that the their them then there these this to was we
@@ -102,6 +103,7 @@ class Candidates(msgspec.Struct, frozen=True, kw_only=True):
     recent: list[RecentTask] = []  # the project's last tasks, any order
     latest_seq: int = 0  # the newest task's ordinal
     window: Window | None = None  # what ``recent`` says, when the backend keeps it
+    named: list[str] = []  # recent files the query names by path or file name
 
     @property
     def empty(self) -> bool:
@@ -142,6 +144,7 @@ class Window:
                 prior[path] += share
         self.prior = _normalised(prior)
         self._together: dict[str, Counter[str]] = {}
+        self._by_name: defaultdict[str, list[str]] | None = None  # file name -> its paths
         # The window's files numbered in the order the prior first saw them, the prior as a
         # vector over those numbers, and each file's co-change counts as arrays (see rank).
         self._numbers: dict[str, int] | None = None
@@ -165,6 +168,21 @@ class Window:
                         found[path].update(p for p in task.files if p != path)
             self._together.update(found)
         return {path: self._together[path] for path in paths}
+
+    def named(self, query: str) -> list[str]:
+        """The window's files that ``query`` names by path or by file name (``server.py``,
+        ``uvicorn/server.py``), in the order it names them."""
+        if self._by_name is None:
+            self._by_name = defaultdict(list)
+            for path in self.prior:
+                self._by_name[path.rsplit("/", 1)[-1]].append(path)
+        found: dict[str, None] = {}
+        for token in _PATH_TOKEN.findall(query):
+            token = token.strip("./")
+            for path in self._by_name.get(token.rsplit("/", 1)[-1], ()) if "." in token else ():
+                if path == token or path.endswith("/" + token):
+                    found.setdefault(path, None)
+        return list(found)
 
     def paths(self) -> list[str]:
         """The window's files by number."""
@@ -252,12 +270,18 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
         passed.append(COCHANGE_WEIGHT * score[n] * counts / seen)
     if moved:
         score = score + _sums(np.concatenate(moved), np.concatenate(passed), size)
+    # Files the query names come first: whoever asks about server.py means it.
     unnumbered = list(others)  # the few files outside the window, by number - known
+    ranked = found.named[:files]
+    for n in _best(score, files):
+        path = paths[n] if n < known else unnumbered[n - known]
+        if len(ranked) < files and path not in ranked:
+            ranked.append(path)
     tasks = found.tasks
     newest = [-t.seq for t in tasks]
     order = sorted(zip([-w for w in weights], newest, range(len(tasks)), strict=True))
     return Ranked(
-        files=[paths[n] if n < known else unnumbered[n - known] for n in _best(score, files)],
+        files=ranked,
         tasks=[tasks[i] for _, _, i in order],
     )
 
