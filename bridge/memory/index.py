@@ -13,7 +13,9 @@ changes no answer) and answers in a fraction of a millisecond, whatever the stor
   10,000 episodes as at 1,000,000.
 - :class:`ProjectIndex` holds one project's tasks (as :class:`~bridge.memory.recall.TaskHit`)
   with a task index and a file index (a file's document: its path and the queries of its
-  last tasks), and turns a query into :class:`~bridge.memory.recall.Candidates`.
+  last tasks), and turns a query into :class:`~bridge.memory.recall.Candidates`. A query's
+  terms are joined by the path words it names only in part (``watchgod`` for
+  ``watchgodreload``: :class:`~bridge.memory.terms.Compounds`).
 - :class:`RecallIndexes` holds the indexes of the most recently used projects. It is
   derived state: a backend loads a project from its store on first use and applies every
   change it commits, so after a restart or a crash the index is rebuilt from what the

@@ -7,12 +7,13 @@ the *candidates*; this module *fuses* them and *renders* the context:
   relevance score (BM25) and its files, errors and outcome; files whose own text (the words
   of their path and of the tasks that touched them) matches the query; and the recent work
   of the project (the files of its last tasks), from which recency, frequency and which
-  files change together are read.
+  files change together are read; and the recent files the query names by path or name.
 - **fusion** (:func:`rank`): each file gets evidence from four signals, each normalised to
   at most 1 so none needs a scale of its own: files of similar tasks (weighted by the task's
   relevance and how long ago it was, shared among the task's files), the file's own text
   match, a recency-weighted frequency prior, and files that changed together with the best
   files so far. Ages are counted in tasks, not seconds, so a project's pace does not matter.
+  Files the query names come before all of them.
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
