@@ -708,7 +708,47 @@ async def run_backend(
                     f" ms, empty {row['empty_misses']}, disk {row['disk_mb']} MB, "
                     f"bridge {row['bridge_rss_mb']} MB"
                 )
+        if measured:  # the store of the last size, opened again by a new bridge
+            queries = workload.miss_queries(RESTART_MISSES, state.tasks, f"{salt}restart")
+            restart = await measure_restart(backend, store, statsd_port, queries, settings)
+            rows[-1].update(restart)
+            progress(
+                f"scale: {backend} restarted on {state.episodes:,} episodes: listening in "
+                f"{restart['restart_listen_s']} s, first miss {restart['restart_first_miss_ms']}"
+                f" ms, memory answering {restart['restart_context_s']} s after the start"
+            )
     return rows
+
+
+RESTART_MISSES: Final = 600  # distinct misses asked, at most, until one has a context
+
+
+async def measure_restart(
+    backend: str, store: Path, statsd_port: int, queries: Sequence[str], settings: Settings
+) -> dict[str, Any]:
+    """Start a new bridge on the kept store, as after a crash or a deploy (the recall index
+    is memory's derived state, rebuilt from the store at start), and ask misses one at a
+    time from the moment it listens until one is answered with a context (``queries``, at
+    most): how long it took to listen, the first miss's round trip, and how long after the
+    start memory answered."""
+    began = time.perf_counter()
+    async with running_bridge(backend, store / "data", statsd_port, store / "bridge.log") as b:
+        listening = time.perf_counter() - began
+        async with connect(f"{b.url}/{PROJECT}", compression=None, open_timeout=30) as ws:
+            client = Client(ws, settings.timeout)
+            first: int | None = None
+            answered: float | None = None
+            for query in queries:
+                reply, took = await client.miss(query)
+                first = took if first is None else first
+                if reply.inject is not None:
+                    answered = time.perf_counter() - began
+                    break
+    return {
+        "restart_listen_s": round(listening, 2),
+        "restart_first_miss_ms": ms(first) if first is not None else None,
+        "restart_context_s": round(answered, 2) if answered is not None else None,
+    }
 
 
 # -- report -------------------------------------------------------------------------------
@@ -778,6 +818,12 @@ store size, measures chat:start misses, disk and memory.
   (`HORIZON_TASKS` in bridge/memory/recall.py), loaded from the store on the project's first
   query: 1k episodes (about 270 tasks) are inside that horizon, 10k (about 2,600 tasks)
   already past it, so a larger store adds no work to a miss.
+- **Restart.** After the last size, the bridge is stopped and a new one started on the
+  same store, as after a crash or a deploy: the recall index is derived state, rebuilt from
+  the store at start (the most recent projects in the background, any other on its first
+  query). Misses are asked one at a time from the moment it listens until one has a
+  context; the runs below say how long it took to listen, the first miss's round trip and
+  when memory answered.
 - The machine is shared: each run says the load average (1 minute) when it was measured.
 """
 
@@ -831,6 +877,13 @@ def markdown(results: dict[str, Any]) -> str:
         + (
             f", {r['failed_chat_starts']:,} load chat:starts answered with a retryable error"
             if r.get("failed_chat_starts")
+            else ""
+        )
+        + (
+            f"; then a new bridge on the same store listened in {r['restart_listen_s']} s, its"
+            f" first miss took {fmt(r['restart_first_miss_ms'], '.2f')} ms, and memory"
+            f" answered with a context {fmt(r['restart_context_s'], '.2f')} s after the start"
+            if "restart_listen_s" in r
             else ""
         )
         for r in sorted(rows, key=lambda r: (r["backend"], r["size"]))

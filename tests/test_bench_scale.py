@@ -230,7 +230,13 @@ def short_run(tmp_path: Path, backend: str) -> list[dict[str, Any]]:
         assert 0 <= r["empty_misses"] <= r["misses"]
         assert r["disk_mb"] > 0 and r["bridge_rss_mb"] > 0 and r["valkey_rss_mb"] > 0
     assert rows[1]["episodes"] > rows[0]["episodes"]
-    assert (out / "scale.md").read_text().count(f"| {backend} |") == 2
+    # A new bridge on the same store: its index rebuilt from the store, memory answers.
+    assert "restart_listen_s" not in rows[0]
+    assert rows[1]["restart_listen_s"] > 0 and rows[1]["restart_first_miss_ms"] > 0
+    assert rows[1]["restart_context_s"] >= rows[1]["restart_listen_s"]
+    report = (out / "scale.md").read_text()
+    assert "then a new bridge on the same store listened in" in report
+    assert report.count(f"| {backend} |") == 2
     assert (out / "scale.png").stat().st_size > 0
     state = json.loads((store / scale.META).read_text())
     assert state["episodes"] == rows[1]["episodes"]
