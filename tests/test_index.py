@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.memory.index import K1, B, Bm25Index, ProjectIndex, RecallIndexes
+from bridge.memory.index import K1, B, Bm25Index, PathWords, ProjectIndex, RecallIndexes
 from bridge.memory.recall import WINDOW_TASKS, Candidates, TaskHit, Window, rank
 from bridge.memory.terms import Compounds
 
@@ -185,6 +185,21 @@ def test_path_words_are_found_by_their_parts_until_their_last_file_leaves() -> N
     compounds.remove("uvicorn/supervisors/watchgodreload.py")
     assert compounds.expand(["watchgod"], []) == []
     assert compounds.expand([], ["watchgod", "reload"]) == []
+
+
+def test_a_query_names_the_share_of_a_path_its_words_hold() -> None:
+    words = PathWords()
+    for path in ["src/proxy_headers.py", "src/headers.py", "src/config.py", "docs/config.md"]:
+        words.add(path)
+    everywhere = {"src/proxy_headers.py", "src/headers.py", "src/config.py", "docs/config.md"}
+    named = words.match(["header", "proxi"], everywhere)  # the stems of the query's words
+    assert named["src/proxy_headers.py"] > named["src/headers.py"] > 0  # more of it named
+    assert set(named) == {"src/proxy_headers.py", "src/headers.py"}
+    assert all(0 < share <= 1 for share in named.values())
+    assert words.match(["header"], {"src/headers.py"}).keys() == {"src/headers.py"}  # among
+    assert words.match(["py"], everywhere) == {}  # in most paths: names none of them
+    words.remove("src/headers.py")
+    assert words.match(["header"], everywhere).keys() == {"src/proxy_headers.py"}
 
 
 def test_a_task_put_again_is_replaced_not_duplicated() -> None:

@@ -30,7 +30,7 @@ import functools
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Final, cast
 
@@ -55,6 +55,9 @@ from bridge.memory.terms import Compounds, stem, terms
 K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
 B: Final = 0.75  # BM25's length normalisation
 FILE_DOC_TASKS: Final = 32  # a file's document holds the queries of its last tasks
+# ... and its path, its own name, written this many times: one path among 32 queries would
+# be lost to BM25's length normalisation (a field weight, as BM25F gives a title).
+PATH_REPEATS: Final = 2
 # A term in this many documents or more is scored with one numpy operation; a rarer one
 # in Python, which costs less for a few postings than numpy's fixed cost per operation.
 VECTOR_FROM: Final = 32
@@ -195,6 +198,63 @@ class Bm25Index:
         return compiled
 
 
+class PathWords:
+    """The words of the indexed files' paths, to say how much of each path a query names.
+
+    A file's path is the one text that describes the file itself (in its document it is a
+    few words among the queries of its tasks). A path word's weight is how rare it is among
+    the files (idf: ``log(1 + files / files holding it)``); a query names the share of a
+    path's weight that its terms hold, so a short, specific path named in full comes first.
+    Words that more than half of the files hold (``py``, ``src``) name none of them. Kept
+    up to date file by file, as the file index is.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, set[str]] = {}  # path word -> the files holding it
+        self._files = 0
+        self._weights: dict[str, float] = {}  # path -> its words' idf, until a change
+
+    def add(self, path: str) -> None:
+        """A file came into the index."""
+        self._files += 1
+        self._weights.clear()
+        for term in _distinct_terms(path):
+            self._holders.setdefault(term, set()).add(path)
+
+    def remove(self, path: str) -> None:
+        """A file left the index."""
+        self._files -= 1
+        self._weights.clear()
+        for term in _distinct_terms(path):
+            holders = self._holders[term]
+            holders.discard(path)
+            if not holders:
+                del self._holders[term]
+
+    def match(self, query_terms: Iterable[str], among: Container[str]) -> dict[str, float]:
+        """The files of ``among`` whose path words the query names, with the share of
+        their path's weight those words hold (0 to 1), in a fixed order."""
+        files, holders = self._files, self._holders
+        named: dict[str, float] = {}
+        for term in dict.fromkeys(query_terms):
+            held = holders.get(term)
+            if held is None or 2 * len(held) > files:
+                continue
+            idf = math.log(1 + files / len(held))
+            for path in held:
+                if path in among:
+                    named[path] = named.get(path, 0.0) + idf
+        return {path: named[path] / self._weight(path) for path in sorted(named)}
+
+    def _weight(self, path: str) -> float:
+        weight = self._weights.get(path)
+        if weight is None:
+            files, holders = self._files, self._holders
+            weight = sum(math.log(1 + files / len(holders[t])) for t in _distinct_terms(path))
+            self._weights[path] = weight
+        return weight
+
+
 class ProjectIndex:
     """One project's last tasks, their files and their documents, ready to be searched."""
 
@@ -207,6 +267,7 @@ class ProjectIndex:
         self._file_index: Bm25Index = Bm25Index()
         self._compounds = Compounds()  # the words of the paths in the file index
         self._window: Window | None = None  # the recent work, kept until a change
+        self._path_words = PathWords()  # the words of the paths in the file index
         self._changed: dict[str, int] = {}  # uuid -> the store's change that made its state
 
     def __len__(self) -> int:
@@ -245,7 +306,7 @@ class ProjectIndex:
             self._tasks[task.uuid] = task
         before = old.files if old is not None else []
         if old is None or before != task.files:
-            self._window = None  # the recent work changed
+            self._forget_window()  # the recent work changed
         query_changed = old is None or old.query != task.query
         if query_changed:
             self._query_terms[task.uuid] = terms(task.query)
@@ -287,16 +348,18 @@ class ProjectIndex:
             self._file_tasks.pop(path, None)
             self._remove_file(path)
             return
-        document = list(_path_terms(path))
+        document = list(_path_terms(path)) * PATH_REPEATS
         for uuid in tasks[-FILE_DOC_TASKS:]:
             document.extend(self._query_terms[uuid])
         if path not in self._file_index:
             self._compounds.add(path)
+            self._path_words.add(path)
         self._file_index.put(path, document)
 
     def _remove_file(self, path: str) -> None:
         if path in self._file_index:
             self._compounds.remove(path)
+            self._path_words.remove(path)
             self._file_index.remove(path)
 
     def _evict(self, uuid: str, *, index_files: bool = True) -> None:
@@ -304,7 +367,7 @@ class ProjectIndex:
         self._changed.pop(uuid, None)
         self._query_terms.pop(uuid, None)
         self._task_index.remove(uuid)
-        self._window = None
+        self._forget_window()
         for path in task.files:
             tasks = self._file_tasks.get(path, [])
             shown = uuid in tasks[-FILE_DOC_TASKS:]  # the file's document holds its query
@@ -315,6 +378,9 @@ class ProjectIndex:
             elif not tasks:
                 del self._file_tasks[path]
                 self._remove_file(path)
+
+    def _forget_window(self) -> None:
+        self._window = None
 
     def window(self) -> Window:
         """The recent work: the files of the tasks of the last ``WINDOW_TASKS`` ordinals,
@@ -349,6 +415,7 @@ class ProjectIndex:
             latest_seq=self.latest_seq,
             window=window,
             named=window.named(query),
+            paths=self._path_words.match(query_terms, window.numbers()),
         )
 
 
@@ -364,6 +431,11 @@ def _states(
 @functools.lru_cache(maxsize=1 << 16)
 def _path_terms(path: str) -> tuple[str, ...]:
     return tuple(terms(path))
+
+
+def _distinct_terms(path: str) -> Iterable[str]:
+    """A path's terms, each once, in order (so sums over them do not depend on hashing)."""
+    return dict.fromkeys(_path_terms(path))
 
 
 def _terms_of(*texts: str) -> list[str]:

@@ -7,13 +7,14 @@ the *candidates*; this module *fuses* them and *renders* the context:
   relevance score (BM25) and its files, errors and outcome; files whose own text (the words
   of their path and of the tasks that touched them) matches the query; and the recent work
   of the project (the files of its last tasks), from which recency, frequency and which
-  files change together are read; and the recent files the query names by path or name.
-- **fusion** (:func:`rank`): each file gets evidence from four signals, each normalised to
+  files change together are read; the recent files the query names by path or name; and
+  for recent files whose path words the query names, the share of the path it names.
+- **fusion** (:func:`rank`): each file gets evidence from five signals, each normalised to
   at most 1 so none needs a scale of its own: files of similar tasks (weighted by the task's
   relevance and how long ago it was, shared among the task's files), the file's own text
-  match, a recency-weighted frequency prior, and files that changed together with the best
-  files so far. Ages are counted in tasks, not seconds, so a project's pace does not matter.
-  Files the query names come before all of them.
+  match, how much of its path the query names, a recency-weighted frequency prior, and
+  files that changed together with the best files so far. Ages are counted in tasks, not
+  seconds, so a project's pace does not matter. Files the query names come before all.
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
@@ -43,6 +44,7 @@ HORIZON_TASKS: Final = int(20 * HALF_LIFE_TASKS)
 TASK_CANDIDATES: Final = 60  # past tasks matched by text: a file touched by many adds up
 FILE_CANDIDATES: Final = 50  # files matched by text
 FILE_TEXT_WEIGHT: Final = 1.0
+PATH_WEIGHT: Final = 0.25  # a path the query names in part, next to the text evidence
 PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to text evidence
 COCHANGE_WEIGHT: Final = 0.25
 FILES_SHOWN: Final = 8
@@ -105,6 +107,7 @@ class Candidates(msgspec.Struct, frozen=True, kw_only=True):
     latest_seq: int = 0  # the newest task's ordinal
     window: Window | None = None  # what ``recent`` says, when the backend keeps it
     named: list[str] = []  # recent files the query names by path or file name
+    paths: dict[str, float] = {}  # recent file -> share of its path's words the query names
 
     @property
     def empty(self) -> bool:
@@ -258,6 +261,10 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
         text = np.zeros(size)
         text[text_files] = np.fromiter(found.files.values(), np.float64, len(text_files))
         score = score + FILE_TEXT_WEIGHT * _normalised_vector(text)
+    if found.paths:  # window files: numbered already
+        named = np.zeros(size)
+        named[[numbers[path] for path in found.paths]] = list(found.paths.values())
+        score = score + PATH_WEIGHT * _normalised_vector(named)
     score[:known] += PRIOR_WEIGHT * window.prior_vector()
     # Co-change: each of the best files so far passes a share of its score to the files
     # that changed with it in recent tasks, in proportion to how often they did.
