@@ -176,14 +176,16 @@ class Window:
     def named(self, query: str) -> list[str]:
         """The window's files that ``query`` names by path or by file name (``server.py``,
         ``uvicorn/server.py``), in the order it names them."""
+        tokens = [t.strip("./") for t in _PATH_TOKEN.findall(query)]
+        if not (tokens := [t for t in tokens if "." in t]):
+            return []  # most queries: no file name, and no need to list the window's
         if self._by_name is None:
             self._by_name = defaultdict(list)
             for path in self.prior:
                 self._by_name[path.rsplit("/", 1)[-1]].append(path)
         found: dict[str, None] = {}
-        for token in _PATH_TOKEN.findall(query):
-            token = token.strip("./")
-            for path in self._by_name.get(token.rsplit("/", 1)[-1], ()) if "." in token else ():
+        for token in tokens:
+            for path in self._by_name.get(token.rsplit("/", 1)[-1], ()):
                 if path == token or path.endswith("/" + token):
                     found.setdefault(path, None)
         return list(found)
