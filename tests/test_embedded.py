@@ -243,10 +243,7 @@ async def test_a_stopped_private_falkordb_leaves_one_snapshot_to_load(tmp_path: 
     falkor = EmbeddedFalkorDB(data_dir=folder)
     await falkor.start()
     try:
-        client = redis.Redis(host=falkor.host, port=falkor.port, password=falkor.password)
-        for n in range(20):
-            await graph_query(client, f"CREATE (:Task {{n: {n}}})")
-        await client.aclose()
+        await create_tasks(falkor, 20)
         written = sum(f.stat().st_size for f in (folder / "appendonlydir").glob("*.incr.aof"))
         assert written > 0  # the queries, as the server appended them
     finally:
@@ -256,17 +253,25 @@ async def test_a_stopped_private_falkordb_leaves_one_snapshot_to_load(tmp_path: 
     again = EmbeddedFalkorDB(data_dir=folder)
     await again.start()
     try:
-        client = redis.Redis(host=again.host, port=again.port, password=again.password)
-        reply = await graph_query(client, "MATCH (t:Task) RETURN count(t)")
-        await client.aclose()
-        assert reply[1] == [[20]]
+        assert await graph_query(again, "MATCH (t:Task) RETURN count(t)") == [[20]]
     finally:
         await again.close()
 
 
-async def graph_query(client: redis.Redis, query: str) -> Any:
-    """A query of graph ``g``, as FalkorDB answers it."""
-    return await client.execute_command("GRAPH.QUERY", "g", query)  # type: ignore[no-untyped-call]
+async def graph_query(falkor: EmbeddedFalkorDB, query: str) -> Any:
+    """The rows ``query`` finds in graph ``g`` of ``falkor``."""
+    client = redis.Redis(host=falkor.host, port=falkor.port, password=falkor.password)
+    try:
+        reply = await client.execute_command("GRAPH.QUERY", "g", query)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
+    return reply[1] if len(reply) > 2 else []
+
+
+async def create_tasks(falkor: EmbeddedFalkorDB, count: int) -> None:
+    """Create ``count`` Task nodes in graph ``g``, one query each."""
+    for n in range(count):
+        await graph_query(falkor, f"CREATE (:Task {{n: {n}}})")
 
 
 class CrashesOnce(EmbeddedFalkorDB):
@@ -292,10 +297,7 @@ async def test_a_graph_falkordb_crashes_loading_is_replayed_as_a_client(tmp_path
     first = EmbeddedFalkorDB(data_dir=folder)
     await first.start()
     try:
-        client = redis.Redis(host=first.host, port=first.port, password=first.password)
-        for n in range(50):
-            await graph_query(client, f"CREATE (:Task {{n: {n}}})")
-        await client.aclose()
+        await create_tasks(first, 50)
     finally:
         first.kill()  # SIGKILL: the queries stay in the append-only file, not compacted
         await first.close()
@@ -303,10 +305,8 @@ async def test_a_graph_falkordb_crashes_loading_is_replayed_as_a_client(tmp_path
     await again.start()
     try:
         assert again.crashed and again.restarts == 0
-        client = redis.Redis(host=again.host, port=again.port, password=again.password)
-        reply = await graph_query(client, "MATCH (t:Task) RETURN count(DISTINCT t.n), max(t.n)")
-        await client.aclose()
-        assert reply[1] == [[50, 49]]
+        query = "MATCH (t:Task) RETURN count(DISTINCT t.n), max(t.n)"
+        assert await graph_query(again, query) == [[50, 49]]
     finally:
         await again.close()
     [aside] = folder.glob("appendonlydir.not-replayed-*")
