@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 # The projects with the newest tasks, newest first (a task's id grows with time).
 RECENT_PROJECTS = """SELECT group_id FROM tasks GROUP BY group_id ORDER BY MAX(id) DESC LIMIT ?"""
 READERS = 3
+WAL_SWITCH_S = 5.0  # seconds to keep trying to switch a store to WAL (its busy timeout)
 MAX_QUERY_WORDS = 32
 CANDIDATES_PER_RESULT = 4
 RECENCY_WEIGHT = 0.3  # share of the final score given to recency; the rest is relevance
@@ -379,9 +380,9 @@ class SqliteMemory:
             ready.set_exception(e)
             return
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 5000")
+            _use_wal(conn)
+            conn.execute("PRAGMA synchronous = FULL")
             _migrate(conn)
             ready.set_result(None)
             while True:
@@ -476,14 +477,30 @@ def _settle(done: asyncio.Future[T], outcome: BaseException | T) -> None:
         done.set_result(outcome)
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the store in WAL mode, which stays with the file. Switching needs the file to
+    itself, and when two connections try at once SQLite refuses one at once (no busy
+    wait, which could deadlock): it tries again until the switch, its own or the other's,
+    is done, for as long as the busy timeout would have waited."""
+    deadline = time.monotonic() + WAL_SWITCH_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
 def prepare(path: Path) -> None:
     """Create the store at ``path``, or migrate it, and close it again: a process that
     starts several others on one store does this first, so none of them waits for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA busy_timeout = 5000")
+        _use_wal(conn)
         _migrate(conn)
     finally:
         conn.close()
