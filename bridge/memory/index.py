@@ -306,7 +306,7 @@ class ProjectIndex:
             self._tasks[task.uuid] = task
         before = old.files if old is not None else []
         if old is None or before != task.files:
-            self._forget_window()  # the recent work changed
+            self._window = None  # the recent work changed
         query_changed = old is None or old.query != task.query
         if query_changed:
             self._query_terms[task.uuid] = terms(task.query)
@@ -367,7 +367,7 @@ class ProjectIndex:
         self._changed.pop(uuid, None)
         self._query_terms.pop(uuid, None)
         self._task_index.remove(uuid)
-        self._forget_window()
+        self._window = None
         for path in task.files:
             tasks = self._file_tasks.get(path, [])
             shown = uuid in tasks[-FILE_DOC_TASKS:]  # the file's document holds its query
@@ -378,9 +378,6 @@ class ProjectIndex:
             elif not tasks:
                 del self._file_tasks[path]
                 self._remove_file(path)
-
-    def _forget_window(self) -> None:
-        self._window = None
 
     def window(self) -> Window:
         """The recent work: the files of the tasks of the last ``WINDOW_TASKS`` ordinals,
