@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import uuid
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.memory.index import K1, B, Bm25Index, PathWords, ProjectIndex, RecallIndexes
-from bridge.memory.recall import WINDOW_TASKS, Candidates, TaskHit, Window, rank
+from bridge.memory.recall import TASK_CANDIDATES, WINDOW_TASKS, Candidates, TaskHit, Window, rank
 from bridge.memory.terms import Compounds
 
 VOCABULARY = [f"w{n}" for n in range(30)]
@@ -200,6 +201,21 @@ def test_a_query_names_the_share_of_a_path_its_words_hold() -> None:
     assert words.match(["py"], everywhere) == {}  # in most paths: names none of them
     words.remove("src/headers.py")
     assert words.match(["header"], everywhere).keys() == {"src/proxy_headers.py"}
+
+
+def test_equally_relevant_tasks_are_kept_newest_first_whatever_their_ids() -> None:
+    """Task ids are random (uuid4): tasks that match a query equally well are taken newest
+    first, so which of them make the candidates does not depend on the ids drawn."""
+    chosen = []
+    for _ in range(2):
+        index = ProjectIndex()
+        for seq in range(1, 81):  # more than TASK_CANDIDATES, all with the same text
+            drawn = uuid.uuid4().hex
+            index.put(TaskHit(uuid=drawn, seq=seq, query="fix the parser", files=["p.py"]))
+        found = index.candidates("parser")
+        assert len(found.tasks) == TASK_CANDIDATES
+        chosen.append([t.seq for t in found.tasks])
+    assert chosen[0] == chosen[1] == list(range(80, 80 - TASK_CANDIDATES, -1))
 
 
 def test_a_task_put_again_is_replaced_not_duplicated() -> None:

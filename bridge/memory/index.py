@@ -30,7 +30,7 @@ import functools
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Final, cast
 
@@ -78,8 +78,11 @@ class Bm25Index:
     so the scores do not depend on which terms were vectorised.
     """
 
-    def __init__(self, vector_from: int = VECTOR_FROM) -> None:
+    def __init__(
+        self, vector_from: int = VECTOR_FROM, tie_break: Callable[[str], int] | None = None
+    ) -> None:
         self.vector_from = vector_from
+        self.tie_break = tie_break  # equal scores: the smaller of this first (else of the key)
         self._docs: dict[str, Counter[str]] = {}
         self._slot: dict[str, int] = {}
         self._keys: list[str | None] = []  # by slot; None: free
@@ -155,9 +158,10 @@ class Bm25Index:
         scored = self._best_of_vector(vector, k) if vector is not None else partial.items()
         keys = self._keys
         best = [(cast(str, keys[slot]), score) for slot, score in scored]
-        # Ties go to the smaller key, so the answer does not depend on history: by key,
-        # then (stably) by score.
-        best.sort(key=itemgetter(0))
+        # Ties go to the smaller tie-break (or key), so the answer depends on what the index
+        # holds, not on its history: by that, then (stably) by score.
+        tie_break = self.tie_break
+        best.sort(key=itemgetter(0) if tie_break is None else lambda hit: tie_break(hit[0]))
         best.sort(key=itemgetter(1), reverse=True)
         return best[:k]
 
@@ -262,7 +266,8 @@ class ProjectIndex:
         self.horizon = horizon
         self._tasks: dict[str, TaskHit] = {}  # by uuid, in order of seq
         self._query_terms: dict[str, list[str]] = {}
-        self._task_index: Bm25Index = Bm25Index()
+        # Equally relevant tasks: the newer first (task ids are random, so not by id).
+        self._task_index = Bm25Index(tie_break=lambda uuid: -self._tasks[uuid].seq)
         self._file_tasks: dict[str, list[str]] = {}  # path -> uuids of its tasks, by seq
         self._file_index: Bm25Index = Bm25Index()
         self._compounds = Compounds()  # the words of the paths in the file index
