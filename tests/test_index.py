@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.memory.index import K1, B, Bm25Index, PathWords, ProjectIndex, RecallIndexes
+from bridge.memory.index import K1, B, Bm25Index, ProjectIndex, RecallIndexes
 from bridge.memory.recall import TASK_CANDIDATES, WINDOW_TASKS, Candidates, TaskHit, Window, rank
-from bridge.memory.terms import Compounds
+from bridge.memory.terms import PathWords
 
 VOCABULARY = [f"w{n}" for n in range(30)]
 
@@ -172,7 +172,7 @@ def test_a_query_finds_the_path_words_it_names_only_in_part() -> None:
 
 
 def test_path_words_are_found_by_their_parts_until_their_last_file_leaves() -> None:
-    compounds = Compounds()
+    compounds = PathWords()
     compounds.add("uvicorn/supervisors/watchgodreload.py")
     compounds.add("old/watchgodreload.py")
     assert compounds.expand(["watchgod"], []) == ["watchgodreload"]

@@ -15,7 +15,7 @@ changes no answer) and answers in a fraction of a millisecond, whatever the stor
   with a task index and a file index (a file's document: its path and the queries of its
   last tasks), and turns a query into :class:`~bridge.memory.recall.Candidates`. A query's
   terms are joined by the path words it names only in part (``watchgod`` for
-  ``watchgodreload``: :class:`~bridge.memory.terms.Compounds`).
+  ``watchgodreload``: :class:`~bridge.memory.terms.PathWords`).
 - :class:`RecallIndexes` holds the indexes of the most recently used projects. It is
   derived state: a backend loads a project from its store on first use and applies every
   change it commits, so after a restart or a crash the index is rebuilt from what the
@@ -26,11 +26,10 @@ The index is plain code: backends call it from their own threads, under its lock
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Final, cast
 
@@ -50,7 +49,7 @@ from bridge.memory.recall import (
     search_words,
     words,
 )
-from bridge.memory.terms import Compounds, stem, terms
+from bridge.memory.terms import PathWords, path_terms, stem, terms
 
 K1: Final = 1.2  # BM25's term-frequency saturation, as SQLite FTS5 and Lucene use
 B: Final = 0.75  # BM25's length normalisation
@@ -202,63 +201,6 @@ class Bm25Index:
         return compiled
 
 
-class PathWords:
-    """The words of the indexed files' paths, to say how much of each path a query names.
-
-    A file's path is the one text that describes the file itself (in its document it is a
-    few words among the queries of its tasks). A path word's weight is how rare it is among
-    the files (idf: ``log(1 + files / files holding it)``); a query names the share of a
-    path's weight that its terms hold, so a short, specific path named in full comes first.
-    Words that more than half of the files hold (``py``, ``src``) name none of them. Kept
-    up to date file by file, as the file index is.
-    """
-
-    def __init__(self) -> None:
-        self._holders: dict[str, set[str]] = {}  # path word -> the files holding it
-        self._files = 0
-        self._weights: dict[str, float] = {}  # path -> its words' idf, until a change
-
-    def add(self, path: str) -> None:
-        """A file came into the index."""
-        self._files += 1
-        self._weights.clear()
-        for term in _distinct_terms(path):
-            self._holders.setdefault(term, set()).add(path)
-
-    def remove(self, path: str) -> None:
-        """A file left the index."""
-        self._files -= 1
-        self._weights.clear()
-        for term in _distinct_terms(path):
-            holders = self._holders[term]
-            holders.discard(path)
-            if not holders:
-                del self._holders[term]
-
-    def match(self, query_terms: Iterable[str], among: Container[str]) -> dict[str, float]:
-        """The files of ``among`` whose path words the query names, with the share of
-        their path's weight those words hold (0 to 1), in a fixed order."""
-        files, holders = self._files, self._holders
-        named: dict[str, float] = {}
-        for term in dict.fromkeys(query_terms):
-            held = holders.get(term)
-            if held is None or 2 * len(held) > files:
-                continue
-            idf = math.log(1 + files / len(held))
-            for path in held:
-                if path in among:
-                    named[path] = named.get(path, 0.0) + idf
-        return {path: named[path] / self._weight(path) for path in sorted(named)}
-
-    def _weight(self, path: str) -> float:
-        weight = self._weights.get(path)
-        if weight is None:
-            files, holders = self._files, self._holders
-            weight = sum(math.log(1 + files / len(holders[t])) for t in _distinct_terms(path))
-            self._weights[path] = weight
-        return weight
-
-
 class ProjectIndex:
     """One project's last tasks, their files and their documents, ready to be searched."""
 
@@ -270,7 +212,6 @@ class ProjectIndex:
         self._task_index = Bm25Index(tie_break=lambda uuid: -self._tasks[uuid].seq)
         self._file_tasks: dict[str, list[str]] = {}  # path -> uuids of its tasks, by seq
         self._file_index: Bm25Index = Bm25Index()
-        self._compounds = Compounds()  # the words of the paths in the file index
         self._window: Window | None = None  # the recent work, kept until a change
         self._path_words = PathWords()  # the words of the paths in the file index
         self._changed: dict[str, int] = {}  # uuid -> the store's change that made its state
@@ -316,7 +257,7 @@ class ProjectIndex:
         if query_changed:
             self._query_terms[task.uuid] = terms(task.query)
         document = [*self._query_terms[task.uuid], *_terms_of(task.summary, *task.errors)]
-        document.extend(t for path in task.files for t in _path_terms(path))
+        document.extend(t for path in task.files for t in path_terms(path))
         self._task_index.put(task.uuid, document)
         added = set(task.files) - set(before)
         removed = set(before) - set(task.files)  # a forget folded the task anew
@@ -353,17 +294,15 @@ class ProjectIndex:
             self._file_tasks.pop(path, None)
             self._remove_file(path)
             return
-        document = list(_path_terms(path)) * PATH_REPEATS
+        document = list(path_terms(path)) * PATH_REPEATS
         for uuid in tasks[-FILE_DOC_TASKS:]:
             document.extend(self._query_terms[uuid])
         if path not in self._file_index:
-            self._compounds.add(path)
             self._path_words.add(path)
         self._file_index.put(path, document)
 
     def _remove_file(self, path: str) -> None:
         if path in self._file_index:
-            self._compounds.remove(path)
             self._path_words.remove(path)
             self._file_index.remove(path)
 
@@ -403,7 +342,7 @@ class ProjectIndex:
             return Candidates()
         said = words(query)
         query_terms = [stem(w) for w in search_words(said)]
-        query_terms += self._compounds.expand(query_terms, said[:MAX_QUERY_WORDS])
+        query_terms += self._path_words.expand(query_terms, said[:MAX_QUERY_WORDS])
         tasks = [
             msgspec.structs.replace(self._tasks[uuid], relevance=score)
             for uuid, score in self._task_index.top(query_terms, TASK_CANDIDATES)
@@ -428,16 +367,6 @@ def _states(
     if changed is None:
         return ((task, None) for task in tasks)
     return zip(tasks, changed, strict=True)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _path_terms(path: str) -> tuple[str, ...]:
-    return tuple(terms(path))
-
-
-def _distinct_terms(path: str) -> Iterable[str]:
-    """A path's terms, each once, in order (so sums over them do not depend on hashing)."""
-    return dict.fromkeys(_path_terms(path))
 
 
 def _terms_of(*texts: str) -> list[str]:
