@@ -239,12 +239,12 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     others: dict[str, int] = {}  # files outside the window, numbered after its own
 
     def numbered(paths: list[str]) -> list[int]:
-        found = [numbers.get(path, -1) for path in paths]
-        if -1 in found:
-            for i, n in enumerate(found):
+        given = [numbers.get(path, -1) for path in paths]
+        if -1 in given:
+            for i, n in enumerate(given):
                 if n < 0:
-                    found[i] = others.setdefault(paths[i], known + len(others))
-        return found
+                    given[i] = others.setdefault(paths[i], known + len(others))
+        return given
 
     best = max((t.relevance for t in found.tasks), default=0.0) or 1.0
     weights = [t.relevance / best * _decay(latest - t.seq) for t in found.tasks]
