@@ -58,9 +58,22 @@ def test_files_of_relevant_tasks_beat_files_that_are_only_recent() -> None:
 
 def test_files_that_change_together_with_the_best_ones_are_pulled_in() -> None:
     together = [RecentTask(n, ["src/core.py", "tests/test_core.py"]) for n in range(1, 6)]
-    unrelated = [RecentTask(n, [f"misc/{n}.txt"]) for n in range(6, 16)]
-    found = Candidates(files={"src/core.py": 3.0}, recent=together + unrelated, latest_seq=15)
+    unrelated = [RecentTask(n, [f"misc/{n}.txt"]) for n in range(6, 15)]
+    recent = [*together, *unrelated, RecentTask(15, ["src/core.py"])]  # last: the one asked for
+    found = Candidates(files={"src/core.py": 3.0}, recent=recent, latest_seq=15)
     assert rank(found, files=2).files == ["src/core.py", "tests/test_core.py"]
+
+
+def test_the_files_of_the_last_task_come_before_files_only_often_changed() -> None:
+    often = [RecentTask(n, ["src/busy.py"]) for n in range(1, 10)]
+    last = [RecentTask(10, ["src/just_written.py", "src/just_written.py"])]
+    found = Candidates(recent=often + last, latest_seq=10)
+    assert rank(found).files == ["src/just_written.py", "src/busy.py"]
+    # ... and after the text evidence: a task that matches the query says more.
+    found = Candidates(
+        tasks=[task(3, "fix parser", ["src/parser.py"], 5.0)], recent=often + last, latest_seq=10
+    )
+    assert rank(found).files[:2] == ["src/parser.py", "src/just_written.py"]
 
 
 def test_files_the_query_names_come_first_in_the_order_it_names_them() -> None:

@@ -9,12 +9,13 @@ the *candidates*; this module *fuses* them and *renders* the context:
   of the project (the files of its last tasks), from which recency, frequency and which
   files change together are read; the recent files the query names by path or name; and
   for recent files whose path words the query names, the share of the path it names.
-- **fusion** (:func:`rank`): each file gets evidence from five signals, each normalised to
+- **fusion** (:func:`rank`): each file gets evidence from six signals, each normalised to
   at most 1 so none needs a scale of its own: files of similar tasks (weighted by the task's
   relevance and how long ago it was, shared among the task's files), the file's own text
-  match, how much of its path the query names, a recency-weighted frequency prior, and
-  files that changed together with the best files so far. Ages are counted in tasks, not
-  seconds, so a project's pace does not matter. Files the query names come before all.
+  match, how much of its path the query names, a recency-weighted frequency prior, files
+  that changed together with the best files so far, and the files of the project's last
+  task. Ages are counted in tasks, not seconds, so a project's pace does not matter. Files
+  the query names come before all.
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
@@ -47,6 +48,10 @@ FILE_TEXT_WEIGHT: Final = 1.0
 PATH_WEIGHT: Final = 0.25  # a path the query names in part, next to the text evidence
 PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to text evidence
 COCHANGE_WEIGHT: Final = 0.25
+# The files of the project's last task: work often goes on where it just was (the next
+# turn tests, fixes or documents what the last one wrote), which a prior counted over
+# hundreds of tasks hardly sees.
+LAST_TASK_WEIGHT: Final = 0.5
 FILES_SHOWN: Final = 8
 TASKS_SHOWN: Final = 6
 TASK_FILES_SHOWN: Final = 6
@@ -155,6 +160,8 @@ class Window:
         self._paths: list[str] | None = None
         self._prior_vector: NDArray[np.float64] | None = None
         self._cochange: dict[str, tuple[NDArray[np.intp], NDArray[np.float64], int]] = {}
+        last = max(recent, key=lambda task: task.seq, default=None)
+        self.last: list[str] = _unique(last.files) if last is not None else []
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Window) and list(self.recent) == list(other.recent)
@@ -280,6 +287,8 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
         passed.append(COCHANGE_WEIGHT * score[n] * counts / seen)
     if moved:
         score = score + _sums(np.concatenate(moved), np.concatenate(passed), size)
+    if window.last:  # files of the window: numbered already
+        score[[numbers[path] for path in window.last]] += LAST_TASK_WEIGHT
     # Files the query names come first: whoever asks about server.py means it.
     unnumbered = list(others)  # the few files outside the window, by number - known
     ranked = found.named[:files]
