@@ -13,6 +13,7 @@ from bridge.memory.recall import (
     Ranked,
     RecentTask,
     TaskHit,
+    Window,
     context,
     rank,
     render,
@@ -67,13 +68,35 @@ def test_files_that_change_together_with_the_best_ones_are_pulled_in() -> None:
 def test_the_files_of_the_last_task_come_before_files_only_often_changed() -> None:
     often = [RecentTask(n, ["src/busy.py"]) for n in range(1, 10)]
     last = [RecentTask(10, ["src/just_written.py", "src/just_written.py"])]
-    found = Candidates(recent=often + last, latest_seq=10)
-    assert rank(found).files == ["src/just_written.py", "src/busy.py"]
-    # ... and after the text evidence: a task that matches the query says more.
-    found = Candidates(
-        tasks=[task(3, "fix parser", ["src/parser.py"], 5.0)], recent=often + last, latest_seq=10
-    )
-    assert rank(found).files[:2] == ["src/parser.py", "src/just_written.py"]
+    window = Window([*often, *last], 10)
+    assert window.last == ["src/just_written.py"]  # each file once
+    assert window.continuity == 8 / 9  # busy.py written again after 8 of its 9 tasks
+    assert rank(Candidates(recent=[*often, *last], latest_seq=10)).files == [
+        "src/just_written.py",
+        "src/busy.py",
+    ]
+
+
+def test_the_last_task_weighs_as_much_as_the_project_goes_on_where_it_was() -> None:
+    # busy.py is written by every other task: never by two tasks in a row.
+    def own(n: int) -> list[str]:
+        return [f"src/{n}.py"]
+
+    apart = [RecentTask(n, ["src/busy.py", *own(n)] if n % 2 else own(n)) for n in range(1, 10)]
+    last = RecentTask(10, ["src/new.py"])
+    assert Window([*apart, last], 10).continuity == 0.0
+    assert rank(Candidates(recent=[*apart, last], latest_seq=10)).files[:2] == [
+        "src/busy.py",  # the prior: written most, lately
+        "src/new.py",  # the newest: next by the prior, and no more
+    ]
+    # The same, but busy.py is written by every task: the project goes on where it was.
+    along = [RecentTask(n, ["src/busy.py", *own(n)]) for n in range(1, 10)]
+    assert Window([*along, last], 10).continuity == 8 / 18
+    assert rank(Candidates(recent=[*along, last], latest_seq=10)).files[:2] == [
+        "src/new.py",
+        "src/busy.py",
+    ]
+    assert Window([], 0).last == [] and Window([], 0).continuity == 0.0
 
 
 def test_files_the_query_names_come_first_in_the_order_it_names_them() -> None:

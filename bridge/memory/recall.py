@@ -50,8 +50,11 @@ PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to tex
 COCHANGE_WEIGHT: Final = 0.25
 # The files of the project's last task: work often goes on where it just was (the next
 # turn tests, fixes or documents what the last one wrote), which a prior counted over
-# hundreds of tasks hardly sees.
-LAST_TASK_WEIGHT: Final = 0.5
+# hundreds of tasks hardly sees. How often it does differs from project to project, so
+# the signal weighs the project's own continuity (the share of a task's files that the
+# next task wrote again, over the recent tasks) times this scale: a project whose next
+# task rewrites one file in three gives its last files the weight of the best text match.
+LAST_TASK_SCALE: Final = 3.0
 FILES_SHOWN: Final = 8
 TASKS_SHOWN: Final = 6
 TASK_FILES_SHOWN: Final = 6
@@ -138,11 +141,21 @@ def _normalised(scores: dict[str, float]) -> dict[str, float]:
     return {k: v / top for k, v in scores.items()} if top > 0 else {}
 
 
+def _continuity(ordered: list[RecentTask]) -> float:
+    """The share of a task's files that the next task wrote again (0 to 1), over
+    ``ordered`` (oldest first)."""
+    files = [set(task.files) for task in ordered]
+    written = sum(map(len, files[:-1]))
+    again = sum(map(len, map(set.intersection, files[:-1], files[1:])))
+    return again / written if written else 0.0
+
+
 class Window:
     """What a project's recent work says, computed once for a state of memory: each
-    file's recency-weighted frequency (the prior, at most 1) and which files changed
-    together. A backend that keeps its recent work in memory keeps one Window per state,
-    so queries between two writes share it."""
+    file's recency-weighted frequency (the prior, at most 1), which files changed
+    together, the files of the last task and how often work goes on where it was. A
+    backend that keeps its recent work in memory keeps one Window per state, so queries
+    between two writes share it."""
 
     def __init__(self, recent: list[RecentTask], latest_seq: int) -> None:
         self.recent = recent
@@ -160,8 +173,10 @@ class Window:
         self._paths: list[str] | None = None
         self._prior_vector: NDArray[np.float64] | None = None
         self._cochange: dict[str, tuple[NDArray[np.intp], NDArray[np.float64], int]] = {}
-        last = max(recent, key=lambda task: task.seq, default=None)
-        self.last: list[str] = _unique(last.files) if last is not None else []
+        seqs = [task.seq for task in recent]
+        ordered = recent if seqs == sorted(seqs) else sorted(recent, key=lambda task: task.seq)
+        self.last: list[str] = _unique(ordered[-1].files) if ordered else []
+        self.continuity = _continuity(ordered)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Window) and list(self.recent) == list(other.recent)
@@ -288,7 +303,8 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     if moved:
         score = score + _sums(np.concatenate(moved), np.concatenate(passed), size)
     if window.last:  # files of the window: numbered already
-        score[[numbers[path] for path in window.last]] += LAST_TASK_WEIGHT
+        weight = min(1.0, LAST_TASK_SCALE * window.continuity)
+        score[[numbers[path] for path in window.last]] += weight
     # Files the query names come first: whoever asks about server.py means it.
     unnumbered = list(others)  # the few files outside the window, by number - known
     ranked = found.named[:files]
