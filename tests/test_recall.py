@@ -57,6 +57,14 @@ def test_files_of_relevant_tasks_beat_files_that_are_only_recent() -> None:
     }
 
 
+def test_the_files_of_a_big_similar_task_each_weigh_only_a_little_less() -> None:
+    big = task(5, "rework the parser", [f"src/parser/{n}.py" for n in range(5)], 10.0)
+    small = task(6, "parser docs", ["docs/parser.md"], 7.0)  # less similar, one file
+    ranked = rank(Candidates(tasks=[big, small], latest_seq=6))
+    assert ranked.files[:5] == big.files  # 10 / 5 ** 0.2 = 7.2: more than 7
+    assert ranked.files[5] == "docs/parser.md"
+
+
 def test_files_that_change_together_with_the_best_ones_are_pulled_in() -> None:
     together = [RecentTask(n, ["src/core.py", "tests/test_core.py"]) for n in range(1, 6)]
     unrelated = [RecentTask(n, [f"misc/{n}.txt"]) for n in range(6, 15)]

@@ -11,11 +11,12 @@ the *candidates*; this module *fuses* them and *renders* the context:
   for recent files whose path words the query names, the share of the path it names.
 - **fusion** (:func:`rank`): each file gets evidence from six signals, each normalised to
   at most 1 so none needs a scale of its own: files of similar tasks (weighted by the task's
-  relevance and how long ago it was, shared among the task's files), the file's own text
-  match, how much of its path the query names, a recency-weighted frequency prior, files
-  that changed together with the best files so far, and the files of the project's last
-  task. Ages are counted in tasks, not seconds, so a project's pace does not matter. Files
-  the query names come before all.
+  relevance and how long ago it was, the files of a big task each a little less), the
+  file's own text match, how much of its path the query names, a recency-weighted
+  frequency prior, files that changed together with the best files so far, and the files
+  of the project's last task (weighted by how often its work goes on where it was). Ages
+  are counted in tasks, not seconds, so a project's pace does not matter. Files the query
+  names come before all.
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
@@ -44,6 +45,10 @@ WINDOW_TASKS: Final = 400  # recent tasks read for the recency prior and co-chan
 HORIZON_TASKS: Final = int(20 * HALF_LIFE_TASKS)
 TASK_CANDIDATES: Final = 60  # past tasks matched by text: a file touched by many adds up
 FILE_CANDIDATES: Final = 50  # files matched by text
+# A similar task's evidence for each of its files: its weight / its files ** this. A file
+# of a related task comes back about as often whether the task wrote one file or five, so
+# a big task's files each weigh only a little less (the square root took too much).
+TASK_SHARE_POWER: Final = 0.2
 FILE_TEXT_WEIGHT: Final = 1.0
 PATH_WEIGHT: Final = 0.25  # a path the query names in part, next to the text evidence
 PRIOR_WEIGHT: Final = 0.25  # recency and co-change are tie-breakers next to text evidence
@@ -272,7 +277,7 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     weights = [t.relevance / best * _decay(latest - t.seq) for t in found.tasks]
     # Each task's files, a file once per task that changed it, with the task's share.
     shares = [
-        (t, w / math.sqrt(len(t.files)))
+        (t, w / len(t.files) ** TASK_SHARE_POWER)
         for t, w in zip(found.tasks, weights, strict=True)
         if t.files
     ]
