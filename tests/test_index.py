@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.memory.index import K1, B, Bm25Index, ProjectIndex, RecallIndexes
-from bridge.memory.recall import TASK_CANDIDATES, WINDOW_TASKS, Candidates, TaskHit, Window, rank
+from bridge.memory.recall import (
+    TASK_CANDIDATES,
+    WINDOW_TASKS,
+    Candidates,
+    TaskHit,
+    Window,
+    continuity_of,
+    rank,
+)
 from bridge.memory.terms import PathWords
 
 VOCABULARY = [f"w{n}" for n in range(30)]
@@ -274,6 +282,36 @@ def test_the_window_is_the_last_tasks_and_ranks_as_if_computed_afresh() -> None:
     )
     assert rank(found) == rank(fresh)  # the kept window says what a new one would
     assert found.window == Window(found.recent, found.latest_seq)
+    assert found.window.continuity == continuity_of(found.recent) > 0
+
+
+def test_the_continuity_kept_pair_by_pair_is_the_one_counted_afresh() -> None:
+    index = ProjectIndex(horizon=WINDOW_TASKS + 20)
+    rng = random.Random(11)
+    paths = [f"src/f{n}.py" for n in range(12)]
+
+    def counted_afresh() -> float:
+        window = index.window()
+        assert window.continuity == continuity_of(window.recent)
+        return window.continuity
+
+    for seq in range(1, WINDOW_TASKS + 40):  # the window moves on; the horizon evicts
+        index.put(task(seq, "work", rng.sample(paths, rng.randint(1, 3))))
+        if seq % 50 == 0:
+            counted_afresh()
+    newest = index.latest_seq
+    recent = index.window().recent
+    # The newest task changes: first it writes none of the files of the one before it,
+    # then all of them; so does a task amid the window.
+    for seq, previous in [(newest, recent[-2]), (newest - 5, recent[-7])]:
+        index.put(task(seq, "work", ["src/elsewhere.py"]))
+        apart = counted_afresh()
+        index.put(task(seq, "work", previous.files))
+        assert counted_afresh() > apart
+    index.put(task(newest - 410, "work", ["src/old.py"]))  # kept, but before the window
+    before = counted_afresh()
+    index.put(task(newest + 1, "work", ["src/f0.py"]))
+    assert counted_afresh() != before
 
 
 def test_changes_committed_while_a_project_loads_are_not_lost() -> None:

@@ -44,7 +44,7 @@ def test_words_split_identifiers_and_paths_and_drop_stopwords() -> None:
 def test_files_of_relevant_tasks_beat_files_that_are_only_recent() -> None:
     found = Candidates(
         tasks=[task(5, "fix parser crash", ["src/parser.py", "tests/test_parser.py"], 9.0)],
-        recent=[RecentTask(10, ["README.md"]), RecentTask(9, ["docs/index.md"])],
+        recent=[RecentTask(9, ["docs/index.md"]), RecentTask(10, ["README.md"])],
         latest_seq=10,
     )
     ranked = rank(found)

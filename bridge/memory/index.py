@@ -26,6 +26,7 @@ The index is plain code: backends call it from their own threads, under its lock
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import Counter, OrderedDict
@@ -215,6 +216,9 @@ class ProjectIndex:
         self._window: Window | None = None  # the recent work, kept until a change
         self._path_words = PathWords()  # the words of the paths in the file index
         self._changed: dict[str, int] = {}  # uuid -> the store's change that made its state
+        # Each task's pair with the one before it in the window: (before, task, how many of
+        # before's files task wrote again, how many files before wrote).
+        self._pairs: dict[str, tuple[TaskHit, TaskHit, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -332,9 +336,28 @@ class ProjectIndex:
             for task in reversed(self._tasks.values()):
                 if task.seq <= since:
                     break
-                newest_first.append(RecentTask(task.seq, list(task.files)))
-            self._window = Window(newest_first[::-1], self.latest_seq)
+                newest_first.append(task)
+            tasks = newest_first[::-1]
+            recent = [RecentTask(task.seq, list(task.files)) for task in tasks]
+            self._window = Window(recent, self.latest_seq, self._continuity(tasks))
         return self._window
+
+    def _continuity(self, tasks: list[TaskHit]) -> float:
+        """:func:`~bridge.memory.recall.continuity_of` the ``tasks`` (oldest first): each
+        pair of tasks in a row counted once and kept until either of them changes (a
+        change replaces the TaskHit), so a new state of memory counts only its new pairs."""
+        again = written = 0
+        kept: dict[str, tuple[TaskHit, TaskHit, int, int]] = {}
+        for before, task in itertools.pairwise(tasks):
+            pair = self._pairs.get(task.uuid)
+            if pair is None or pair[0] is not before or pair[1] is not task:
+                files = set(before.files)
+                pair = (before, task, len(files.intersection(task.files)), len(files))
+            kept[task.uuid] = pair
+            again += pair[2]
+            written += pair[3]
+        self._pairs = kept
+        return again / written if written else 0.0
 
     def candidates(self, query: str) -> Candidates:
         """The best matching tasks and files for ``query``, and the recent work."""

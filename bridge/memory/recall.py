@@ -116,7 +116,7 @@ class Candidates(msgspec.Struct, frozen=True, kw_only=True):
 
     tasks: list[TaskHit] = []  # best text matches first
     files: dict[str, float] = {}  # path -> text match with the query
-    recent: list[RecentTask] = []  # the project's last tasks, any order
+    recent: list[RecentTask] = []  # the project's last tasks, oldest first
     latest_seq: int = 0  # the newest task's ordinal
     window: Window | None = None  # what ``recent`` says, when the backend keeps it
     named: list[str] = []  # recent files the query names by path or file name
@@ -146,10 +146,10 @@ def _normalised(scores: dict[str, float]) -> dict[str, float]:
     return {k: v / top for k, v in scores.items()} if top > 0 else {}
 
 
-def _continuity(ordered: list[RecentTask]) -> float:
-    """The share of a task's files that the next task wrote again (0 to 1), over
-    ``ordered`` (oldest first)."""
-    files = [set(task.files) for task in ordered]
+def continuity_of(recent: Sequence[RecentTask]) -> float:
+    """The share of a task's files that the next task wrote again (0 to 1), over the
+    ``recent`` tasks (oldest first)."""
+    files = [set(task.files) for task in recent]
     written = sum(map(len, files[:-1]))
     again = sum(map(len, map(set.intersection, files[:-1], files[1:])))
     return again / written if written else 0.0
@@ -160,9 +160,15 @@ class Window:
     file's recency-weighted frequency (the prior, at most 1), which files changed
     together, the files of the last task and how often work goes on where it was. A
     backend that keeps its recent work in memory keeps one Window per state, so queries
-    between two writes share it."""
+    between two writes share it.
 
-    def __init__(self, recent: list[RecentTask], latest_seq: int) -> None:
+    ``recent`` is oldest first. A backend that keeps the project's continuity
+    (:func:`continuity_of`) up to date passes it; else it is counted here.
+    """
+
+    def __init__(
+        self, recent: list[RecentTask], latest_seq: int, continuity: float | None = None
+    ) -> None:
         self.recent = recent
         prior: dict[str, float] = defaultdict(float)
         for task in recent:
@@ -178,10 +184,8 @@ class Window:
         self._paths: list[str] | None = None
         self._prior_vector: NDArray[np.float64] | None = None
         self._cochange: dict[str, tuple[NDArray[np.intp], NDArray[np.float64], int]] = {}
-        seqs = [task.seq for task in recent]
-        ordered = recent if seqs == sorted(seqs) else sorted(recent, key=lambda task: task.seq)
-        self.last: list[str] = _unique(ordered[-1].files) if ordered else []
-        self.continuity = _continuity(ordered)
+        self.last: list[str] = _unique(recent[-1].files) if recent else []
+        self.continuity = continuity_of(recent) if continuity is None else continuity
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Window) and list(self.recent) == list(other.recent)
