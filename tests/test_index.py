@@ -308,9 +308,12 @@ def test_the_continuity_kept_pair_by_pair_is_the_one_counted_afresh() -> None:
         apart = counted_afresh()
         index.put(task(seq, "work", previous.files))
         assert counted_afresh() > apart
+    index.put(task(newest + 1, "only asked", []))  # wrote nothing: the chain holds
+    counted_afresh()
+    assert index.window().last == recent[-2].files  # what task newest wrote, in the loop
     index.put(task(newest - 410, "work", ["src/old.py"]))  # kept, but before the window
     before = counted_afresh()
-    index.put(task(newest + 1, "work", ["src/f0.py"]))
+    index.put(task(newest + 2, "work", ["src/f0.py"]))
     assert counted_afresh() != before
 
 

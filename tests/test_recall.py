@@ -107,6 +107,16 @@ def test_the_last_task_weighs_as_much_as_the_project_goes_on_where_it_was() -> N
     assert Window([], 0).last == [] and Window([], 0).continuity == 0.0
 
 
+def test_a_task_that_wrote_nothing_neither_is_the_last_task_nor_breaks_the_chain() -> None:
+    along = [RecentTask(n, ["src/busy.py", f"src/{n}.py"]) for n in range(1, 10)]
+    asked = RecentTask(10, [])  # a turn that only asked, or only failed
+    window = Window([*along, asked], 10)
+    assert window.last == ["src/busy.py", "src/9.py"]
+    assert window.continuity == Window(along, 9).continuity == 8 / 16
+    chain = [along[0], RecentTask(2, []), along[1]]  # busy.py again, a turn later
+    assert Window(chain, 3).continuity == 1 / 2
+
+
 def test_files_the_query_names_come_first_in_the_order_it_names_them() -> None:
     index = ProjectIndex()
     for seq in range(1, 6):  # much evidence for the parser, none for the server by text

@@ -348,7 +348,7 @@ class ProjectIndex:
         change replaces the TaskHit), so a new state of memory counts only its new pairs."""
         again = written = 0
         kept: dict[str, tuple[TaskHit, TaskHit, int, int]] = {}
-        for before, task in itertools.pairwise(tasks):
+        for before, task in itertools.pairwise([task for task in tasks if task.files]):
             pair = self._pairs.get(task.uuid)
             if pair is None or pair[0] is not before or pair[1] is not task:
                 files = set(before.files)

@@ -147,9 +147,10 @@ def _normalised(scores: dict[str, float]) -> dict[str, float]:
 
 
 def continuity_of(recent: Sequence[RecentTask]) -> float:
-    """The share of a task's files that the next task wrote again (0 to 1), over the
-    ``recent`` tasks (oldest first)."""
-    files = [set(task.files) for task in recent]
+    """The share of a task's files that the next task to write any wrote again (0 to 1),
+    over the ``recent`` tasks (oldest first); a task that wrote nothing (it only asked, or
+    only failed) does not break the chain."""
+    files = [set(task.files) for task in recent if task.files]
     written = sum(map(len, files[:-1]))
     again = sum(map(len, map(set.intersection, files[:-1], files[1:])))
     return again / written if written else 0.0
@@ -184,7 +185,9 @@ class Window:
         self._paths: list[str] | None = None
         self._prior_vector: NDArray[np.float64] | None = None
         self._cochange: dict[str, tuple[NDArray[np.intp], NDArray[np.float64], int]] = {}
-        self.last: list[str] = _unique(recent[-1].files) if recent else []
+        # The files of the last task that wrote any.
+        last = next((task.files for task in reversed(recent) if task.files), [])
+        self.last: list[str] = _unique(last)
         self.continuity = continuity_of(recent) if continuity is None else continuity
 
     def __eq__(self, other: object) -> bool:
