@@ -171,12 +171,15 @@ def usable(commit: Commit) -> bool:
 
 
 def replay_window(
-    commits: Sequence[Commit], scored: int = SCORED, warmup: int = WARMUP
+    commits: Sequence[Commit], scored: int = SCORED, warmup: int = WARMUP, before: int = 0
 ) -> tuple[list[Commit], int]:
     """The commits to replay (the last ``warmup + scored`` usable ones, in order) and the
     index of the first one to score: the last ``scored`` of them, or all of them when the
-    history has fewer."""
-    window = [c for c in commits if usable(c)][-(warmup + scored) :] if warmup + scored else []
+    history has fewer. With ``before``, the history ends that many usable commits early:
+    an earlier era of the same project."""
+    kept = [c for c in commits if usable(c)]
+    kept = kept[: max(0, len(kept) - before)]
+    window = kept[-(warmup + scored) :] if warmup + scored else []
     return window, max(0, len(window) - scored)
 
 
@@ -605,10 +608,11 @@ class History:
         }
 
 
-def prepare(path: Path, scored: int, warmup: int) -> History:
-    """Load a history, pick its replay window, and work out its cases and references."""
+def prepare(path: Path, scored: int, warmup: int, before: int = 0) -> History:
+    """Load a history, pick its replay window (``before`` usable commits from its end),
+    and work out its cases and references."""
     commits = load_history(path)
-    window, first = replay_window(commits, scored, warmup)
+    window, first = replay_window(commits, scored, warmup, before)
     history = History(
         history_name(path), path, len(commits), sum(map(usable, commits)), window, first
     )
@@ -784,7 +788,11 @@ def markdown(results: dict[str, Any], before: dict[str, Any] | None) -> str:
             f"replayed, {h['scored']} of the last {h['scoring_window']} scored"
             for name, h in results["histories"].items()
         )
-        + ".",
+        + (
+            f"; each history ended {before_end:,} usable commits early (an earlier era)."
+            if (before_end := p.get("before", 0))
+            else "."
+        ),
     ]
     found = [w for row in results["rows"] for w in warnings(row)]
     if found:
@@ -850,9 +858,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--limit", type=int, metavar="N", help=f"score N commits instead of {SCORED}"
     )
     parser.add_argument(
+        "--before",
+        type=int,
+        default=0,
+        metavar="N",
+        help="end each history N usable commits early: replay an earlier era of the same "
+        "projects, to check a change on commits it was not tuned on",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
-        help=f"folder for recall.md/.json/.png (default: docs/; with --limit: "
+        help=f"folder for recall.md/.json/.png (default: docs/; with --limit or --before: "
         f"{QUICK_OUT.relative_to(REPO)}/)",
     )
     parser.add_argument(
@@ -877,6 +893,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--bridge-src: no bridge package in {args.bridge_src}")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.before < 0:
+        parser.error("--before must be at least 0")
     return args
 
 
@@ -941,13 +959,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.ERROR)
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index it builds
     scored = SCORED if args.limit is None else args.limit
-    out: Path = args.out or (DEFAULT_OUT if args.limit is None else QUICK_OUT)
+    whole = args.limit is None and not args.before  # the run that docs/ records
+    out: Path = args.out or (DEFAULT_OUT if whole else QUICK_OUT)
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
     modes = list(MODES) if args.mode == "all" else [args.mode]
     started = dt.datetime.now(dt.UTC)
     try:
         began = time.perf_counter()
-        histories = [prepare(p, scored, WARMUP) for p in history_files(args.history)]
+        histories = [prepare(p, scored, WARMUP, args.before) for p in history_files(args.history)]
         names = [h.name for h in histories]
         if len(set(names)) != len(names):
             raise BenchError(f"two histories share a name: {names}")
@@ -984,6 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "params": {
             "warmup": WARMUP,
             "scored": scored,
+            "before": args.before,
             "top": TOP,
             "cut": CUT,
             "max_files": MAX_FILES,

@@ -138,6 +138,15 @@ def test_replay_window_is_the_last_usable_commits() -> None:
     assert len(whole) == 15 and first == 0  # a short history: everything is scored
 
 
+def test_replay_window_before_the_end_is_an_earlier_era() -> None:
+    kept = [c.subject for c in HISTORY if usable(c)]
+    window, first = replay_window(HISTORY, scored=5, warmup=4, before=3)
+    assert [c.subject for c in window] == kept[-12:-3] and first == 4
+    early, first = replay_window(HISTORY, scored=5, warmup=4, before=12)
+    assert [c.subject for c in early] == kept[:3] and first == 0
+    assert replay_window(HISTORY, scored=5, warmup=4, before=100) == ([], 0)
+
+
 def test_history_file_round_trip(tmp_path: Path) -> None:
     path = write_history(tmp_path / "tiny-history.jsonl", HISTORY)
     assert recall.load_history(path) == HISTORY
@@ -315,12 +324,13 @@ def test_command_line_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     baseline = {"started": "earlier", "rows": [{"history": "tiny", "mode": "summary", **earlier}]}
     (out / "recall.json").write_text(json.dumps(baseline))
     argv = ["--history", str(path), "--limit", "5", "--mode", "summary", "--out", str(out)]
-    assert recall.main(argv) == 0
+    assert recall.main([*argv, "--before", "2"]) == 0  # an earlier era: two commits early
     text = (out / "recall.md").read_text()
     assert capsys.readouterr().out.strip() == text.strip()
     assert "| tiny | summary | sqlite |" in text
+    assert "each history ended 2 usable commits early" in text
     assert "## Before and after" in text and "0.100 → " in text
     results = json.loads((out / "recall.json").read_text())
     assert [row_key(r) for r in results["rows"]] == [("tiny", "summary", "sqlite")]
-    assert results["histories"]["tiny"]["replayed"] == 15
-    assert results["params"]["scored"] == 5
+    assert results["histories"]["tiny"]["replayed"] == 13
+    assert results["params"]["scored"] == 5 and results["params"]["before"] == 2
