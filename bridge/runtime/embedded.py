@@ -294,11 +294,8 @@ class EmbeddedFalkorDB(ChildServer):
             with client:
                 with contextlib.suppress(redis.ResponseError):  # one is running: wait
                     client.bgrewriteaof()
-                while time.monotonic() < deadline:
-                    state = client.info("persistence")
-                    if not state["aof_rewrite_in_progress"] and not state["aof_rewrite_scheduled"]:
-                        return bool(state["aof_last_bgrewrite_status"] == "ok")
-                    time.sleep(0.05)
+                if (status := _rewritten(client, deadline)) is not None:
+                    return status == "ok"
         except (redis.RedisError, OSError) as e:
             log.warning("could not compact the private FalkorDB's append-only file: %s", e)
             return False
@@ -369,15 +366,13 @@ class EmbeddedFalkorDB(ChildServer):
                 log.warning("private FalkorDB: replayed %d queries of %s (%d refused)",
                             sent, path.name, refused)  # fmt: skip
             client.config_set("appendonly", "yes")  # a new file: one snapshot of it all
-            deadline = time.monotonic() + REWRITE_TIMEOUT
-            while time.monotonic() < deadline:
-                state = client.info("persistence")
-                if state["aof_enabled"] and not state["aof_rewrite_in_progress"]:
-                    if state["aof_last_bgrewrite_status"] != "ok":
-                        raise RuntimeError("falkordb: rewriting the replayed graph failed")
-                    return
-                time.sleep(0.05)
-        raise RuntimeError(f"falkordb: the replayed graph was not written in {REWRITE_TIMEOUT} s")
+            status = _rewritten(client, time.monotonic() + REWRITE_TIMEOUT)
+        if status is None:
+            raise RuntimeError(
+                f"falkordb: the replayed graph was not written in {REWRITE_TIMEOUT} s"
+            )
+        if status != "ok":
+            raise RuntimeError("falkordb: rewriting the replayed graph failed")
 
     async def _start_on(
         self, port: int, timeout: float, overrides: dict[str, str] | None = None
@@ -508,6 +503,18 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
 
 class _PortTaken(Exception):
     """The chosen port was taken before the server could bind it."""
+
+
+def _rewritten(client: redis.Redis, deadline: float) -> str | None:
+    """Wait until the server's append-only file is on and no rewrite of it runs or waits
+    to; the last rewrite's status (``ok`` once written), or None past ``deadline``."""
+    while time.monotonic() < deadline:
+        state = client.info("persistence")
+        busy = state["aof_rewrite_in_progress"] or state["aof_rewrite_scheduled"]
+        if state["aof_enabled"] and not busy:
+            return str(state["aof_last_bgrewrite_status"])
+        time.sleep(0.05)
+    return None
 
 
 class _CrashedStarting(RuntimeError):
