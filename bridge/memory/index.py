@@ -48,7 +48,9 @@ from bridge.memory.recall import (
     TaskHit,
     Window,
     search_words,
+    share_again,
     words,
+    written_again,
 )
 from bridge.memory.terms import PathWords, path_terms, stem, terms
 
@@ -216,9 +218,9 @@ class ProjectIndex:
         self._window: Window | None = None  # the recent work, kept until a change
         self._path_words = PathWords()  # the words of the paths in the file index
         self._changed: dict[str, int] = {}  # uuid -> the store's change that made its state
-        # Each task's pair with the one before it in the window: (before, task, how many of
-        # before's files task wrote again, how many files before wrote).
-        self._pairs: dict[str, tuple[TaskHit, TaskHit, int, int]] = {}
+        # Each task's pair with the one before it in the window: (before, task, what
+        # written_again counts of them).
+        self._pairs: dict[str, tuple[TaskHit, TaskHit, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -346,18 +348,14 @@ class ProjectIndex:
         """:func:`~bridge.memory.recall.continuity_of` the ``tasks`` (oldest first): each
         pair of tasks in a row counted once and kept until either of them changes (a
         change replaces the TaskHit), so a new state of memory counts only its new pairs."""
-        again = written = 0
-        kept: dict[str, tuple[TaskHit, TaskHit, int, int]] = {}
+        kept: dict[str, tuple[TaskHit, TaskHit, tuple[int, int]]] = {}
         for before, task in itertools.pairwise([task for task in tasks if task.files]):
             pair = self._pairs.get(task.uuid)
             if pair is None or pair[0] is not before or pair[1] is not task:
-                files = set(before.files)
-                pair = (before, task, len(files.intersection(task.files)), len(files))
+                pair = (before, task, written_again(before.files, task.files))
             kept[task.uuid] = pair
-            again += pair[2]
-            written += pair[3]
         self._pairs = kept
-        return again / written if written else 0.0
+        return share_again(pair[2] for pair in kept.values())
 
     def candidates(self, query: str) -> Candidates:
         """The best matching tasks and files for ``query``, and the recent work."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import math
 import re
 from collections import Counter, defaultdict
@@ -146,13 +147,27 @@ def _normalised(scores: dict[str, float]) -> dict[str, float]:
     return {k: v / top for k, v in scores.items()} if top > 0 else {}
 
 
+def written_again(before: Sequence[str], after: Sequence[str]) -> tuple[int, int]:
+    """How many of the files ``before`` wrote ``after`` wrote again, and how many it wrote
+    (each file once)."""
+    files = set(before)
+    return len(files.intersection(after)), len(files)
+
+
 def continuity_of(recent: Sequence[RecentTask]) -> float:
     """The share of a task's files that the next task to write any wrote again (0 to 1),
     over the ``recent`` tasks (oldest first); a task that wrote nothing (it only asked, or
     only failed) does not break the chain."""
-    files = [set(task.files) for task in recent if task.files]
-    written = sum(map(len, files[:-1]))
-    again = sum(map(len, map(set.intersection, files[:-1], files[1:])))
+    writers = [task.files for task in recent if task.files]
+    return share_again(itertools.starmap(written_again, itertools.pairwise(writers)))
+
+
+def share_again(pairs: Iterable[tuple[int, int]]) -> float:
+    """The share of files written again over pairs of (:func:`written_again`)."""
+    again = written = 0
+    for pair_again, pair_written in pairs:
+        again += pair_again
+        written += pair_written
     return again / written if written else 0.0
 
 
