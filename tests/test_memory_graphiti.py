@@ -31,6 +31,7 @@ from bridge.memory.graph_recall import Synced
 from bridge.memory.graphiti import (
     GraphitiMemory,
     _built,
+    _indexed,
     _node,
     graph_driver,
     graph_group,
@@ -1066,8 +1067,10 @@ async def test_opening_a_group_waits_until_falkordb_has_built_its_indexes(
 ) -> None:
     """FalkorDB builds an index in the background, and a search meanwhile misses what the
     index has not reached: the wait that opening a group ends with returns only once no
-    index of the graph is under construction."""
+    index of the graph is under construction. (graphiti's own indexes are built first, as
+    opening does, so that no index is created while the test reads the statuses.)"""
     driver = graph_driver(falkordb.url).clone(database="index_build")
+    await _indexed(driver)
     graph = driver.client.select_graph("index_build")  # type: ignore[attr-defined]
     await graph.query("UNWIND range(1, 50000) AS i CREATE (:Bulk {text: 'event ' + toString(i)})")
     await graph.query("CREATE FULLTEXT INDEX FOR (b:Bulk) ON (b.text)")

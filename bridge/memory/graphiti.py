@@ -592,6 +592,9 @@ class GraphitiMemory:
             if group not in self._graphs:
                 driver = self._driver.clone(database=group)
                 await _call(_indexed, driver)
+                if self._structured:
+                    for statement in graph_tasks.SCHEMA:
+                        await _runner(driver)(statement)
                 await _call(_built, driver)
                 if self._structured:
                     await self._open_tasks(driver, group)
@@ -599,10 +602,8 @@ class GraphitiMemory:
             return self._graphs[group]
 
     async def _open_tasks(self, driver: GraphDriver, group: str) -> None:
-        """Index the task model, migrate what an earlier release kept, link the episodes
-        it did not link, and start the group's writer."""
-        for statement in graph_tasks.SCHEMA:
-            await _runner(driver)(statement)
+        """Migrate what an earlier release kept, link the episodes it did not link, and
+        start the group's writer (the task model is indexed by then)."""
         run = self._task_runs[group] = falkor.runner(driver.client.select_graph(group))  # type: ignore[attr-defined]
         if await graph_tasks.migrate(run):
             log.info("graph %s: full-text task search migrated to the recall index", group)
