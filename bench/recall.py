@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -103,6 +105,17 @@ VERSION_BUMP: Final = re.compile(
       | {VERSION}[,:]?\s.*\bversion
     )""",
     re.IGNORECASE | re.VERBOSE,
+)
+
+# Prompts that say nothing of the work (``--generic``): what a user types to go on.
+GENERIC_PROMPTS: Final = (
+    "continue",
+    "fix it",
+    "keep going",
+    "try again",
+    "wip",
+    "more fixes",
+    "address the review comments",
 )
 
 # What separates path tokens in a context: whitespace and punctuation that never ends a
@@ -181,6 +194,23 @@ def replay_window(
     kept = kept[: max(0, len(kept) - before)]
     window = kept[-(warmup + scored) :] if warmup + scored else []
     return window, max(0, len(window) - scored)
+
+
+def said_nothing(window: Sequence[Commit], share: float) -> tuple[list[Commit], frozenset[str]]:
+    """``window`` with about ``share`` of its commits asked by a prompt that says nothing
+    (one of ``GENERIC_PROMPTS``) instead of their subject, and with no body; and the shas
+    of those commits. Which commits, and which prompt, follow from each sha alone, so every
+    run, mode and backend asks the same."""
+    changed: list[Commit] = []
+    shas: set[str] = set()
+    for commit in window:
+        digest = hashlib.sha256(commit.sha.encode()).digest()
+        if int.from_bytes(digest[:8]) / 2**64 < share:
+            prompt = GENERIC_PROMPTS[int.from_bytes(digest[8:16]) % len(GENERIC_PROMPTS)]
+            commit = dataclasses.replace(commit, subject=prompt, body="")
+            shas.add(commit.sha)
+        changed.append(commit)
+    return changed, frozenset(shas)
 
 
 # -- paths in a context -------------------------------------------------------------------
@@ -270,11 +300,18 @@ class Case:
     target: tuple[str, ...]
     recent: tuple[str, ...]
     bm25: tuple[str, ...]
+    generic: bool = False  # asked by a prompt that says nothing (``said_nothing``)
 
 
-def cases(window: Sequence[Commit], first_scored: int, top: int = TOP) -> list[Case]:
+def cases(
+    window: Sequence[Commit],
+    first_scored: int,
+    top: int = TOP,
+    generic: frozenset[str] = frozenset(),
+) -> list[Case]:
     """The commits of ``window`` from ``first_scored`` on whose target (their files written
-    in earlier commits of the window) is not empty, with both references' predictions."""
+    in earlier commits of the window) is not empty, with both references' predictions;
+    those whose sha is in ``generic`` are marked as asked by a prompt that says nothing."""
     found: list[Case] = []
     seen: set[str] = set()
     for i, commit in enumerate(window):
@@ -290,6 +327,7 @@ def cases(window: Sequence[Commit], first_scored: int, top: int = TOP) -> list[C
                     target=target,
                     recent=tuple(recent_files(past, top)),
                     bm25=tuple(bm25_files(past, commit.subject, top)),
+                    generic=commit.sha in generic,
                 )
             )
         seen.update(commit.files)
@@ -454,6 +492,11 @@ def summarise(
     row["ratio"] = None if not best or row["memory_recall"] is None else round(
         row["memory_recall"] / best, 3
     )  # fmt: skip
+    generic = [o for o in scored if o.case.generic]
+    if generic:  # only in a run with --generic: the commits asked by a generic prompt
+        row["generic_scored"] = len(generic)
+        for m in METHODS:
+            row[f"generic_{m}_recall"] = round_or_none(mean([o.recall[m] for o in generic]), 4)
     chars = [len(o.turn.inject or "") for o in scored]
     row["context_chars_median"] = None if not chars else statistics.median(chars)
     row["context_chars_p90"] = percentile(chars, 90)
@@ -608,15 +651,17 @@ class History:
         }
 
 
-def prepare(path: Path, scored: int, warmup: int, before: int = 0) -> History:
+def prepare(path: Path, scored: int, warmup: int, before: int = 0, generic: float = 0.0) -> History:
     """Load a history, pick its replay window (``before`` usable commits from its end),
+    ask about ``generic`` of its commits by a prompt that says nothing (``said_nothing``),
     and work out its cases and references."""
     commits = load_history(path)
     window, first = replay_window(commits, scored, warmup, before)
+    window, asked = said_nothing(window, generic) if generic else (window, frozenset())
     history = History(
         history_name(path), path, len(commits), sum(map(usable, commits)), window, first
     )
-    history.cases = cases(window, first)
+    history.cases = cases(window, first, generic=asked)
     return history
 
 
@@ -762,6 +807,26 @@ bench/README.md).
 """
 
 
+def generic_table(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The rows' commits asked by a prompt that says nothing (``--generic``), scored apart:
+    a Markdown table, or None when the run asked none."""
+    asked = [r for r in rows if r.get("generic_scored")]
+    if not asked:
+        return None
+    lines = [
+        "| history | mode | backend | scored | file recall | recent recall | bm25 recall |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in asked:
+        lines.append(
+            f"| {r['history']} | {r['mode']} | {r['backend']} | {r['generic_scored']} "
+            f"| {fmt(r['generic_memory_recall'], '.3f')} "
+            f"| {fmt(r['generic_recent_recall'], '.3f')} "
+            f"| {fmt(r['generic_bm25_recall'], '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, Any], before: dict[str, Any] | None) -> str:
     """The report: the method, the command, the table, the durations, a comparison."""
     p = results["params"]
@@ -794,6 +859,20 @@ def markdown(results: dict[str, Any], before: dict[str, Any] | None) -> str:
             else "."
         ),
     ]
+    if (asked := generic_table(results["rows"])) is not None:
+        share = p.get("generic", 0.0)
+        prompts = ", ".join(f'"{g}"' for g in GENERIC_PROMPTS)
+        parts += [
+            "",
+            "## Prompts that say nothing",
+            "",
+            f"About {share:.0%} of the commits were asked by a prompt that says nothing of the "
+            f"work ({prompts}) instead of their "
+            "subject, and sent no summary; the table above scores every commit, this one "
+            "only those.",
+            "",
+            asked,
+        ]
     found = [w for row in results["rows"] for w in warnings(row)]
     if found:
         parts += ["", "Warnings:", "", *(f"- {w}" for w in found)]
@@ -866,10 +945,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "projects, to check a change on commits it was not tuned on",
     )
     parser.add_argument(
+        "--generic",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="ask about this share (0 to 1) of the commits by a prompt that says nothing "
+        '("continue", "fix it", ...) instead of their subject, with no summary, and score '
+        "those commits apart too",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
-        help=f"folder for recall.md/.json/.png (default: docs/; with --limit or --before: "
-        f"{QUICK_OUT.relative_to(REPO)}/)",
+        help="folder for recall.md/.json/.png (default: docs/; with --limit, --before or "
+        f"--generic: {QUICK_OUT.relative_to(REPO)}/)",
     )
     parser.add_argument(
         "--baseline",
@@ -895,6 +983,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--limit must be at least 1")
     if args.before < 0:
         parser.error("--before must be at least 0")
+    if not 0.0 <= args.generic <= 1.0:
+        parser.error("--generic must be a share from 0 to 1")
     return args
 
 
@@ -959,14 +1049,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.ERROR)
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index it builds
     scored = SCORED if args.limit is None else args.limit
-    whole = args.limit is None and not args.before  # the run that docs/ records
+    whole = args.limit is None and not args.before and not args.generic  # what docs/ records
     out: Path = args.out or (DEFAULT_OUT if whole else QUICK_OUT)
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
     modes = list(MODES) if args.mode == "all" else [args.mode]
     started = dt.datetime.now(dt.UTC)
     try:
         began = time.perf_counter()
-        histories = [prepare(p, scored, WARMUP, args.before) for p in history_files(args.history)]
+        histories = [
+            prepare(p, scored, WARMUP, args.before, args.generic)
+            for p in history_files(args.history)
+        ]
         names = [h.name for h in histories]
         if len(set(names)) != len(names):
             raise BenchError(f"two histories share a name: {names}")
@@ -1004,6 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup": WARMUP,
             "scored": scored,
             "before": args.before,
+            "generic": args.generic,
             "top": TOP,
             "cut": CUT,
             "max_files": MAX_FILES,

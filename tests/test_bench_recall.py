@@ -4,6 +4,7 @@ one short replay through a real bridge."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from bench.recall import (
     recent_files,
     replay_window,
     row_key,
+    said_nothing,
     score,
     summarise,
     usable,
@@ -256,6 +258,29 @@ def test_cases_score_seen_files_only() -> None:
     assert [c.index for c in cases(fresh, 0)] == [2]
 
 
+def test_prompts_that_say_nothing_replace_the_same_commits_every_time() -> None:
+    many = [commit(n, f"Subject {n}", [f"m{n % 7}.py"], body=f"body {n}") for n in range(400)]
+    assert said_nothing(many, 0.0) == (many, frozenset())
+    asked, shas = said_nothing(many, 0.25)
+    assert (asked, shas) == said_nothing(many, 0.25)  # follows from the shas alone
+    assert 60 <= len(shas) <= 140  # about a quarter of 400
+    for before, after in zip(many, asked, strict=True):
+        assert (after.sha, after.at, after.files) == (before.sha, before.at, before.files)
+        if after.sha in shas:
+            assert after.subject in recall.GENERIC_PROMPTS and after.body == ""
+        else:
+            assert after == before
+    assert {c.subject for c in asked if c.sha in shas} == set(recall.GENERIC_PROMPTS)
+    assert shas <= said_nothing(many, 0.5)[1]  # a larger share asks these and more
+    everything, all_shas = said_nothing(many, 1.0)
+    assert all_shas == {c.sha for c in many}
+    assert all(c.subject in recall.GENERIC_PROMPTS for c in everything)
+    window, first = replay_window(HISTORY, scored=6, warmup=3)
+    window, shas = said_nothing(window, 0.5)
+    found = cases(window, first, generic=shas)
+    assert {c.sha for c in found if c.generic} == shas & {c.sha for c in found}
+
+
 def test_summary_row() -> None:
     case = Case(0, "s", "q", frozenset({"a", "b"}), ("a", "b"), ("a",), ())
     outcomes = [
@@ -280,7 +305,17 @@ def test_summary_row() -> None:
     assert row["context_chars_median"] == 0.5 and row["empty_contexts"] == 1
     assert row["cache_hits"] == 1 and row["misses"] == 1
     assert row["miss_rtt_p50_ms"] == 2.0 and row["miss_server_p99_ms"] == 1.5
+    assert "generic_scored" not in row and recall.generic_table([row]) is None
     assert "| h | summary | sqlite | 2 | 0.250 | 0.500 |" in recall.table([row])
+    asked = [
+        Outcome(replace(o.case, generic=True), o.turn, o.predicted, o.recall) for o in outcomes
+    ]
+    generic = summarise("h", "summary", "sqlite", 5, [asked[1], outcomes[0]])
+    assert generic["generic_scored"] == 1 and generic["generic_recent_recall"] == 0.5
+    assert generic["generic_memory_recall"] == 0.0 and generic["generic_bm25_recall"] == 0.0
+    assert "| h | summary | sqlite | 1 | 0.000 | 0.500 | 0.000 |" in str(
+        recall.generic_table([generic])
+    )
     later = {**row, "memory_recall": 0.75}
     text = comparison({"started": "then", "rows": [row]}, [later])
     assert text is not None and "0.250 → 0.750" in text
@@ -334,3 +369,32 @@ def test_command_line_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert [row_key(r) for r in results["rows"]] == [("tiny", "summary", "sqlite")]
     assert results["histories"]["tiny"]["replayed"] == 13
     assert results["params"]["scored"] == 5 and results["params"]["before"] == 2
+    assert "## Prompts that say nothing" not in text
+
+
+def test_command_line_run_with_prompts_that_say_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--generic 1`` asks every commit by a prompt that says nothing, through a real
+    bridge, and scores those commits apart."""
+    path = write_history(tmp_path / "tiny-history.jsonl", HISTORY)
+    out = tmp_path / "out"
+    argv = ["--history", str(path), "--limit", "5", "--mode", "summary", "--out", str(out)]
+    assert recall.main([*argv, "--generic", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "## Prompts that say nothing" in text and '"continue"' in text
+    results = json.loads((out / "recall.json").read_text())
+    (row,) = results["rows"]
+    assert results["params"]["generic"] == 1.0
+    assert row["generic_scored"] == row["scored"] > 0
+    assert row["generic_memory_recall"] == row["memory_recall"]
+    assert row["generic_recent_recall"] == row["recent_recall"]
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.5"])
+def test_generic_share_out_of_range_is_refused(
+    share: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        recall.parse_args(["--generic", share])
+    assert "--generic must be a share from 0 to 1" in capsys.readouterr().err
