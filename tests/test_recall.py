@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
+
+import msgspec
 
 from bridge.memory.index import ProjectIndex
 from bridge.memory.recall import (
@@ -14,6 +17,7 @@ from bridge.memory.recall import (
     RecentTask,
     TaskHit,
     Window,
+    asked_before,
     context,
     rank,
     render,
@@ -128,6 +132,57 @@ def test_files_the_query_names_come_first_in_the_order_it_names_them() -> None:
     assert rank(found).files[:4] == [*found.named, "src/parser.py"]
     assert index.candidates("the server crashed").named == []  # a word is not a file name
     assert index.candidates("see ./other/server.py").named == ["other/server.py"]
+
+
+def test_a_prompt_asked_before_about_unrelated_files_says_little() -> None:
+    """ "continue" was asked three times, each time about other files: those askings weigh
+    nothing and the project's recent work leads. "update the changelog" was asked three
+    times about CHANGES.md: its askings keep their weight."""
+    index = ProjectIndex()
+    seq = itertools.count(1)
+    for n in range(3):
+        for query, files in (
+            ("continue", [f"src/elsewhere{n}.py"]),
+            ("update the changelog", ["CHANGES.md", f"docs/page{n}.md"]),
+            ("handle the websocket ping", ["src/ws.py", f"tests/test_ws{n}.py"]),
+        ):
+            number = next(seq)
+            index.put(TaskHit(uuid=f"t{number}", seq=number, query=query, files=files))
+    found = index.candidates("Continue!")  # the same words, whatever the case and marks
+    assert [found.tasks[i].query for i in found.repeats] == ["continue"] * 3
+    assert asked_before(found.tasks, found.repeats) == (0.0, 1.0)  # no two agree; all of it
+    elsewhere = {f"src/elsewhere{n}.py" for n in range(3)}
+    assert rank(found).files[:2] == ["src/ws.py", "CHANGES.md"]
+    # Taken at their word, the earlier askings' files would come first.
+    assert set(rank(msgspec.structs.replace(found, repeats=[])).files[:3]) == elsewhere
+    changelog = index.candidates("Update the changelog")
+    assert asked_before(changelog.tasks, changelog.repeats) == (1.0, 1.0)
+    assert rank(changelog).files[0] == "CHANGES.md"
+    assert index.candidates("continue the websocket work").repeats == []  # other words
+    assert index.candidates("the").repeats == []  # no words: nothing to compare
+    # A task in other words that match too keeps its weight: its file comes first (the
+    # askings' files still have their own text, the word "continue", weighed down).
+    number = next(seq)
+    index.put(
+        TaskHit(uuid="p", seq=number, query="continue after a parser error", files=["parser.py"])
+    )
+    found = index.candidates("continue")
+    assert len(found.repeats) == 3 and len(found.tasks) == 4
+    assert rank(found).files[0] == "parser.py"  # before the askings' files, unlike at their word
+
+
+def test_how_much_earlier_askings_agree_and_weigh() -> None:
+    tasks = [
+        task(1, "fix it", ["a.py", "b.py"], relevance=3.0),
+        task(2, "fix it", ["b.py"], relevance=3.0),
+        task(3, "fix it", ["c.py"], relevance=3.0),
+        task(4, "fix it", [], relevance=3.0),  # wrote nothing: not compared
+        task(5, "fix the parser", ["parser.py"], relevance=3.0),
+    ]
+    agreement, share = asked_before(tasks, [0, 1, 2, 3])
+    assert agreement == 2 / 3 and share == 9 / 15  # b.py twice; c.py alone
+    assert asked_before(tasks, [0, 3]) == (1.0, 0.0)  # one asking wrote files: no measure
+    assert asked_before(tasks, []) == (1.0, 0.0)
 
 
 def test_an_old_match_weighs_less_than_an_equally_relevant_new_one() -> None:

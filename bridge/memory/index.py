@@ -369,6 +369,8 @@ class ProjectIndex:
             for uuid, score in self._task_index.top(query_terms, TASK_CANDIDATES)
         ]
         files = dict(self._file_index.top(query_terms, FILE_CANDIDATES))
+        asked = [stem(w) for w in said]
+        repeats = [i for i, t in enumerate(tasks) if asked == self._query_terms.get(t.uuid)]
         window = self.window()
         return Candidates(
             tasks=tasks,
@@ -378,6 +380,7 @@ class ProjectIndex:
             window=window,
             named=window.named(query),
             paths=self._path_words.match(query_terms, window.numbers()),
+            repeats=repeats if asked else [],
         )
 
 

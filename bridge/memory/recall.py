@@ -16,7 +16,10 @@ the *candidates*; this module *fuses* them and *renders* the context:
   frequency prior, files that changed together with the best files so far, and the files
   of the project's last task (weighted by how often its work goes on where it was). Ages
   are counted in tasks, not seconds, so a project's pace does not matter. Files the query
-  names come before all.
+  names come before all. A query asked before in the same words weighs its earlier
+  askings, and the text evidence as a whole, by how much those askings agree on files
+  (:func:`asked_before`): "continue" is asked about anything, "update the changelog" is
+  not.
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
@@ -122,6 +125,7 @@ class Candidates(msgspec.Struct, frozen=True, kw_only=True):
     window: Window | None = None  # what ``recent`` says, when the backend keeps it
     named: list[str] = []  # recent files the query names by path or file name
     paths: dict[str, float] = {}  # recent file -> share of its path's words the query names
+    repeats: list[int] = []  # positions in ``tasks`` of those asked in the query's words
 
     @property
     def empty(self) -> bool:
@@ -160,6 +164,22 @@ def continuity_of(recent: Sequence[RecentTask]) -> float:
     only failed) does not break the chain."""
     writers = [task.files for task in recent if task.files]
     return share_again(itertools.starmap(written_again, itertools.pairwise(writers)))
+
+
+def asked_before(tasks: Sequence[TaskHit], repeats: Sequence[int]) -> tuple[float, float]:
+    """What a prompt asked before in the same words says about files: the share of its
+    earlier askings that wrote a file some other of them wrote too (``continue`` or
+    ``fix it`` are asked about anything, ``update the changelog`` always about one file),
+    and those askings' share of the text relevance. (1.0, 0.0) when fewer than two of
+    them wrote files: nothing to compare."""
+    askings = [tasks[i] for i in repeats if tasks[i].files]
+    if len(askings) < 2:
+        return 1.0, 0.0
+    writers = Counter(path for task in askings for path in set(task.files))
+    agreeing = sum(1 for task in askings if any(writers[path] > 1 for path in task.files))
+    relevance = sum(task.relevance for task in tasks)
+    share = sum(task.relevance for task in askings) / relevance if relevance > 0 else 0.0
+    return agreeing / len(askings), share
 
 
 def share_again(pairs: Iterable[tuple[int, int]]) -> float:
@@ -297,6 +317,12 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
 
     best = max((t.relevance for t in found.tasks), default=0.0) or 1.0
     weights = [t.relevance / best * _decay(latest - t.seq) for t in found.tasks]
+    # A prompt asked before about unrelated files says little: its earlier askings, and
+    # the text evidence as a whole by their share of it, weigh as much as they agree.
+    agreement, asked_share = asked_before(found.tasks, found.repeats)
+    if agreement < 1.0:
+        for i in found.repeats:
+            weights[i] *= agreement
     # Each task's files, a file once per task that changed it, with the task's share.
     shares = [
         (t, w / len(t.files) ** TASK_SHARE_POWER)
@@ -316,6 +342,8 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
         named = np.zeros(size)
         named[[numbers[path] for path in found.paths]] = list(found.paths.values())
         score = score + PATH_WEIGHT * _normalised_vector(named)
+    if agreement < 1.0:
+        score *= 1.0 - asked_share * (1.0 - agreement)
     score[:known] += PRIOR_WEIGHT * window.prior_vector()
     # Co-change: each of the best files so far passes a share of its score to the files
     # that changed with it in recent tasks, in proportion to how often they did.
