@@ -150,13 +150,13 @@ def test_a_prompt_asked_before_about_unrelated_files_says_little() -> None:
             index.put(TaskHit(uuid=f"t{number}", seq=number, query=query, files=files))
     found = index.candidates("Continue!")  # the same words, whatever the case and marks
     assert [found.tasks[i].query for i in found.repeats] == ["continue"] * 3
-    assert asked_before(found.tasks, found.repeats) == (0.0, 1.0)  # no two agree; all of it
+    assert asked_before(found.tasks, found.repeats, found.recent) == (0.0, 1.0)  # none agree
     elsewhere = {f"src/elsewhere{n}.py" for n in range(3)}
     assert rank(found).files[:2] == ["src/ws.py", "CHANGES.md"]
     # Taken at their word, the earlier askings' files would come first.
     assert set(rank(msgspec.structs.replace(found, repeats=[])).files[:3]) == elsewhere
     changelog = index.candidates("Update the changelog")
-    assert asked_before(changelog.tasks, changelog.repeats) == (1.0, 1.0)
+    assert asked_before(changelog.tasks, changelog.repeats, changelog.recent) == (1.0, 1.0)
     assert rank(changelog).files[0] == "CHANGES.md"
     assert index.candidates("continue the websocket work").repeats == []  # other words
     assert index.candidates("the").repeats == []  # no words: nothing to compare
@@ -171,7 +171,7 @@ def test_a_prompt_asked_before_about_unrelated_files_says_little() -> None:
     assert rank(found).files[0] == "parser.py"  # before the askings' files, unlike at their word
 
 
-def test_how_much_earlier_askings_agree_and_weigh() -> None:
+def test_how_much_earlier_askings_agree_beyond_chance_and_weigh() -> None:
     tasks = [
         task(1, "fix it", ["a.py", "b.py"], relevance=3.0),
         task(2, "fix it", ["b.py"], relevance=3.0),
@@ -179,10 +179,23 @@ def test_how_much_earlier_askings_agree_and_weigh() -> None:
         task(4, "fix it", [], relevance=3.0),  # wrote nothing: not compared
         task(5, "fix the parser", ["parser.py"], relevance=3.0),
     ]
-    agreement, share = asked_before(tasks, [0, 1, 2, 3])
-    assert agreement == 2 / 3 and share == 9 / 15  # b.py twice; c.py alone
-    assert asked_before(tasks, [0, 3]) == (1.0, 0.0)  # one asking wrote files: no measure
-    assert asked_before(tasks, []) == (1.0, 0.0)
+    askings = [0, 1, 2, 3]  # two of the three that wrote files share b.py: 2/3 agree
+
+    def recent(*files: list[str]) -> list[RecentTask]:
+        return [RecentTask(n, paths) for n, paths in enumerate(files, 1)]
+
+    # As many of the project's recent tasks that wrote files, spread evenly over them: the
+    # 1st, 2nd and 4th of five.
+    apart = recent(["x.py"], [], ["y.py"], ["w.py"], ["z.py"], ["v.py"])
+    assert asked_before(tasks, askings, apart) == (2 / 3, 9 / 15)  # none share by chance
+    alike = recent(["x.py"], [], ["x.py", "y.py"], ["w.py"], ["z.py"], ["v.py"])
+    assert asked_before(tasks, askings, alike)[0] == 0.0  # 2/3 share by chance too
+    same = recent(["x.py"], ["x.py"], ["x.py"], ["x.py"])  # any two share x.py
+    assert asked_before(tasks, askings, same)[0] == 0.0
+    assert asked_before(tasks, [0, 1], same)[0] == 1.0  # all agree: as much as chance, kept
+    assert asked_before(tasks, askings, recent(["x.py"]))[0] == 2 / 3  # too few to compare
+    assert asked_before(tasks, [0, 3], apart) == (1.0, 0.0)  # one wrote files: no measure
+    assert asked_before(tasks, [], apart) == (1.0, 0.0)
 
 
 def test_an_old_match_weighs_less_than_an_equally_relevant_new_one() -> None:

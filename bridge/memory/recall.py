@@ -18,8 +18,8 @@ the *candidates*; this module *fuses* them and *renders* the context:
   are counted in tasks, not seconds, so a project's pace does not matter. Files the query
   names come before all. A query asked before in the same words weighs its earlier
   askings, and the text evidence as a whole, by how much those askings agree on files
-  (:func:`asked_before`): "continue" is asked about anything, "update the changelog" is
-  not.
+  beyond chance (:func:`asked_before`): "continue" is asked about anything, "update the
+  changelog" is not.
 - **rendering** (:func:`render`): a header that says this is memory of earlier sessions,
   a "files likely involved" line (each path once, numbered), then the most relevant past
   tasks with their outcome, their files (by number) and any error, until the character
@@ -166,20 +166,39 @@ def continuity_of(recent: Sequence[RecentTask]) -> float:
     return share_again(itertools.starmap(written_again, itertools.pairwise(writers)))
 
 
-def asked_before(tasks: Sequence[TaskHit], repeats: Sequence[int]) -> tuple[float, float]:
-    """What a prompt asked before in the same words says about files: the share of its
-    earlier askings that wrote a file some other of them wrote too (``continue`` or
-    ``fix it`` are asked about anything, ``update the changelog`` always about one file),
-    and those askings' share of the text relevance. (1.0, 0.0) when fewer than two of
-    them wrote files: nothing to compare."""
+def asked_before(
+    tasks: Sequence[TaskHit], repeats: Sequence[int], recent: Sequence[RecentTask]
+) -> tuple[float, float]:
+    """What a prompt asked before in the same words says about files, and how much of the
+    text evidence it is.
+
+    The first is how much its earlier askings agree beyond chance: the share of them that
+    wrote a file some other of them wrote too, over the share that as many of the
+    project's ``recent`` tasks (spread evenly, oldest first) show anyway, from 0 (no more
+    than chance) to 1. ``continue`` or ``fix it`` are asked about anything, ``update the
+    changelog`` always about one file. The second is those askings' share of the text
+    relevance. (1.0, 0.0) when fewer than two of them wrote files: nothing to compare.
+    """
     askings = [tasks[i] for i in repeats if tasks[i].files]
     if len(askings) < 2:
         return 1.0, 0.0
-    writers = Counter(path for task in askings for path in set(task.files))
-    agreeing = sum(1 for task in askings if any(writers[path] > 1 for path in task.files))
+    agreement = _agreeing([task.files for task in askings])
+    writers = [task.files for task in recent if task.files]
+    step = len(writers) / len(askings)
+    chance = _agreeing([writers[int(i * step)] for i in range(len(askings))]) if step >= 1 else 0.0
+    if chance < 1:
+        beyond = max(0.0, (agreement - chance) / (1 - chance))
+    else:
+        beyond = 1.0 if agreement >= 1 else 0.0
     relevance = sum(task.relevance for task in tasks)
     share = sum(task.relevance for task in askings) / relevance if relevance > 0 else 0.0
-    return agreeing / len(askings), share
+    return beyond, share
+
+
+def _agreeing(groups: Sequence[Sequence[str]]) -> float:
+    """The share of ``groups`` of files that have a file some other group has too."""
+    counts = Counter(path for group in groups for path in set(group))
+    return sum(1 for group in groups if any(counts[path] > 1 for path in group)) / len(groups)
 
 
 def share_again(pairs: Iterable[tuple[int, int]]) -> float:
@@ -319,7 +338,7 @@ def rank(found: Candidates, *, files: int = FILES_SHOWN) -> Ranked:
     weights = [t.relevance / best * _decay(latest - t.seq) for t in found.tasks]
     # A prompt asked before about unrelated files says little: its earlier askings, and
     # the text evidence as a whole by their share of it, weigh as much as they agree.
-    agreement, asked_share = asked_before(found.tasks, found.repeats)
+    agreement, asked_share = asked_before(found.tasks, found.repeats, window.recent)
     if agreement < 1.0:
         for i in found.repeats:
             weights[i] *= agreement
