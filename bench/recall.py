@@ -657,7 +657,7 @@ def prepare(path: Path, scored: int, warmup: int, before: int = 0, generic: floa
     and work out its cases and references."""
     commits = load_history(path)
     window, first = replay_window(commits, scored, warmup, before)
-    window, asked = said_nothing(window, generic) if generic else (window, frozenset())
+    window, asked = said_nothing(window, generic)
     history = History(
         history_name(path), path, len(commits), sum(map(usable, commits)), window, first
     )

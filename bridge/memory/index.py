@@ -380,7 +380,7 @@ class ProjectIndex:
             window=window,
             named=window.named(query),
             paths=self._path_words.match(query_terms, window.numbers()),
-            repeats=repeats if asked else [],
+            repeats=repeats if asked else [],  # no words: every wordless task would match
         )
 
 
